@@ -1,0 +1,152 @@
+//! Runner protocol (SPEC §6): runner ↔ gateway over
+//! `/internal/task/{session_id}` (cold) and `/internal/warm/{task_id}` (warm).
+//!
+//! Compatibility rule: a gateway speaking version N accepts runners with
+//! `MIN_RUNNER_PROTOCOL_VERSION <= protocol <= N`, answers them in their own
+//! version, and refuses others with close code 4400 and a reason; fields added
+//! within a version are optional (`#[serde(default)]`) so an older peer's frames
+//! still decode. Unknown frame types are logged and ignored, never fatal.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{AgentEvent, AgentInfo, AgentInput, ConversationRef};
+
+/// Why the runner was launched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskMode {
+    /// Launched for one session; dials `/internal/task/{session_id}`.
+    Cold,
+    /// Launched for nobody; dials `/internal/warm/{task_id}` and waits.
+    Warm,
+}
+
+impl TaskMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskMode::Cold => "cold",
+            TaskMode::Warm => "warm",
+        }
+    }
+}
+
+/// Which agent to run, chosen per user at claim time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    /// A built-in kind (`echo`, `shell`, ...) run as `aishell agent <kind>`,
+    /// or any name when `command` is given.
+    pub kind: String,
+    /// An explicit command line for an external agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+}
+
+/// Per-user settings sent at claim time; never baked into a launch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerSettings {
+    pub agent: AgentSpec,
+    /// Extra environment for the agent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Settings passed through to the agent's `init`.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub agent_settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Runner → gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunnerToGateway {
+    /// First frame on every connection, including re-dials.
+    Hello {
+        protocol: u32,
+        task_id: String,
+        runner_version: String,
+        /// Set when the runner is already bound to a session (re-dial).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_id: Option<String>,
+        /// True when the agent is up (a re-dial after a gateway restart).
+        #[serde(default)]
+        agent_running: bool,
+    },
+    /// The agent answered its own `init`.
+    Ready { agent: AgentInfo },
+    /// One agent output frame. `seq` counts agent frames of this task so a
+    /// re-dialled runner can resend what the gateway did not acknowledge.
+    Agent { seq: u64, frame: AgentEvent },
+    /// Conversations restored (answer to `restore_conversations`).
+    Restored { count: u32 },
+    /// The agent process ended.
+    AgentExit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        stderr_tail: String,
+    },
+    /// One line the agent wrote to stderr.
+    AgentStderr { line: String },
+    /// The runner could not prepare the workspace or start the agent.
+    StartFailed { message: String },
+    Heartbeat,
+}
+
+impl RunnerToGateway {
+    pub const TYPES: &'static [&'static str] = &[
+        "hello",
+        "ready",
+        "agent",
+        "restored",
+        "agent_exit",
+        "agent_stderr",
+        "start_failed",
+        "heartbeat",
+    ];
+
+    pub fn decode(text: &str) -> Result<Self, crate::DecodeError> {
+        crate::decode(text, Self::TYPES)
+    }
+}
+
+/// Gateway → runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayToRunner {
+    /// Bind the task to a user and session; prepare workspace, start agent.
+    InitUser {
+        user_id: String,
+        session_id: String,
+        /// The user's workspace as seen inside the task.
+        workspace: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_id: Option<String>,
+        settings: RunnerSettings,
+    },
+    /// One agent input frame, written to the agent's stdin.
+    Agent { frame: AgentInput },
+    RestoreConversations { conversations: Vec<ConversationRef> },
+    /// Agent frames up to `seq` are safe at the gateway; the runner may drop them.
+    Ack { seq: u64 },
+    Ping,
+    Shutdown {
+        #[serde(default)]
+        reason: String,
+    },
+}
+
+impl GatewayToRunner {
+    pub const TYPES: &'static [&'static str] = &[
+        "init_user",
+        "agent",
+        "restore_conversations",
+        "ack",
+        "ping",
+        "shutdown",
+    ];
+
+    pub fn decode(text: &str) -> Result<Self, crate::DecodeError> {
+        crate::decode(text, Self::TYPES)
+    }
+}

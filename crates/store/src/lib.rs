@@ -1,0 +1,162 @@
+//! Persistent state of aishell (SPEC §2 store): users, hashed tokens,
+//! sessions, conversations, messages and session events.
+//!
+//! The gateway only sees the [`Store`] trait. SQLite (a file under the data
+//! dir) is the default implementation; PostgreSQL slots in behind the same
+//! trait when `DATABASE_URL` says so.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+mod sqlite;
+pub mod token;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported DATABASE_URL `{0}`: expected sqlite://PATH")]
+    UnsupportedUrl(String),
+    #[error("invalid stored data: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public id (for `token list` / `token revoke`); not the secret.
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub is_admin: bool,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user_id: String,
+    /// Upper-case state name of SPEC §3.1 (`RUNNING`, `STOPPED`, ...).
+    pub state: String,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    /// Highest event seq persisted for this session.
+    pub last_seq: u64,
+    pub trace_id: String,
+    /// Agent kind the session runs (`shell`, `echo`, ...).
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRecord {
+    pub id: String,
+    pub session_id: String,
+    pub title: Option<String>,
+    /// The agent's own handle to continue this conversation elsewhere.
+    pub resume_handle: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    pub session_id: String,
+    pub conversation_id: String,
+    /// Client id of a user message (dedupe key within the session).
+    pub client_msg_id: Option<String>,
+    /// `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// One gateway → client event as sent (JSON), kept for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub json: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round-trip proving the database answers (for `/ready`).
+    async fn ping(&self) -> Result<()>;
+
+    /// Create the user if missing (ids are validated by the caller).
+    async fn ensure_user(&self, user_id: &str) -> Result<()>;
+
+    /// Create an opaque API token; returns the record and the plaintext,
+    /// which is shown once and stored only as a hash.
+    async fn create_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        is_admin: bool,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(TokenRecord, String)>;
+
+    /// The token's record if the plaintext matches one that is neither
+    /// revoked nor expired.
+    async fn verify_token(&self, plaintext: &str) -> Result<Option<TokenRecord>>;
+
+    /// Tokens of one user, or of everyone.
+    async fn list_tokens(&self, user_id: Option<&str>) -> Result<Vec<TokenRecord>>;
+
+    /// Revoke by public id; false if there was no such token.
+    async fn revoke_token(&self, token_id: &str) -> Result<bool>;
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<()>;
+    async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>>;
+    async fn update_session_state(&self, session_id: &str, state: &str) -> Result<()>;
+    /// Sessions of one user, or of everyone, newest first.
+    async fn list_sessions(&self, user_id: Option<&str>) -> Result<Vec<SessionRecord>>;
+
+    /// Create the conversation or update it; `None` fields keep their value.
+    async fn upsert_conversation(
+        &self,
+        session_id: &str,
+        conversation_id: &str,
+        title: Option<&str>,
+        resume_handle: Option<&str>,
+    ) -> Result<()>;
+    /// Conversations of a session, oldest first.
+    async fn list_conversations(&self, session_id: &str) -> Result<Vec<ConversationRecord>>;
+    /// Delete a conversation and its messages; false if it did not exist.
+    async fn delete_conversation(&self, session_id: &str, conversation_id: &str) -> Result<bool>;
+
+    /// Store a message. Returns false (and stores nothing) when a message with
+    /// the same `client_msg_id` already exists in the session.
+    async fn insert_message(&self, message: &MessageRecord) -> Result<bool>;
+    /// Messages of one conversation, oldest first.
+    async fn list_messages(&self, session_id: &str, conversation_id: &str)
+    -> Result<Vec<MessageRecord>>;
+
+    /// Append events (ascending seq) in one transaction and raise the
+    /// session's `last_seq`. Re-appending an existing seq is a no-op.
+    async fn append_events(&self, session_id: &str, events: &[StoredEvent]) -> Result<()>;
+    /// Up to `limit` events with `seq > after_seq`, ascending.
+    async fn events_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>>;
+}
+
+/// Open the store a `DATABASE_URL` names (`sqlite://PATH`, `sqlite::memory:`).
+pub async fn open(database_url: &str) -> Result<Arc<dyn Store>> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(database_url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(database_url.to_string()))
+    }
+}
