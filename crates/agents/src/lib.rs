@@ -1,1 +1,76 @@
+//! Built-in headless agents of aishell (SPEC §2, §5): `echo` and `shell`.
+//!
+//! Each speaks the agent protocol of [`aishell_protocol::agent`]: JSON lines
+//! of [`AgentInput`](aishell_protocol::AgentInput) on stdin, JSON lines of
+//! [`AgentEvent`](aishell_protocol::AgentEvent) on stdout, diagnostics as
+//! plain lines on stderr. Guarantees common to both:
+//!
+//! * `init` is answered with the agent's own `init` (inputs before it are
+//!   handled anyway);
+//! * every `message` gets exactly one terminal frame for its conversation
+//!   (`finish`, or `error` with `conversation_id`), also on abort (`error`
+//!   code `ABORTED`), on internal failure (`INTERNAL`/`AGENT_ERROR`) and at
+//!   end of input;
+//! * input is handled in order and `pong` is sent after everything read
+//!   before the `ping` has been handled, so a ping is a barrier;
+//! * a malformed line gets `error` `BAD_FRAME` (no conversation) and the agent
+//!   keeps going; end of input kills child processes and returns `Ok`.
 
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+mod echo;
+mod shell;
+mod wire;
+
+/// The kinds [`run`] and [`run_stdio`] accept.
+pub const BUILTIN_KINDS: &[&str] = &["echo", "shell"];
+
+/// Run a built-in agent over this process's stdin/stdout until stdin closes.
+pub async fn run_stdio(kind: &str) -> anyhow::Result<()> {
+    run(kind, tokio::io::stdin(), tokio::io::stdout()).await
+}
+
+/// Run a built-in agent over any reader/writer, in the current directory as
+/// its workspace.
+pub async fn run<R, W>(kind: &str, input: R, output: W) -> anyhow::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    check_kind(kind)?;
+    let workspace = std::env::current_dir()
+        .map_err(|e| anyhow::anyhow!("cannot determine the workspace (current directory): {e}"))?;
+    run_in(kind, input, output, workspace).await
+}
+
+/// Like [`run`] with an explicit workspace directory (the cwd is
+/// process-global, so tests and embedders pass it here instead).
+pub async fn run_in<R, W>(
+    kind: &str,
+    input: R,
+    output: W,
+    workspace: impl Into<PathBuf>,
+) -> anyhow::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    check_kind(kind)?;
+    match kind {
+        "echo" => echo::run(input, output).await,
+        _ => shell::run(input, output, workspace.into()).await,
+    }
+}
+
+fn check_kind(kind: &str) -> anyhow::Result<()> {
+    if BUILTIN_KINDS.contains(&kind) {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "unknown agent kind `{kind}`; built-in kinds are: {}",
+            BUILTIN_KINDS.join(", ")
+        )
+    }
+}

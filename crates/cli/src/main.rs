@@ -1,1 +1,66 @@
-fn main() {}
+//! `aishell`: one binary, every role (SPEC §2).
+
+mod chat;
+mod logging;
+mod serve;
+mod settings;
+mod token;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aishell", version, about = "Persistent, isolated AI-agent shells behind one gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: client WebSocket, runners, sessions, store.
+    Serve(Box<serve::ServeArgs>),
+    /// Open a chat session from the terminal (lines from stdin, replies to stdout).
+    Chat(chat::ChatArgs),
+    /// Create, list or revoke API tokens.
+    Token(token::TokenArgs),
+    /// The supervisor inside a sandbox (started by a backend, not by hand).
+    Runner,
+    /// Run a built-in agent on stdin/stdout (started by the runner).
+    Agent {
+        /// Agent kind: echo or shell.
+        kind: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match cli.command {
+        // Agents and runners are small; keep their footprint small too.
+        Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    }
+    .expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(*args).await,
+            Command::Chat(args) => chat::run(args).await,
+            Command::Token(args) => token::run(args).await,
+            Command::Runner => {
+                logging::init("aishell-runner", logging::Target::Stdout);
+                let cfg = aishell_runner::RunnerConfig::from_env()?;
+                aishell_runner::run(cfg).await.map_err(anyhow::Error::from)
+            }
+            Command::Agent { kind } => {
+                logging::init("aishell-agent", logging::Target::Stderr);
+                aishell_agents::run_stdio(&kind).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aishell: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

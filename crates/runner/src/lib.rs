@@ -1,1 +1,444 @@
+//! `aishell runner`: the supervisor inside every sandbox (SPEC §2, §6).
+//!
+//! It always dials out to the gateway (a sandbox never exposes a port),
+//! waits for `init_user`, prepares the user's workspace, spawns the agent as a
+//! child speaking JSON lines, and relays frames both ways. It answers `ready`
+//! only after the agent's own `init`. When its socket drops it re-dials with
+//! backoff while the agent keeps running; agent output is kept in an outbox
+//! until the gateway acknowledges it, so a gateway restart loses nothing.
 
+mod agent_proc;
+mod config;
+mod outbox;
+
+use std::time::Duration;
+
+use aishell_protocol::runner::RunnerSettings;
+use aishell_protocol::{
+    AgentEvent, AgentInput, GatewayToRunner, RUNNER_PROTOCOL_VERSION, RunnerToGateway,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+pub use config::RunnerConfig;
+
+use agent_proc::{AgentOutput, AgentProcess};
+use outbox::Outbox;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Heartbeat period towards the gateway.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long the agent gets to answer its `init`.
+const AGENT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Ping ids the runner uses as a barrier after `restore_conversations`.
+const RESTORE_BARRIER_PREFIX: &str = "__aishell_restore_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("gateway refused this task's credential ({0}); giving up")]
+    Refused(String),
+    #[error("gateway unreachable for {0:?}; giving up")]
+    GatewayLost(Duration),
+    #[error("websocket: {0}")]
+    Ws(#[from] tungstenite::Error),
+}
+
+/// What the user's session asked this runner to be.
+struct Binding {
+    session_id: String,
+    trace_id: Option<String>,
+}
+
+struct Runner {
+    cfg: RunnerConfig,
+    binding: Option<Binding>,
+    agent: Option<AgentProcess>,
+    agent_ready: bool,
+    init_deadline: Option<Instant>,
+    outbox: Outbox,
+    /// Restore barriers in flight: ping id → conversation count.
+    restore_barriers: Vec<(String, u32)>,
+    restore_counter: u64,
+    /// Set once the agent exited; the runner leaves after reporting it.
+    exit_reported: Option<RunnerToGateway>,
+}
+
+/// Run until shut down, the agent exits, or the gateway is gone for good.
+pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
+    let mut runner = Runner {
+        cfg,
+        binding: None,
+        agent: None,
+        agent_ready: false,
+        init_deadline: None,
+        outbox: Outbox::default(),
+        restore_barriers: Vec::new(),
+        restore_counter: 0,
+        exit_reported: None,
+    };
+    runner.run().await
+}
+
+enum SessionEnd {
+    /// Socket dropped: re-dial.
+    Disconnected,
+    /// Gateway said shutdown, or the agent exited and that was reported.
+    Finished,
+}
+
+impl Runner {
+    async fn run(&mut self) -> Result<(), RunnerError> {
+        let mut backoff = Backoff::new();
+        let mut lost_since: Option<Instant> = None;
+        loop {
+            match self.connect().await {
+                Ok(ws) => {
+                    backoff.reset();
+                    lost_since = None;
+                    tracing::info!(event = "runner_connected", taskId = %self.cfg.task_id, "connected to gateway");
+                    match self.serve(ws).await {
+                        Ok(SessionEnd::Finished) => return Ok(()),
+                        Ok(SessionEnd::Disconnected) => {}
+                        Err(e) => tracing::warn!(event = "runner_socket_error", error = %e, "gateway socket failed"),
+                    }
+                }
+                Err(ConnectError::Refused(reason)) => {
+                    tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, reason = %reason, "gateway refused this runner");
+                    self.kill_agent().await;
+                    return Err(RunnerError::Refused(reason));
+                }
+                Err(ConnectError::Transient(reason)) => {
+                    tracing::warn!(event = "runner_dial_failed", taskId = %self.cfg.task_id, reason = %reason, "gateway not reachable; retrying");
+                }
+            }
+            let since = *lost_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > self.cfg.reconnect_deadline {
+                self.kill_agent().await;
+                return Err(RunnerError::GatewayLost(self.cfg.reconnect_deadline));
+            }
+            // Keep draining agent output while away so its pipes never fill.
+            let pause = backoff.next_delay();
+            let until = Instant::now() + pause;
+            while Instant::now() < until {
+                if !self.pump_agent_until(until).await {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Ws, ConnectError> {
+        let url = self.cfg.dial_url();
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ConnectError::Refused(format!("bad gateway url {url}: {e}")))?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.cfg.credential))
+            .map_err(|_| ConnectError::Refused("credential is not a valid header".into()))?;
+        request.headers_mut().insert("authorization", bearer);
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Err(_) => Err(ConnectError::Transient("connect timed out".into())),
+            Ok(Ok((ws, _))) => Ok(ws),
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                let status = resp.status();
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                // 401/403/404/409 will not get better by retrying.
+                if matches!(status.as_u16(), 401 | 403 | 404 | 409 | 410) {
+                    Err(ConnectError::Refused(format!("HTTP {status}: {body}")))
+                } else {
+                    Err(ConnectError::Transient(format!("HTTP {status}: {body}")))
+                }
+            }
+            Ok(Err(e)) => Err(ConnectError::Transient(e.to_string())),
+        }
+    }
+
+    /// One connected period. Returns when the socket drops or the runner is done.
+    async fn serve(&mut self, mut ws: Ws) -> Result<SessionEnd, RunnerError> {
+        let hello = RunnerToGateway::Hello {
+            protocol: RUNNER_PROTOCOL_VERSION,
+            task_id: self.cfg.task_id.clone(),
+            runner_version: env!("CARGO_PKG_VERSION").to_string(),
+            session_id: self.binding.as_ref().map(|b| b.session_id.clone()),
+            agent_running: self.agent.is_some(),
+        };
+        send(&mut ws, &hello).await?;
+        if self.agent_ready {
+            send(&mut ws, &RunnerToGateway::Ready { agent: self.agent.as_ref().map(|a| a.info.clone()).unwrap_or_default() }).await?;
+        }
+        // Everything the gateway has not acknowledged, in order.
+        for frame in self.outbox.unacked() {
+            send(&mut ws, frame).await?;
+        }
+        if let Some(exit) = self.exit_reported.clone() {
+            send(&mut ws, &exit).await?;
+            return self.linger_after_exit(ws).await;
+        }
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        loop {
+            let init_deadline = self.init_deadline;
+            tokio::select! {
+                msg = ws.next() => {
+                    let Some(msg) = msg else { return Ok(SessionEnd::Disconnected) };
+                    let text = match msg {
+                        Ok(Message::Text(t)) => t,
+                        Ok(Message::Close(Some(frame))) if (4400..4500).contains(&u16::from(frame.code)) => {
+                            // The gateway refused this task for good (not ours, bad protocol...).
+                            tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, code = u16::from(frame.code), reason = %frame.reason, "gateway refused this runner");
+                            self.kill_agent().await;
+                            return Err(RunnerError::Refused(frame.reason.to_string()));
+                        }
+                        Ok(Message::Close(_)) => return Ok(SessionEnd::Disconnected),
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::warn!(event = "runner_socket_error", error = %e, "gateway socket read failed");
+                            return Ok(SessionEnd::Disconnected);
+                        }
+                    };
+                    match GatewayToRunner::decode(&text) {
+                        Ok(frame) => {
+                            if self.handle_gateway(frame, &mut ws).await? {
+                                self.kill_agent().await;
+                                let _ = ws.close(None).await;
+                                return Ok(SessionEnd::Finished);
+                            }
+                        }
+                        Err(e) => tracing::warn!(event = "runner_bad_frame", error = %e, "ignoring undecodable gateway frame"),
+                    }
+                }
+                out = next_agent_output(&mut self.agent) => {
+                    if let Some(frame) = self.on_agent_output(out) {
+                        let is_exit = matches!(frame, RunnerToGateway::AgentExit { .. });
+                        send(&mut ws, &frame).await?;
+                        if is_exit {
+                            return self.linger_after_exit(ws).await;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    send(&mut ws, &RunnerToGateway::Heartbeat).await?;
+                }
+                _ = sleep_until_opt(init_deadline) => {
+                    self.init_deadline = None;
+                    let message = format!("agent did not answer init within {}s", AGENT_INIT_TIMEOUT.as_secs());
+                    tracing::error!(event = "agent_init_timeout", "{message}");
+                    send(&mut ws, &RunnerToGateway::StartFailed { message }).await?;
+                    self.kill_agent().await;
+                }
+            }
+        }
+    }
+
+    /// After reporting the agent's exit, wait briefly for the gateway to
+    /// acknowledge (shutdown or close) so the report is not lost in flight.
+    async fn linger_after_exit(&mut self, mut ws: Ws) -> Result<SessionEnd, RunnerError> {
+        let linger = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(linger);
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        if matches!(GatewayToRunner::decode(&t), Ok(GatewayToRunner::Shutdown { .. })) {
+                            return Ok(SessionEnd::Finished);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return Ok(SessionEnd::Finished),
+                },
+                _ = &mut linger => return Ok(SessionEnd::Finished),
+            }
+        }
+    }
+
+    /// Handle one gateway frame; true means "shut down now".
+    async fn handle_gateway(&mut self, frame: GatewayToRunner, ws: &mut Ws) -> Result<bool, RunnerError> {
+        match frame {
+            GatewayToRunner::InitUser { user_id, session_id, workspace, trace_id, settings } => {
+                if let Some(b) = &self.binding {
+                    if b.session_id != session_id {
+                        let message = format!("task already bound to session {}", b.session_id);
+                        send(ws, &RunnerToGateway::StartFailed { message }).await?;
+                    }
+                    return Ok(false);
+                }
+                tracing::info!(event = "runner_init_user", sessionId = %session_id, userId = %user_id, traceId = trace_id.as_deref().unwrap_or(""), "binding task to user");
+                self.binding = Some(Binding { session_id: session_id.clone(), trace_id: trace_id.clone() });
+                if let Err(message) = self.start_agent(&workspace, &session_id, trace_id.as_deref(), settings).await {
+                    tracing::error!(event = "agent_start_failed", sessionId = %session_id, error = %message, "could not start agent");
+                    send(ws, &RunnerToGateway::StartFailed { message }).await?;
+                }
+            }
+            GatewayToRunner::Agent { frame } => self.to_agent(frame),
+            GatewayToRunner::RestoreConversations { conversations } => {
+                let count = conversations.len() as u32;
+                self.restore_counter += 1;
+                let id = format!("{RESTORE_BARRIER_PREFIX}{}", self.restore_counter);
+                self.to_agent(AgentInput::RestoreConversations { conversations });
+                self.to_agent(AgentInput::Ping { id: serde_json::Value::String(id.clone()) });
+                self.restore_barriers.push((id, count));
+            }
+            GatewayToRunner::Ack { seq } => self.outbox.ack(seq),
+            GatewayToRunner::Ping => send(ws, &RunnerToGateway::Heartbeat).await?,
+            GatewayToRunner::Shutdown { reason } => {
+                tracing::info!(event = "runner_shutdown", reason = %reason, "gateway asked to shut down");
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn start_agent(&mut self, workspace: &str, session_id: &str, trace_id: Option<&str>, settings: RunnerSettings) -> Result<(), String> {
+        std::fs::create_dir_all(workspace).map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
+        let mut env = settings.env.clone();
+        env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
+        if let Some(t) = trace_id {
+            env.insert("AISHELL_TRACE_ID".into(), t.to_string());
+        }
+        let command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
+        let agent = AgentProcess::spawn(&command, workspace, &env).map_err(|e| format!("cannot start agent {:?}: {e}", command))?;
+        self.agent = Some(agent);
+        self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
+        self.to_agent(AgentInput::Init { workspace: Some(workspace.to_string()), settings: settings.agent_settings });
+        Ok(())
+    }
+
+    fn to_agent(&mut self, input: AgentInput) {
+        match &self.agent {
+            Some(agent) => agent.send(input),
+            None => tracing::warn!(event = "runner_no_agent", "dropping agent input: no agent is running"),
+        }
+    }
+
+    /// Turn one agent output into the frame to send, if any (also buffers it).
+    fn on_agent_output(&mut self, out: AgentOutput) -> Option<RunnerToGateway> {
+        let (session_id, trace_id) = match &self.binding {
+            Some(b) => (b.session_id.as_str(), b.trace_id.as_deref().unwrap_or("")),
+            None => ("", ""),
+        };
+        match out {
+            AgentOutput::Event(AgentEvent::Init(info)) => {
+                self.init_deadline = None;
+                self.agent_ready = true;
+                if let Some(agent) = &mut self.agent {
+                    agent.info = info.clone();
+                }
+                Some(RunnerToGateway::Ready { agent: info })
+            }
+            AgentOutput::Event(AgentEvent::Pong { id }) if self.is_restore_barrier(&id) => {
+                let id = id.as_str().unwrap_or_default().to_string();
+                let pos = self.restore_barriers.iter().position(|(b, _)| *b == id)?;
+                let (_, count) = self.restore_barriers.remove(pos);
+                Some(RunnerToGateway::Restored { count })
+            }
+            AgentOutput::Event(frame) => Some(self.outbox.push(frame)),
+            AgentOutput::BadLine(line) => {
+                tracing::warn!(event = "agent_bad_output", sessionId = %session_id, traceId = %trace_id, line = %line, "agent wrote a line that is not a protocol frame");
+                Some(RunnerToGateway::AgentStderr { line: format!("[stdout, not a frame] {line}") })
+            }
+            AgentOutput::Stderr(line) => {
+                tracing::info!(event = "agent_stderr", sessionId = %session_id, traceId = %trace_id, line = %line, "agent stderr");
+                Some(RunnerToGateway::AgentStderr { line })
+            }
+            AgentOutput::Exited { code, signal, stderr_tail } => {
+                tracing::warn!(event = "agent_exit", sessionId = %session_id, traceId = %trace_id, code = ?code, signal = ?signal, "agent exited");
+                self.agent = None;
+                self.agent_ready = false;
+                let frame = RunnerToGateway::AgentExit { code, signal, stderr_tail };
+                self.exit_reported = Some(frame.clone());
+                Some(frame)
+            }
+        }
+    }
+
+    fn is_restore_barrier(&self, id: &serde_json::Value) -> bool {
+        id.as_str().is_some_and(|s| s.starts_with(RESTORE_BARRIER_PREFIX))
+    }
+
+    /// While disconnected: buffer agent output until `until`. False when
+    /// there is no agent to wait on.
+    async fn pump_agent_until(&mut self, until: Instant) -> bool {
+        if self.agent.is_none() {
+            tokio::time::sleep_until(until).await;
+            return false;
+        }
+        tokio::select! {
+            out = next_agent_output(&mut self.agent) => {
+                // Events go to the outbox inside on_agent_output; stderr and
+                // restore answers while away are logged only.
+                let _ = self.on_agent_output(out);
+                true
+            }
+            _ = tokio::time::sleep_until(until) => false,
+        }
+    }
+
+    async fn kill_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.kill().await;
+        }
+    }
+}
+
+async fn next_agent_output(agent: &mut Option<AgentProcess>) -> AgentOutput {
+    match agent {
+        Some(a) => a.next_output().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(ws: &mut Ws, frame: &RunnerToGateway) -> Result<(), RunnerError> {
+    let text = serde_json::to_string(frame).expect("runner frame serialises");
+    ws.send(Message::Text(text.into())).await?;
+    Ok(())
+}
+
+enum ConnectError {
+    Refused(String),
+    Transient(String),
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 5 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Backoff { next: Self::START }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::START;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let jitter = rand::random::<f64>() * 0.2 + 0.9;
+        base.mul_f64(jitter)
+    }
+}

@@ -137,8 +137,11 @@ pub trait Store: Send + Sync + 'static {
     /// the same `client_msg_id` already exists in the session.
     async fn insert_message(&self, message: &MessageRecord) -> Result<bool>;
     /// Messages of one conversation, oldest first.
-    async fn list_messages(&self, session_id: &str, conversation_id: &str)
-    -> Result<Vec<MessageRecord>>;
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<MessageRecord>>;
 
     /// Append events (ascending seq) in one transaction and raise the
     /// session's `last_seq`. Re-appending an existing seq is a no-op.

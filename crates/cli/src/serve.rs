@@ -1,0 +1,84 @@
+//! `aishell serve`: the gateway with embedded defaults (SQLite, process
+//! backend, the shell agent) and a ready-to-use URL printed at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aishell_backend::Backend;
+use aishell_backend_process::{ProcessBackend, ProcessBackendConfig};
+use aishell_gateway::Gateway;
+use aishell_store::Store;
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::logging;
+use crate::settings::ServeSettings;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML file with any of the options below (flags and environment win).
+    #[arg(long, env = "AISHELL_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: ServeSettings,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    logging::init("aishell-gateway", logging::Target::Stdout);
+    let mut settings = args.settings;
+    if let Some(path) = &args.config {
+        settings.merge_file(path)?;
+    }
+    let cfg = settings.gateway_config()?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store = aishell_store::open(&settings.database_url()).await.context("cannot open the store")?;
+    let backend: Arc<dyn Backend> = match settings.execution_mode()? {
+        "process" => {
+            let program = std::env::current_exe().context("cannot locate the aishell binary for runners")?;
+            let backend_cfg = ProcessBackendConfig::new(program, cfg.workspaces_root.clone(), cfg.data_dir.join("process-backend"));
+            Arc::new(ProcessBackend::new(backend_cfg).context("cannot start the process backend")?)
+        }
+        other => bail!("EXECUTION_MODE={other} is not available in this build yet; use process"),
+    };
+    let user = settings.user().to_string();
+    aishell_gateway::auth::validate_user_id(&user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+    let data_dir = cfg.data_dir.clone();
+    let gateway = Gateway::bind(cfg, store.clone(), backend).await?;
+    let token = startup_token(store.as_ref(), &data_dir, &user).await?;
+    let addr = display_addr(gateway.local_addr());
+    // The one bare print (SPEC §8.1): the start-up banner with a working URL.
+    println!("aishell is ready: http://{addr}/?token={token}  (terminal: aishell chat --url ws://{addr}/ws --token {token})");
+    tracing::info!(event = "gateway_started", port = gateway.local_addr().port(), "gateway listening");
+    gateway.serve(shutdown_signal()).await
+}
+
+/// The token printed at start-up, kept in the data dir (0600) so a restart
+/// does not log out open browsers. Recreated if revoked or missing.
+async fn startup_token(store: &dyn Store, data_dir: &Path, user: &str) -> anyhow::Result<String> {
+    let path = data_dir.join("startup-token");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim();
+        if let Some(rec) = store.verify_token(existing).await? {
+            if rec.user_id == user {
+                return Ok(existing.to_string());
+            }
+        }
+    }
+    let (_, token) = store.create_token(user, "startup", true, None).await?;
+    aishell_gateway::credential::write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
+fn display_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!(event = "gateway_stopping", "shutting down: stopping tasks");
+}

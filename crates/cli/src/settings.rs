@@ -1,0 +1,241 @@
+//! `aishell serve` settings: flags, environment (including the original
+//! system's names: PORT, EXECUTION_MODE, SESSION_IDLE_TIMEOUT,
+//! DISCONNECT_PROCESSING_TIMEOUT, DATABASE_URL) and `aishell.toml`.
+//! Precedence: flag > environment > config file > default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aishell_gateway::GatewayConfig;
+use aishell_protocol::runner::AgentSpec;
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+/// Every option of `aishell serve`. The same names (with `_`) are the keys
+/// of the `--config` TOML file.
+#[derive(Args, Deserialize, Default, Debug, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeSettings {
+    /// TCP port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT")]
+    pub port: Option<u16>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "AISHELL_BIND")]
+    pub bind: Option<IpAddr>,
+    /// Directory for the SQLite database, workspaces and secrets [default: ./aishell-data].
+    #[arg(long, env = "AISHELL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store location: sqlite://PATH [default: sqlite://<data-dir>/aishell.db].
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where tasks run: process, docker, kubernetes or ecs [default: process].
+    #[arg(long, env = "EXECUTION_MODE")]
+    pub execution_mode: Option<String>,
+    /// Built-in agent every session runs: shell, echo [default: shell].
+    #[arg(long, env = "AISHELL_AGENT")]
+    pub agent: Option<String>,
+    /// Command line of an external agent speaking the agent protocol (overrides --agent).
+    #[arg(long, env = "AISHELL_AGENT_COMMAND")]
+    pub agent_command: Option<String>,
+    /// Root of per-user workspaces [default: <data-dir>/workspaces].
+    #[arg(long, env = "AISHELL_WORKSPACES_ROOT")]
+    pub workspaces_root: Option<PathBuf>,
+    /// Stop a session's task after it has been idle this long (e.g. 900, 15m) [default: 900s].
+    #[arg(long, env = "SESSION_IDLE_TIMEOUT")]
+    pub session_idle_timeout: Option<String>,
+    /// Keep a task running this long after its client left mid-turn [default: 900s].
+    #[arg(long, env = "DISCONNECT_PROCESSING_TIMEOUT")]
+    pub disconnect_processing_timeout: Option<String>,
+    /// Base URL runners dial back to [default: ws://<bind>:<port>].
+    #[arg(long, env = "AISHELL_RUNNER_URL")]
+    pub runner_url: Option<String>,
+    /// Largest client frame in bytes; larger frames close with 1009 [default: 1048576].
+    #[arg(long, env = "AISHELL_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Events per session kept in memory for replay [default: 4096].
+    #[arg(long, env = "AISHELL_REPLAY_BUFFER")]
+    pub replay_buffer: Option<usize>,
+    /// Start a task when a client connects instead of on its first message.
+    #[arg(long, env = "AISHELL_START_ON_CONNECT")]
+    pub start_on_connect: Option<bool>,
+    /// Deadline for the backend to launch a task [default: 60s].
+    #[arg(long, env = "AISHELL_LAUNCH_TIMEOUT")]
+    pub launch_timeout: Option<String>,
+    /// Deadline for a running task's runner to dial back [default: 30s].
+    #[arg(long, env = "AISHELL_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<String>,
+    /// Deadline for the agent to become ready and restore conversations [default: 60s].
+    #[arg(long, env = "AISHELL_ACTIVATE_TIMEOUT")]
+    pub activate_timeout: Option<String>,
+    /// Overall deadline of a restart [default: 30s].
+    #[arg(long, env = "AISHELL_RESTART_TIMEOUT")]
+    pub restart_timeout: Option<String>,
+    /// How long a new start waits for the old task to stop [default: 10s].
+    #[arg(long, env = "AISHELL_STOP_WAIT")]
+    pub stop_wait: Option<String>,
+    /// How long a runner may dial back before its session is registered [default: 5s].
+    #[arg(long, env = "AISHELL_DIAL_BACK_GRACE")]
+    pub dial_back_grace: Option<String>,
+    /// How long a ready task's runner may take to re-dial after its socket drops [default: 30s].
+    #[arg(long, env = "AISHELL_RUNNER_RECONNECT_TIMEOUT")]
+    pub runner_reconnect_timeout: Option<String>,
+    /// After a restart, stop tasks whose runner has not re-attached by then [default: 30s].
+    #[arg(long, env = "AISHELL_ORPHAN_GRACE")]
+    pub orphan_grace: Option<String>,
+    /// Sessions with no task and no client leave memory after this long [default: 300s].
+    #[arg(long, env = "AISHELL_SESSION_EVICT_AFTER")]
+    pub session_evict_after: Option<String>,
+    /// User of the token printed at start-up [default: local].
+    #[arg(long, env = "AISHELL_DEFAULT_USER")]
+    pub user: Option<String>,
+}
+
+macro_rules! fill_from {
+    ($self:ident, $file:ident, $($field:ident),+) => {
+        $( if $self.$field.is_none() { $self.$field = $file.$field.clone(); } )+
+    };
+}
+
+impl ServeSettings {
+    /// Fill every option not given by flag or environment from the file.
+    pub fn merge_file(&mut self, path: &Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let file: ServeSettings = toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        fill_from!(
+            self, file, port, bind, data_dir, database_url, execution_mode, agent, agent_command, workspaces_root,
+            session_idle_timeout, disconnect_processing_timeout, runner_url, max_frame_bytes, replay_buffer,
+            start_on_connect, launch_timeout, connect_timeout, activate_timeout, restart_timeout, stop_wait,
+            dial_back_grace, runner_reconnect_timeout, orphan_grace, session_evict_after, user
+        );
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("aishell-data"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir().join("aishell.db").display()))
+    }
+
+    pub fn execution_mode(&self) -> anyhow::Result<&str> {
+        let mode = self.execution_mode.as_deref().unwrap_or("process");
+        match mode {
+            "process" | "docker" | "kubernetes" | "ecs" => Ok(mode),
+            other => bail!("EXECUTION_MODE `{other}` is not one of process, docker, kubernetes, ecs"),
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        self.user.as_deref().unwrap_or("local")
+    }
+
+    pub fn gateway_config(&self) -> anyhow::Result<GatewayConfig> {
+        let data_dir = absolute(&self.data_dir())?;
+        let mut cfg = GatewayConfig::new(data_dir);
+        cfg.bind = SocketAddr::new(self.bind.unwrap_or(IpAddr::from([127, 0, 0, 1])), self.port.unwrap_or(5174));
+        if let Some(root) = &self.workspaces_root {
+            cfg.workspaces_root = absolute(root)?;
+        }
+        if let Some(kind) = &self.agent {
+            if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str()) && self.agent_command.is_none() {
+                bail!("unknown agent `{kind}`: built-in agents are {:?}; use --agent-command for others", aishell_agents::BUILTIN_KINDS);
+            }
+            cfg.agent.kind = kind.clone();
+        }
+        if let Some(cmd) = &self.agent_command {
+            let argv: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+            if argv.is_empty() {
+                bail!("--agent-command is empty");
+            }
+            cfg.agent = AgentSpec { kind: self.agent.clone().unwrap_or_else(|| "external".into()), command: Some(argv) };
+        }
+        cfg.runner_url = self.runner_url.clone();
+        if let Some(n) = self.max_frame_bytes {
+            cfg.max_frame_bytes = n;
+        }
+        if let Some(n) = self.replay_buffer {
+            cfg.replay_buffer = n;
+        }
+        if let Some(b) = self.start_on_connect {
+            cfg.start_on_connect = b;
+        }
+        let set = |target: &mut Duration, value: &Option<String>, name: &str| -> anyhow::Result<()> {
+            if let Some(v) = value {
+                *target = parse_duration(v).with_context(|| format!("invalid {name}"))?;
+            }
+            Ok(())
+        };
+        set(&mut cfg.idle_timeout, &self.session_idle_timeout, "SESSION_IDLE_TIMEOUT")?;
+        set(&mut cfg.disconnect_processing_timeout, &self.disconnect_processing_timeout, "DISCONNECT_PROCESSING_TIMEOUT")?;
+        set(&mut cfg.session_evict_after, &self.session_evict_after, "session_evict_after")?;
+        let d = &mut cfg.deadlines;
+        set(&mut d.launch, &self.launch_timeout, "launch_timeout")?;
+        set(&mut d.connect, &self.connect_timeout, "connect_timeout")?;
+        set(&mut d.activate, &self.activate_timeout, "activate_timeout")?;
+        set(&mut d.restart, &self.restart_timeout, "restart_timeout")?;
+        set(&mut d.stop_wait, &self.stop_wait, "stop_wait")?;
+        set(&mut d.dial_back_grace, &self.dial_back_grace, "dial_back_grace")?;
+        set(&mut d.runner_reconnect, &self.runner_reconnect_timeout, "runner_reconnect_timeout")?;
+        set(&mut d.orphan_grace, &self.orphan_grace, "orphan_grace")?;
+        Ok(cfg)
+    }
+}
+
+/// `900`, `900s`, `15m`, `1h`, `250ms`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().with_context(|| format!("`{s}` is not a duration (e.g. 900, 900s, 15m, 250ms)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => bail!("unknown duration unit `{other}` in `{s}` (use ms, s, m, h, d)"),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        bail!("`{s}` is not a valid duration");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_the_usual_forms() {
+        assert_eq!(parse_duration("900").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aishell.toml");
+        std::fs::write(&path, "port = 7000\nsession_idle_timeout = \"2m\"\nagent = \"echo\"\n").unwrap();
+        let mut s = ServeSettings { port: Some(8000), ..Default::default() };
+        s.merge_file(&path).unwrap();
+        let cfg = s.gateway_config().unwrap();
+        assert_eq!(cfg.bind.port(), 8000);
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(120));
+        assert_eq!(cfg.agent.kind, "echo");
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        assert!(ServeSettings::default().merge_file(&path).is_err(), "unknown keys must be rejected");
+    }
+}

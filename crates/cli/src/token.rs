@@ -1,0 +1,74 @@
+//! `aishell token create|list|revoke`: opaque API tokens, stored hashed.
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+
+use crate::settings::{ServeSettings, parse_duration};
+
+#[derive(Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    command: TokenCommand,
+    /// Data directory of the gateway [default: ./aishell-data].
+    #[arg(long, env = "AISHELL_DATA_DIR", global = true)]
+    data_dir: Option<std::path::PathBuf>,
+    /// Store location [default: sqlite://<data-dir>/aishell.db].
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (shown once; only its hash is stored).
+    Create {
+        #[arg(long)]
+        user: String,
+        /// Label shown by `token list`.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Grant the admin role (see every session and the pool).
+        #[arg(long)]
+        admin: bool,
+        /// Expire after this long (e.g. 30d, 12h).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// List tokens (ids, never the secrets).
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
+    let settings = ServeSettings { data_dir: args.data_dir, database_url: args.database_url, ..Default::default() };
+    std::fs::create_dir_all(settings.data_dir())?;
+    let store = aishell_store::open(&settings.database_url()).await?;
+    match args.command {
+        TokenCommand::Create { user, name, admin, expires_in } => {
+            aishell_gateway::auth::validate_user_id(&user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+            let expires_at = match expires_in {
+                Some(d) => Some(time::OffsetDateTime::now_utc() + parse_duration(&d)?),
+                None => None,
+            };
+            let (_, token) = store.create_token(&user, &name, admin, expires_at).await?;
+            println!("{token}");
+        }
+        TokenCommand::List { user } => {
+            for t in store.list_tokens(user.as_deref()).await? {
+                let expires = t.expires_at.map(|e| e.to_string()).unwrap_or_else(|| "never".into());
+                let state = if t.revoked { "revoked" } else { "active" };
+                println!("{}\t{}\t{}\t{}\t{}expires {}", t.id, t.user_id, t.name, state, if t.is_admin { "admin\t" } else { "" }, expires);
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            if !store.revoke_token(&id).await? {
+                bail!("no token with id {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}

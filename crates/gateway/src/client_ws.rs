@@ -1,0 +1,192 @@
+//! `GET /ws`: one client connection (SPEC §4). Authenticates before the
+//! upgrade, attaches to a session actor, then relays frames both ways.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aishell_protocol::{ClientFrame, ErrorCode, ServerEvent, ServerFrame};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+
+use crate::Shared;
+use crate::auth::{self, Identity};
+use crate::session::{Outbound, SessionCmd, SessionHandle, SessionManager};
+
+/// Close code for a frame over the size limit (RFC 6455 "message too big").
+const CLOSE_TOO_BIG: u16 = 1009;
+/// Close codes for session-level refusals (4000–4999 are application codes).
+const CLOSE_FORBIDDEN: u16 = 4403;
+const CLOSE_NOT_FOUND: u16 = 4404;
+const CLOSE_TOO_SLOW: u16 = 4408;
+
+pub async fn handler(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = auth::bearer_token(&headers, query.get("token").map(String::as_str));
+    let identity = match auth::authenticate(shared.store.as_ref(), token.as_deref()).await {
+        Ok(id) => id,
+        Err(auth::AuthError::Store(e)) => {
+            tracing::error!(event = "auth_store_error", error = %e, "token store unavailable");
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "the gateway cannot check tokens right now; try again");
+        }
+        Err(e) => {
+            tracing::warn!(event = "auth_failed", reason = %e, "client refused");
+            return error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+        }
+    };
+    let session_id = query.get("session_id").cloned().filter(|s| !s.is_empty());
+    let last_seq = match query.get("last_seq").map(|s| s.parse::<u64>()) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, "last_seq must be a non-negative integer"),
+    };
+    let max = shared.cfg.max_frame_bytes;
+    // Frames between the limit and this hard cap are read, then refused with
+    // 1009 by us; beyond it the socket library itself gives up.
+    let hard_cap = max.saturating_mul(2).max(max + 1024);
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| connection(shared, identity, session_id, last_seq, socket))
+}
+
+fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code.as_str(), "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn connection(shared: Arc<Shared>, identity: Identity, session_id: Option<String>, last_seq: Option<u64>, mut socket: WebSocket) {
+    let conn_id = shared.next_id();
+    let attached = match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await {
+        Ok(a) => a,
+        Err((code, close, message)) => {
+            let sid = session_id.unwrap_or_default();
+            let frame = ServerFrame { seq: 0, session_id: sid, ephemeral: true, event: ServerEvent::error(code, message.clone()) };
+            let _ = socket.send(Message::Text(frame.to_json().into())).await;
+            let _ = socket.send(Message::Close(Some(CloseFrame { code: close, reason: Utf8Bytes::from(message.chars().take(100).collect::<String>()) }))).await;
+            return;
+        }
+    };
+    let (handle, mut frames, mut rx) = attached;
+    tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
+    let (mut sink, mut stream) = socket.split();
+    let mut reason = String::from("client closed");
+    for json in frames.drain(..) {
+        if sink.send(Message::Text(Utf8Bytes::from(&*json))).await.is_err() {
+            handle.send(SessionCmd::Detach { conn_id, reason: "send failed during replay".into() }).await;
+            return;
+        }
+    }
+    let max = shared.cfg.max_frame_bytes;
+    loop {
+        tokio::select! {
+            incoming = stream.next() => {
+                let msg = match incoming {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        reason = format!("socket error: {e}");
+                        if e.to_string().to_lowercase().contains("space limit") || e.to_string().contains("too long") {
+                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                            reason = "frame too large".into();
+                        }
+                        break;
+                    }
+                    None => break,
+                };
+                let text = match msg {
+                    Message::Text(t) => t,
+                    Message::Binary(b) if b.len() > max => {
+                        let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                        reason = "frame too large".into();
+                        break;
+                    }
+                    Message::Binary(_) => {
+                        handle.send(SessionCmd::BadFrame { conn_id, message: "binary frames are not supported; send JSON text frames".into() }).await;
+                        continue;
+                    }
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                };
+                if text.len() > max {
+                    let _ = sink.send(close(CLOSE_TOO_BIG, &format!("frame of {} bytes exceeds the {max}-byte limit", text.len()))).await;
+                    reason = "frame too large".into();
+                    break;
+                }
+                let cmd = match ClientFrame::decode(&text) {
+                    Ok(ClientFrame::UpdateToken { token }) => {
+                        match auth::authenticate(shared.store.as_ref(), Some(&token)).await {
+                            Ok(new) if new.user_id == identity.user_id => SessionCmd::Client { conn_id, frame: ClientFrame::Ping { id: serde_json::json!("token_updated") } },
+                            Ok(_) => SessionCmd::BadFrame { conn_id, message: "update_token: the new token belongs to another user".into() },
+                            Err(e) => SessionCmd::BadFrame { conn_id, message: format!("update_token: {e}") },
+                        }
+                    }
+                    Ok(frame) => SessionCmd::Client { conn_id, frame },
+                    Err(e) => SessionCmd::BadFrame { conn_id, message: e.to_string() },
+                };
+                if !handle.send(cmd).await {
+                    reason = "session ended".into();
+                    break;
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outbound::Frame(json)) => {
+                    if sink.send(Message::Text(Utf8Bytes::from(&*json))).await.is_err() {
+                        reason = "send failed".into();
+                        break;
+                    }
+                }
+                Some(Outbound::Close(code, why)) => {
+                    let _ = sink.send(close(code, &why)).await;
+                    reason = why;
+                    break;
+                }
+                None => {
+                    let _ = sink.send(close(CLOSE_TOO_SLOW, "client too slow; reconnect with last_seq")).await;
+                    reason = "client too slow".into();
+                    break;
+                }
+            }
+        }
+    }
+    handle.send(SessionCmd::Detach { conn_id, reason }).await;
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason.chars().take(100).collect::<String>()) }))
+}
+
+type Attached = (SessionHandle, Vec<Arc<str>>, tokio::sync::mpsc::Receiver<Outbound>);
+
+/// Find or create the session and attach to it (with replay).
+async fn attach(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    session_id: Option<&str>,
+    conn_id: u64,
+    last_seq: Option<u64>,
+) -> Result<Attached, (ErrorCode, u16, String)> {
+    let internal = |e: aishell_store::StoreError| (ErrorCode::Internal, 1011, format!("the session store failed: {e}"));
+    // An actor may leave memory between lookup and attach; retry with a fresh one.
+    for _ in 0..3 {
+        let handle = match session_id {
+            None => SessionManager::create(shared, &identity.user_id).await.map_err(internal)?,
+            Some(id) => match SessionManager::open(shared, id).await.map_err(internal)? {
+                Some(h) => h,
+                None => return Err((ErrorCode::SessionNotFound, CLOSE_NOT_FOUND, format!("session {id} does not exist"))),
+            },
+        };
+        if handle.user_id != identity.user_id && !identity.is_admin {
+            tracing::warn!(event = "forbidden", sessionId = %handle.id, userId = %identity.user_id, "user tried to open another user's session");
+            return Err((ErrorCode::Forbidden, CLOSE_FORBIDDEN, "this session belongs to another user".into()));
+        }
+        if let Some(reply) = handle.request(|reply| SessionCmd::Attach { conn_id, last_seq, reply }).await {
+            return Ok((handle, reply.frames, reply.rx));
+        }
+    }
+    Err((ErrorCode::Internal, 1011, "could not attach to the session; try again".into()))
+}

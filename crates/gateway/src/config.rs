@@ -1,0 +1,98 @@
+//! Gateway settings. The CLI builds this from defaults, `aishell.toml`, the
+//! environment (including the original system's names) and flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aishell_protocol::runner::AgentSpec;
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub bind: SocketAddr,
+    /// Base URL runners dial (`ws://host:port`); defaults to the bind address.
+    pub runner_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub workspaces_root: PathBuf,
+    /// Agent every session runs unless configured otherwise.
+    pub agent: AgentSpec,
+    /// Extra settings passed to the agent's `init`.
+    pub agent_settings: serde_json::Map<String, serde_json::Value>,
+    /// Stop a task whose session has been `idle` this long (SPEC §3.2).
+    pub idle_timeout: Duration,
+    /// Keep a task running this long after its client left mid-turn.
+    pub disconnect_processing_timeout: Duration,
+    pub deadlines: Deadlines,
+    /// Largest client frame; larger ones close the socket with 1009.
+    pub max_frame_bytes: usize,
+    /// Events kept in memory per session for replay (older ones come from the store).
+    pub replay_buffer: usize,
+    /// Obtain a task when a client connects instead of on its first message.
+    pub start_on_connect: bool,
+    /// How long a session with no task and no client stays in memory.
+    pub session_evict_after: Duration,
+    /// Lifetime of a runner credential (an upper bound on a task's life).
+    pub runner_credential_ttl: Duration,
+}
+
+/// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
+#[derive(Debug, Clone)]
+pub struct Deadlines {
+    /// Backend launch call plus backend-side pending (CREATING).
+    pub launch: Duration,
+    /// Task running → runner dialled back (PENDING).
+    pub connect: Duration,
+    /// Runner connected → agent ready and conversations restored (ACTIVATING).
+    pub activate: Duration,
+    /// Overall bound on a restart (failure class 4).
+    pub restart: Duration,
+    /// How long a backend stop may take.
+    pub stop: Duration,
+    /// A new start waits this long for the old task to finish stopping (class 3).
+    pub stop_wait: Duration,
+    /// A runner may dial back this long before its session is registered (class 2).
+    pub dial_back_grace: Duration,
+    /// A ready task whose runner socket dropped may re-dial within this window.
+    pub runner_reconnect: Duration,
+    /// After a gateway restart, tasks whose runner has not re-attached by
+    /// then are stopped as orphans.
+    pub orphan_grace: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            launch: Duration::from_secs(60),
+            connect: Duration::from_secs(30),
+            activate: Duration::from_secs(60),
+            restart: Duration::from_secs(30),
+            stop: Duration::from_secs(15),
+            stop_wait: Duration::from_secs(10),
+            dial_back_grace: Duration::from_secs(5),
+            runner_reconnect: Duration::from_secs(30),
+            orphan_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Defaults for a data dir: SQLite and workspaces under it, the shell agent.
+    pub fn new(data_dir: PathBuf) -> Self {
+        GatewayConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 5174)),
+            runner_url: None,
+            workspaces_root: data_dir.join("workspaces"),
+            data_dir,
+            agent: AgentSpec { kind: "shell".into(), command: None },
+            agent_settings: serde_json::Map::new(),
+            idle_timeout: Duration::from_secs(900),
+            disconnect_processing_timeout: Duration::from_secs(900),
+            deadlines: Deadlines::default(),
+            max_frame_bytes: aishell_protocol::DEFAULT_MAX_FRAME_BYTES,
+            replay_buffer: 4096,
+            start_on_connect: false,
+            session_evict_after: Duration::from_secs(300),
+            runner_credential_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}

@@ -1,0 +1,1236 @@
+//! One session's actor: the only owner of its state, so every transition
+//! happens in one place, in order (SPEC §3).
+//!
+//! Task phases inside the actor map onto the session states of SPEC §3.1:
+//! `Launching` → CREATING, `Pending` → PENDING, `Activating`/`Restoring` →
+//! ACTIVATING, `Ready` → RUNNING (a client attached) or IDLE (none),
+//! a stop in progress → STOPPING, no task at all → STOPPED (session kept,
+//! the next message starts a task and resumes).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aishell_backend::{LaunchSpec, TaskStatus};
+use aishell_protocol::agent::AgentInfo;
+use aishell_protocol::client::{ConversationSummary, TaskPhase, TaskSource};
+use aishell_protocol::runner::RunnerSettings;
+use aishell_protocol::{
+    AgentEvent, AgentInput, ClientFrame, ConversationRef, ErrorCode, GatewayToRunner,
+    RunnerToGateway, ServerEvent, ServerFrame,
+};
+use aishell_store::{MessageRecord, SessionRecord, StoredEvent};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::replay::ReplayBuffer;
+use crate::Shared;
+use crate::auth::validate_conversation_id;
+use crate::lifecycle::{lifecycle, ms};
+
+/// Frames queued per client before it counts as too slow and is dropped
+/// (it can reconnect with `last_seq` and lose nothing).
+const CLIENT_QUEUE: usize = 4096;
+/// Largest assistant reply kept in the store per turn.
+const MAX_STORED_REPLY: usize = 1 << 20;
+/// Page size when replaying from the store.
+const REPLAY_PAGE: u32 = 1000;
+
+/// What a connection handler receives for its client.
+pub enum Outbound {
+    Frame(Arc<str>),
+    /// Close the client socket with this code and reason.
+    Close(u16, String),
+}
+
+pub struct AttachReply {
+    /// The `session` frame, then every missed event, in order.
+    pub frames: Vec<Arc<str>>,
+    pub rx: mpsc::Receiver<Outbound>,
+}
+
+/// A runner socket that completed its `hello`.
+pub struct RunnerAttach {
+    pub task_id: String,
+    pub generation: u64,
+    pub tx: mpsc::UnboundedSender<GatewayToRunner>,
+    pub session_hint: Option<String>,
+    pub agent_running: bool,
+}
+
+pub enum SessionCmd {
+    Attach {
+        conn_id: u64,
+        last_seq: Option<u64>,
+        reply: oneshot::Sender<AttachReply>,
+    },
+    Detach {
+        conn_id: u64,
+        reason: String,
+    },
+    Client {
+        conn_id: u64,
+        frame: ClientFrame,
+    },
+    /// A client frame that could not be decoded.
+    BadFrame {
+        conn_id: u64,
+        message: String,
+    },
+    RunnerConnected {
+        attach: RunnerAttach,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    RunnerFrame {
+        task_id: String,
+        generation: u64,
+        frame: RunnerToGateway,
+    },
+    RunnerDisconnected {
+        task_id: String,
+        generation: u64,
+    },
+    Launched {
+        task_id: String,
+        result: Result<Duration, String>,
+    },
+    Observed {
+        task_id: String,
+        status: Result<TaskStatus, String>,
+    },
+    Stopped {
+        task_id: String,
+        result: Result<(), String>,
+    },
+    Persisted {
+        runner_seq: u64,
+    },
+    /// Stop the task (admin action, gateway shutdown).
+    StopTask {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Launching,
+    Pending,
+    Activating,
+    Restoring,
+    Ready,
+}
+
+struct RunnerLink {
+    generation: u64,
+    tx: mpsc::UnboundedSender<GatewayToRunner>,
+}
+
+struct Task {
+    id: String,
+    source: TaskSource,
+    phase: Phase,
+    is_restart: bool,
+    /// Adopted after a gateway restart: the agent already has its state.
+    adopted: bool,
+    requested_at: Instant,
+    phase_started: Instant,
+    phase_deadline: Option<Instant>,
+    overall_deadline: Option<Instant>,
+    breakdown: Vec<(&'static str, u64)>,
+    runner: Option<RunnerLink>,
+    runner_lost_at: Option<Instant>,
+    agent: AgentInfo,
+    /// Stops the status poller.
+    watch: CancellationToken,
+}
+
+struct Stopping {
+    task_id: String,
+    since: Instant,
+}
+
+struct Client {
+    conn_id: u64,
+    tx: mpsc::Sender<Outbound>,
+}
+
+struct QueuedMessage {
+    conversation_id: String,
+    content: String,
+    message_id: Option<String>,
+    received_at: Instant,
+}
+
+/// A user message the agent is working on.
+struct Turn {
+    received_at: Instant,
+    first_event_seen: bool,
+    reply: String,
+}
+
+struct PersistItem {
+    event: StoredEvent,
+    runner_seq: Option<u64>,
+}
+
+pub fn spawn(
+    shared: Arc<Shared>,
+    record: SessionRecord,
+    fresh: bool,
+    self_tx: mpsc::Sender<SessionCmd>,
+    rx: mpsc::Receiver<SessionCmd>,
+) {
+    let persist_tx = spawn_persister(shared.clone(), record.id.clone(), self_tx.clone());
+    let now = Instant::now();
+    let actor = SessionActor {
+        replay: ReplayBuffer::new(shared.cfg.replay_buffer),
+        shared,
+        id: record.id,
+        user_id: record.user_id,
+        trace_id: record.trace_id,
+        fresh,
+        self_tx,
+        persist_tx,
+        clients: Vec::new(),
+        next_seq: record.last_seq + 1,
+        task: None,
+        stopping: None,
+        start_after_stop: false,
+        queue: VecDeque::new(),
+        seen_message_ids: HashSet::new(),
+        turns: HashMap::new(),
+        questions: HashSet::new(),
+        idle_since: now,
+        detached_at: Some(now),
+        last_runner_seq: 0,
+        ever_ready: false,
+        session_started_at: None,
+        last_state: String::new(),
+    };
+    tokio::spawn(actor.run(rx));
+}
+
+struct SessionActor {
+    shared: Arc<Shared>,
+    id: String,
+    user_id: String,
+    trace_id: String,
+    /// Created in this gateway process (not loaded from the store).
+    fresh: bool,
+    self_tx: mpsc::Sender<SessionCmd>,
+    persist_tx: mpsc::UnboundedSender<PersistItem>,
+    clients: Vec<Client>,
+    next_seq: u64,
+    replay: ReplayBuffer,
+    task: Option<Task>,
+    stopping: Option<Stopping>,
+    /// A start is waiting for the old task to finish stopping (class 3).
+    start_after_stop: bool,
+    /// Client messages waiting for a ready task, in order.
+    queue: VecDeque<QueuedMessage>,
+    seen_message_ids: HashSet<String>,
+    /// Turns in flight, per conversation, oldest first.
+    turns: HashMap<String, VecDeque<Turn>>,
+    /// Open `ask_question` request ids.
+    questions: HashSet<String>,
+    /// When processing last became idle (for the idle timer).
+    idle_since: Instant,
+    /// When the last client left (None while one is attached).
+    detached_at: Option<Instant>,
+    /// Highest agent frame seq received from the current task's runner.
+    last_runner_seq: u64,
+    ever_ready: bool,
+    session_started_at: Option<Instant>,
+    last_state: String,
+}
+
+impl SessionActor {
+    async fn run(mut self, mut rx: mpsc::Receiver<SessionCmd>) {
+        loop {
+            self.sync_state();
+            let deadline = self.next_deadline();
+            let cmd = tokio::select! {
+                cmd = rx.recv() => cmd,
+                _ = sleep_until_opt(deadline) => {
+                    self.on_timer().await;
+                    continue;
+                }
+            };
+            let Some(cmd) = cmd else { break };
+            self.handle(cmd).await;
+            if self.should_evict() && rx.is_empty() {
+                break;
+            }
+        }
+        self.shared.sessions.remove(&self.id, &self.self_tx);
+        tracing::debug!(event = "session_evicted", sessionId = %self.id, "session actor left memory");
+    }
+
+    async fn handle(&mut self, cmd: SessionCmd) {
+        match cmd {
+            SessionCmd::Attach { conn_id, last_seq, reply } => self.attach(conn_id, last_seq, reply).await,
+            SessionCmd::Detach { conn_id, reason } => self.detach(conn_id, &reason),
+            SessionCmd::Client { conn_id, frame } => self.on_client(conn_id, frame).await,
+            SessionCmd::BadFrame { conn_id, message } => {
+                self.reply(conn_id, ServerEvent::error(ErrorCode::BadFrame, message));
+            }
+            SessionCmd::RunnerConnected { attach, reply } => {
+                let result = self.on_runner_connected(attach).await;
+                let _ = reply.send(result);
+            }
+            SessionCmd::RunnerFrame { task_id, generation, frame } => {
+                if self.is_current_runner(&task_id, generation) {
+                    self.on_runner_frame(frame).await;
+                }
+            }
+            SessionCmd::RunnerDisconnected { task_id, generation } => {
+                if self.is_current_runner(&task_id, generation) {
+                    self.on_runner_disconnected();
+                }
+            }
+            SessionCmd::Launched { task_id, result } => self.on_launched(&task_id, result).await,
+            SessionCmd::Observed { task_id, status } => self.on_observed(&task_id, status).await,
+            SessionCmd::Stopped { task_id, result } => self.on_stopped(&task_id, result).await,
+            SessionCmd::Persisted { runner_seq } => {
+                if let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) {
+                    let _ = link.tx.send(GatewayToRunner::Ack { seq: runner_seq });
+                }
+            }
+            SessionCmd::StopTask { reason } => {
+                if self.task.is_some() {
+                    self.fail_turns(ErrorCode::AgentCrashed, &format!("your session was stopped: {reason}"));
+                    self.begin_stop(&reason);
+                    self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+                }
+            }
+        }
+    }
+
+    // ---- clients -------------------------------------------------------
+
+    async fn attach(&mut self, conn_id: u64, last_seq: Option<u64>, reply: oneshot::Sender<AttachReply>) {
+        let current = self.next_seq - 1;
+        let session = ServerEvent::Session {
+            state: self.state_name(),
+            resumed: last_seq.is_some() || !self.fresh || current > 0,
+            last_seq: current,
+            protocol: aishell_protocol::CLIENT_PROTOCOL_VERSION,
+            user_id: self.user_id.clone(),
+        };
+        let mut frames = vec![self.frame_json(session, true)];
+        if let Some(after) = last_seq {
+            frames.extend(self.replay_after(after.min(current)).await);
+        }
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        self.clients.push(Client { conn_id, tx });
+        self.detached_at = None;
+        if reply.send(AttachReply { frames, rx }).is_err() {
+            self.clients.retain(|c| c.conn_id != conn_id);
+        }
+        if self.shared.cfg.start_on_connect && self.task.is_none() && self.stopping.is_none() {
+            self.start_task();
+        }
+    }
+
+    /// Every event after `after`: from the store for what memory no longer
+    /// holds, then from memory.
+    async fn replay_after(&self, after: u64) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        let mem_start = self.replay.first_seq().unwrap_or(self.next_seq);
+        let mut cursor = after;
+        while cursor + 1 < mem_start {
+            let page = match self.shared.store.events_after(&self.id, cursor, REPLAY_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(event = "replay_failed", sessionId = %self.id, error = %e, "could not read events for replay");
+                    break;
+                }
+            };
+            let Some(last) = page.last().map(|e| e.seq) else { break };
+            out.extend(page.into_iter().take_while(|e| e.seq < mem_start).map(|e| Arc::from(e.json)));
+            cursor = last;
+        }
+        out.extend(self.replay.after(cursor.max(after)).cloned());
+        out
+    }
+
+    fn detach(&mut self, conn_id: u64, reason: &str) {
+        let before = self.clients.len();
+        self.clients.retain(|c| c.conn_id != conn_id);
+        if self.clients.len() == before {
+            return;
+        }
+        tracing::info!(
+            event = "task_lifecycle",
+            phase = "ws_disconnect",
+            sessionId = %self.id,
+            userId = %self.user_id,
+            traceId = %self.trace_id,
+            processingState = self.processing_state(),
+            reason = %reason,
+            "client disconnected"
+        );
+        if self.clients.is_empty() {
+            self.detached_at = Some(Instant::now());
+        }
+    }
+
+    async fn on_client(&mut self, conn_id: u64, frame: ClientFrame) {
+        match frame {
+            ClientFrame::Message { id, conversation_id, content } => {
+                self.on_message(conn_id, id, conversation_id, content).await;
+            }
+            ClientFrame::Abort { conversation_id } => {
+                self.to_agent(AgentInput::Abort { conversation_id: conversation_id.clone() });
+                // Queued messages of that conversation will not run either.
+                self.queue.retain(|m| conversation_id.as_ref().is_some_and(|c| *c != m.conversation_id));
+            }
+            ClientFrame::AnswerQuestion { request_id, answer } => {
+                self.questions.remove(&request_id);
+                self.to_agent(AgentInput::AnswerQuestion { request_id, answer });
+            }
+            ClientFrame::ListConversations => {
+                let conversations = match self.shared.store.list_conversations(&self.id).await {
+                    Ok(list) => list
+                        .into_iter()
+                        .map(|c| ConversationSummary {
+                            conversation_id: c.id,
+                            title: c.title,
+                            created_at: rfc3339(c.created_at),
+                            updated_at: rfc3339(c.updated_at),
+                        })
+                        .collect(),
+                    Err(e) => {
+                        self.reply(conn_id, ServerEvent::error(ErrorCode::Internal, format!("could not list conversations: {e}")));
+                        return;
+                    }
+                };
+                self.reply(conn_id, ServerEvent::Conversations { conversations });
+            }
+            ClientFrame::ResetConversation { conversation_id } => {
+                self.to_agent(AgentInput::ResetConversation { conversation_id });
+            }
+            ClientFrame::DeleteConversation { conversation_id } => {
+                if let Err(e) = self.shared.store.delete_conversation(&self.id, &conversation_id).await {
+                    tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not delete conversation");
+                }
+                self.to_agent(AgentInput::DeleteConversation { conversation_id });
+            }
+            ClientFrame::Ping { id } => self.reply(conn_id, ServerEvent::Agent(AgentEvent::Pong { id })),
+            // The store keeps events for replay; the memory buffer is bounded anyway.
+            ClientFrame::Ack { .. } => {}
+            // Handled by the connection, which owns the credentials.
+            ClientFrame::UpdateToken { .. } => {}
+        }
+    }
+
+    async fn on_message(&mut self, conn_id: u64, id: Option<String>, conversation_id: Option<String>, content: String) {
+        let received_at = Instant::now();
+        let conversation_id = match conversation_id {
+            Some(c) if validate_conversation_id(&c) => c,
+            Some(_) => {
+                self.reply(conn_id, ServerEvent::error(ErrorCode::BadFrame, "conversation_id may only contain letters, digits, - and _ (at most 128)"));
+                return;
+            }
+            None => format!("c-{}", uuid::Uuid::new_v4().simple()),
+        };
+        if let Some(mid) = &id {
+            if self.seen_message_ids.contains(mid) {
+                self.reply(conn_id, ServerEvent::Agent(AgentEvent::Info { message: format!("message {mid} was already accepted; not running it again") }));
+                return;
+            }
+        }
+        if let Err(e) = self.shared.store.upsert_conversation(&self.id, &conversation_id, None, None).await {
+            self.reply(conn_id, ServerEvent::error(ErrorCode::Internal, format!("could not save your message: {e}")));
+            return;
+        }
+        let record = MessageRecord {
+            session_id: self.id.clone(),
+            conversation_id: conversation_id.clone(),
+            client_msg_id: id.clone(),
+            role: "user".into(),
+            content: content.clone(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        match self.shared.store.insert_message(&record).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Accepted before (perhaps by a gateway before a restart).
+                if let Some(mid) = id {
+                    self.reply(conn_id, ServerEvent::Agent(AgentEvent::Info { message: format!("message {mid} was already accepted; not running it again") }));
+                    self.seen_message_ids.insert(mid);
+                }
+                return;
+            }
+            Err(e) => {
+                self.reply(conn_id, ServerEvent::error(ErrorCode::Internal, format!("could not save your message: {e}")));
+                return;
+            }
+        }
+        if let Some(mid) = id.clone() {
+            self.seen_message_ids.insert(mid);
+        }
+        let msg = QueuedMessage { conversation_id, content, message_id: id, received_at };
+        let ready = self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready);
+        if ready {
+            self.dispatch(msg);
+        } else {
+            self.queue.push_back(msg);
+            if self.task.is_none() {
+                if self.stopping.is_some() {
+                    // Class 3: never bind to the dying task; start once it is gone.
+                    self.start_after_stop = true;
+                } else {
+                    self.start_task();
+                }
+            }
+        }
+    }
+
+    /// Send a message to the ready agent and count the turn.
+    fn dispatch(&mut self, msg: QueuedMessage) {
+        self.turns.entry(msg.conversation_id.clone()).or_default().push_back(Turn {
+            received_at: msg.received_at,
+            first_event_seen: false,
+            reply: String::new(),
+        });
+        self.to_agent(AgentInput::Message {
+            conversation_id: msg.conversation_id,
+            content: msg.content,
+            message_id: msg.message_id,
+        });
+    }
+
+    fn to_agent(&self, frame: AgentInput) {
+        if let Some(link) = self.task.as_ref().filter(|t| t.phase == Phase::Ready).and_then(|t| t.runner.as_ref()) {
+            let _ = link.tx.send(GatewayToRunner::Agent { frame });
+        }
+    }
+
+    // ---- task start ----------------------------------------------------
+
+    fn start_task(&mut self) {
+        let now = Instant::now();
+        let is_restart = self.ever_ready || !self.fresh;
+        let task_id = format!("t-{}", uuid::Uuid::new_v4().simple());
+        let deadlines = &self.shared.cfg.deadlines;
+        self.session_started_at.get_or_insert(now);
+        self.last_runner_seq = 0;
+        let task = Task {
+            id: task_id.clone(),
+            source: TaskSource::Cold,
+            phase: Phase::Launching,
+            is_restart,
+            adopted: false,
+            requested_at: now,
+            phase_started: now,
+            phase_deadline: Some(now + deadlines.launch),
+            overall_deadline: is_restart.then(|| now + deadlines.restart),
+            breakdown: Vec::new(),
+            runner: None,
+            runner_lost_at: None,
+            agent: AgentInfo::default(),
+            watch: CancellationToken::new(),
+        };
+        self.task = Some(task);
+        self.shared.tasks.lock().expect("task map").insert(task_id.clone(), self.id.clone());
+        self.emit(ServerEvent::Status {
+            state: if is_restart { TaskPhase::Restarting } else { TaskPhase::Starting },
+            source: Some(TaskSource::Cold),
+            eta_ms: Some(self.cold_eta_ms()),
+        });
+        let spec = LaunchSpec {
+            task_id: task_id.clone(),
+            mode: "cold".into(),
+            session_id: Some(self.id.clone()),
+            gateway_url: self.shared.runner_url.clone(),
+            credential: self.shared.credentials.mint(&task_id, "cold", Some(&self.id), self.shared.cfg.runner_credential_ttl),
+            env: Default::default(),
+        };
+        let backend = self.shared.backend.clone();
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = backend.launch(spec).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
+            let _ = tx.send(SessionCmd::Launched { task_id, result }).await;
+        });
+    }
+
+    /// Estimate for `status.eta_ms`: a cold start on this backend.
+    fn cold_eta_ms(&self) -> u64 {
+        match self.shared.backend.name() {
+            "process" => 300,
+            "docker" => 1500,
+            _ => 10_000,
+        }
+    }
+
+    async fn on_launched(&mut self, task_id: &str, result: Result<Duration, String>) {
+        let Some(task) = self.task.as_mut().filter(|t| t.id == task_id) else {
+            // A launch that finished after we gave up on it: clean it up.
+            if result.is_ok() {
+                self.stop_in_background(task_id.to_string());
+            }
+            return;
+        };
+        match result {
+            Ok(took) => {
+                task.breakdown.push(("launch", ms(took)));
+                lifecycle!(self, "task_start", taskId = %task_id, duration_ms = ms(took), source = "cold", "backend launched task");
+                if let Some(task) = self.task.as_ref().filter(|t| t.phase == Phase::Launching) {
+                    self.watch_status(task.id.clone(), task.watch.clone());
+                }
+            }
+            Err(reason) => {
+                self.fail_start(format!("the {} backend could not launch a sandbox: {reason}", self.shared.backend.name())).await;
+            }
+        }
+    }
+
+    /// Poll the backend until the task runs or ends (launched → running), and
+    /// keep watching until the runner connects, so a task that dies before
+    /// dialling back fails fast instead of waiting for the connect deadline.
+    fn watch_status(&self, task_id: String, watch: CancellationToken) {
+        let backend = self.shared.backend.clone();
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(20);
+            loop {
+                let status = tokio::select! {
+                    s = backend.status(&task_id) => s.map_err(|e| e.to_string()),
+                    _ = watch.cancelled() => return,
+                };
+                let done = !matches!(status, Ok(TaskStatus::Pending | TaskStatus::Running));
+                if tx.send(SessionCmd::Observed { task_id: task_id.clone(), status }).await.is_err() || done {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = watch.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        });
+    }
+
+    async fn on_observed(&mut self, task_id: &str, status: Result<TaskStatus, String>) {
+        let Some(task) = self.task.as_mut().filter(|t| t.id == task_id) else { return };
+        match status {
+            Ok(TaskStatus::Pending) => {}
+            Ok(TaskStatus::Running) => {
+                if task.phase == Phase::Launching {
+                    let now = Instant::now();
+                    let took = now - task.phase_started;
+                    task.breakdown.push(("pending", ms(took)));
+                    task.phase = Phase::Pending;
+                    task.phase_started = now;
+                    task.phase_deadline = Some(now + self.shared.cfg.deadlines.connect);
+                    lifecycle!(self, "task_pending", taskId = %task_id, duration_ms = ms(took), "task is running");
+                }
+                if task.runner_lost_at.is_some() {
+                    // Runner socket dropped but the task lives: wait for a re-dial.
+                }
+            }
+            Ok(TaskStatus::Exited { code, reason }) => {
+                let why = format!("the sandbox exited ({reason}{})", code.map(|c| format!(", code {c}")).unwrap_or_default());
+                self.on_task_lost(why).await;
+            }
+            Ok(TaskStatus::NotFound) => {
+                self.on_task_lost("the backend no longer knows this sandbox".into()).await;
+            }
+            Err(reason) => {
+                // Class 1: a failing status call is a failure, never swallowed.
+                let why = format!("the {} backend could not report the sandbox's status: {reason}", self.shared.backend.name());
+                if self.task.as_ref().is_some_and(|t| t.phase != Phase::Ready) {
+                    self.fail_start(why).await;
+                } else {
+                    self.on_task_lost(why).await;
+                }
+            }
+        }
+    }
+
+    async fn on_runner_connected(&mut self, attach: RunnerAttach) -> Result<(), String> {
+        let now = Instant::now();
+        let connect_deadline = self.shared.cfg.deadlines.activate;
+        if self.task.is_none() && self.stopping.is_none() && attach.agent_running && attach.session_hint.as_deref() == Some(&self.id) {
+            // A runner that survived a gateway restart re-attaches: adopt it.
+            self.adopt(attach);
+            return Ok(());
+        }
+        let Some(task) = self.task.as_mut().filter(|t| t.id == attach.task_id) else {
+            return Err(format!("task {} is not this session's current task", attach.task_id));
+        };
+        let link = RunnerLink { generation: attach.generation, tx: attach.tx };
+        match task.phase {
+            Phase::Launching | Phase::Pending => {
+                if task.phase == Phase::Launching {
+                    // The runner can dial before the first status poll says "running".
+                    let took = now - task.phase_started;
+                    task.breakdown.push(("pending", ms(took)));
+                    lifecycle!(self, "task_pending", taskId = %attach.task_id, duration_ms = ms(took), "task is running");
+                }
+                let took = now - task.phase_started;
+                task.breakdown.push(("connect", ms(took)));
+                task.phase = Phase::Activating;
+                task.phase_started = now;
+                task.phase_deadline = Some(now + connect_deadline);
+                task.runner = Some(link);
+                task.watch.cancel();
+                lifecycle!(self, "task_connect", taskId = %attach.task_id, duration_ms = ms(took), "runner connected");
+                self.send_init_user();
+            }
+            _ => {
+                // A re-dial (network blip, gateway restart): swap the socket;
+                // the generation makes the old socket's close harmless.
+                task.runner = Some(link);
+                task.runner_lost_at = None;
+                tracing::info!(event = "runner_reattached", sessionId = %self.id, taskId = %attach.task_id, "runner re-attached");
+                if !attach.agent_running && task.phase == Phase::Activating {
+                    self.send_init_user();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt(&mut self, attach: RunnerAttach) {
+        let now = Instant::now();
+        tracing::info!(event = "task_adopted", sessionId = %self.id, taskId = %attach.task_id, "adopted a running task after a gateway restart");
+        self.shared.tasks.lock().expect("task map").insert(attach.task_id.clone(), self.id.clone());
+        self.task = Some(Task {
+            id: attach.task_id,
+            source: TaskSource::Cold,
+            phase: Phase::Activating,
+            is_restart: false,
+            adopted: true,
+            requested_at: now,
+            phase_started: now,
+            phase_deadline: Some(now + self.shared.cfg.deadlines.activate),
+            overall_deadline: None,
+            breakdown: Vec::new(),
+            runner: Some(RunnerLink { generation: attach.generation, tx: attach.tx }),
+            runner_lost_at: None,
+            agent: AgentInfo::default(),
+            watch: CancellationToken::new(),
+        });
+        self.session_started_at.get_or_insert(now);
+    }
+
+    fn send_init_user(&self) {
+        let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) else { return };
+        let cfg = &self.shared.cfg;
+        let _ = link.tx.send(GatewayToRunner::InitUser {
+            user_id: self.user_id.clone(),
+            session_id: self.id.clone(),
+            workspace: self.shared.backend.workspace_path(&self.user_id),
+            trace_id: Some(self.trace_id.clone()),
+            settings: RunnerSettings {
+                agent: cfg.agent.clone(),
+                env: Default::default(),
+                agent_settings: cfg.agent_settings.clone(),
+            },
+        });
+    }
+
+    async fn on_runner_frame(&mut self, frame: RunnerToGateway) {
+        match frame {
+            RunnerToGateway::Hello { .. } | RunnerToGateway::Heartbeat => {}
+            RunnerToGateway::Ready { agent } => self.on_agent_ready(agent).await,
+            RunnerToGateway::Restored { count } => {
+                if let Some(task) = self.task.as_mut().filter(|t| t.phase == Phase::Restoring) {
+                    task.breakdown.push(("restore", ms(task.phase_started.elapsed())));
+                    self.become_ready(Some(count));
+                }
+            }
+            RunnerToGateway::Agent { seq, frame } => {
+                if seq <= self.last_runner_seq {
+                    return; // resent after a re-dial; already handled
+                }
+                self.last_runner_seq = seq;
+                self.on_agent_event(frame, seq).await;
+            }
+            RunnerToGateway::AgentStderr { line } => {
+                tracing::info!(event = "agent_stderr", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, line = %line, "agent stderr");
+            }
+            RunnerToGateway::AgentExit { code, signal, stderr_tail } => {
+                let mut why = match (code, signal) {
+                    (_, Some(s)) => format!("the agent was killed by signal {s}"),
+                    (Some(c), _) => format!("the agent exited with code {c}"),
+                    _ => "the agent exited".to_string(),
+                };
+                if let Some(last) = stderr_tail.lines().rev().find(|l| !l.trim().is_empty()) {
+                    why.push_str(&format!(" (last stderr: {})", last.chars().take(300).collect::<String>()));
+                }
+                tracing::warn!(event = "agent_exit", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, code = ?code, signal = ?signal, stderr_tail = %stderr_tail, "agent exited");
+                self.on_task_lost(why).await;
+            }
+            RunnerToGateway::StartFailed { message } => {
+                self.fail_start(format!("the sandbox could not start the agent: {message}")).await;
+            }
+        }
+    }
+
+    async fn on_agent_ready(&mut self, agent: AgentInfo) {
+        let restore = match self.task.as_ref() {
+            // Only a replacement task needs the session's conversations; a
+            // first start has nothing to restore, an adopted one kept its state.
+            Some(t) if t.phase == Phase::Activating => t.is_restart && !t.adopted,
+            Some(t) if t.phase == Phase::Ready => {
+                return; // a re-dialled runner repeats `ready`
+            }
+            _ => return,
+        };
+        let conversations = if restore {
+            match self.shared.store.list_conversations(&self.id).await {
+                Ok(list) => list
+                    .into_iter()
+                    .map(|c| ConversationRef { conversation_id: c.id, resume_handle: c.resume_handle })
+                    .collect::<Vec<_>>(),
+                Err(e) => {
+                    self.fail_start(format!("could not load your conversations: {e}")).await;
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let now = Instant::now();
+        let restore_deadline = self.shared.cfg.deadlines.activate;
+        let task = self.task.as_mut().expect("checked above");
+        task.breakdown.push(("agent_ready", ms(now - task.phase_started)));
+        task.agent = agent;
+        if conversations.is_empty() {
+            self.become_ready(None);
+        } else {
+            task.phase = Phase::Restoring;
+            task.phase_started = now;
+            task.phase_deadline = Some(now + restore_deadline);
+            if let Some(link) = &task.runner {
+                let _ = link.tx.send(GatewayToRunner::RestoreConversations { conversations });
+            }
+        }
+    }
+
+    fn become_ready(&mut self, restored: Option<u32>) {
+        let now = Instant::now();
+        let Some(task) = self.task.as_mut() else { return };
+        task.phase = Phase::Ready;
+        task.phase_deadline = None;
+        task.overall_deadline = None;
+        task.watch.cancel();
+        let total = now - task.requested_at;
+        let breakdown = serde_json::to_string(&task.breakdown.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>()).unwrap_or_default();
+        let (task_id, source, is_restart, adopted, agent) = (task.id.clone(), task.source, task.is_restart, task.adopted, task.agent.clone());
+        if !adopted {
+            lifecycle!(self, "task_ready", taskId = %task_id, duration_ms = ms(total), source = source.as_str(), breakdown = %breakdown, "task ready");
+            if is_restart {
+                lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(total), success = true, "task restarted");
+            }
+            if !self.ever_ready {
+                let since = self.session_started_at.unwrap_or(now);
+                lifecycle!(self, "session_create", taskId = %task_id, duration_ms = ms(now - since), "session ready");
+            }
+        }
+        self.ever_ready = true;
+        self.idle_since = now;
+        if !adopted {
+            self.emit(ServerEvent::Agent(AgentEvent::Init(agent)));
+            self.emit(ServerEvent::Status { state: TaskPhase::Ready, source: Some(source), eta_ms: None });
+        }
+        if let Some(count) = restored.filter(|_| is_restart) {
+            self.emit(ServerEvent::SessionRecovered { restored: count });
+        } else if is_restart && !adopted {
+            self.emit(ServerEvent::SessionRecovered { restored: 0 });
+        }
+        while let Some(msg) = self.queue.pop_front() {
+            self.dispatch(msg);
+        }
+    }
+
+    // ---- agent output --------------------------------------------------
+
+    async fn on_agent_event(&mut self, frame: AgentEvent, runner_seq: u64) {
+        let now = Instant::now();
+        if let Some(cid) = frame.conversation_id().map(str::to_string) {
+            let mut finished_turn = None;
+            if let Some(turns) = self.turns.get_mut(&cid) {
+                if let Some(turn) = turns.front_mut() {
+                    if !turn.first_event_seen {
+                        turn.first_event_seen = true;
+                        let took = now - turn.received_at;
+                        lifecycle!(self, "message_roundtrip", conversationId = %cid, duration_ms = ms(took), "first agent event");
+                    }
+                    match &frame {
+                        AgentEvent::TextDelta { delta, .. } if turn.reply.len() < MAX_STORED_REPLY => turn.reply.push_str(delta),
+                        AgentEvent::Content { content, .. } if turn.reply.is_empty() => turn.reply.push_str(content),
+                        _ => {}
+                    }
+                }
+                if matches!(frame, AgentEvent::Finish { .. } | AgentEvent::Error { .. }) {
+                    finished_turn = turns.pop_front();
+                    if turns.is_empty() {
+                        self.turns.remove(&cid);
+                    }
+                }
+            }
+            if let Some(turn) = finished_turn {
+                self.store_reply(&cid, turn.reply).await;
+                if self.turns.is_empty() {
+                    self.idle_since = now;
+                    self.questions.clear();
+                }
+            }
+        }
+        match &frame {
+            AgentEvent::AskQuestion { request_id, .. } => {
+                self.questions.insert(request_id.clone());
+            }
+            AgentEvent::ConversationUpdate { conversation_id, title, resume_handle } => {
+                if let Err(e) = self.shared.store.upsert_conversation(&self.id, conversation_id, title.as_deref(), resume_handle.as_deref()).await {
+                    tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not save conversation update");
+                }
+            }
+            _ => {}
+        }
+        self.emit_with_runner_seq(ServerEvent::Agent(frame), Some(runner_seq));
+    }
+
+    async fn store_reply(&self, conversation_id: &str, reply: String) {
+        if reply.is_empty() {
+            return;
+        }
+        let record = MessageRecord {
+            session_id: self.id.clone(),
+            conversation_id: conversation_id.to_string(),
+            client_msg_id: None,
+            role: "assistant".into(),
+            content: reply,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        if let Err(e) = self.shared.store.insert_message(&record).await {
+            tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not save the agent's reply");
+        }
+    }
+
+    // ---- failures and stops --------------------------------------------
+
+    /// A start failed: tell the client with a stable code, clean the task up.
+    /// Queued messages are kept and run on the next successful start.
+    async fn fail_start(&mut self, reason: String) {
+        let Some(task) = self.task.as_ref() else { return };
+        let (code, verb) = if task.is_restart {
+            (ErrorCode::TaskRestartFailed, "restart")
+        } else {
+            (ErrorCode::TaskStartFailed, "start")
+        };
+        self.fail_start_with(code, &format!("could not {verb} your sandbox: {reason}. Send your message again to retry.")).await;
+    }
+
+    async fn fail_start_with(&mut self, code: ErrorCode, message: &str) {
+        let Some(task) = self.task.as_ref() else { return };
+        let (task_id, is_restart, took) = (task.id.clone(), task.is_restart, task.requested_at.elapsed());
+        tracing::error!(event = "task_start_failed", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task_id, code = code.as_str(), duration_ms = ms(took), reason = %message, "task start failed");
+        if is_restart {
+            lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(took), success = false, "task restart failed");
+        }
+        self.emit(ServerEvent::error(code, message));
+        self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+        self.begin_stop("start failed");
+    }
+
+    /// The task died or became unreachable.
+    async fn on_task_lost(&mut self, why: String) {
+        let Some(task) = self.task.as_ref() else { return };
+        if task.phase != Phase::Ready {
+            self.fail_start(why).await;
+            return;
+        }
+        let busy = !self.turns.is_empty();
+        tracing::warn!(event = "task_lost", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task.id, processingState = self.processing_state(), reason = %why, "task lost");
+        if busy {
+            self.fail_turns(ErrorCode::AgentCrashed, &format!("{why}. Your next message will start a new sandbox and resume."));
+        }
+        self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+        self.begin_stop("task lost");
+        if !self.queue.is_empty() {
+            self.start_after_stop = true;
+        }
+    }
+
+    /// End every turn in flight with an error frame naming its conversation.
+    fn fail_turns(&mut self, code: ErrorCode, message: &str) {
+        let mut conversations: Vec<String> = self.turns.drain().map(|(c, _)| c).collect();
+        conversations.sort();
+        for cid in conversations {
+            self.emit(ServerEvent::Agent(AgentEvent::Error {
+                conversation_id: Some(cid),
+                error: aishell_protocol::ErrorBody::new(code, message),
+            }));
+        }
+        self.questions.clear();
+        self.idle_since = Instant::now();
+    }
+
+    /// Stop the current task in the background; STOPPING until it is gone.
+    fn begin_stop(&mut self, reason: &str) {
+        let Some(task) = self.task.take() else { return };
+        task.watch.cancel();
+        if let Some(link) = &task.runner {
+            let _ = link.tx.send(GatewayToRunner::Shutdown { reason: reason.to_string() });
+        }
+        self.stopping = Some(Stopping { task_id: task.id.clone(), since: Instant::now() });
+        self.stop_in_background(task.id);
+    }
+
+    fn stop_in_background(&self, task_id: String) {
+        let backend = self.shared.backend.clone();
+        let tx = self.self_tx.clone();
+        let limit = self.shared.cfg.deadlines.stop;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(limit, backend.stop(&task_id)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("stop did not finish within {}s", limit.as_secs())),
+            };
+            let _ = tx.send(SessionCmd::Stopped { task_id, result }).await;
+        });
+    }
+
+    async fn on_stopped(&mut self, task_id: &str, result: Result<(), String>) {
+        self.shared.tasks.lock().expect("task map").remove(task_id);
+        if let Err(e) = &result {
+            tracing::error!(event = "task_stop_failed", sessionId = %self.id, taskId = %task_id, error = %e, "backend failed to stop a task");
+        }
+        if self.stopping.as_ref().is_some_and(|s| s.task_id == task_id) {
+            self.stopping = None;
+            if std::mem::take(&mut self.start_after_stop) && self.task.is_none() {
+                self.start_task();
+            }
+        }
+    }
+
+    fn on_runner_disconnected(&mut self) {
+        let Some(task) = self.task.as_mut() else { return };
+        task.runner = None;
+        task.runner_lost_at = Some(Instant::now());
+        tracing::warn!(event = "runner_disconnected", sessionId = %self.id, taskId = %task.id, "runner socket closed; waiting for it to re-dial");
+        // Find out at once whether the task died (then fail fast) or lives.
+        task.watch.cancel();
+        task.watch = CancellationToken::new();
+        let (task_id, watch) = (task.id.clone(), task.watch.clone());
+        self.watch_status(task_id, watch);
+    }
+
+    fn is_current_runner(&self, task_id: &str, generation: u64) -> bool {
+        self.task
+            .as_ref()
+            .is_some_and(|t| t.id == task_id && t.runner.as_ref().is_some_and(|r| r.generation == generation))
+    }
+
+    // ---- timers ---------------------------------------------------------
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |d: Option<Instant>| {
+            if let Some(d) = d {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        };
+        let cfg = &self.shared.cfg;
+        if let Some(task) = &self.task {
+            consider(task.phase_deadline);
+            consider(task.overall_deadline);
+            consider(task.runner_lost_at.map(|t| t + cfg.deadlines.runner_reconnect));
+            if task.phase == Phase::Ready {
+                if self.turns.is_empty() {
+                    consider(Some(self.idle_since + cfg.idle_timeout));
+                } else if let Some(detached) = self.detached_at {
+                    consider(Some(detached + cfg.disconnect_processing_timeout));
+                }
+            }
+        }
+        if self.start_after_stop {
+            consider(self.stopping.as_ref().map(|s| s.since + cfg.deadlines.stop_wait));
+        }
+        if self.task.is_none() && self.stopping.is_none() && self.clients.is_empty() {
+            consider(self.detached_at.map(|d| d + cfg.session_evict_after));
+        }
+        next
+    }
+
+    async fn on_timer(&mut self) {
+        let now = Instant::now();
+        let cfg = self.shared.cfg.clone();
+        if self.start_after_stop {
+            if let Some(s) = self.stopping.as_ref().filter(|s| now >= s.since + cfg.deadlines.stop_wait) {
+                tracing::warn!(event = "stop_wait_expired", sessionId = %self.id, taskId = %s.task_id, "old task still stopping; starting a new one anyway");
+                self.stopping = None;
+                self.start_after_stop = false;
+                self.start_task();
+                return;
+            }
+        }
+        let Some(task) = self.task.as_ref() else { return };
+        if task.overall_deadline.is_some_and(|d| now >= d) {
+            let msg = format!("could not restart your sandbox within {}s. Send your message again to retry.", cfg.deadlines.restart.as_secs());
+            self.fail_start_with(ErrorCode::TaskRestartFailed, &msg).await;
+            return;
+        }
+        if task.phase_deadline.is_some_and(|d| now >= d) {
+            let (code, what) = match task.phase {
+                Phase::Launching => (None, format!("the sandbox did not start within {}s", cfg.deadlines.launch.as_secs())),
+                Phase::Pending => (Some(ErrorCode::TaskConnectTimeout), format!("the sandbox started but did not connect back within {}s", cfg.deadlines.connect.as_secs())),
+                _ => (None, format!("the agent did not become ready within {}s", cfg.deadlines.activate.as_secs())),
+            };
+            match code {
+                Some(code) => self.fail_start_with(code, &format!("{what}. Send your message again to retry.")).await,
+                None => self.fail_start(what).await,
+            }
+            return;
+        }
+        if task.runner_lost_at.is_some_and(|t| now >= t + cfg.deadlines.runner_reconnect) {
+            self.on_task_lost(format!("the sandbox lost its connection and did not come back within {}s", cfg.deadlines.runner_reconnect.as_secs())).await;
+            return;
+        }
+        if task.phase == Phase::Ready {
+            if self.turns.is_empty() && now >= self.idle_since + cfg.idle_timeout {
+                lifecycle!(self, "idle_timeout", taskId = %task.id, idle_ms = ms(now - self.idle_since), "stopping idle task");
+                self.begin_stop("idle timeout");
+                self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+            } else if !self.turns.is_empty() && self.detached_at.is_some_and(|d| now >= d + cfg.disconnect_processing_timeout) {
+                lifecycle!(self, "idle_timeout", taskId = %task.id, reason = "disconnected_processing", "client gone too long; stopping task");
+                self.fail_turns(ErrorCode::AgentCrashed, "the turn was stopped because no client was attached");
+                self.begin_stop("client gone during processing");
+                self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+            }
+        }
+    }
+
+    fn should_evict(&self) -> bool {
+        self.task.is_none()
+            && self.stopping.is_none()
+            && self.clients.is_empty()
+            && self.queue.is_empty()
+            && self.detached_at.is_some_and(|d| d.elapsed() >= self.shared.cfg.session_evict_after)
+    }
+
+    // ---- state ------------------------------------------------------------
+
+    fn processing_state(&self) -> &'static str {
+        if self.turns.is_empty() {
+            "idle"
+        } else if !self.questions.is_empty() {
+            "waiting_for_answer"
+        } else {
+            "processing"
+        }
+    }
+
+    fn state_name(&self) -> String {
+        let name = match (&self.task, &self.stopping) {
+            (Some(t), _) => match t.phase {
+                Phase::Launching => "CREATING",
+                Phase::Pending => "PENDING",
+                Phase::Activating | Phase::Restoring => "ACTIVATING",
+                Phase::Ready if self.clients.is_empty() => "IDLE",
+                Phase::Ready => "RUNNING",
+            },
+            (None, Some(_)) => "STOPPING",
+            (None, None) => "STOPPED",
+        };
+        name.to_string()
+    }
+
+    /// Persist the session state when it changed.
+    fn sync_state(&mut self) {
+        let state = self.state_name();
+        if state != self.last_state {
+            self.last_state = state.clone();
+            let store = self.shared.store.clone();
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.update_session_state(&id, &state).await {
+                    tracing::error!(event = "store_error", sessionId = %id, error = %e, "could not save session state");
+                }
+            });
+        }
+    }
+
+    // ---- emitting ---------------------------------------------------------
+
+    fn frame_json(&self, event: ServerEvent, ephemeral: bool) -> Arc<str> {
+        let seq = if ephemeral { self.next_seq - 1 } else { self.next_seq };
+        Arc::from(ServerFrame { seq, session_id: self.id.clone(), ephemeral, event }.to_json())
+    }
+
+    /// A stream event: numbered, kept for replay, sent to every client.
+    fn emit(&mut self, event: ServerEvent) {
+        self.emit_with_runner_seq(event, None);
+    }
+
+    fn emit_with_runner_seq(&mut self, event: ServerEvent, runner_seq: Option<u64>) {
+        let json = self.frame_json(event, false);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.replay.push(seq, json.clone());
+        let _ = self.persist_tx.send(PersistItem { event: StoredEvent { seq, json: json.to_string() }, runner_seq });
+        self.clients.retain(|c| match c.tx.try_send(Outbound::Frame(json.clone())) {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::warn!(event = "client_too_slow", sessionId = %self.id, connId = c.conn_id, "client not reading; dropping it (it can resume with last_seq)");
+                false
+            }
+        });
+    }
+
+    /// A connection-local answer (pong, BAD_FRAME, lists): never replayed.
+    fn reply(&self, conn_id: u64, event: ServerEvent) {
+        let json = self.frame_json(event, true);
+        if let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
+            let _ = c.tx.try_send(Outbound::Frame(json));
+        }
+    }
+}
+
+/// Writes a session's events to the store in batches, in order, and reports
+/// back which runner frames are now safe so the runner can forget them.
+fn spawn_persister(shared: Arc<Shared>, session_id: String, tx: mpsc::Sender<SessionCmd>) -> mpsc::UnboundedSender<PersistItem> {
+    let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.clear();
+            batch.push(first);
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            let events: Vec<StoredEvent> = batch.iter().map(|i| i.event.clone()).collect();
+            let mut delay = Duration::from_millis(50);
+            while let Err(e) = shared.store.append_events(&session_id, &events).await {
+                tracing::error!(event = "store_error", sessionId = %session_id, error = %e, "could not persist events; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            if let Some(runner_seq) = batch.iter().filter_map(|i| i.runner_seq).max() {
+                let _ = tx.send(SessionCmd::Persisted { runner_seq }).await;
+            }
+        }
+    });
+    persist_tx
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}

@@ -1,0 +1,136 @@
+//! Sessions (SPEC §3): a registry of live session actors, each owning one
+//! session's state machine, task, replay buffer and attached clients.
+
+mod actor;
+mod replay;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aishell_store::{SessionRecord, StoreError};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+pub use actor::{AttachReply, Outbound, RunnerAttach, SessionCmd};
+
+use crate::Shared;
+
+/// How many commands may wait for one session actor.
+const MAILBOX: usize = 1024;
+
+/// A way to talk to one live session actor.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub id: String,
+    pub user_id: String,
+    tx: mpsc::Sender<SessionCmd>,
+}
+
+impl SessionHandle {
+    /// Send a command; false if the actor has gone (the caller re-opens).
+    pub async fn send(&self, cmd: SessionCmd) -> bool {
+        self.tx.send(cmd).await.is_ok()
+    }
+
+    /// Send a command that carries a reply channel and await the answer.
+    pub async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> SessionCmd) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(make(tx)).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+}
+
+#[derive(Default)]
+pub struct SessionManager {
+    live: Mutex<HashMap<String, SessionHandle>>,
+    registered: Notify,
+}
+
+impl SessionManager {
+    pub fn get(&self, id: &str) -> Option<SessionHandle> {
+        self.live.lock().expect("session registry").get(id).cloned()
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.lock().expect("session registry").len()
+    }
+
+    pub fn live_handles(&self) -> Vec<SessionHandle> {
+        self.live.lock().expect("session registry").values().cloned().collect()
+    }
+
+    /// Create a new session for a user and start its actor.
+    pub async fn create(shared: &Arc<Shared>, user_id: &str) -> Result<SessionHandle, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let record = SessionRecord {
+            id: format!("s-{}", uuid::Uuid::new_v4().simple()),
+            user_id: user_id.to_string(),
+            state: "STOPPED".into(),
+            created_at: now,
+            updated_at: now,
+            last_seq: 0,
+            trace_id: uuid::Uuid::new_v4().simple().to_string(),
+            agent: shared.cfg.agent.kind.clone(),
+        };
+        shared.store.create_session(&record).await?;
+        Ok(Self::start_actor(shared, record, true))
+    }
+
+    /// The live actor of a session, loading it from the store if needed.
+    /// `None` when no such session exists.
+    pub async fn open(shared: &Arc<Shared>, id: &str) -> Result<Option<SessionHandle>, StoreError> {
+        if let Some(h) = shared.sessions.get(id) {
+            return Ok(Some(h));
+        }
+        let Some(record) = shared.store.get_session(id).await? else {
+            return Ok(None);
+        };
+        if record.state == "TERMINATED" {
+            return Ok(None);
+        }
+        Ok(Some(Self::start_actor(shared, record, false)))
+    }
+
+    /// Like [`open`](Self::open), but a session that does not exist yet may
+    /// appear within `grace` (a runner that dialled back before its session
+    /// was registered: failure class 2).
+    pub async fn open_with_grace(shared: &Arc<Shared>, id: &str, grace: Duration) -> Result<Option<SessionHandle>, StoreError> {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let notified = shared.sessions.registered.notified();
+            if let Some(h) = Self::open(shared, id).await? {
+                return Ok(Some(h));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn start_actor(shared: &Arc<Shared>, record: SessionRecord, fresh: bool) -> SessionHandle {
+        let mut live = shared.sessions.live.lock().expect("session registry");
+        // Two loaders may race: the first registered actor wins.
+        if let Some(h) = live.get(&record.id) {
+            return h.clone();
+        }
+        let (tx, rx) = mpsc::channel(MAILBOX);
+        let handle = SessionHandle { id: record.id.clone(), user_id: record.user_id.clone(), tx };
+        live.insert(record.id.clone(), handle.clone());
+        drop(live);
+        shared.sessions.registered.notify_waiters();
+        actor::spawn(shared.clone(), record, fresh, handle.tx.clone(), rx);
+        handle
+    }
+
+    /// Called by an actor as it exits; only removes the entry if it is still
+    /// that actor's (a newer actor for the same id may have replaced it).
+    fn remove(&self, id: &str, tx: &mpsc::Sender<SessionCmd>) {
+        let mut live = self.live.lock().expect("session registry");
+        if live.get(id).is_some_and(|h| h.tx.same_channel(tx)) {
+            live.remove(id);
+        }
+    }
+}

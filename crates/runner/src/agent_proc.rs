@@ -1,0 +1,205 @@
+//! The agent child process: JSON lines on stdin/stdout, stderr captured.
+//!
+//! The agent's stderr is always read and forwarded (the original system lost a
+//! week to an SDK that sent it to /dev/null); its tail goes into `agent_exit`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aishell_protocol::agent::AgentInfo;
+use aishell_protocol::runner::AgentSpec;
+use aishell_protocol::{AgentEvent, AgentInput};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+
+/// Lines of stderr kept for `agent_exit.stderr_tail`.
+const STDERR_TAIL_LINES: usize = 20;
+/// Longest stdout line accepted from an agent (a frame), in bytes.
+const MAX_LINE_BYTES: usize = 16 << 20;
+
+pub enum AgentOutput {
+    Event(AgentEvent),
+    BadLine(String),
+    Stderr(String),
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        stderr_tail: String,
+    },
+}
+
+pub struct AgentProcess {
+    input: mpsc::UnboundedSender<AgentInput>,
+    output: mpsc::Receiver<AgentOutput>,
+    kill: Option<oneshot::Sender<()>>,
+    pub info: AgentInfo,
+}
+
+/// The command line for an agent spec: an explicit command, or a built-in
+/// kind run by this very binary. Sandboxing wraps this command at spawn time.
+pub fn agent_command(program: &Path, spec: &AgentSpec) -> Vec<String> {
+    match &spec.command {
+        Some(cmd) if !cmd.is_empty() => cmd.clone(),
+        _ => vec![program.to_string_lossy().into_owned(), "agent".into(), spec.kind.clone()],
+    }
+}
+
+impl AgentProcess {
+    pub fn spawn(command: &[String], workspace: &str, env: &BTreeMap<String, String>) -> std::io::Result<Self> {
+        let (program, args) = command
+            .split_first()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty agent command"))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .current_dir(workspace)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+
+        let (input_tx, mut input_rx) = mpsc::unbounded_channel::<AgentInput>();
+        tokio::spawn(async move {
+            let mut stdin = stdin;
+            while let Some(frame) = input_rx.recv().await {
+                if stdin.write_all(frame.to_line().as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
+
+        let stdout_tx = out_tx.clone();
+        let stdout_task = tokio::spawn(async move {
+            let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match read_line_capped(&mut reader, &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                if text.is_empty() {
+                    continue;
+                }
+                let out = match AgentEvent::decode_line(text) {
+                    Ok(ev) => AgentOutput::Event(ev),
+                    Err(_) => AgentOutput::BadLine(text.chars().take(2000).collect()),
+                };
+                if stdout_tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let stderr_tx = out_tx.clone();
+        let stderr_tail = tail.clone();
+        let stderr_task = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                {
+                    let mut t = stderr_tail.lock().expect("tail lock");
+                    if t.len() == STDERR_TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line.clone());
+                }
+                if stderr_tx.send(AgentOutput::Stderr(line)).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let (kill_tx, kill_rx) = oneshot::channel();
+        tokio::spawn(wait_for_exit(child, kill_rx, stdout_task, stderr_task, tail, out_tx));
+
+        Ok(AgentProcess { input: input_tx, output: out_rx, kill: Some(kill_tx), info: AgentInfo::default() })
+    }
+
+    pub fn send(&self, input: AgentInput) {
+        let _ = self.input.send(input);
+    }
+
+    pub async fn next_output(&mut self) -> AgentOutput {
+        match self.output.recv().await {
+            Some(out) => out,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub async fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        // Let the waiter reap it so no zombie is left behind.
+        while let Some(out) = self.output.recv().await {
+            if matches!(out, AgentOutput::Exited { .. }) {
+                break;
+            }
+        }
+    }
+}
+
+async fn wait_for_exit(
+    mut child: Child,
+    kill: oneshot::Receiver<()>,
+    stdout_task: tokio::task::JoinHandle<()>,
+    stderr_task: tokio::task::JoinHandle<()>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    out_tx: mpsc::Sender<AgentOutput>,
+) {
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = kill => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    // Output written just before exit must reach the gateway before the exit
+    // report; a grandchild holding the pipes open must not block it forever.
+    let _ = tokio::time::timeout(Duration::from_secs(1), stdout_task).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), stderr_task).await;
+    let (code, signal) = match status {
+        Ok(s) => (s.code(), s.signal()),
+        Err(_) => (None, None),
+    };
+    let stderr_tail = tail.lock().expect("tail lock").iter().cloned().collect::<Vec<_>>().join("\n");
+    let _ = out_tx.send(AgentOutput::Exited { code, signal, stderr_tail }).await;
+}
+
+/// Read one line, refusing to grow past MAX_LINE_BYTES (the rest is skipped).
+async fn read_line_capped<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut total = 0;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(total);
+        }
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let n = chunk.len();
+        if buf.len() + n <= MAX_LINE_BYTES {
+            buf.extend_from_slice(chunk);
+        }
+        total += n;
+        reader.consume(n);
+        if done {
+            return Ok(total);
+        }
+    }
+}

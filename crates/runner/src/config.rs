@@ -1,0 +1,78 @@
+//! Runner settings, read from the environment the backend sets at launch.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aishell_protocol::TaskMode;
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Gateway base URL, e.g. `ws://127.0.0.1:5174`.
+    pub gateway_url: String,
+    pub task_id: String,
+    pub mode: TaskMode,
+    /// Session a cold task was launched for.
+    pub session_id: Option<String>,
+    /// Per-task credential minted by the gateway.
+    pub credential: String,
+    /// Program that runs built-in agents (`<program> agent <kind>`).
+    pub agent_program: PathBuf,
+    /// How long to keep re-dialling a lost gateway before giving up.
+    pub reconnect_deadline: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is not set: the runner is started by a backend, which sets it")]
+    Missing(&'static str),
+    #[error("{name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+impl RunnerConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let get = |name: &'static str| std::env::var(name).map_err(|_| ConfigError::Missing(name));
+        let mode = match get("AISHELL_TASK_MODE")?.as_str() {
+            "cold" => TaskMode::Cold,
+            "warm" => TaskMode::Warm,
+            other => {
+                return Err(ConfigError::Invalid {
+                    name: "AISHELL_TASK_MODE",
+                    reason: format!("`{other}` (expected cold or warm)"),
+                });
+            }
+        };
+        let session_id = std::env::var("AISHELL_SESSION_ID").ok().filter(|s| !s.is_empty());
+        if mode == TaskMode::Cold && session_id.is_none() {
+            return Err(ConfigError::Missing("AISHELL_SESSION_ID"));
+        }
+        let reconnect_deadline = match std::env::var("AISHELL_RUNNER_RECONNECT_DEADLINE_SECS") {
+            Ok(v) => Duration::from_secs(v.parse().map_err(|_| ConfigError::Invalid {
+                name: "AISHELL_RUNNER_RECONNECT_DEADLINE_SECS",
+                reason: format!("`{v}` is not a number of seconds"),
+            })?),
+            Err(_) => Duration::from_secs(600),
+        };
+        let agent_program = std::env::current_exe().map_err(|e| ConfigError::Invalid {
+            name: "current_exe",
+            reason: e.to_string(),
+        })?;
+        Ok(RunnerConfig {
+            gateway_url: get("AISHELL_GATEWAY_URL")?.trim_end_matches('/').to_string(),
+            task_id: get("AISHELL_TASK_ID")?,
+            mode,
+            session_id,
+            credential: get("AISHELL_TASK_CREDENTIAL")?,
+            agent_program,
+            reconnect_deadline,
+        })
+    }
+
+    /// Where this runner dials: its session (cold) or the warm pool.
+    pub fn dial_url(&self) -> String {
+        match (self.mode, &self.session_id) {
+            (TaskMode::Cold, Some(session)) => format!("{}/internal/task/{session}", self.gateway_url),
+            _ => format!("{}/internal/warm/{}", self.gateway_url, self.task_id),
+        }
+    }
+}

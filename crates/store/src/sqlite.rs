@@ -1,0 +1,1025 @@
+//! SQLite implementation of [`Store`]: a file under the data dir by default,
+//! or an in-memory database for tests and throwaway gateways.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use time::OffsetDateTime;
+
+use crate::{
+    ConversationRecord, MessageRecord, Result, SessionRecord, Store, StoreError, StoredEvent,
+    TokenRecord, token,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connections kept for a file database (WAL lets readers run alongside the
+/// single writer).
+const FILE_POOL_SIZE: u32 = 8;
+
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`Store`] backed by SQLite through an sqlx pool.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Open (creating it and its parent directory if missing) the database
+    /// `url` names — `sqlite://PATH` or `sqlite::memory:` — and bring its
+    /// schema up to date.
+    pub async fn open(url: &str) -> Result<Self> {
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let mut options = SqliteConnectOptions::from_str(url)?
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+
+        let pool = if in_memory {
+            // Every connection to `:memory:` would otherwise risk seeing a
+            // different (or vanished) database: keep exactly one, forever.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?
+        } else {
+            options = options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal);
+            let path = options.get_filename();
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("creating {}: {e}", parent.display()),
+                    )))
+                })?;
+            }
+            SqlitePoolOptions::new()
+                .max_connections(FILE_POOL_SIZE)
+                .connect_with(options)
+                .await?
+        };
+
+        MIGRATOR.run(&pool).await?;
+        tracing::debug!(in_memory, "sqlite store opened");
+        Ok(Self { pool })
+    }
+
+    /// Close every connection (flushing the WAL); further calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Unix milliseconds of `t` (the stored form of every timestamp).
+fn to_ms(t: OffsetDateTime) -> i64 {
+    // i64 milliseconds cover ±292 million years; OffsetDateTime's range is
+    // far smaller, so this cannot truncate.
+    t.unix_timestamp_nanos().div_euclid(1_000_000) as i64
+}
+
+fn from_ms(ms: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
+}
+
+fn now_ms() -> i64 {
+    to_ms(OffsetDateTime::now_utc())
+}
+
+fn seq_to_db(seq: u64) -> Result<i64> {
+    i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("event seq {seq} out of range")))
+}
+
+fn seq_from_db(seq: i64) -> Result<u64> {
+    u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative event seq {seq}")))
+}
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    id: String,
+    user_id: String,
+    name: String,
+    is_admin: bool,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+}
+
+impl TokenRow {
+    fn into_record(self) -> Result<TokenRecord> {
+        Ok(TokenRecord {
+            id: self.id,
+            user_id: self.user_id,
+            name: self.name,
+            is_admin: self.is_admin,
+            created_at: from_ms(self.created_at)?,
+            expires_at: self.expires_at.map(from_ms).transpose()?,
+            revoked: self.revoked_at.is_some(),
+        })
+    }
+}
+
+const TOKEN_COLUMNS: &str = "id, user_id, name, is_admin, created_at, expires_at, revoked_at";
+
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    id: String,
+    user_id: String,
+    state: String,
+    created_at: i64,
+    updated_at: i64,
+    last_seq: i64,
+    trace_id: String,
+    agent: String,
+}
+
+impl SessionRow {
+    fn into_record(self) -> Result<SessionRecord> {
+        Ok(SessionRecord {
+            id: self.id,
+            user_id: self.user_id,
+            state: self.state,
+            created_at: from_ms(self.created_at)?,
+            updated_at: from_ms(self.updated_at)?,
+            last_seq: seq_from_db(self.last_seq)?,
+            trace_id: self.trace_id,
+            agent: self.agent,
+        })
+    }
+}
+
+const SESSION_COLUMNS: &str =
+    "id, user_id, state, created_at, updated_at, last_seq, trace_id, agent";
+
+#[derive(sqlx::FromRow)]
+struct ConversationRow {
+    id: String,
+    session_id: String,
+    title: Option<String>,
+    resume_handle: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl ConversationRow {
+    fn into_record(self) -> Result<ConversationRecord> {
+        Ok(ConversationRecord {
+            id: self.id,
+            session_id: self.session_id,
+            title: self.title,
+            resume_handle: self.resume_handle,
+            created_at: from_ms(self.created_at)?,
+            updated_at: from_ms(self.updated_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    session_id: String,
+    conversation_id: String,
+    client_msg_id: Option<String>,
+    role: String,
+    content: String,
+    created_at: i64,
+}
+
+impl MessageRow {
+    fn into_record(self) -> Result<MessageRecord> {
+        Ok(MessageRecord {
+            session_id: self.session_id,
+            conversation_id: self.conversation_id,
+            client_msg_id: self.client_msg_id,
+            role: self.role,
+            content: self.content,
+            created_at: from_ms(self.created_at)?,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ensure_user(&self, user_id: &str) -> Result<()> {
+        sqlx::query("INSERT INTO users (id, is_admin, created_at) VALUES (?, 0, ?) ON CONFLICT(id) DO NOTHING")
+            .bind(user_id)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        is_admin: bool,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(TokenRecord, String)> {
+        self.ensure_user(user_id).await?;
+        let plaintext = token::generate();
+        let created_ms = now_ms();
+        let expires_ms = expires_at.map(to_ms);
+        let id = token::generate_id();
+        sqlx::query(
+            "INSERT INTO tokens (id, user_id, name, token_hash, is_admin, created_at, expires_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+        )
+        .bind(&id)
+        .bind(user_id)
+        .bind(name)
+        .bind(token::hash(&plaintext))
+        .bind(is_admin)
+        .bind(created_ms)
+        .bind(expires_ms)
+        .execute(&self.pool)
+        .await?;
+        let record = TokenRecord {
+            id,
+            user_id: user_id.to_string(),
+            name: name.to_string(),
+            is_admin,
+            created_at: from_ms(created_ms)?,
+            expires_at: expires_ms.map(from_ms).transpose()?,
+            revoked: false,
+        };
+        Ok((record, plaintext))
+    }
+
+    async fn verify_token(&self, plaintext: &str) -> Result<Option<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_hash = ? AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > ?)"
+        );
+        sqlx::query_as::<_, TokenRow>(&sql)
+            .bind(token::hash(plaintext))
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(TokenRow::into_record)
+            .transpose()
+    }
+
+    async fn list_tokens(&self, user_id: Option<&str>) -> Result<Vec<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE (?1 IS NULL OR user_id = ?1) \
+             ORDER BY created_at, id"
+        );
+        sqlx::query_as::<_, TokenRow>(&sql)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(TokenRow::into_record)
+            .collect()
+    }
+
+    async fn revoke_token(&self, token_id: &str) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(now_ms())
+                .bind(token_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&session.id)
+        .bind(&session.user_id)
+        .bind(&session.state)
+        .bind(to_ms(session.created_at))
+        .bind(to_ms(session.updated_at))
+        .bind(seq_to_db(session.last_seq)?)
+        .bind(&session.trace_id)
+        .bind(&session.agent)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?");
+        sqlx::query_as::<_, SessionRow>(&sql)
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(SessionRow::into_record)
+            .transpose()
+    }
+
+    async fn update_session_state(&self, session_id: &str, state: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE sessions SET state = ?, updated_at = ? WHERE id = ?")
+            .bind(state)
+            .bind(now_ms())
+            .bind(session_id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            tracing::debug!(
+                session_id,
+                state,
+                "state update for unknown session ignored"
+            );
+        }
+        Ok(())
+    }
+
+    async fn list_sessions(&self, user_id: Option<&str>) -> Result<Vec<SessionRecord>> {
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR user_id = ?1) \
+             ORDER BY created_at DESC, id DESC"
+        );
+        sqlx::query_as::<_, SessionRow>(&sql)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(SessionRow::into_record)
+            .collect()
+    }
+
+    async fn upsert_conversation(
+        &self,
+        session_id: &str,
+        conversation_id: &str,
+        title: Option<&str>,
+        resume_handle: Option<&str>,
+    ) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(session_id, id) DO UPDATE SET \
+                 title = COALESCE(excluded.title, title), \
+                 resume_handle = COALESCE(excluded.resume_handle, resume_handle), \
+                 updated_at = excluded.updated_at",
+        )
+        .bind(conversation_id)
+        .bind(session_id)
+        .bind(title)
+        .bind(resume_handle)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_conversations(&self, session_id: &str) -> Result<Vec<ConversationRecord>> {
+        sqlx::query_as::<_, ConversationRow>(
+            "SELECT id, session_id, title, resume_handle, created_at, updated_at \
+             FROM conversations WHERE session_id = ? ORDER BY created_at, rowid",
+        )
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ConversationRow::into_record)
+        .collect()
+    }
+
+    async fn delete_conversation(&self, session_id: &str, conversation_id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM messages WHERE session_id = ? AND conversation_id = ?")
+            .bind(session_id)
+            .bind(conversation_id)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM conversations WHERE session_id = ? AND id = ?")
+            .bind(session_id)
+            .bind(conversation_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_message(&self, message: &MessageRecord) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(session_id, client_msg_id) DO NOTHING",
+        )
+        .bind(&message.session_id)
+        .bind(&message.conversation_id)
+        .bind(&message.client_msg_id)
+        .bind(&message.role)
+        .bind(&message.content)
+        .bind(to_ms(message.created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<MessageRecord>> {
+        sqlx::query_as::<_, MessageRow>(
+            "SELECT session_id, conversation_id, client_msg_id, role, content, created_at \
+             FROM messages WHERE session_id = ? AND conversation_id = ? ORDER BY id",
+        )
+        .bind(session_id)
+        .bind(conversation_id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(MessageRow::into_record)
+        .collect()
+    }
+
+    async fn append_events(&self, session_id: &str, events: &[StoredEvent]) -> Result<()> {
+        let Some(max_seq) = events.iter().map(|e| e.seq).max() else {
+            return Ok(());
+        };
+        let max_seq = seq_to_db(max_seq)?;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for event in events {
+            // Same SQL text every time: sqlx prepares it once per connection
+            // and reuses the cached statement.
+            sqlx::query(
+                "INSERT OR IGNORE INTO session_events (session_id, seq, json, created_at) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(session_id)
+            .bind(seq_to_db(event.seq)?)
+            .bind(&event.json)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE sessions SET last_seq = MAX(last_seq, ?) WHERE id = ?")
+            .bind(max_seq)
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>> {
+        // A cursor beyond i64::MAX cannot have anything after it.
+        let Ok(after) = i64::try_from(after_seq) else {
+            return Ok(Vec::new());
+        };
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT seq, json FROM session_events WHERE session_id = ? AND seq > ? \
+             ORDER BY seq LIMIT ?",
+        )
+        .bind(session_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|(seq, json)| {
+            Ok(StoredEvent {
+                seq: seq_from_db(seq)?,
+                json,
+            })
+        })
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::Duration as TimeDuration;
+
+    async fn memory() -> SqliteStore {
+        SqliteStore::open("sqlite::memory:")
+            .await
+            .expect("open in-memory store")
+    }
+
+    fn file_url(dir: &tempfile::TempDir) -> String {
+        // A nested, not-yet-existing directory proves the parent is created.
+        format!(
+            "sqlite://{}",
+            dir.path().join("data/sub/aishell.db").display()
+        )
+    }
+
+    async fn file(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&file_url(dir))
+            .await
+            .expect("open file store")
+    }
+
+    /// Run `f` against both a fresh in-memory store and a fresh file store.
+    macro_rules! both {
+        (|$s:ident| $body:block) => {{
+            {
+                let $s = memory().await;
+                $body
+            }
+            {
+                let dir = tempfile::tempdir().unwrap();
+                let $s = file(&dir).await;
+                $body
+            }
+        }};
+    }
+
+    fn session(id: &str, user: &str, created_ms: i64) -> SessionRecord {
+        let t = from_ms(created_ms).unwrap();
+        SessionRecord {
+            id: id.to_string(),
+            user_id: user.to_string(),
+            state: "RUNNING".to_string(),
+            created_at: t,
+            updated_at: t,
+            last_seq: 0,
+            trace_id: format!("trace-{id}"),
+            agent: "echo".to_string(),
+        }
+    }
+
+    fn message(session: &str, conv: &str, client: Option<&str>, content: &str) -> MessageRecord {
+        MessageRecord {
+            session_id: session.to_string(),
+            conversation_id: conv.to_string(),
+            client_msg_id: client.map(str::to_string),
+            role: "user".to_string(),
+            content: content.to_string(),
+            created_at: from_ms(1_700_000_000_000).unwrap(),
+        }
+    }
+
+    fn events(range: std::ops::RangeInclusive<u64>) -> Vec<StoredEvent> {
+        range
+            .map(|seq| StoredEvent {
+                seq,
+                json: format!(r#"{{"type":"text","seq":{seq}}}"#),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn ping_answers() {
+        both!(|s| {
+            s.ping().await.unwrap();
+        });
+    }
+
+    #[tokio::test]
+    async fn token_create_then_verify() {
+        both!(|s| {
+            let (rec, plain) = s.create_token("alice", "laptop", true, None).await.unwrap();
+            assert!(token::looks_like_api_token(&plain));
+            assert!(rec.id.starts_with("tok_"));
+            let got = s.verify_token(&plain).await.unwrap().expect("valid token");
+            assert_eq!(got, rec);
+            assert_eq!(got.user_id, "alice");
+            assert!(got.is_admin);
+            assert!(!got.revoked);
+            // The user was created on the way.
+            let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = 'alice'")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+            assert_eq!(users, 1);
+        });
+    }
+
+    #[tokio::test]
+    async fn wrong_token_is_rejected() {
+        both!(|s| {
+            let (_, plain) = s.create_token("alice", "t", false, None).await.unwrap();
+            assert!(s.verify_token(&token::generate()).await.unwrap().is_none());
+            let mut tampered = plain.clone();
+            tampered.pop();
+            tampered.push(if plain.ends_with('x') { 'y' } else { 'x' });
+            assert!(s.verify_token(&tampered).await.unwrap().is_none());
+            assert!(s.verify_token("").await.unwrap().is_none());
+            // The hash itself is not a credential either.
+            assert!(
+                s.verify_token(&token::hash(&plain))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn revoked_token_is_rejected() {
+        both!(|s| {
+            let (rec, plain) = s.create_token("alice", "t", false, None).await.unwrap();
+            let (_, other) = s.create_token("alice", "t2", false, None).await.unwrap();
+            assert!(s.verify_token(&plain).await.unwrap().is_some());
+            assert!(s.revoke_token(&rec.id).await.unwrap());
+            assert!(s.verify_token(&plain).await.unwrap().is_none());
+            // Only that token was revoked.
+            assert!(s.verify_token(&other).await.unwrap().is_some());
+            // Revoking again still finds it; an unknown id does not exist.
+            assert!(s.revoke_token(&rec.id).await.unwrap());
+            assert!(!s.revoke_token("tok_000000000000").await.unwrap());
+            let listed = s.list_tokens(Some("alice")).await.unwrap();
+            let revoked: Vec<_> = listed.iter().filter(|t| t.revoked).map(|t| &t.id).collect();
+            assert_eq!(revoked, vec![&rec.id]);
+        });
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_rejected() {
+        both!(|s| {
+            let past = OffsetDateTime::now_utc() - TimeDuration::minutes(1);
+            let future = OffsetDateTime::now_utc() + TimeDuration::hours(1);
+            let (rec, expired) = s
+                .create_token("bob", "old", false, Some(past))
+                .await
+                .unwrap();
+            assert!(rec.expires_at.is_some());
+            assert!(s.verify_token(&expired).await.unwrap().is_none());
+            let (rec, live) = s
+                .create_token("bob", "new", false, Some(future))
+                .await
+                .unwrap();
+            let got = s
+                .verify_token(&live)
+                .await
+                .unwrap()
+                .expect("unexpired token");
+            assert_eq!(got.expires_at, rec.expires_at);
+        });
+    }
+
+    #[tokio::test]
+    async fn plaintext_token_is_never_stored() {
+        both!(|s| {
+            let (_, plain) = s.create_token("alice", "t", false, None).await.unwrap();
+            let secret = &plain[token::PREFIX.len()..];
+            let rows: Vec<(String, String, String, String)> =
+                sqlx::query_as("SELECT id, user_id, name, token_hash FROM tokens")
+                    .fetch_all(&s.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(rows.len(), 1);
+            for (id, user, name, hash) in &rows {
+                for col in [id, user, name, hash] {
+                    assert!(!col.contains(secret), "plaintext leaked into tokens: {col}");
+                }
+                assert_eq!(hash, &token::hash(&plain));
+            }
+            // Nor anywhere else in the row, whatever its type.
+            let hits: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tokens WHERE instr(id || user_id || name || token_hash || \
+                 is_admin || created_at || IFNULL(expires_at, '') || IFNULL(revoked_at, ''), ?) > 0",
+            )
+            .bind(secret)
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+            assert_eq!(hits, 0);
+        });
+    }
+
+    #[tokio::test]
+    async fn list_tokens_filters_by_user() {
+        both!(|s| {
+            s.create_token("alice", "a1", false, None).await.unwrap();
+            s.create_token("alice", "a2", false, None).await.unwrap();
+            s.create_token("bob", "b1", true, None).await.unwrap();
+            let alice = s.list_tokens(Some("alice")).await.unwrap();
+            assert_eq!(alice.len(), 2);
+            assert!(alice.iter().all(|t| t.user_id == "alice"));
+            assert_eq!(s.list_tokens(None).await.unwrap().len(), 3);
+            assert!(s.list_tokens(Some("carol")).await.unwrap().is_empty());
+        });
+    }
+
+    #[tokio::test]
+    async fn sessions_roundtrip_and_list_newest_first() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            s.create_session(&session("s2", "bob", 2_000))
+                .await
+                .unwrap();
+            s.create_session(&session("s3", "alice", 3_000))
+                .await
+                .unwrap();
+            assert_eq!(
+                s.get_session("s1").await.unwrap(),
+                Some(session("s1", "alice", 1_000))
+            );
+            assert_eq!(s.get_session("nope").await.unwrap(), None);
+
+            let all: Vec<_> = s
+                .list_sessions(None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| x.id)
+                .collect();
+            assert_eq!(all, ["s3", "s2", "s1"]);
+            let alice: Vec<_> = s
+                .list_sessions(Some("alice"))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| x.id)
+                .collect();
+            assert_eq!(alice, ["s3", "s1"]);
+
+            s.update_session_state("s1", "STOPPED").await.unwrap();
+            let s1 = s.get_session("s1").await.unwrap().unwrap();
+            assert_eq!(s1.state, "STOPPED");
+            assert!(s1.updated_at > s1.created_at);
+        });
+    }
+
+    #[tokio::test]
+    async fn duplicate_client_msg_id_is_dropped() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            let first = message("s1", "c1", Some("m-1"), "hello");
+            assert!(s.insert_message(&first).await.unwrap());
+            let again = message("s1", "c1", Some("m-1"), "hello, resent");
+            assert!(!s.insert_message(&again).await.unwrap());
+            let listed = s.list_messages("s1", "c1").await.unwrap();
+            assert_eq!(listed, vec![first]);
+            // The same client id in another session is a different message.
+            assert!(
+                s.insert_message(&message("s2", "c1", Some("m-1"), "x"))
+                    .await
+                    .unwrap()
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn messages_without_client_id_never_collide() {
+        both!(|s| {
+            for i in 0..3 {
+                let mut m = message("s1", "c1", None, &format!("reply {i}"));
+                m.role = "assistant".to_string();
+                assert!(s.insert_message(&m).await.unwrap());
+            }
+            let contents: Vec<_> = s
+                .list_messages("s1", "c1")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.content)
+                .collect();
+            assert_eq!(contents, ["reply 0", "reply 1", "reply 2"]);
+            assert!(s.list_messages("s1", "other").await.unwrap().is_empty());
+        });
+    }
+
+    #[tokio::test]
+    async fn append_events_is_idempotent_and_ordered() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            s.append_events("s1", &events(1..=5)).await.unwrap();
+            assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 5);
+
+            // Re-appending overlapping seqs keeps the original payloads.
+            let mut replay = events(3..=7);
+            for e in &mut replay {
+                if e.seq <= 5 {
+                    e.json = "CHANGED".to_string();
+                }
+            }
+            s.append_events("s1", &replay).await.unwrap();
+            let all = s.events_after("s1", 0, 100).await.unwrap();
+            assert_eq!(all, events(1..=7));
+            assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 7);
+
+            // A stale batch never lowers last_seq.
+            s.append_events("s1", &events(1..=2)).await.unwrap();
+            assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 7);
+            s.append_events("s1", &[]).await.unwrap();
+
+            let page = s.events_after("s1", 2, 3).await.unwrap();
+            assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+            assert!(s.events_after("s1", 7, 10).await.unwrap().is_empty());
+            assert!(s.events_after("s1", u64::MAX, 10).await.unwrap().is_empty());
+            assert!(s.events_after("other", 0, 10).await.unwrap().is_empty());
+        });
+    }
+
+    #[tokio::test]
+    async fn append_events_handles_large_batches() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            for chunk in events(1..=2_000).chunks(500) {
+                s.append_events("s1", chunk).await.unwrap();
+            }
+            let elapsed = started.elapsed();
+            assert!(
+                elapsed < std::time::Duration::from_secs(10),
+                "too slow: {elapsed:?}"
+            );
+            assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 2_000);
+            let tail = s.events_after("s1", 1_990, 1_000).await.unwrap();
+            assert_eq!(tail, events(1_991..=2_000));
+        });
+    }
+
+    #[tokio::test]
+    async fn upsert_conversation_keeps_unset_fields() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            s.upsert_conversation("s1", "c1", Some("First"), Some("handle-1"))
+                .await
+                .unwrap();
+            s.upsert_conversation("s1", "c2", None, None).await.unwrap();
+            s.upsert_conversation("s1", "c1", None, None).await.unwrap();
+            let convs = s.list_conversations("s1").await.unwrap();
+            assert_eq!(
+                convs.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+                ["c1", "c2"]
+            );
+            assert_eq!(convs[0].title.as_deref(), Some("First"));
+            assert_eq!(convs[0].resume_handle.as_deref(), Some("handle-1"));
+            assert_eq!(convs[1].title, None);
+
+            s.upsert_conversation("s1", "c1", None, Some("handle-2"))
+                .await
+                .unwrap();
+            let c1 = s.list_conversations("s1").await.unwrap().remove(0);
+            assert_eq!(c1.title.as_deref(), Some("First"));
+            assert_eq!(c1.resume_handle.as_deref(), Some("handle-2"));
+        });
+    }
+
+    #[tokio::test]
+    async fn conversation_needs_its_session() {
+        both!(|s| {
+            let err = s.upsert_conversation("missing", "c1", None, None).await;
+            assert!(matches!(err, Err(StoreError::Database(_))), "{err:?}");
+        });
+    }
+
+    #[tokio::test]
+    async fn delete_conversation_deletes_its_messages() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            s.upsert_conversation("s1", "c1", None, None).await.unwrap();
+            s.upsert_conversation("s1", "c2", None, None).await.unwrap();
+            s.insert_message(&message("s1", "c1", Some("a"), "in c1"))
+                .await
+                .unwrap();
+            s.insert_message(&message("s1", "c2", Some("b"), "in c2"))
+                .await
+                .unwrap();
+
+            assert!(s.delete_conversation("s1", "c1").await.unwrap());
+            assert!(!s.delete_conversation("s1", "c1").await.unwrap());
+            assert!(s.list_messages("s1", "c1").await.unwrap().is_empty());
+            assert_eq!(s.list_messages("s1", "c2").await.unwrap().len(), 1);
+            let ids: Vec<_> = s
+                .list_conversations("s1")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            assert_eq!(ids, ["c2"]);
+        });
+    }
+
+    #[tokio::test]
+    async fn file_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = {
+            let s = file(&dir).await;
+            let (_, plain) = s.create_token("alice", "t", false, None).await.unwrap();
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            s.upsert_conversation("s1", "c1", Some("T"), Some("h"))
+                .await
+                .unwrap();
+            s.insert_message(&message("s1", "c1", Some("m"), "hi"))
+                .await
+                .unwrap();
+            s.append_events("s1", &events(1..=3)).await.unwrap();
+            s.close().await;
+            plain
+        };
+        assert!(dir.path().join("data/sub/aishell.db").is_file());
+
+        let s = file(&dir).await; // migrations run again: must be a no-op
+        assert_eq!(
+            s.verify_token(&plain).await.unwrap().unwrap().user_id,
+            "alice"
+        );
+        assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 3);
+        let convs = s.list_conversations("s1").await.unwrap();
+        assert_eq!(convs[0].resume_handle.as_deref(), Some("h"));
+        assert_eq!(s.list_messages("s1", "c1").await.unwrap()[0].content, "hi");
+        assert_eq!(s.events_after("s1", 0, 10).await.unwrap(), events(1..=3));
+        // Still deduplicating after the reopen.
+        assert!(
+            !s.insert_message(&message("s1", "c1", Some("m"), "hi"))
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn file_store_uses_wal_and_foreign_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = file(&dir).await;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(mode.to_ascii_lowercase(), "wal");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+    }
+
+    #[tokio::test]
+    async fn memory_store_survives_idle_connections() {
+        let s = memory().await;
+        s.ensure_user("alice").await.unwrap();
+        // Many sequential pool checkouts all see the same database.
+        for _ in 0..20 {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        // Two in-memory stores are independent.
+        let other = memory().await;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&other.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn open_dispatches_on_url() {
+        match crate::open("postgres://x").await {
+            Err(StoreError::UnsupportedUrl(url)) => assert_eq!(url, "postgres://x"),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("postgres:// must be rejected"),
+        }
+        let store = crate::open("sqlite::memory:").await.unwrap();
+        store.ping().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::open(&file_url(&dir)).await.unwrap();
+        store.ensure_user("u").await.unwrap();
+    }
+
+    #[test]
+    fn timestamps_roundtrip_at_millisecond_precision() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        assert_eq!(to_ms(t), 1_700_000_000_123);
+        assert_eq!(
+            from_ms(to_ms(t)).unwrap(),
+            OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_000_000).unwrap()
+        );
+        assert_eq!(to_ms(from_ms(-1_500).unwrap()), -1_500);
+    }
+}
