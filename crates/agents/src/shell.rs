@@ -613,6 +613,28 @@ async fn execute(
 
     while status.is_none() || stdout.is_some() || stderr.is_some() {
         tokio::select! {
+            // Abort and timeout first so endless output cannot starve them;
+            // stdout before stderr, output before the exit status.
+            biased;
+            _ = signal.aborted(), if status.is_none() && killed.is_none() => {
+                group.kill();
+                killed = Some(End::Aborted);
+            },
+            _ = &mut deadline, if status.is_none() && killed.is_none() => {
+                group.kill();
+                killed = Some(End::TimedOut(settings.timeout));
+            },
+            _ = &mut grace, if status.is_some() => {
+                // The command exited but something still holds its output open:
+                // kill what is left of its group and stop reading.
+                if let Some(pgid) = stragglers.take() {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                capture.push(&dec_out.finish()).await;
+                capture.push(&dec_err.finish()).await;
+                stdout = None;
+                stderr = None;
+            },
             r = read_some(&mut stdout, &mut buf_out), if stdout.is_some() => match r {
                 Ok(n) if n > 0 => capture.push(&dec_out.push(&buf_out[..n])).await,
                 _ => {
@@ -637,25 +659,6 @@ async fn execute(
                     stragglers = leader;
                     grace.as_mut().reset(tokio::time::Instant::now() + EXIT_GRACE);
                 }
-            },
-            _ = &mut deadline, if status.is_none() && killed.is_none() => {
-                group.kill();
-                killed = Some(End::TimedOut(settings.timeout));
-            },
-            _ = signal.aborted(), if status.is_none() && killed.is_none() => {
-                group.kill();
-                killed = Some(End::Aborted);
-            },
-            _ = &mut grace, if status.is_some() => {
-                // The command exited but something still holds its output open:
-                // kill what is left of its group and stop reading.
-                if let Some(pgid) = stragglers.take() {
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                }
-                capture.push(&dec_out.finish()).await;
-                capture.push(&dec_err.finish()).await;
-                stdout = None;
-                stderr = None;
             },
         }
     }

@@ -260,6 +260,27 @@ async fn output_is_capped() {
 }
 
 #[tokio::test]
+async fn endless_output_is_capped_and_still_times_out() {
+    let dir = ws();
+    let mut agent = Agent::started(
+        "shell",
+        dir.path(),
+        json!({"output_limit_bytes": 4096, "command_timeout_secs": 0.5}),
+    )
+    .await;
+    let t = Instant::now();
+    agent.message("c", "yes").await;
+    let frames = agent.until_terminal("c").await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let (content, is_error) = tool_result(&frames);
+    assert!(is_error);
+    assert!(content.contains("[output truncated]"), "{content}");
+    assert!(content.ends_with("timed out after 0.5 s"), "{content}");
+    assert!(deltas(&frames).len() <= 4096 + "\n[output truncated]\n".len());
+    assert!(matches!(frames.last(), Some(AgentEvent::Finish { .. })));
+}
+
+#[tokio::test]
 async fn multibyte_output_survives_streaming() {
     let dir = ws();
     let mut agent = Agent::started("shell", dir.path(), json!({})).await;
