@@ -33,7 +33,8 @@ pub struct ChatArgs {
     turn_timeout: u64,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Chat {
     args: ChatArgs,
@@ -45,7 +46,13 @@ struct Chat {
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let session_id = args.session.clone();
-    let mut chat = Chat { args, session_id, last_seq: 0, conversation_id: None, printed_text: false };
+    let mut chat = Chat {
+        args,
+        session_id,
+        last_seq: 0,
+        conversation_id: None,
+        printed_text: false,
+    };
     let mut ws = chat.connect().await?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut failed_turns = 0;
@@ -78,20 +85,34 @@ impl Chat {
     async fn connect(&mut self) -> anyhow::Result<Ws> {
         let mut url = url::Url::parse(&self.args.url).context("invalid --url")?;
         if let Some(sid) = &self.session_id {
-            url.query_pairs_mut().append_pair("session_id", sid).append_pair("last_seq", &self.last_seq.to_string());
+            url.query_pairs_mut()
+                .append_pair("session_id", sid)
+                .append_pair("last_seq", &self.last_seq.to_string());
         }
         let mut request = url.as_str().into_client_request()?;
-        request.headers_mut().insert("authorization", format!("Bearer {}", self.args.token).parse()?);
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.args.token).parse()?,
+        );
         let (mut ws, _) = match tokio_tungstenite::connect_async(request).await {
             Ok(ok) => ok,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-                bail!("gateway refused the connection: HTTP {} {body}", resp.status());
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                bail!(
+                    "gateway refused the connection: HTTP {} {body}",
+                    resp.status()
+                );
             }
             Err(e) => bail!("cannot connect to {}: {e}", self.args.url),
         };
         // The first frame names the session.
-        let first = next_frame(&mut ws, Duration::from_secs(10)).await?.context("gateway closed before the session frame")?;
+        let first = next_frame(&mut ws, Duration::from_secs(10))
+            .await?
+            .context("gateway closed before the session frame")?;
         if let Some(code) = first.event.error_code() {
             bail!("{code}: {}", error_message(&first.event));
         }
@@ -99,7 +120,11 @@ impl Chat {
         if self.args.json {
             println!("{}", first.to_json());
         } else if let ServerEvent::Session { resumed, .. } = &first.event {
-            eprintln!("[session {}{}]", first.session_id, if *resumed { ", resumed" } else { "" });
+            eprintln!(
+                "[session {}{}]",
+                first.session_id,
+                if *resumed { ", resumed" } else { "" }
+            );
         }
         Ok(ws)
     }
@@ -150,11 +175,24 @@ impl Chat {
     fn show(&mut self, event: &ServerEvent) -> Option<bool> {
         let human = !self.args.json;
         match event {
-            ServerEvent::Status { state, source, eta_ms } if human => match state {
+            ServerEvent::Status {
+                state,
+                source,
+                eta_ms,
+            } if human => match state {
                 TaskPhase::Starting | TaskPhase::Restarting => {
                     let src = source.map(|s| s.as_str()).unwrap_or("");
-                    let eta = eta_ms.map(|ms| format!(", about {:.1}s", ms as f64 / 1000.0)).unwrap_or_default();
-                    eprintln!("[{} sandbox ({src}{eta})]", if *state == TaskPhase::Starting { "starting" } else { "restarting" });
+                    let eta = eta_ms
+                        .map(|ms| format!(", about {:.1}s", ms as f64 / 1000.0))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "[{} sandbox ({src}{eta})]",
+                        if *state == TaskPhase::Starting {
+                            "starting"
+                        } else {
+                            "restarting"
+                        }
+                    );
                 }
                 TaskPhase::Stopped => eprintln!("[sandbox stopped]"),
                 TaskPhase::Ready => {}
@@ -180,11 +218,21 @@ impl Chat {
             AgentEvent::Content { content, .. } if human && !self.printed_text => {
                 println!("{content}");
             }
-            AgentEvent::ToolCall { tool_name, tool_input, .. } if human => {
-                let shown = tool_input.get("command").and_then(|c| c.as_str()).map(str::to_string).unwrap_or_else(|| tool_input.to_string());
+            AgentEvent::ToolCall {
+                tool_name,
+                tool_input,
+                ..
+            } if human => {
+                let shown = tool_input
+                    .get("command")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| tool_input.to_string());
                 eprintln!("[{tool_name}] {shown}");
             }
-            AgentEvent::Thinking { content: Some(c), .. } if human => eprintln!("[thinking] {c}"),
+            AgentEvent::Thinking {
+                content: Some(c), ..
+            } if human => eprintln!("[thinking] {c}"),
             AgentEvent::AskQuestion { question, .. } if human => eprintln!("[question] {question}"),
             AgentEvent::Info { message } if human => eprintln!("[info] {message}"),
             AgentEvent::Finish { token_usage, .. } => {
@@ -192,11 +240,17 @@ impl Chat {
                     if self.printed_text {
                         println!();
                     }
-                    eprintln!("[done: {} tokens in, {} out]", token_usage.input_tokens, token_usage.output_tokens);
+                    eprintln!(
+                        "[done: {} tokens in, {} out]",
+                        token_usage.input_tokens, token_usage.output_tokens
+                    );
                 }
                 return Some(true);
             }
-            AgentEvent::Error { error, conversation_id } => {
+            AgentEvent::Error {
+                error,
+                conversation_id,
+            } => {
                 if human {
                     eprintln!("error {}: {}", error.code, error.message);
                 }
@@ -220,7 +274,11 @@ async fn next_frame(ws: &mut Ws, timeout: Duration) -> anyhow::Result<Option<Ser
             Ok(Some(Ok(m))) => m,
         };
         match msg {
-            Message::Text(t) => return Ok(Some(serde_json::from_str(&t).with_context(|| format!("unexpected frame: {t}"))?)),
+            Message::Text(t) => {
+                return Ok(Some(
+                    serde_json::from_str(&t).with_context(|| format!("unexpected frame: {t}"))?,
+                ));
+            }
             Message::Close(_) => return Ok(None),
             _ => continue,
         }

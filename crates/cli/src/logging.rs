@@ -22,8 +22,11 @@ pub enum Target {
 
 /// Install the JSON logger for this process. `RUST_LOG` overrides the level.
 pub fn init(service: &'static str, target: Target) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,tower_http=warn"));
-    let builder = tracing_subscriber::fmt().event_format(JsonLine { service }).with_env_filter(filter);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,tower_http=warn"));
+    let builder = tracing_subscriber::fmt()
+        .event_format(JsonLine { service })
+        .with_env_filter(filter);
     let _ = match target {
         Target::Stdout => builder.with_writer(std::io::stdout).try_init(),
         Target::Stderr => builder.with_writer(std::io::stderr).try_init(),
@@ -39,15 +42,25 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut map = Map::new();
         let now = time::OffsetDateTime::now_utc();
         let ts = now
-            .format(&time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"))
+            .format(&time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            ))
             .unwrap_or_default();
         map.insert("timestamp".into(), Value::String(ts));
-        map.insert("level".into(), Value::String(meta.level().as_str().to_ascii_lowercase()));
+        map.insert(
+            "level".into(),
+            Value::String(meta.level().as_str().to_ascii_lowercase()),
+        );
         map.insert("service".into(), Value::String(self.service.into()));
         map.insert("module".into(), Value::String(meta.target().into()));
         event.record(&mut Fields(&mut map));
@@ -66,10 +79,12 @@ impl Fields<'_> {
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if JSON_FIELDS.contains(&field.name()) {
-            if let Ok(v) = serde_json::from_str::<Value>(value) {
-                return self.put(field, v);
-            }
+        if let Some(v) = JSON_FIELDS
+            .contains(&field.name())
+            .then(|| serde_json::from_str::<Value>(value).ok())
+            .flatten()
+        {
+            return self.put(field, v);
         }
         self.put(field, Value::String(value.to_string()));
     }

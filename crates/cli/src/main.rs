@@ -9,7 +9,11 @@ mod token;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "aishell", version, about = "Persistent, isolated AI-agent shells behind one gateway")]
+#[command(
+    name = "aishell",
+    version,
+    about = "Persistent, isolated AI-agent shells behind one gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,8 +40,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
-        Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     }
     .expect("tokio runtime");
     let result = runtime.block_on(async move {

@@ -31,12 +31,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         settings.merge_file(path)?;
     }
     let cfg = settings.gateway_config()?;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
-    let store = aishell_store::open(&settings.database_url()).await.context("cannot open the store")?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store = aishell_store::open(&settings.database_url())
+        .await
+        .context("cannot open the store")?;
     let backend: Arc<dyn Backend> = match settings.execution_mode()? {
         "process" => {
-            let program = std::env::current_exe().context("cannot locate the aishell binary for runners")?;
-            let backend_cfg = ProcessBackendConfig::new(program, cfg.workspaces_root.clone(), cfg.data_dir.join("process-backend"));
+            let program =
+                std::env::current_exe().context("cannot locate the aishell binary for runners")?;
+            let backend_cfg = ProcessBackendConfig::new(
+                program,
+                cfg.workspaces_root.clone(),
+                cfg.data_dir.join("process-backend"),
+            );
             Arc::new(ProcessBackend::new(backend_cfg).context("cannot start the process backend")?)
         }
         other => bail!("EXECUTION_MODE={other} is not available in this build yet; use process"),
@@ -48,8 +56,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let token = startup_token(store.as_ref(), &data_dir, &user).await?;
     let addr = display_addr(gateway.local_addr());
     // The one bare print (SPEC §8.1): the start-up banner with a working URL.
-    println!("aishell is ready: http://{addr}/?token={token}  (terminal: aishell chat --url ws://{addr}/ws --token {token})");
-    tracing::info!(event = "gateway_started", port = gateway.local_addr().port(), "gateway listening");
+    println!(
+        "aishell is ready: http://{addr}/?token={token}  (terminal: aishell chat --url ws://{addr}/ws --token {token})"
+    );
+    tracing::info!(
+        event = "gateway_started",
+        port = gateway.local_addr().port(),
+        "gateway listening"
+    );
     gateway.serve(shutdown_signal()).await
 }
 
@@ -59,10 +73,9 @@ async fn startup_token(store: &dyn Store, data_dir: &Path, user: &str) -> anyhow
     let path = data_dir.join("startup-token");
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let existing = existing.trim();
-        if let Some(rec) = store.verify_token(existing).await? {
-            if rec.user_id == user {
-                return Ok(existing.to_string());
-            }
+        let record = store.verify_token(existing).await?;
+        if record.is_some_and(|r| r.user_id == user) {
+            return Ok(existing.to_string());
         }
     }
     let (_, token) = store.create_token(user, "startup", true, None).await?;
@@ -71,11 +84,16 @@ async fn startup_token(store: &dyn Store, data_dir: &Path, user: &str) -> anyhow
 }
 
 fn display_addr(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

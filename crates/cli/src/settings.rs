@@ -101,30 +101,60 @@ macro_rules! fill_from {
 impl ServeSettings {
     /// Fill every option not given by flag or environment from the file.
     pub fn merge_file(&mut self, path: &Path) -> anyhow::Result<()> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        let file: ServeSettings = toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let file: ServeSettings = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
         fill_from!(
-            self, file, port, bind, data_dir, database_url, execution_mode, agent, agent_command, workspaces_root,
-            session_idle_timeout, disconnect_processing_timeout, runner_url, max_frame_bytes, replay_buffer,
-            start_on_connect, launch_timeout, connect_timeout, activate_timeout, restart_timeout, stop_wait,
-            dial_back_grace, runner_reconnect_timeout, orphan_grace, session_evict_after, user
+            self,
+            file,
+            port,
+            bind,
+            data_dir,
+            database_url,
+            execution_mode,
+            agent,
+            agent_command,
+            workspaces_root,
+            session_idle_timeout,
+            disconnect_processing_timeout,
+            runner_url,
+            max_frame_bytes,
+            replay_buffer,
+            start_on_connect,
+            launch_timeout,
+            connect_timeout,
+            activate_timeout,
+            restart_timeout,
+            stop_wait,
+            dial_back_grace,
+            runner_reconnect_timeout,
+            orphan_grace,
+            session_evict_after,
+            user
         );
         Ok(())
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("aishell-data"))
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("aishell-data"))
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir().join("aishell.db").display()))
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir().join("aishell.db").display()))
     }
 
     pub fn execution_mode(&self) -> anyhow::Result<&str> {
         let mode = self.execution_mode.as_deref().unwrap_or("process");
         match mode {
             "process" | "docker" | "kubernetes" | "ecs" => Ok(mode),
-            other => bail!("EXECUTION_MODE `{other}` is not one of process, docker, kubernetes, ecs"),
+            other => {
+                bail!("EXECUTION_MODE `{other}` is not one of process, docker, kubernetes, ecs")
+            }
         }
     }
 
@@ -135,13 +165,21 @@ impl ServeSettings {
     pub fn gateway_config(&self) -> anyhow::Result<GatewayConfig> {
         let data_dir = absolute(&self.data_dir())?;
         let mut cfg = GatewayConfig::new(data_dir);
-        cfg.bind = SocketAddr::new(self.bind.unwrap_or(IpAddr::from([127, 0, 0, 1])), self.port.unwrap_or(5174));
+        cfg.bind = SocketAddr::new(
+            self.bind.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            self.port.unwrap_or(5174),
+        );
         if let Some(root) = &self.workspaces_root {
             cfg.workspaces_root = absolute(root)?;
         }
         if let Some(kind) = &self.agent {
-            if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str()) && self.agent_command.is_none() {
-                bail!("unknown agent `{kind}`: built-in agents are {:?}; use --agent-command for others", aishell_agents::BUILTIN_KINDS);
+            if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str())
+                && self.agent_command.is_none()
+            {
+                bail!(
+                    "unknown agent `{kind}`: built-in agents are {:?}; use --agent-command for others",
+                    aishell_agents::BUILTIN_KINDS
+                );
             }
             cfg.agent.kind = kind.clone();
         }
@@ -150,7 +188,10 @@ impl ServeSettings {
             if argv.is_empty() {
                 bail!("--agent-command is empty");
             }
-            cfg.agent = AgentSpec { kind: self.agent.clone().unwrap_or_else(|| "external".into()), command: Some(argv) };
+            cfg.agent = AgentSpec {
+                kind: self.agent.clone().unwrap_or_else(|| "external".into()),
+                command: Some(argv),
+            };
         }
         cfg.runner_url = self.runner_url.clone();
         if let Some(n) = self.max_frame_bytes {
@@ -162,23 +203,44 @@ impl ServeSettings {
         if let Some(b) = self.start_on_connect {
             cfg.start_on_connect = b;
         }
-        let set = |target: &mut Duration, value: &Option<String>, name: &str| -> anyhow::Result<()> {
-            if let Some(v) = value {
-                *target = parse_duration(v).with_context(|| format!("invalid {name}"))?;
-            }
-            Ok(())
-        };
-        set(&mut cfg.idle_timeout, &self.session_idle_timeout, "SESSION_IDLE_TIMEOUT")?;
-        set(&mut cfg.disconnect_processing_timeout, &self.disconnect_processing_timeout, "DISCONNECT_PROCESSING_TIMEOUT")?;
-        set(&mut cfg.session_evict_after, &self.session_evict_after, "session_evict_after")?;
+        let set =
+            |target: &mut Duration, value: &Option<String>, name: &str| -> anyhow::Result<()> {
+                if let Some(v) = value {
+                    *target = parse_duration(v).with_context(|| format!("invalid {name}"))?;
+                }
+                Ok(())
+            };
+        set(
+            &mut cfg.idle_timeout,
+            &self.session_idle_timeout,
+            "SESSION_IDLE_TIMEOUT",
+        )?;
+        set(
+            &mut cfg.disconnect_processing_timeout,
+            &self.disconnect_processing_timeout,
+            "DISCONNECT_PROCESSING_TIMEOUT",
+        )?;
+        set(
+            &mut cfg.session_evict_after,
+            &self.session_evict_after,
+            "session_evict_after",
+        )?;
         let d = &mut cfg.deadlines;
         set(&mut d.launch, &self.launch_timeout, "launch_timeout")?;
         set(&mut d.connect, &self.connect_timeout, "connect_timeout")?;
         set(&mut d.activate, &self.activate_timeout, "activate_timeout")?;
         set(&mut d.restart, &self.restart_timeout, "restart_timeout")?;
         set(&mut d.stop_wait, &self.stop_wait, "stop_wait")?;
-        set(&mut d.dial_back_grace, &self.dial_back_grace, "dial_back_grace")?;
-        set(&mut d.runner_reconnect, &self.runner_reconnect_timeout, "runner_reconnect_timeout")?;
+        set(
+            &mut d.dial_back_grace,
+            &self.dial_back_grace,
+            "dial_back_grace",
+        )?;
+        set(
+            &mut d.runner_reconnect,
+            &self.runner_reconnect_timeout,
+            "runner_reconnect_timeout",
+        )?;
         set(&mut d.orphan_grace, &self.orphan_grace, "orphan_grace")?;
         Ok(cfg)
     }
@@ -191,7 +253,9 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().with_context(|| format!("`{s}` is not a duration (e.g. 900, 900s, 15m, 250ms)"))?;
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a duration (e.g. 900, 900s, 15m, 250ms)"))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" | "" => n,
@@ -207,7 +271,11 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 #[cfg(test)]
@@ -228,14 +296,24 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("aishell.toml");
-        std::fs::write(&path, "port = 7000\nsession_idle_timeout = \"2m\"\nagent = \"echo\"\n").unwrap();
-        let mut s = ServeSettings { port: Some(8000), ..Default::default() };
+        std::fs::write(
+            &path,
+            "port = 7000\nsession_idle_timeout = \"2m\"\nagent = \"echo\"\n",
+        )
+        .unwrap();
+        let mut s = ServeSettings {
+            port: Some(8000),
+            ..Default::default()
+        };
         s.merge_file(&path).unwrap();
         let cfg = s.gateway_config().unwrap();
         assert_eq!(cfg.bind.port(), 8000);
         assert_eq!(cfg.idle_timeout, Duration::from_secs(120));
         assert_eq!(cfg.agent.kind, "echo");
         std::fs::write(&path, "prot = 1\n").unwrap();
-        assert!(ServeSettings::default().merge_file(&path).is_err(), "unknown keys must be rejected");
+        assert!(
+            ServeSettings::default().merge_file(&path).is_err(),
+            "unknown keys must be rejected"
+        );
     }
 }

@@ -43,12 +43,22 @@ enum TokenCommand {
 }
 
 pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
-    let settings = ServeSettings { data_dir: args.data_dir, database_url: args.database_url, ..Default::default() };
+    let settings = ServeSettings {
+        data_dir: args.data_dir,
+        database_url: args.database_url,
+        ..Default::default()
+    };
     std::fs::create_dir_all(settings.data_dir())?;
     let store = aishell_store::open(&settings.database_url()).await?;
     match args.command {
-        TokenCommand::Create { user, name, admin, expires_in } => {
-            aishell_gateway::auth::validate_user_id(&user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+        TokenCommand::Create {
+            user,
+            name,
+            admin,
+            expires_in,
+        } => {
+            aishell_gateway::auth::validate_user_id(&user)
+                .map_err(|e| anyhow::anyhow!("--user: {e}"))?;
             let expires_at = match expires_in {
                 Some(d) => Some(time::OffsetDateTime::now_utc() + parse_duration(&d)?),
                 None => None,
@@ -58,9 +68,20 @@ pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
         }
         TokenCommand::List { user } => {
             for t in store.list_tokens(user.as_deref()).await? {
-                let expires = t.expires_at.map(|e| e.to_string()).unwrap_or_else(|| "never".into());
+                let expires = t
+                    .expires_at
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "never".into());
                 let state = if t.revoked { "revoked" } else { "active" };
-                println!("{}\t{}\t{}\t{}\t{}expires {}", t.id, t.user_id, t.name, state, if t.is_admin { "admin\t" } else { "" }, expires);
+                println!(
+                    "{}\t{}\t{}\t{}\t{}expires {}",
+                    t.id,
+                    t.user_id,
+                    t.name,
+                    state,
+                    if t.is_admin { "admin\t" } else { "" },
+                    expires
+                );
             }
         }
         TokenCommand::Revoke { id } => {

@@ -25,24 +25,36 @@ async fn echo_agent_streams_a_reply_with_consecutive_seqs() {
     for pair in seqs.windows(2) {
         assert_eq!(pair[1], pair[0] + 1, "seqs not consecutive: {seqs:?}");
     }
-    assert!(frames.iter().all(|f| f["session_id"] == c.session_id.as_str()));
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["session_id"] == c.session_id.as_str())
+    );
     // The status frames said where the task came from.
     let status = of_type(&frames, "status");
     assert_eq!(status[0]["state"], "starting");
     assert_eq!(status[0]["source"], "cold");
     assert!(status.iter().any(|s| s["state"] == "ready"));
-    assert_eq!(of_type(&frames, "init").len(), 1, "agent init forwarded once");
+    assert_eq!(
+        of_type(&frames, "init").len(),
+        1,
+        "agent init forwarded once"
+    );
 }
 
 #[tokio::test]
 async fn shell_agent_runs_in_the_workspace_and_the_file_persists() {
     let gw = Gateway::start(&[]);
     let mut c = gw.connect().await;
-    c.message("m1", "echo hi > notes.txt && cat notes.txt").await;
+    c.message("m1", "echo hi > notes.txt && cat notes.txt")
+        .await;
     let frames = c.turn().await;
     let call = of_type(&frames, "tool_call");
     assert_eq!(call.len(), 1, "{}", pretty(&frames));
-    assert_eq!(call[0]["tool_input"]["command"], "echo hi > notes.txt && cat notes.txt");
+    assert_eq!(
+        call[0]["tool_input"]["command"],
+        "echo hi > notes.txt && cat notes.txt"
+    );
     assert!(text_of(&frames).contains("hi"));
     let result = of_type(&frames, "tool_result");
     assert_eq!(result[0]["is_error"], false);
@@ -58,16 +70,33 @@ async fn shell_agent_runs_in_the_workspace_and_the_file_persists() {
 
     // The lifecycle events of the cold path were logged with their fields.
     let logs = gw.logs();
-    for phase in ["task_start", "task_pending", "task_connect", "task_ready", "session_create", "message_roundtrip", "ws_disconnect"] {
+    for phase in [
+        "task_start",
+        "task_pending",
+        "task_connect",
+        "task_ready",
+        "session_create",
+        "message_roundtrip",
+        "ws_disconnect",
+    ] {
         assert!(
-            logs.iter().any(|l| l["event"] == "task_lifecycle" && l["phase"] == phase && l["sessionId"].is_string()),
+            logs.iter().any(|l| l["event"] == "task_lifecycle"
+                && l["phase"] == phase
+                && l["sessionId"].is_string()),
             "no {phase} lifecycle event"
         );
     }
     let ready = logs.iter().find(|l| l["phase"] == "task_ready").unwrap();
     assert_eq!(ready["source"], "cold");
-    assert!(ready["breakdown"]["connect"].is_u64() && ready["breakdown"]["agent_ready"].is_u64(), "{ready}");
-    assert!(ready["duration_ms"].is_u64() && ready["timestamp"].is_string() && ready["service"] == "aishell-gateway");
+    assert!(
+        ready["breakdown"]["connect"].is_u64() && ready["breakdown"]["agent_ready"].is_u64(),
+        "{ready}"
+    );
+    assert!(
+        ready["duration_ms"].is_u64()
+            && ready["timestamp"].is_string()
+            && ready["service"] == "aishell-gateway"
+    );
 }
 
 #[tokio::test]
@@ -76,23 +105,41 @@ async fn idle_stop_keeps_the_workspace_and_the_next_message_resumes() {
     let mut c = gw.connect().await;
     c.message("m1", "echo persisted > kept.txt").await;
     let first = c.turn().await;
-    let conversation = of_type(&first, "tool_call")[0]["conversation_id"].as_str().expect("conversation id").to_string();
+    let conversation = of_type(&first, "tool_call")[0]["conversation_id"]
+        .as_str()
+        .expect("conversation id")
+        .to_string();
     // An attached but silent client is not activity: the task stops.
-    c.until(|v| is_type(v, "status") && v["state"] == "stopped", Duration::from_secs(10)).await;
-    gw.wait_log("idle_timeout", |l| l["phase"] == "idle_timeout", WAIT).await;
+    c.until(
+        |v| is_type(v, "status") && v["state"] == "stopped",
+        Duration::from_secs(10),
+    )
+    .await;
+    gw.wait_log("idle_timeout", |l| l["phase"] == "idle_timeout", WAIT)
+        .await;
 
     c.send(json!({"type": "message", "id": "m2", "conversation_id": conversation, "content": "cat kept.txt"})).await;
     let frames = c.turn().await;
-    let status: Vec<_> = of_type(&frames, "status").into_iter().map(|s| s["state"].clone()).collect();
+    let status: Vec<_> = of_type(&frames, "status")
+        .into_iter()
+        .map(|s| s["state"].clone())
+        .collect();
     assert_eq!(status.first().unwrap(), "restarting", "{}", pretty(&frames));
     let recovered = of_type(&frames, "session_recovered");
     assert_eq!(recovered.len(), 1, "{}", pretty(&frames));
     assert_eq!(recovered[0]["restored"], 1);
     assert!(text_of(&frames).contains("persisted"));
     // The conversation continued in the new sandbox: its history has both commands.
-    let history = read(&gw.workspace("local").join(format!(".aishell/shell/{conversation}.jsonl")));
+    let history = read(
+        &gw.workspace("local")
+            .join(format!(".aishell/shell/{conversation}.jsonl")),
+    );
     assert_eq!(history.lines().count(), 2, "{history}");
-    assert!(gw.logs().iter().any(|l| l["phase"] == "task_restart" && l["success"] == true));
+    assert!(
+        gw.logs()
+            .iter()
+            .any(|l| l["phase"] == "task_restart" && l["success"] == true)
+    );
 }
 
 #[tokio::test]
@@ -101,18 +148,30 @@ async fn reconnect_with_last_seq_replays_exactly_the_missed_events() {
     let mut c = gw.connect().await;
     c.message("m1", "/stream 30").await;
     // Read part of the stream, then drop the connection.
-    let seen = c.until(|v| is_type(v, "text_delta") && v["delta"] == "chunk-9 ", WAIT).await;
+    let seen = c
+        .until(
+            |v| is_type(v, "text_delta") && v["delta"] == "chunk-9 ",
+            WAIT,
+        )
+        .await;
     let last_seen = c.last_seq;
     let session = c.session_id.clone();
     drop(c);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut r = gw.connect_as(&gw.token, Some((&session, last_seen))).await.unwrap();
+    let mut r = gw
+        .connect_as(&gw.token, Some((&session, last_seen)))
+        .await
+        .unwrap();
     assert_eq!(r.hello["resumed"], true);
     assert_eq!(r.session_id, session);
     let rest = r.turn().await;
     let seqs: Vec<u64> = rest.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs[0], last_seen + 1, "replay must start right after last_seq");
+    assert_eq!(
+        seqs[0],
+        last_seen + 1,
+        "replay must start right after last_seq"
+    );
     for pair in seqs.windows(2) {
         assert_eq!(pair[1], pair[0] + 1, "gap or duplicate in replay: {seqs:?}");
     }
@@ -124,7 +183,10 @@ async fn reconnect_with_last_seq_replays_exactly_the_missed_events() {
     assert!(r.next(Duration::from_millis(300)).await.is_none());
 
     // Reconnecting at the end replays nothing; from 0 replays everything.
-    let mut again = gw.connect_as(&gw.token, Some((&session, r.last_seq))).await.unwrap();
+    let mut again = gw
+        .connect_as(&gw.token, Some((&session, r.last_seq)))
+        .await
+        .unwrap();
     assert!(again.next(Duration::from_millis(300)).await.is_none());
     let mut full = gw.connect_as(&gw.token, Some((&session, 0))).await.unwrap();
     let everything = full.until(|v| is_type(v, "finish"), WAIT).await;
@@ -140,16 +202,29 @@ async fn a_duplicate_message_id_is_not_run_twice() {
     c.turn().await;
     c.message("same-id", "echo run >> count.txt").await;
     let info = c.until(|v| is_type(v, "info"), WAIT).await;
-    assert!(info.last().unwrap()["message"].as_str().unwrap().contains("already accepted"));
+    assert!(
+        info.last().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("already accepted")
+    );
     // Also across a reconnect to the same session.
     let session = c.session_id.clone();
     drop(c);
-    let mut r = gw.connect_as(&gw.token, Some((&session, 1_000_000))).await.unwrap();
+    let mut r = gw
+        .connect_as(&gw.token, Some((&session, 1_000_000)))
+        .await
+        .unwrap();
     r.message("same-id", "echo run >> count.txt").await;
     r.until(|v| is_type(v, "info"), WAIT).await;
     r.message("other-id", "cat count.txt").await;
     let frames = r.turn().await;
-    assert_eq!(text_of(&frames).matches("run").count(), 1, "{}", pretty(&frames));
+    assert_eq!(
+        text_of(&frames).matches("run").count(),
+        1,
+        "{}",
+        pretty(&frames)
+    );
 }
 
 #[tokio::test]
@@ -168,7 +243,9 @@ async fn clients_without_a_valid_token_are_refused_and_users_cannot_open_each_ot
     }
     // ?token= works (browsers cannot set headers).
     let url = format!("{}?token={}", gw.ws_url(), gw.token);
-    let (_ws, resp) = tokio_tungstenite::connect_async(url).await.expect("query token accepted");
+    let (_ws, resp) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("query token accepted");
     assert_eq!(resp.status(), 101);
 
     let alice = gw.create_token("alice");
@@ -184,7 +261,10 @@ async fn clients_without_a_valid_token_are_refused_and_users_cannot_open_each_ot
         other => panic!("expected close 4403, got {other:?}"),
     }
     // Unknown session: SESSION_NOT_FOUND, not a new session.
-    let u = gw.connect_as(&alice, Some(("s-doesnotexist", 0))).await.unwrap();
+    let u = gw
+        .connect_as(&alice, Some(("s-doesnotexist", 0)))
+        .await
+        .unwrap();
     assert_eq!(u.hello["error"]["code"], "SESSION_NOT_FOUND");
 }
 
@@ -202,7 +282,8 @@ async fn runner_dial_backs_with_forged_or_foreign_credentials_are_refused() {
             use tokio_tungstenite::tungstenite::client::IntoClientRequest;
             let mut req = url.into_client_request().unwrap();
             if let Some(c) = cred {
-                req.headers_mut().insert("authorization", format!("Bearer {c}").parse().unwrap());
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {c}").parse().unwrap());
             }
             tokio_tungstenite::connect_async(req).await
         }
@@ -213,28 +294,53 @@ async fn runner_dial_backs_with_forged_or_foreign_credentials_are_refused() {
         Ok(_) => 101,
     };
     assert_eq!(status(dial(None).await), 401, "no credential");
-    assert_eq!(status(dial(Some("forged.credential".into())).await), 401, "forged credential");
+    assert_eq!(
+        status(dial(Some("forged.credential".into())).await),
+        401,
+        "forged credential"
+    );
     // Signed with another key (another gateway).
     let other = aishell_gateway::credential::CredentialSigner::new(vec![1; 32]);
     let foreign = other.mint("t-x", "cold", Some(&session), Duration::from_secs(60));
-    assert_eq!(status(dial(Some(foreign)).await), 401, "credential of another gateway");
+    assert_eq!(
+        status(dial(Some(foreign)).await),
+        401,
+        "credential of another gateway"
+    );
     // Properly signed, but for another session.
     let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
     let signer = aishell_gateway::credential::CredentialSigner::new(key);
     let other_session = signer.mint("t-x", "cold", Some("s-other"), Duration::from_secs(60));
-    assert_eq!(status(dial(Some(other_session)).await), 403, "credential of another session");
+    assert_eq!(
+        status(dial(Some(other_session)).await),
+        403,
+        "credential of another session"
+    );
     // Properly signed for this session, but not its current task: upgraded, then refused.
-    let stale = signer.mint("t-not-current", "cold", Some(&session), Duration::from_secs(60));
+    let stale = signer.mint(
+        "t-not-current",
+        "cold",
+        Some(&session),
+        Duration::from_secs(60),
+    );
     let (mut ws, _) = dial(Some(stale)).await.expect("upgrade");
     use futures_util::{SinkExt, StreamExt};
     let hello = json!({"type": "hello", "protocol": 1, "task_id": "t-not-current", "runner_version": "test"});
-    ws.send(Message::Text(hello.to_string().into())).await.unwrap();
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
     match ws.next().await {
         Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 4409),
         other => panic!("expected close 4409, got {other:?}"),
     }
     // The refusals were logged, and the real session still works.
-    assert!(gw.logs().iter().filter(|l| l["event"] == "runner_auth_failed").count() >= 4);
+    assert!(
+        gw.logs()
+            .iter()
+            .filter(|l| l["event"] == "runner_auth_failed")
+            .count()
+            >= 4
+    );
     c.message("m2", "still fine").await;
     assert_eq!(text_of(&c.turn().await), "still fine");
 }
@@ -249,13 +355,21 @@ async fn malformed_unknown_and_oversized_frames() {
     c.send(json!({"type": "launch_missiles"})).await;
     let e = c.next(WAIT).await.unwrap();
     assert_eq!(e["error"]["code"], "BAD_FRAME");
-    assert!(e["error"]["message"].as_str().unwrap().contains("launch_missiles"));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("launch_missiles")
+    );
     c.send(json!({"type": "message", "content": 42})).await;
     assert_eq!(c.next(WAIT).await.unwrap()["error"]["code"], "BAD_FRAME");
     // The connection stayed up.
     c.send(json!({"type": "ping", "id": 7})).await;
     let pong = c.next(WAIT).await.unwrap();
-    assert_eq!((pong["type"].as_str(), pong["id"].as_i64()), (Some("pong"), Some(7)));
+    assert_eq!(
+        (pong["type"].as_str(), pong["id"].as_i64()),
+        (Some("pong"), Some(7))
+    );
     c.message("m1", "works").await;
     assert_eq!(text_of(&c.turn().await), "works");
     // Oversized: closed with 1009.
@@ -272,16 +386,43 @@ async fn killing_the_agent_mid_turn_reports_agent_crashed_and_the_next_message_w
     let gw = Gateway::start(&[]);
     let mut c = gw.connect().await;
     c.message("m1", "echo started; sleep 30").await;
-    c.until(|v| is_type(v, "text_delta") && v["delta"].as_str().unwrap_or("").contains("started"), WAIT).await;
-    let agents = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), "agent shell");
-    assert_eq!(agents.len(), 1, "expected one agent process, found {agents:?}");
+    c.until(
+        |v| is_type(v, "text_delta") && v["delta"].as_str().unwrap_or("").contains("started"),
+        WAIT,
+    )
+    .await;
+    let agents = pids_with_env(
+        &format!("AISHELL_SESSION_ID={}", c.session_id),
+        "agent shell",
+    );
+    assert_eq!(
+        agents.len(),
+        1,
+        "expected one agent process, found {agents:?}"
+    );
     let killed_at = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agents[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let frames = c.until(|v| is_type(v, "error"), Duration::from_secs(5)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let frames = c
+        .until(|v| is_type(v, "error"), Duration::from_secs(5))
+        .await;
     let err = frames.last().unwrap();
     assert_eq!(err["error"]["code"], "AGENT_CRASHED", "{}", pretty(&frames));
-    assert!(err["error"]["message"].as_str().unwrap().contains("signal 9"), "{err}");
-    assert!(killed_at.elapsed() < Duration::from_secs(2), "AGENT_CRASHED took {:?}", killed_at.elapsed());
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("signal 9"),
+        "{err}"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(2),
+        "AGENT_CRASHED took {:?}",
+        killed_at.elapsed()
+    );
     // The next message starts a new sandbox and works.
     c.message("m2", "echo back").await;
     let frames = c.turn().await;
@@ -301,5 +442,8 @@ async fn messages_sent_while_the_task_starts_are_queued_in_order() {
         let frames = c.turn().await;
         replies.push(text_of(&frames));
     }
-    assert_eq!(replies, (0..5).map(|i| format!("msg-{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        replies,
+        (0..5).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
+    );
 }

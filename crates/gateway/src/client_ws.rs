@@ -33,18 +33,32 @@ pub async fn handler(
         Ok(id) => id,
         Err(auth::AuthError::Store(e)) => {
             tracing::error!(event = "auth_store_error", error = %e, "token store unavailable");
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "the gateway cannot check tokens right now; try again");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                "the gateway cannot check tokens right now; try again",
+            );
         }
         Err(e) => {
             tracing::warn!(event = "auth_failed", reason = %e, "client refused");
-            return error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                &e.to_string(),
+            );
         }
     };
     let session_id = query.get("session_id").cloned().filter(|s| !s.is_empty());
     let last_seq = match query.get("last_seq").map(|s| s.parse::<u64>()) {
         None => None,
         Some(Ok(n)) => Some(n),
-        Some(Err(_)) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, "last_seq must be a non-negative integer"),
+        Some(Err(_)) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                "last_seq must be a non-negative integer",
+            );
+        }
     };
     let max = shared.cfg.max_frame_bytes;
     // Frames between the limit and this hard cap are read, then refused with
@@ -60,15 +74,32 @@ fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     (status, axum::Json(body)).into_response()
 }
 
-async fn connection(shared: Arc<Shared>, identity: Identity, session_id: Option<String>, last_seq: Option<u64>, mut socket: WebSocket) {
+async fn connection(
+    shared: Arc<Shared>,
+    identity: Identity,
+    session_id: Option<String>,
+    last_seq: Option<u64>,
+    mut socket: WebSocket,
+) {
     let conn_id = shared.next_id();
-    let attached = match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await {
+    let attached = match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await
+    {
         Ok(a) => a,
         Err((code, close, message)) => {
             let sid = session_id.unwrap_or_default();
-            let frame = ServerFrame { seq: 0, session_id: sid, ephemeral: true, event: ServerEvent::error(code, message.clone()) };
+            let frame = ServerFrame {
+                seq: 0,
+                session_id: sid,
+                ephemeral: true,
+                event: ServerEvent::error(code, message.clone()),
+            };
             let _ = socket.send(Message::Text(frame.to_json().into())).await;
-            let _ = socket.send(Message::Close(Some(CloseFrame { code: close, reason: Utf8Bytes::from(message.chars().take(100).collect::<String>()) }))).await;
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: close,
+                    reason: Utf8Bytes::from(message.chars().take(100).collect::<String>()),
+                })))
+                .await;
             return;
         }
     };
@@ -77,8 +108,17 @@ async fn connection(shared: Arc<Shared>, identity: Identity, session_id: Option<
     let (mut sink, mut stream) = socket.split();
     let mut reason = String::from("client closed");
     for json in frames.drain(..) {
-        if sink.send(Message::Text(Utf8Bytes::from(&*json))).await.is_err() {
-            handle.send(SessionCmd::Detach { conn_id, reason: "send failed during replay".into() }).await;
+        if sink
+            .send(Message::Text(Utf8Bytes::from(&*json)))
+            .await
+            .is_err()
+        {
+            handle
+                .send(SessionCmd::Detach {
+                    conn_id,
+                    reason: "send failed during replay".into(),
+                })
+                .await;
             return;
         }
     }
@@ -157,10 +197,17 @@ async fn connection(shared: Arc<Shared>, identity: Identity, session_id: Option<
 }
 
 fn close(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason.chars().take(100).collect::<String>()) }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.chars().take(100).collect::<String>()),
+    }))
 }
 
-type Attached = (SessionHandle, Vec<Arc<str>>, tokio::sync::mpsc::Receiver<Outbound>);
+type Attached = (
+    SessionHandle,
+    Vec<Arc<str>>,
+    tokio::sync::mpsc::Receiver<Outbound>,
+);
 
 /// Find or create the session and attach to it (with replay).
 async fn attach(
@@ -170,23 +217,52 @@ async fn attach(
     conn_id: u64,
     last_seq: Option<u64>,
 ) -> Result<Attached, (ErrorCode, u16, String)> {
-    let internal = |e: aishell_store::StoreError| (ErrorCode::Internal, 1011, format!("the session store failed: {e}"));
+    let internal = |e: aishell_store::StoreError| {
+        (
+            ErrorCode::Internal,
+            1011,
+            format!("the session store failed: {e}"),
+        )
+    };
     // An actor may leave memory between lookup and attach; retry with a fresh one.
     for _ in 0..3 {
         let handle = match session_id {
-            None => SessionManager::create(shared, &identity.user_id).await.map_err(internal)?,
+            None => SessionManager::create(shared, &identity.user_id)
+                .await
+                .map_err(internal)?,
             Some(id) => match SessionManager::open(shared, id).await.map_err(internal)? {
                 Some(h) => h,
-                None => return Err((ErrorCode::SessionNotFound, CLOSE_NOT_FOUND, format!("session {id} does not exist"))),
+                None => {
+                    return Err((
+                        ErrorCode::SessionNotFound,
+                        CLOSE_NOT_FOUND,
+                        format!("session {id} does not exist"),
+                    ));
+                }
             },
         };
         if handle.user_id != identity.user_id && !identity.is_admin {
             tracing::warn!(event = "forbidden", sessionId = %handle.id, userId = %identity.user_id, "user tried to open another user's session");
-            return Err((ErrorCode::Forbidden, CLOSE_FORBIDDEN, "this session belongs to another user".into()));
+            return Err((
+                ErrorCode::Forbidden,
+                CLOSE_FORBIDDEN,
+                "this session belongs to another user".into(),
+            ));
         }
-        if let Some(reply) = handle.request(|reply| SessionCmd::Attach { conn_id, last_seq, reply }).await {
+        if let Some(reply) = handle
+            .request(|reply| SessionCmd::Attach {
+                conn_id,
+                last_seq,
+                reply,
+            })
+            .await
+        {
             return Ok((handle, reply.frames, reply.rx));
         }
     }
-    Err((ErrorCode::Internal, 1011, "could not attach to the session; try again".into()))
+    Err((
+        ErrorCode::Internal,
+        1011,
+        "could not attach to the session; try again".into(),
+    ))
 }

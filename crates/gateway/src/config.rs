@@ -83,7 +83,10 @@ impl GatewayConfig {
             runner_url: None,
             workspaces_root: data_dir.join("workspaces"),
             data_dir,
-            agent: AgentSpec { kind: "shell".into(), command: None },
+            agent: AgentSpec {
+                kind: "shell".into(),
+                command: None,
+            },
             agent_settings: serde_json::Map::new(),
             idle_timeout: Duration::from_secs(900),
             disconnect_processing_timeout: Duration::from_secs(900),

@@ -53,7 +53,13 @@ impl CredentialSigner {
         }
     }
 
-    pub fn mint(&self, task_id: &str, mode: &str, session_id: Option<&str>, ttl: Duration) -> String {
+    pub fn mint(
+        &self,
+        task_id: &str,
+        mode: &str,
+        session_id: Option<&str>,
+        ttl: Duration,
+    ) -> String {
         let claims = RunnerClaims {
             task_id: task_id.to_string(),
             mode: mode.to_string(),
@@ -68,9 +74,11 @@ impl CredentialSigner {
     pub fn verify(&self, token: &str) -> Result<RunnerClaims, CredentialError> {
         let (payload, sig) = token.split_once('.').ok_or(CredentialError::Malformed)?;
         let sig = B64.decode(sig).map_err(|_| CredentialError::Malformed)?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
         mac.update(payload.as_bytes());
-        mac.verify_slice(&sig).map_err(|_| CredentialError::BadSignature)?;
+        mac.verify_slice(&sig)
+            .map_err(|_| CredentialError::BadSignature)?;
         let claims: RunnerClaims = B64
             .decode(payload)
             .ok()
@@ -83,14 +91,18 @@ impl CredentialSigner {
     }
 
     fn sign(&self, data: &[u8]) -> Vec<u8> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
         mac.update(data);
         mac.finalize().into_bytes().to_vec()
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Write a secret file readable only by its owner.
@@ -100,7 +112,12 @@ pub fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()>
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)
 }
 
@@ -113,7 +130,10 @@ mod tests {
         let s = CredentialSigner::new(vec![7; 32]);
         let t = s.mint("t1", "cold", Some("s1"), Duration::from_secs(60));
         let c = s.verify(&t).unwrap();
-        assert_eq!((c.task_id.as_str(), c.mode.as_str(), c.session_id.as_deref()), ("t1", "cold", Some("s1")));
+        assert_eq!(
+            (c.task_id.as_str(), c.mode.as_str(), c.session_id.as_deref()),
+            ("t1", "cold", Some("s1"))
+        );
     }
 
     #[test]
@@ -125,8 +145,12 @@ mod tests {
         // Same signature, edited claims.
         let good = s.mint("t1", "cold", Some("s1"), Duration::from_secs(60));
         let (_, sig) = good.split_once('.').unwrap();
-        let forged_payload = B64.encode(br#"{"task_id":"t2","mode":"cold","session_id":"s2","exp":99999999999}"#);
-        assert_eq!(s.verify(&format!("{forged_payload}.{sig}")), Err(CredentialError::BadSignature));
+        let forged_payload =
+            B64.encode(br#"{"task_id":"t2","mode":"cold","session_id":"s2","exp":99999999999}"#);
+        assert_eq!(
+            s.verify(&format!("{forged_payload}.{sig}")),
+            Err(CredentialError::BadSignature)
+        );
         assert_eq!(s.verify("garbage"), Err(CredentialError::Malformed));
     }
 

@@ -2,9 +2,9 @@
 //! sockets, session manager, backends and store (SPEC §2–§7).
 
 pub mod auth;
+mod client_ws;
 pub mod config;
 pub mod credential;
-mod client_ws;
 mod lifecycle;
 mod runner_ws;
 mod server;

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aishell_protocol::{GatewayToRunner, MIN_RUNNER_PROTOCOL_VERSION, RUNNER_PROTOCOL_VERSION, RunnerToGateway};
+use aishell_protocol::{
+    GatewayToRunner, MIN_RUNNER_PROTOCOL_VERSION, RUNNER_PROTOCOL_VERSION, RunnerToGateway,
+};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,56 +24,108 @@ use crate::session::{RunnerAttach, SessionCmd, SessionHandle, SessionManager};
 const RUNNER_SILENCE: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn cold(State(shared): State<Arc<Shared>>, Path(session_id): Path<String>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub async fn cold(
+    State(shared): State<Arc<Shared>>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     let claims = match verify(&shared, &headers) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if claims.mode != "cold" || claims.session_id.as_deref() != Some(session_id.as_str()) {
         tracing::warn!(event = "runner_auth_failed", sessionId = %session_id, taskId = %claims.task_id, reason = "credential names another session", "runner refused");
-        return (StatusCode::FORBIDDEN, "credential is not valid for this session").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "credential is not valid for this session",
+        )
+            .into_response();
     }
     // Class 2: the runner may dial before its session is registered.
-    let handle = match SessionManager::open_with_grace(&shared, &session_id, shared.cfg.deadlines.dial_back_grace).await {
+    let handle = match SessionManager::open_with_grace(
+        &shared,
+        &session_id,
+        shared.cfg.deadlines.dial_back_grace,
+    )
+    .await
+    {
         Ok(Some(h)) => h,
         Ok(None) => {
             tracing::warn!(event = "runner_unknown_session", sessionId = %session_id, taskId = %claims.task_id, "runner dialled back for a session that does not exist");
             return (StatusCode::NOT_FOUND, "no such session").into_response();
         }
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}")).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("store unavailable: {e}"),
+            )
+                .into_response();
+        }
     };
-    ws.max_message_size(64 << 20).on_upgrade(move |socket| connection(shared, claims, handle, socket))
+    ws.max_message_size(64 << 20)
+        .on_upgrade(move |socket| connection(shared, claims, handle, socket))
 }
 
-pub async fn warm(State(shared): State<Arc<Shared>>, Path(task_id): Path<String>, headers: HeaderMap) -> Response {
+pub async fn warm(
+    State(shared): State<Arc<Shared>>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let claims = match verify(&shared, &headers) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if claims.mode != "warm" || claims.task_id != task_id {
         tracing::warn!(event = "runner_auth_failed", taskId = %task_id, reason = "credential names another task", "runner refused");
-        return (StatusCode::FORBIDDEN, "credential is not valid for this task").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "credential is not valid for this task",
+        )
+            .into_response();
     }
-    (StatusCode::NOT_FOUND, "the warm pool is not enabled on this gateway").into_response()
+    (
+        StatusCode::NOT_FOUND,
+        "the warm pool is not enabled on this gateway",
+    )
+        .into_response()
 }
 
-fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Response> {
+fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Box<Response>> {
     let Some(token) = crate::auth::bearer_token(headers, None) else {
-        tracing::warn!(event = "runner_auth_failed", reason = "no credential", "runner refused");
-        return Err((StatusCode::UNAUTHORIZED, "missing task credential").into_response());
+        tracing::warn!(
+            event = "runner_auth_failed",
+            reason = "no credential",
+            "runner refused"
+        );
+        return Err(Box::new(
+            (StatusCode::UNAUTHORIZED, "missing task credential").into_response(),
+        ));
     };
     shared.credentials.verify(&token).map_err(|e| {
         tracing::warn!(event = "runner_auth_failed", reason = %e, "runner refused");
-        (StatusCode::UNAUTHORIZED, e.to_string()).into_response()
+        Box::new((StatusCode::UNAUTHORIZED, e.to_string()).into_response())
     })
 }
 
-async fn connection(shared: Arc<Shared>, claims: RunnerClaims, handle: SessionHandle, mut socket: WebSocket) {
+async fn connection(
+    shared: Arc<Shared>,
+    claims: RunnerClaims,
+    handle: SessionHandle,
+    mut socket: WebSocket,
+) {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => RunnerToGateway::decode(&t).ok(),
         _ => None,
     };
-    let Some(RunnerToGateway::Hello { protocol, task_id, session_id, agent_running, runner_version }) = hello else {
+    let Some(RunnerToGateway::Hello {
+        protocol,
+        task_id,
+        session_id,
+        agent_running,
+        runner_version,
+    }) = hello
+    else {
         refuse(socket, 4400, "expected hello").await;
         return;
     };
@@ -82,14 +136,25 @@ async fn connection(shared: Arc<Shared>, claims: RunnerClaims, handle: SessionHa
     }
     if !(MIN_RUNNER_PROTOCOL_VERSION..=RUNNER_PROTOCOL_VERSION).contains(&protocol) {
         tracing::warn!(event = "runner_protocol_mismatch", taskId = %task_id, protocol, "runner speaks an unsupported protocol");
-        let reason = format!("runner protocol {protocol} unsupported (gateway accepts {MIN_RUNNER_PROTOCOL_VERSION}..={RUNNER_PROTOCOL_VERSION})");
+        let reason = format!(
+            "runner protocol {protocol} unsupported (gateway accepts {MIN_RUNNER_PROTOCOL_VERSION}..={RUNNER_PROTOCOL_VERSION})"
+        );
         refuse(socket, 4400, &reason).await;
         return;
     }
     let generation = shared.next_id();
     let (tx, mut rx) = mpsc::unbounded_channel::<GatewayToRunner>();
-    let attach = RunnerAttach { task_id: task_id.clone(), generation, tx, session_hint: session_id, agent_running };
-    match handle.request(|reply| SessionCmd::RunnerConnected { attach, reply }).await {
+    let attach = RunnerAttach {
+        task_id: task_id.clone(),
+        generation,
+        tx,
+        session_hint: session_id,
+        agent_running,
+    };
+    match handle
+        .request(|reply| SessionCmd::RunnerConnected { attach, reply })
+        .await
+    {
         Some(Ok(())) => {}
         Some(Err(reason)) => {
             tracing::warn!(event = "runner_rejected", sessionId = %handle.id, taskId = %task_id, reason = %reason, "runner not accepted");
@@ -137,9 +202,19 @@ async fn connection(shared: Arc<Shared>, claims: RunnerClaims, handle: SessionHa
             }
         }
     }
-    handle.send(SessionCmd::RunnerDisconnected { task_id, generation }).await;
+    handle
+        .send(SessionCmd::RunnerDisconnected {
+            task_id,
+            generation,
+        })
+        .await;
 }
 
 async fn refuse(mut socket: WebSocket, code: u16, reason: &str) {
-    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason.chars().take(100).collect::<String>()) }))).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason.chars().take(100).collect::<String>()),
+        })))
+        .await;
 }

@@ -26,12 +26,22 @@ pub struct Gateway {
 
 impl Gateway {
     /// Bind the port and load secrets; nothing is served until [`serve`](Self::serve).
-    pub async fn bind(cfg: GatewayConfig, store: Arc<dyn Store>, backend: Arc<dyn Backend>) -> anyhow::Result<Self> {
+    pub async fn bind(
+        cfg: GatewayConfig,
+        store: Arc<dyn Store>,
+        backend: Arc<dyn Backend>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.workspaces_root)?;
-        let credentials = CredentialSigner::load_or_create(&cfg.data_dir.join("runner-credential.key"))?;
-        let listener = TcpListener::bind(cfg.bind).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
+        let credentials =
+            CredentialSigner::load_or_create(&cfg.data_dir.join("runner-credential.key"))?;
+        let listener = TcpListener::bind(cfg.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
         let local = listener.local_addr()?;
-        let runner_url = cfg.runner_url.clone().unwrap_or_else(|| format!("ws://{local}"));
+        let runner_url = cfg
+            .runner_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{local}"));
         let shared = Arc::new(Shared {
             cfg,
             store,
@@ -46,22 +56,37 @@ impl Gateway {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serve until `shutdown` resolves, then stop every task this gateway owns.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let shared = self.shared.clone();
         tokio::spawn(reap_orphans(shared.clone()));
-        axum::serve(self.listener, router(shared.clone())).with_graceful_shutdown(shutdown).await?;
+        axum::serve(self.listener, router(shared.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await?;
         stop_all(&shared).await;
         Ok(())
     }
 }
 
 /// Bind and serve in one call.
-pub async fn serve(cfg: GatewayConfig, store: Arc<dyn Store>, backend: Arc<dyn Backend>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    Gateway::bind(cfg, store, backend).await?.serve(shutdown).await
+pub async fn serve(
+    cfg: GatewayConfig,
+    store: Arc<dyn Store>,
+    backend: Arc<dyn Backend>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Gateway::bind(cfg, store, backend)
+        .await?
+        .serve(shutdown)
+        .await
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -89,12 +114,19 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let store = shared.store.ping().await.map_err(|e| e.to_string());
     let backend = shared.backend.ping().await.map_err(|e| e.to_string());
     let ok = store.is_ok() && backend.is_ok();
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let show = |r: &Result<(), String>| match r {
         Ok(()) => json!("ok"),
         Err(e) => json!(e),
     };
-    (status, axum::Json(json!({ "ready": ok, "store": show(&store), "backend": show(&backend) })))
+    (
+        status,
+        axum::Json(json!({ "ready": ok, "store": show(&store), "backend": show(&backend) })),
+    )
 }
 
 /// After a restart, tasks a previous gateway launched are still listed by the
@@ -111,10 +143,18 @@ async fn reap_orphans(shared: Arc<Shared>) {
     if listed.is_empty() {
         return;
     }
-    tracing::info!(event = "orphan_scan", tasks = listed.len(), "tasks from a previous gateway found; waiting for their runners to re-attach");
+    tracing::info!(
+        event = "orphan_scan",
+        tasks = listed.len(),
+        "tasks from a previous gateway found; waiting for their runners to re-attach"
+    );
     tokio::time::sleep(shared.cfg.deadlines.orphan_grace).await;
     for task in listed {
-        let claimed = shared.tasks.lock().expect("task map").contains_key(&task.task_id);
+        let claimed = shared
+            .tasks
+            .lock()
+            .expect("task map")
+            .contains_key(&task.task_id);
         if !claimed {
             tracing::warn!(event = "orphan_stopped", taskId = %task.task_id, "stopping a task no session claimed");
             if let Err(e) = shared.backend.stop(&task.task_id).await {
@@ -128,9 +168,17 @@ async fn reap_orphans(shared: Arc<Shared>) {
 /// for the next gateway to adopt).
 async fn stop_all(shared: &Arc<Shared>) {
     for handle in shared.sessions.live_handles() {
-        handle.send(SessionCmd::StopTask { reason: "gateway shutting down".into() }).await;
+        handle
+            .send(SessionCmd::StopTask {
+                reason: "gateway shutting down".into(),
+            })
+            .await;
     }
     let owned: HashMap<String, String> = shared.tasks.lock().expect("task map").clone();
     let stops = owned.keys().map(|id| shared.backend.stop(id));
-    let _ = tokio::time::timeout(shared.cfg.deadlines.stop, futures_util::future::join_all(stops)).await;
+    let _ = tokio::time::timeout(
+        shared.cfg.deadlines.stop,
+        futures_util::future::join_all(stops),
+    )
+    .await;
 }

@@ -10,6 +10,8 @@ pub enum ErrorCode {
     TaskConnectTimeout,
     AgentCrashed,
     AgentError,
+    /// A turn ended because the user aborted it.
+    Aborted,
     Unauthorized,
     Forbidden,
     QuotaExceeded,
@@ -20,12 +22,13 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::TaskStartFailed,
         ErrorCode::TaskRestartFailed,
         ErrorCode::TaskConnectTimeout,
         ErrorCode::AgentCrashed,
         ErrorCode::AgentError,
+        ErrorCode::Aborted,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::QuotaExceeded,
@@ -42,6 +45,7 @@ impl ErrorCode {
             ErrorCode::TaskConnectTimeout => "TASK_CONNECT_TIMEOUT",
             ErrorCode::AgentCrashed => "AGENT_CRASHED",
             ErrorCode::AgentError => "AGENT_ERROR",
+            ErrorCode::Aborted => "ABORTED",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Forbidden => "FORBIDDEN",
             ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",

@@ -72,12 +72,19 @@ pub enum RunnerToGateway {
         agent_running: bool,
     },
     /// The agent answered its own `init`.
-    Ready { agent: AgentInfo },
+    Ready {
+        agent: AgentInfo,
+    },
     /// One agent output frame. `seq` counts agent frames of this task so a
     /// re-dialled runner can resend what the gateway did not acknowledge.
-    Agent { seq: u64, frame: AgentEvent },
+    Agent {
+        seq: u64,
+        frame: AgentEvent,
+    },
     /// Conversations restored (answer to `restore_conversations`).
-    Restored { count: u32 },
+    Restored {
+        count: u32,
+    },
     /// The agent process ended.
     AgentExit {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,9 +94,13 @@ pub enum RunnerToGateway {
         stderr_tail: String,
     },
     /// One line the agent wrote to stderr.
-    AgentStderr { line: String },
+    AgentStderr {
+        line: String,
+    },
     /// The runner could not prepare the workspace or start the agent.
-    StartFailed { message: String },
+    StartFailed {
+        message: String,
+    },
     Heartbeat,
 }
 
@@ -125,10 +136,16 @@ pub enum GatewayToRunner {
         settings: RunnerSettings,
     },
     /// One agent input frame, written to the agent's stdin.
-    Agent { frame: AgentInput },
-    RestoreConversations { conversations: Vec<ConversationRef> },
+    Agent {
+        frame: AgentInput,
+    },
+    RestoreConversations {
+        conversations: Vec<ConversationRef>,
+    },
     /// Agent frames up to `seq` are safe at the gateway; the runner may drop them.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     Ping,
     Shutdown {
         #[serde(default)]

@@ -45,15 +45,23 @@ pub struct AgentProcess {
 pub fn agent_command(program: &Path, spec: &AgentSpec) -> Vec<String> {
     match &spec.command {
         Some(cmd) if !cmd.is_empty() => cmd.clone(),
-        _ => vec![program.to_string_lossy().into_owned(), "agent".into(), spec.kind.clone()],
+        _ => vec![
+            program.to_string_lossy().into_owned(),
+            "agent".into(),
+            spec.kind.clone(),
+        ],
     }
 }
 
 impl AgentProcess {
-    pub fn spawn(command: &[String], workspace: &str, env: &BTreeMap<String, String>) -> std::io::Result<Self> {
-        let (program, args) = command
-            .split_first()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty agent command"))?;
+    pub fn spawn(
+        command: &[String],
+        workspace: &str,
+        env: &BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
+        let (program, args) = command.split_first().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty agent command")
+        })?;
         let mut child = Command::new(program)
             .args(args)
             .current_dir(workspace)
@@ -71,7 +79,9 @@ impl AgentProcess {
         tokio::spawn(async move {
             let mut stdin = stdin;
             while let Some(frame) = input_rx.recv().await {
-                if stdin.write_all(frame.to_line().as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+                if stdin.write_all(frame.to_line().as_bytes()).await.is_err()
+                    || stdin.flush().await.is_err()
+                {
                     break;
                 }
             }
@@ -124,9 +134,21 @@ impl AgentProcess {
         });
 
         let (kill_tx, kill_rx) = oneshot::channel();
-        tokio::spawn(wait_for_exit(child, kill_rx, stdout_task, stderr_task, tail, out_tx));
+        tokio::spawn(wait_for_exit(
+            child,
+            kill_rx,
+            stdout_task,
+            stderr_task,
+            tail,
+            out_tx,
+        ));
 
-        Ok(AgentProcess { input: input_tx, output: out_rx, kill: Some(kill_tx), info: AgentInfo::default() })
+        Ok(AgentProcess {
+            input: input_tx,
+            output: out_rx,
+            kill: Some(kill_tx),
+            info: AgentInfo::default(),
+        })
     }
 
     pub fn send(&self, input: AgentInput) {
@@ -176,12 +198,27 @@ async fn wait_for_exit(
         Ok(s) => (s.code(), s.signal()),
         Err(_) => (None, None),
     };
-    let stderr_tail = tail.lock().expect("tail lock").iter().cloned().collect::<Vec<_>>().join("\n");
-    let _ = out_tx.send(AgentOutput::Exited { code, signal, stderr_tail }).await;
+    let stderr_tail = tail
+        .lock()
+        .expect("tail lock")
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    let _ = out_tx
+        .send(AgentOutput::Exited {
+            code,
+            signal,
+            stderr_tail,
+        })
+        .await;
 }
 
 /// Read one line, refusing to grow past MAX_LINE_BYTES (the rest is skipped).
-async fn read_line_capped<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_line_capped<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
         let available = reader.fill_buf().await?;

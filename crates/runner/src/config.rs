@@ -42,7 +42,9 @@ impl RunnerConfig {
                 });
             }
         };
-        let session_id = std::env::var("AISHELL_SESSION_ID").ok().filter(|s| !s.is_empty());
+        let session_id = std::env::var("AISHELL_SESSION_ID")
+            .ok()
+            .filter(|s| !s.is_empty());
         if mode == TaskMode::Cold && session_id.is_none() {
             return Err(ConfigError::Missing("AISHELL_SESSION_ID"));
         }
@@ -58,7 +60,9 @@ impl RunnerConfig {
             reason: e.to_string(),
         })?;
         Ok(RunnerConfig {
-            gateway_url: get("AISHELL_GATEWAY_URL")?.trim_end_matches('/').to_string(),
+            gateway_url: get("AISHELL_GATEWAY_URL")?
+                .trim_end_matches('/')
+                .to_string(),
             task_id: get("AISHELL_TASK_ID")?,
             mode,
             session_id,
@@ -71,7 +75,9 @@ impl RunnerConfig {
     /// Where this runner dials: its session (cold) or the warm pool.
     pub fn dial_url(&self) -> String {
         match (self.mode, &self.session_id) {
-            (TaskMode::Cold, Some(session)) => format!("{}/internal/task/{session}", self.gateway_url),
+            (TaskMode::Cold, Some(session)) => {
+                format!("{}/internal/task/{session}", self.gateway_url)
+            }
             _ => format!("{}/internal/warm/{}", self.gateway_url, self.task_id),
         }
     }

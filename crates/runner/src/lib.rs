@@ -29,7 +29,8 @@ pub use config::RunnerConfig;
 use agent_proc::{AgentOutput, AgentProcess};
 use outbox::Outbox;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Heartbeat period towards the gateway.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -104,7 +105,9 @@ impl Runner {
                     match self.serve(ws).await {
                         Ok(SessionEnd::Finished) => return Ok(()),
                         Ok(SessionEnd::Disconnected) => {}
-                        Err(e) => tracing::warn!(event = "runner_socket_error", error = %e, "gateway socket failed"),
+                        Err(e) => {
+                            tracing::warn!(event = "runner_socket_error", error = %e, "gateway socket failed")
+                        }
                     }
                 }
                 Err(ConnectError::Refused(reason)) => {
@@ -177,7 +180,17 @@ impl Runner {
         };
         send(&mut ws, &hello).await?;
         if self.agent_ready {
-            send(&mut ws, &RunnerToGateway::Ready { agent: self.agent.as_ref().map(|a| a.info.clone()).unwrap_or_default() }).await?;
+            send(
+                &mut ws,
+                &RunnerToGateway::Ready {
+                    agent: self
+                        .agent
+                        .as_ref()
+                        .map(|a| a.info.clone())
+                        .unwrap_or_default(),
+                },
+            )
+            .await?;
         }
         // Everything the gateway has not acknowledged, in order.
         for frame in self.outbox.unacked() {
@@ -265,9 +278,19 @@ impl Runner {
     }
 
     /// Handle one gateway frame; true means "shut down now".
-    async fn handle_gateway(&mut self, frame: GatewayToRunner, ws: &mut Ws) -> Result<bool, RunnerError> {
+    async fn handle_gateway(
+        &mut self,
+        frame: GatewayToRunner,
+        ws: &mut Ws,
+    ) -> Result<bool, RunnerError> {
         match frame {
-            GatewayToRunner::InitUser { user_id, session_id, workspace, trace_id, settings } => {
+            GatewayToRunner::InitUser {
+                user_id,
+                session_id,
+                workspace,
+                trace_id,
+                settings,
+            } => {
                 if let Some(b) = &self.binding {
                     if b.session_id != session_id {
                         let message = format!("task already bound to session {}", b.session_id);
@@ -276,19 +299,27 @@ impl Runner {
                     return Ok(false);
                 }
                 tracing::info!(event = "runner_init_user", sessionId = %session_id, userId = %user_id, traceId = trace_id.as_deref().unwrap_or(""), "binding task to user");
-                self.binding = Some(Binding { session_id: session_id.clone(), trace_id: trace_id.clone() });
-                if let Err(message) = self.start_agent(&workspace, &session_id, trace_id.as_deref(), settings).await {
+                self.binding = Some(Binding {
+                    session_id: session_id.clone(),
+                    trace_id: trace_id.clone(),
+                });
+                if let Err(message) = self
+                    .start_agent(&workspace, &session_id, trace_id.as_deref(), settings)
+                    .await
+                {
                     tracing::error!(event = "agent_start_failed", sessionId = %session_id, error = %message, "could not start agent");
                     send(ws, &RunnerToGateway::StartFailed { message }).await?;
                 }
             }
-            GatewayToRunner::Agent { frame } => self.to_agent(frame),
+            GatewayToRunner::Agent { frame } => self.send_to_agent(frame),
             GatewayToRunner::RestoreConversations { conversations } => {
                 let count = conversations.len() as u32;
                 self.restore_counter += 1;
                 let id = format!("{RESTORE_BARRIER_PREFIX}{}", self.restore_counter);
-                self.to_agent(AgentInput::RestoreConversations { conversations });
-                self.to_agent(AgentInput::Ping { id: serde_json::Value::String(id.clone()) });
+                self.send_to_agent(AgentInput::RestoreConversations { conversations });
+                self.send_to_agent(AgentInput::Ping {
+                    id: serde_json::Value::String(id.clone()),
+                });
                 self.restore_barriers.push((id, count));
             }
             GatewayToRunner::Ack { seq } => self.outbox.ack(seq),
@@ -301,25 +332,39 @@ impl Runner {
         Ok(false)
     }
 
-    async fn start_agent(&mut self, workspace: &str, session_id: &str, trace_id: Option<&str>, settings: RunnerSettings) -> Result<(), String> {
-        std::fs::create_dir_all(workspace).map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
+    async fn start_agent(
+        &mut self,
+        workspace: &str,
+        session_id: &str,
+        trace_id: Option<&str>,
+        settings: RunnerSettings,
+    ) -> Result<(), String> {
+        std::fs::create_dir_all(workspace)
+            .map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
         let mut env = settings.env.clone();
         env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
         if let Some(t) = trace_id {
             env.insert("AISHELL_TRACE_ID".into(), t.to_string());
         }
         let command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
-        let agent = AgentProcess::spawn(&command, workspace, &env).map_err(|e| format!("cannot start agent {:?}: {e}", command))?;
+        let agent = AgentProcess::spawn(&command, workspace, &env)
+            .map_err(|e| format!("cannot start agent {:?}: {e}", command))?;
         self.agent = Some(agent);
         self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
-        self.to_agent(AgentInput::Init { workspace: Some(workspace.to_string()), settings: settings.agent_settings });
+        self.send_to_agent(AgentInput::Init {
+            workspace: Some(workspace.to_string()),
+            settings: settings.agent_settings,
+        });
         Ok(())
     }
 
-    fn to_agent(&mut self, input: AgentInput) {
+    fn send_to_agent(&mut self, input: AgentInput) {
         match &self.agent {
             Some(agent) => agent.send(input),
-            None => tracing::warn!(event = "runner_no_agent", "dropping agent input: no agent is running"),
+            None => tracing::warn!(
+                event = "runner_no_agent",
+                "dropping agent input: no agent is running"
+            ),
         }
     }
 
@@ -347,17 +392,27 @@ impl Runner {
             AgentOutput::Event(frame) => Some(self.outbox.push(frame)),
             AgentOutput::BadLine(line) => {
                 tracing::warn!(event = "agent_bad_output", sessionId = %session_id, traceId = %trace_id, line = %line, "agent wrote a line that is not a protocol frame");
-                Some(RunnerToGateway::AgentStderr { line: format!("[stdout, not a frame] {line}") })
+                Some(RunnerToGateway::AgentStderr {
+                    line: format!("[stdout, not a frame] {line}"),
+                })
             }
             AgentOutput::Stderr(line) => {
                 tracing::info!(event = "agent_stderr", sessionId = %session_id, traceId = %trace_id, line = %line, "agent stderr");
                 Some(RunnerToGateway::AgentStderr { line })
             }
-            AgentOutput::Exited { code, signal, stderr_tail } => {
+            AgentOutput::Exited {
+                code,
+                signal,
+                stderr_tail,
+            } => {
                 tracing::warn!(event = "agent_exit", sessionId = %session_id, traceId = %trace_id, code = ?code, signal = ?signal, "agent exited");
                 self.agent = None;
                 self.agent_ready = false;
-                let frame = RunnerToGateway::AgentExit { code, signal, stderr_tail };
+                let frame = RunnerToGateway::AgentExit {
+                    code,
+                    signal,
+                    stderr_tail,
+                };
                 self.exit_reported = Some(frame.clone());
                 Some(frame)
             }
@@ -365,7 +420,8 @@ impl Runner {
     }
 
     fn is_restore_barrier(&self, id: &serde_json::Value) -> bool {
-        id.as_str().is_some_and(|s| s.starts_with(RESTORE_BARRIER_PREFIX))
+        id.as_str()
+            .is_some_and(|s| s.starts_with(RESTORE_BARRIER_PREFIX))
     }
 
     /// While disconnected: buffer agent output until `until`. False when

@@ -21,10 +21,16 @@ impl Outbox {
     /// Number a new agent frame and keep it until acknowledged.
     pub fn push(&mut self, frame: AgentEvent) -> RunnerToGateway {
         self.next_seq += 1;
-        let framed = RunnerToGateway::Agent { seq: self.next_seq, frame };
+        let framed = RunnerToGateway::Agent {
+            seq: self.next_seq,
+            frame,
+        };
         if self.frames.len() >= MAX_UNACKED {
             self.frames.pop_front();
-            tracing::error!(event = "runner_outbox_overflow", "dropping the oldest unacknowledged agent frame");
+            tracing::error!(
+                event = "runner_outbox_overflow",
+                "dropping the oldest unacknowledged agent frame"
+            );
         }
         self.frames.push_back(framed.clone());
         framed
@@ -49,7 +55,9 @@ mod tests {
     use super::*;
 
     fn info(i: u32) -> AgentEvent {
-        AgentEvent::Info { message: i.to_string() }
+        AgentEvent::Info {
+            message: i.to_string(),
+        }
     }
 
     #[test]

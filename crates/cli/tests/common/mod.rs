@@ -46,9 +46,16 @@ impl Gateway {
 
     fn spawn(&mut self, port: u16) {
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve").arg("--port").arg(port.to_string()).arg("--data-dir").arg(&self.data_dir);
+        cmd.arg("serve")
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir);
         cmd.args(&self.args);
-        cmd.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         // Runners must be able to outlive the gateway (restart tests), but not the test run.
         cmd.env("AISHELL_RUNNER_RECONNECT_DEADLINE_SECS", "20");
         let mut child = cmd.spawn().expect("spawn aishell serve");
@@ -70,9 +77,14 @@ impl Gateway {
                 logs.lock().unwrap().push(line);
             }
         });
-        let banner = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-            panic!("gateway did not print its banner; logs:\n{}", self.logs.lock().unwrap().join("\n"))
-        });
+        let banner = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "gateway did not print its banner; logs:\n{}",
+                    self.logs.lock().unwrap().join("\n")
+                )
+            });
         let url = banner.split_whitespace().nth(3).expect("banner url");
         let rest = url.strip_prefix("http://127.0.0.1:").expect("banner host");
         let (p, q) = rest.split_once("/?token=").expect("banner token");
@@ -100,7 +112,11 @@ impl Gateway {
             .arg(&self.data_dir)
             .output()
             .expect("token create");
-        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -110,7 +126,12 @@ impl Gateway {
 
     /// Parsed JSON log lines so far.
     pub fn logs(&self) -> Vec<Value> {
-        self.logs.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub fn raw_logs(&self) -> String {
@@ -118,31 +139,48 @@ impl Gateway {
     }
 
     /// Wait until a log line matches.
-    pub async fn wait_log(&self, what: &str, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+    pub async fn wait_log(
+        &self,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = self.logs().into_iter().find(|v| pred(v)) {
                 return v;
             }
             if Instant::now() > deadline {
-                panic!("no log line for {what} within {timeout:?}; logs:\n{}", self.raw_logs());
+                panic!(
+                    "no log line for {what} within {timeout:?}; logs:\n{}",
+                    self.raw_logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub async fn connect(&self) -> Client {
-        Client::connect(&self.ws_url(), &self.token, None).await.expect("connect")
+        Client::connect(&self.ws_url(), &self.token, None)
+            .await
+            .expect("connect")
     }
 
-    pub async fn connect_as(&self, token: &str, resume: Option<(&str, u64)>) -> Result<Client, tungstenite::Error> {
+    pub async fn connect_as(
+        &self,
+        token: &str,
+        resume: Option<(&str, u64)>,
+    ) -> Result<Client, tungstenite::Error> {
         Client::connect(&self.ws_url(), token, resume).await
     }
 
     /// SIGTERM (graceful: stops tasks) and wait.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -163,7 +201,9 @@ impl Drop for Gateway {
 }
 
 pub struct Client {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     pub session_id: String,
     /// The `session` frame (or error) received on connect.
     pub hello: Value,
@@ -173,15 +213,25 @@ pub struct Client {
 pub const WAIT: Duration = Duration::from_secs(20);
 
 impl Client {
-    pub async fn connect(url: &str, token: &str, resume: Option<(&str, u64)>) -> Result<Client, tungstenite::Error> {
+    pub async fn connect(
+        url: &str,
+        token: &str,
+        resume: Option<(&str, u64)>,
+    ) -> Result<Client, tungstenite::Error> {
         let mut url = url.to_string();
         if let Some((sid, seq)) = resume {
             url = format!("{url}?session_id={sid}&last_seq={seq}");
         }
         let mut req = url.into_client_request()?;
-        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-        let mut client = Client { ws, session_id: String::new(), hello: Value::Null, last_seq: 0 };
+        let mut client = Client {
+            ws,
+            session_id: String::new(),
+            hello: Value::Null,
+            last_seq: 0,
+        };
         let hello = client.next(WAIT).await.expect("first frame");
         client.session_id = hello["session_id"].as_str().unwrap_or_default().to_string();
         client.hello = hello;
@@ -189,7 +239,10 @@ impl Client {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.expect("send");
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, m: Message) -> Result<(), tungstenite::Error> {
@@ -197,7 +250,8 @@ impl Client {
     }
 
     pub async fn message(&mut self, id: &str, content: &str) {
-        self.send(json!({"type": "message", "id": id, "content": content})).await;
+        self.send(json!({"type": "message", "id": id, "content": content}))
+            .await;
     }
 
     /// Next text frame as JSON; None when the socket closed or timed out.
@@ -206,7 +260,10 @@ impl Client {
     }
 
     /// Next frame, or the close frame (code, reason) that ended the socket.
-    pub async fn next_or_close(&mut self, timeout: Duration) -> Result<Value, Option<(u16, String)>> {
+    pub async fn next_or_close(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Value, Option<(u16, String)>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
@@ -216,14 +273,15 @@ impl Client {
             match msg {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(&t).expect("frame is JSON");
-                    if !v["ephemeral"].as_bool().unwrap_or(false) {
-                        if let Some(s) = v["seq"].as_u64() {
-                            self.last_seq = s;
-                        }
+                    let ephemeral = v["ephemeral"].as_bool().unwrap_or(false);
+                    if let Some(s) = v["seq"].as_u64().filter(|_| !ephemeral) {
+                        self.last_seq = s;
                     }
                     return Ok(v);
                 }
-                Message::Close(Some(CloseFrame { code, reason })) => return Err(Some((u16::from(code), reason.to_string()))),
+                Message::Close(Some(CloseFrame { code, reason })) => {
+                    return Err(Some((u16::from(code), reason.to_string())));
+                }
                 Message::Close(None) => return Err(None),
                 _ => continue,
             }
@@ -244,14 +302,21 @@ impl Client {
                         return got;
                     }
                 }
-                None => panic!("condition not met within {timeout:?}; frames so far:\n{}", pretty(&got)),
+                None => panic!(
+                    "condition not met within {timeout:?}; frames so far:\n{}",
+                    pretty(&got)
+                ),
             }
         }
     }
 
     /// Frames until the turn ends (`finish` or an `error` naming a conversation).
     pub async fn turn(&mut self) -> Vec<Value> {
-        self.until(|v| is_type(v, "finish") || (is_type(v, "error") && !v["conversation_id"].is_null()), WAIT).await
+        self.until(
+            |v| is_type(v, "finish") || (is_type(v, "error") && !v["conversation_id"].is_null()),
+            WAIT,
+        )
+        .await
     }
 
     pub async fn close(mut self) {
@@ -268,22 +333,38 @@ pub fn of_type<'a>(frames: &'a [Value], t: &str) -> Vec<&'a Value> {
 }
 
 pub fn text_of(frames: &[Value]) -> String {
-    frames.iter().filter(|v| is_type(v, "text_delta")).map(|v| v["delta"].as_str().unwrap_or_default()).collect()
+    frames
+        .iter()
+        .filter(|v| is_type(v, "text_delta"))
+        .map(|v| v["delta"].as_str().unwrap_or_default())
+        .collect()
 }
 
 pub fn pretty(frames: &[Value]) -> String {
-    frames.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n")
+    frames
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Pids of processes whose environment contains `needle` (e.g. a session id).
 pub fn pids_with_env(needle: &str, cmd_contains: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let dir = entry.path();
         let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&std::fs::read(dir.join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        if cmdline.contains(cmd_contains) && environ.split(|b| *b == 0).any(|kv| String::from_utf8_lossy(kv).contains(needle)) {
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(dir.join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmdline.contains(cmd_contains)
+            && environ
+                .split(|b| *b == 0)
+                .any(|kv| String::from_utf8_lossy(kv).contains(needle))
+        {
             out.push(pid);
         }
     }

@@ -270,7 +270,11 @@ impl SessionActor {
 
     async fn handle(&mut self, cmd: SessionCmd) {
         match cmd {
-            SessionCmd::Attach { conn_id, last_seq, reply } => self.attach(conn_id, last_seq, reply).await,
+            SessionCmd::Attach {
+                conn_id,
+                last_seq,
+                reply,
+            } => self.attach(conn_id, last_seq, reply).await,
             SessionCmd::Detach { conn_id, reason } => self.detach(conn_id, &reason),
             SessionCmd::Client { conn_id, frame } => self.on_client(conn_id, frame).await,
             SessionCmd::BadFrame { conn_id, message } => {
@@ -280,12 +284,19 @@ impl SessionActor {
                 let result = self.on_runner_connected(attach).await;
                 let _ = reply.send(result);
             }
-            SessionCmd::RunnerFrame { task_id, generation, frame } => {
+            SessionCmd::RunnerFrame {
+                task_id,
+                generation,
+                frame,
+            } => {
                 if self.is_current_runner(&task_id, generation) {
                     self.on_runner_frame(frame).await;
                 }
             }
-            SessionCmd::RunnerDisconnected { task_id, generation } => {
+            SessionCmd::RunnerDisconnected {
+                task_id,
+                generation,
+            } => {
                 if self.is_current_runner(&task_id, generation) {
                     self.on_runner_disconnected();
                 }
@@ -300,9 +311,16 @@ impl SessionActor {
             }
             SessionCmd::StopTask { reason } => {
                 if self.task.is_some() {
-                    self.fail_turns(ErrorCode::AgentCrashed, &format!("your session was stopped: {reason}"));
+                    self.fail_turns(
+                        ErrorCode::AgentCrashed,
+                        &format!("your session was stopped: {reason}"),
+                    );
                     self.begin_stop(&reason);
-                    self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+                    self.emit(ServerEvent::Status {
+                        state: TaskPhase::Stopped,
+                        source: None,
+                        eta_ms: None,
+                    });
                 }
             }
         }
@@ -310,7 +328,12 @@ impl SessionActor {
 
     // ---- clients -------------------------------------------------------
 
-    async fn attach(&mut self, conn_id: u64, last_seq: Option<u64>, reply: oneshot::Sender<AttachReply>) {
+    async fn attach(
+        &mut self,
+        conn_id: u64,
+        last_seq: Option<u64>,
+        reply: oneshot::Sender<AttachReply>,
+    ) {
         let current = self.next_seq - 1;
         let session = ServerEvent::Session {
             state: self.state_name(),
@@ -341,15 +364,26 @@ impl SessionActor {
         let mem_start = self.replay.first_seq().unwrap_or(self.next_seq);
         let mut cursor = after;
         while cursor + 1 < mem_start {
-            let page = match self.shared.store.events_after(&self.id, cursor, REPLAY_PAGE).await {
+            let page = match self
+                .shared
+                .store
+                .events_after(&self.id, cursor, REPLAY_PAGE)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(event = "replay_failed", sessionId = %self.id, error = %e, "could not read events for replay");
                     break;
                 }
             };
-            let Some(last) = page.last().map(|e| e.seq) else { break };
-            out.extend(page.into_iter().take_while(|e| e.seq < mem_start).map(|e| Arc::from(e.json)));
+            let Some(last) = page.last().map(|e| e.seq) else {
+                break;
+            };
+            out.extend(
+                page.into_iter()
+                    .take_while(|e| e.seq < mem_start)
+                    .map(|e| Arc::from(e.json)),
+            );
             cursor = last;
         }
         out.extend(self.replay.after(cursor.max(after)).cloned());
@@ -379,17 +413,27 @@ impl SessionActor {
 
     async fn on_client(&mut self, conn_id: u64, frame: ClientFrame) {
         match frame {
-            ClientFrame::Message { id, conversation_id, content } => {
+            ClientFrame::Message {
+                id,
+                conversation_id,
+                content,
+            } => {
                 self.on_message(conn_id, id, conversation_id, content).await;
             }
             ClientFrame::Abort { conversation_id } => {
-                self.to_agent(AgentInput::Abort { conversation_id: conversation_id.clone() });
+                self.send_to_agent(AgentInput::Abort {
+                    conversation_id: conversation_id.clone(),
+                });
                 // Queued messages of that conversation will not run either.
-                self.queue.retain(|m| conversation_id.as_ref().is_some_and(|c| *c != m.conversation_id));
+                self.queue.retain(|m| {
+                    conversation_id
+                        .as_ref()
+                        .is_some_and(|c| *c != m.conversation_id)
+                });
             }
             ClientFrame::AnswerQuestion { request_id, answer } => {
                 self.questions.remove(&request_id);
-                self.to_agent(AgentInput::AnswerQuestion { request_id, answer });
+                self.send_to_agent(AgentInput::AnswerQuestion { request_id, answer });
             }
             ClientFrame::ListConversations => {
                 let conversations = match self.shared.store.list_conversations(&self.id).await {
@@ -403,22 +447,35 @@ impl SessionActor {
                         })
                         .collect(),
                     Err(e) => {
-                        self.reply(conn_id, ServerEvent::error(ErrorCode::Internal, format!("could not list conversations: {e}")));
+                        self.reply(
+                            conn_id,
+                            ServerEvent::error(
+                                ErrorCode::Internal,
+                                format!("could not list conversations: {e}"),
+                            ),
+                        );
                         return;
                     }
                 };
                 self.reply(conn_id, ServerEvent::Conversations { conversations });
             }
             ClientFrame::ResetConversation { conversation_id } => {
-                self.to_agent(AgentInput::ResetConversation { conversation_id });
+                self.send_to_agent(AgentInput::ResetConversation { conversation_id });
             }
             ClientFrame::DeleteConversation { conversation_id } => {
-                if let Err(e) = self.shared.store.delete_conversation(&self.id, &conversation_id).await {
+                if let Err(e) = self
+                    .shared
+                    .store
+                    .delete_conversation(&self.id, &conversation_id)
+                    .await
+                {
                     tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not delete conversation");
                 }
-                self.to_agent(AgentInput::DeleteConversation { conversation_id });
+                self.send_to_agent(AgentInput::DeleteConversation { conversation_id });
             }
-            ClientFrame::Ping { id } => self.reply(conn_id, ServerEvent::Agent(AgentEvent::Pong { id })),
+            ClientFrame::Ping { id } => {
+                self.reply(conn_id, ServerEvent::Agent(AgentEvent::Pong { id }))
+            }
             // The store keeps events for replay; the memory buffer is bounded anyway.
             ClientFrame::Ack { .. } => {}
             // Handled by the connection, which owns the credentials.
@@ -426,24 +483,45 @@ impl SessionActor {
         }
     }
 
-    async fn on_message(&mut self, conn_id: u64, id: Option<String>, conversation_id: Option<String>, content: String) {
+    async fn on_message(
+        &mut self,
+        conn_id: u64,
+        id: Option<String>,
+        conversation_id: Option<String>,
+        content: String,
+    ) {
         let received_at = Instant::now();
         let conversation_id = match conversation_id {
             Some(c) if validate_conversation_id(&c) => c,
             Some(_) => {
-                self.reply(conn_id, ServerEvent::error(ErrorCode::BadFrame, "conversation_id may only contain letters, digits, - and _ (at most 128)"));
+                self.reply(
+                    conn_id,
+                    ServerEvent::error(
+                        ErrorCode::BadFrame,
+                        "conversation_id may only contain letters, digits, - and _ (at most 128)",
+                    ),
+                );
                 return;
             }
             None => format!("c-{}", uuid::Uuid::new_v4().simple()),
         };
-        if let Some(mid) = &id {
-            if self.seen_message_ids.contains(mid) {
-                self.reply(conn_id, ServerEvent::Agent(AgentEvent::Info { message: format!("message {mid} was already accepted; not running it again") }));
-                return;
-            }
+        if let Some(mid) = id.as_deref().filter(|m| self.seen_message_ids.contains(*m)) {
+            self.reply_duplicate(conn_id, mid);
+            return;
         }
-        if let Err(e) = self.shared.store.upsert_conversation(&self.id, &conversation_id, None, None).await {
-            self.reply(conn_id, ServerEvent::error(ErrorCode::Internal, format!("could not save your message: {e}")));
+        if let Err(e) = self
+            .shared
+            .store
+            .upsert_conversation(&self.id, &conversation_id, None, None)
+            .await
+        {
+            self.reply(
+                conn_id,
+                ServerEvent::error(
+                    ErrorCode::Internal,
+                    format!("could not save your message: {e}"),
+                ),
+            );
             return;
         }
         let record = MessageRecord {
@@ -459,20 +537,31 @@ impl SessionActor {
             Ok(false) => {
                 // Accepted before (perhaps by a gateway before a restart).
                 if let Some(mid) = id {
-                    self.reply(conn_id, ServerEvent::Agent(AgentEvent::Info { message: format!("message {mid} was already accepted; not running it again") }));
+                    self.reply_duplicate(conn_id, &mid);
                     self.seen_message_ids.insert(mid);
                 }
                 return;
             }
             Err(e) => {
-                self.reply(conn_id, ServerEvent::error(ErrorCode::Internal, format!("could not save your message: {e}")));
+                self.reply(
+                    conn_id,
+                    ServerEvent::error(
+                        ErrorCode::Internal,
+                        format!("could not save your message: {e}"),
+                    ),
+                );
                 return;
             }
         }
         if let Some(mid) = id.clone() {
             self.seen_message_ids.insert(mid);
         }
-        let msg = QueuedMessage { conversation_id, content, message_id: id, received_at };
+        let msg = QueuedMessage {
+            conversation_id,
+            content,
+            message_id: id,
+            received_at,
+        };
         let ready = self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready);
         if ready {
             self.dispatch(msg);
@@ -489,22 +578,35 @@ impl SessionActor {
         }
     }
 
+    fn reply_duplicate(&self, conn_id: u64, message_id: &str) {
+        let message = format!("message {message_id} was already accepted; not running it again");
+        self.reply(conn_id, ServerEvent::Agent(AgentEvent::Info { message }));
+    }
+
     /// Send a message to the ready agent and count the turn.
     fn dispatch(&mut self, msg: QueuedMessage) {
-        self.turns.entry(msg.conversation_id.clone()).or_default().push_back(Turn {
-            received_at: msg.received_at,
-            first_event_seen: false,
-            reply: String::new(),
-        });
-        self.to_agent(AgentInput::Message {
+        self.turns
+            .entry(msg.conversation_id.clone())
+            .or_default()
+            .push_back(Turn {
+                received_at: msg.received_at,
+                first_event_seen: false,
+                reply: String::new(),
+            });
+        self.send_to_agent(AgentInput::Message {
             conversation_id: msg.conversation_id,
             content: msg.content,
             message_id: msg.message_id,
         });
     }
 
-    fn to_agent(&self, frame: AgentInput) {
-        if let Some(link) = self.task.as_ref().filter(|t| t.phase == Phase::Ready).and_then(|t| t.runner.as_ref()) {
+    fn send_to_agent(&self, frame: AgentInput) {
+        if let Some(link) = self
+            .task
+            .as_ref()
+            .filter(|t| t.phase == Phase::Ready)
+            .and_then(|t| t.runner.as_ref())
+        {
             let _ = link.tx.send(GatewayToRunner::Agent { frame });
         }
     }
@@ -535,9 +637,17 @@ impl SessionActor {
             watch: CancellationToken::new(),
         };
         self.task = Some(task);
-        self.shared.tasks.lock().expect("task map").insert(task_id.clone(), self.id.clone());
+        self.shared
+            .tasks
+            .lock()
+            .expect("task map")
+            .insert(task_id.clone(), self.id.clone());
         self.emit(ServerEvent::Status {
-            state: if is_restart { TaskPhase::Restarting } else { TaskPhase::Starting },
+            state: if is_restart {
+                TaskPhase::Restarting
+            } else {
+                TaskPhase::Starting
+            },
             source: Some(TaskSource::Cold),
             eta_ms: Some(self.cold_eta_ms()),
         });
@@ -546,14 +656,23 @@ impl SessionActor {
             mode: "cold".into(),
             session_id: Some(self.id.clone()),
             gateway_url: self.shared.runner_url.clone(),
-            credential: self.shared.credentials.mint(&task_id, "cold", Some(&self.id), self.shared.cfg.runner_credential_ttl),
+            credential: self.shared.credentials.mint(
+                &task_id,
+                "cold",
+                Some(&self.id),
+                self.shared.cfg.runner_credential_ttl,
+            ),
             env: Default::default(),
         };
         let backend = self.shared.backend.clone();
         let tx = self.self_tx.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = backend.launch(spec).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
+            let result = backend
+                .launch(spec)
+                .await
+                .map(|_| started.elapsed())
+                .map_err(|e| e.to_string());
             let _ = tx.send(SessionCmd::Launched { task_id, result }).await;
         });
     }
@@ -584,7 +703,11 @@ impl SessionActor {
                 }
             }
             Err(reason) => {
-                self.fail_start(format!("the {} backend could not launch a sandbox: {reason}", self.shared.backend.name())).await;
+                self.fail_start(format!(
+                    "the {} backend could not launch a sandbox: {reason}",
+                    self.shared.backend.name()
+                ))
+                .await;
             }
         }
     }
@@ -603,7 +726,15 @@ impl SessionActor {
                     _ = watch.cancelled() => return,
                 };
                 let done = !matches!(status, Ok(TaskStatus::Pending | TaskStatus::Running));
-                if tx.send(SessionCmd::Observed { task_id: task_id.clone(), status }).await.is_err() || done {
+                if tx
+                    .send(SessionCmd::Observed {
+                        task_id: task_id.clone(),
+                        status,
+                    })
+                    .await
+                    .is_err()
+                    || done
+                {
                     return;
                 }
                 tokio::select! {
@@ -616,7 +747,9 @@ impl SessionActor {
     }
 
     async fn on_observed(&mut self, task_id: &str, status: Result<TaskStatus, String>) {
-        let Some(task) = self.task.as_mut().filter(|t| t.id == task_id) else { return };
+        let Some(task) = self.task.as_mut().filter(|t| t.id == task_id) else {
+            return;
+        };
         match status {
             Ok(TaskStatus::Pending) => {}
             Ok(TaskStatus::Running) => {
@@ -634,15 +767,22 @@ impl SessionActor {
                 }
             }
             Ok(TaskStatus::Exited { code, reason }) => {
-                let why = format!("the sandbox exited ({reason}{})", code.map(|c| format!(", code {c}")).unwrap_or_default());
+                let why = format!(
+                    "the sandbox exited ({reason}{})",
+                    code.map(|c| format!(", code {c}")).unwrap_or_default()
+                );
                 self.on_task_lost(why).await;
             }
             Ok(TaskStatus::NotFound) => {
-                self.on_task_lost("the backend no longer knows this sandbox".into()).await;
+                self.on_task_lost("the backend no longer knows this sandbox".into())
+                    .await;
             }
             Err(reason) => {
                 // Class 1: a failing status call is a failure, never swallowed.
-                let why = format!("the {} backend could not report the sandbox's status: {reason}", self.shared.backend.name());
+                let why = format!(
+                    "the {} backend could not report the sandbox's status: {reason}",
+                    self.shared.backend.name()
+                );
                 if self.task.as_ref().is_some_and(|t| t.phase != Phase::Ready) {
                     self.fail_start(why).await;
                 } else {
@@ -655,15 +795,25 @@ impl SessionActor {
     async fn on_runner_connected(&mut self, attach: RunnerAttach) -> Result<(), String> {
         let now = Instant::now();
         let connect_deadline = self.shared.cfg.deadlines.activate;
-        if self.task.is_none() && self.stopping.is_none() && attach.agent_running && attach.session_hint.as_deref() == Some(&self.id) {
+        if self.task.is_none()
+            && self.stopping.is_none()
+            && attach.agent_running
+            && attach.session_hint.as_deref() == Some(&self.id)
+        {
             // A runner that survived a gateway restart re-attaches: adopt it.
             self.adopt(attach);
             return Ok(());
         }
         let Some(task) = self.task.as_mut().filter(|t| t.id == attach.task_id) else {
-            return Err(format!("task {} is not this session's current task", attach.task_id));
+            return Err(format!(
+                "task {} is not this session's current task",
+                attach.task_id
+            ));
         };
-        let link = RunnerLink { generation: attach.generation, tx: attach.tx };
+        let link = RunnerLink {
+            generation: attach.generation,
+            tx: attach.tx,
+        };
         match task.phase {
             Phase::Launching | Phase::Pending => {
                 if task.phase == Phase::Launching {
@@ -699,7 +849,11 @@ impl SessionActor {
     fn adopt(&mut self, attach: RunnerAttach) {
         let now = Instant::now();
         tracing::info!(event = "task_adopted", sessionId = %self.id, taskId = %attach.task_id, "adopted a running task after a gateway restart");
-        self.shared.tasks.lock().expect("task map").insert(attach.task_id.clone(), self.id.clone());
+        self.shared
+            .tasks
+            .lock()
+            .expect("task map")
+            .insert(attach.task_id.clone(), self.id.clone());
         self.task = Some(Task {
             id: attach.task_id,
             source: TaskSource::Cold,
@@ -711,7 +865,10 @@ impl SessionActor {
             phase_deadline: Some(now + self.shared.cfg.deadlines.activate),
             overall_deadline: None,
             breakdown: Vec::new(),
-            runner: Some(RunnerLink { generation: attach.generation, tx: attach.tx }),
+            runner: Some(RunnerLink {
+                generation: attach.generation,
+                tx: attach.tx,
+            }),
             runner_lost_at: None,
             agent: AgentInfo::default(),
             watch: CancellationToken::new(),
@@ -720,7 +877,9 @@ impl SessionActor {
     }
 
     fn send_init_user(&self) {
-        let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) else { return };
+        let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) else {
+            return;
+        };
         let cfg = &self.shared.cfg;
         let _ = link.tx.send(GatewayToRunner::InitUser {
             user_id: self.user_id.clone(),
@@ -741,7 +900,8 @@ impl SessionActor {
             RunnerToGateway::Ready { agent } => self.on_agent_ready(agent).await,
             RunnerToGateway::Restored { count } => {
                 if let Some(task) = self.task.as_mut().filter(|t| t.phase == Phase::Restoring) {
-                    task.breakdown.push(("restore", ms(task.phase_started.elapsed())));
+                    task.breakdown
+                        .push(("restore", ms(task.phase_started.elapsed())));
                     self.become_ready(Some(count));
                 }
             }
@@ -755,20 +915,28 @@ impl SessionActor {
             RunnerToGateway::AgentStderr { line } => {
                 tracing::info!(event = "agent_stderr", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, line = %line, "agent stderr");
             }
-            RunnerToGateway::AgentExit { code, signal, stderr_tail } => {
+            RunnerToGateway::AgentExit {
+                code,
+                signal,
+                stderr_tail,
+            } => {
                 let mut why = match (code, signal) {
                     (_, Some(s)) => format!("the agent was killed by signal {s}"),
                     (Some(c), _) => format!("the agent exited with code {c}"),
                     _ => "the agent exited".to_string(),
                 };
                 if let Some(last) = stderr_tail.lines().rev().find(|l| !l.trim().is_empty()) {
-                    why.push_str(&format!(" (last stderr: {})", last.chars().take(300).collect::<String>()));
+                    why.push_str(&format!(
+                        " (last stderr: {})",
+                        last.chars().take(300).collect::<String>()
+                    ));
                 }
                 tracing::warn!(event = "agent_exit", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, code = ?code, signal = ?signal, stderr_tail = %stderr_tail, "agent exited");
                 self.on_task_lost(why).await;
             }
             RunnerToGateway::StartFailed { message } => {
-                self.fail_start(format!("the sandbox could not start the agent: {message}")).await;
+                self.fail_start(format!("the sandbox could not start the agent: {message}"))
+                    .await;
             }
         }
     }
@@ -787,10 +955,14 @@ impl SessionActor {
             match self.shared.store.list_conversations(&self.id).await {
                 Ok(list) => list
                     .into_iter()
-                    .map(|c| ConversationRef { conversation_id: c.id, resume_handle: c.resume_handle })
+                    .map(|c| ConversationRef {
+                        conversation_id: c.id,
+                        resume_handle: c.resume_handle,
+                    })
                     .collect::<Vec<_>>(),
                 Err(e) => {
-                    self.fail_start(format!("could not load your conversations: {e}")).await;
+                    self.fail_start(format!("could not load your conversations: {e}"))
+                        .await;
                     return;
                 }
             }
@@ -800,7 +972,8 @@ impl SessionActor {
         let now = Instant::now();
         let restore_deadline = self.shared.cfg.deadlines.activate;
         let task = self.task.as_mut().expect("checked above");
-        task.breakdown.push(("agent_ready", ms(now - task.phase_started)));
+        task.breakdown
+            .push(("agent_ready", ms(now - task.phase_started)));
         task.agent = agent;
         if conversations.is_empty() {
             self.become_ready(None);
@@ -809,21 +982,38 @@ impl SessionActor {
             task.phase_started = now;
             task.phase_deadline = Some(now + restore_deadline);
             if let Some(link) = &task.runner {
-                let _ = link.tx.send(GatewayToRunner::RestoreConversations { conversations });
+                let _ = link
+                    .tx
+                    .send(GatewayToRunner::RestoreConversations { conversations });
             }
         }
     }
 
     fn become_ready(&mut self, restored: Option<u32>) {
         let now = Instant::now();
-        let Some(task) = self.task.as_mut() else { return };
+        let Some(task) = self.task.as_mut() else {
+            return;
+        };
         task.phase = Phase::Ready;
         task.phase_deadline = None;
         task.overall_deadline = None;
         task.watch.cancel();
         let total = now - task.requested_at;
-        let breakdown = serde_json::to_string(&task.breakdown.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>()).unwrap_or_default();
-        let (task_id, source, is_restart, adopted, agent) = (task.id.clone(), task.source, task.is_restart, task.adopted, task.agent.clone());
+        let breakdown = serde_json::to_string(
+            &task
+                .breakdown
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                .collect::<serde_json::Map<_, _>>(),
+        )
+        .unwrap_or_default();
+        let (task_id, source, is_restart, adopted, agent) = (
+            task.id.clone(),
+            task.source,
+            task.is_restart,
+            task.adopted,
+            task.agent.clone(),
+        );
         if !adopted {
             lifecycle!(self, "task_ready", taskId = %task_id, duration_ms = ms(total), source = source.as_str(), breakdown = %breakdown, "task ready");
             if is_restart {
@@ -838,7 +1028,11 @@ impl SessionActor {
         self.idle_since = now;
         if !adopted {
             self.emit(ServerEvent::Agent(AgentEvent::Init(agent)));
-            self.emit(ServerEvent::Status { state: TaskPhase::Ready, source: Some(source), eta_ms: None });
+            self.emit(ServerEvent::Status {
+                state: TaskPhase::Ready,
+                source: Some(source),
+                eta_ms: None,
+            });
         }
         if let Some(count) = restored.filter(|_| is_restart) {
             self.emit(ServerEvent::SessionRecovered { restored: count });
@@ -864,8 +1058,14 @@ impl SessionActor {
                         lifecycle!(self, "message_roundtrip", conversationId = %cid, duration_ms = ms(took), "first agent event");
                     }
                     match &frame {
-                        AgentEvent::TextDelta { delta, .. } if turn.reply.len() < MAX_STORED_REPLY => turn.reply.push_str(delta),
-                        AgentEvent::Content { content, .. } if turn.reply.is_empty() => turn.reply.push_str(content),
+                        AgentEvent::TextDelta { delta, .. }
+                            if turn.reply.len() < MAX_STORED_REPLY =>
+                        {
+                            turn.reply.push_str(delta)
+                        }
+                        AgentEvent::Content { content, .. } if turn.reply.is_empty() => {
+                            turn.reply.push_str(content)
+                        }
                         _ => {}
                     }
                 }
@@ -888,8 +1088,22 @@ impl SessionActor {
             AgentEvent::AskQuestion { request_id, .. } => {
                 self.questions.insert(request_id.clone());
             }
-            AgentEvent::ConversationUpdate { conversation_id, title, resume_handle } => {
-                if let Err(e) = self.shared.store.upsert_conversation(&self.id, conversation_id, title.as_deref(), resume_handle.as_deref()).await {
+            AgentEvent::ConversationUpdate {
+                conversation_id,
+                title,
+                resume_handle,
+            } => {
+                if let Err(e) = self
+                    .shared
+                    .store
+                    .upsert_conversation(
+                        &self.id,
+                        conversation_id,
+                        title.as_deref(),
+                        resume_handle.as_deref(),
+                    )
+                    .await
+                {
                     tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not save conversation update");
                 }
             }
@@ -920,30 +1134,48 @@ impl SessionActor {
     /// A start failed: tell the client with a stable code, clean the task up.
     /// Queued messages are kept and run on the next successful start.
     async fn fail_start(&mut self, reason: String) {
-        let Some(task) = self.task.as_ref() else { return };
+        let Some(task) = self.task.as_ref() else {
+            return;
+        };
         let (code, verb) = if task.is_restart {
             (ErrorCode::TaskRestartFailed, "restart")
         } else {
             (ErrorCode::TaskStartFailed, "start")
         };
-        self.fail_start_with(code, &format!("could not {verb} your sandbox: {reason}. Send your message again to retry.")).await;
+        self.fail_start_with(
+            code,
+            &format!("could not {verb} your sandbox: {reason}. Send your message again to retry."),
+        )
+        .await;
     }
 
     async fn fail_start_with(&mut self, code: ErrorCode, message: &str) {
-        let Some(task) = self.task.as_ref() else { return };
-        let (task_id, is_restart, took) = (task.id.clone(), task.is_restart, task.requested_at.elapsed());
+        let Some(task) = self.task.as_ref() else {
+            return;
+        };
+        let (task_id, is_restart, took) = (
+            task.id.clone(),
+            task.is_restart,
+            task.requested_at.elapsed(),
+        );
         tracing::error!(event = "task_start_failed", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task_id, code = code.as_str(), duration_ms = ms(took), reason = %message, "task start failed");
         if is_restart {
             lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(took), success = false, "task restart failed");
         }
         self.emit(ServerEvent::error(code, message));
-        self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+        self.emit(ServerEvent::Status {
+            state: TaskPhase::Stopped,
+            source: None,
+            eta_ms: None,
+        });
         self.begin_stop("start failed");
     }
 
     /// The task died or became unreachable.
     async fn on_task_lost(&mut self, why: String) {
-        let Some(task) = self.task.as_ref() else { return };
+        let Some(task) = self.task.as_ref() else {
+            return;
+        };
         if task.phase != Phase::Ready {
             self.fail_start(why).await;
             return;
@@ -951,9 +1183,16 @@ impl SessionActor {
         let busy = !self.turns.is_empty();
         tracing::warn!(event = "task_lost", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task.id, processingState = self.processing_state(), reason = %why, "task lost");
         if busy {
-            self.fail_turns(ErrorCode::AgentCrashed, &format!("{why}. Your next message will start a new sandbox and resume."));
+            self.fail_turns(
+                ErrorCode::AgentCrashed,
+                &format!("{why}. Your next message will start a new sandbox and resume."),
+            );
         }
-        self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+        self.emit(ServerEvent::Status {
+            state: TaskPhase::Stopped,
+            source: None,
+            eta_ms: None,
+        });
         self.begin_stop("task lost");
         if !self.queue.is_empty() {
             self.start_after_stop = true;
@@ -979,9 +1218,14 @@ impl SessionActor {
         let Some(task) = self.task.take() else { return };
         task.watch.cancel();
         if let Some(link) = &task.runner {
-            let _ = link.tx.send(GatewayToRunner::Shutdown { reason: reason.to_string() });
+            let _ = link.tx.send(GatewayToRunner::Shutdown {
+                reason: reason.to_string(),
+            });
         }
-        self.stopping = Some(Stopping { task_id: task.id.clone(), since: Instant::now() });
+        self.stopping = Some(Stopping {
+            task_id: task.id.clone(),
+            since: Instant::now(),
+        });
         self.stop_in_background(task.id);
     }
 
@@ -1012,7 +1256,9 @@ impl SessionActor {
     }
 
     fn on_runner_disconnected(&mut self) {
-        let Some(task) = self.task.as_mut() else { return };
+        let Some(task) = self.task.as_mut() else {
+            return;
+        };
         task.runner = None;
         task.runner_lost_at = Some(Instant::now());
         tracing::warn!(event = "runner_disconnected", sessionId = %self.id, taskId = %task.id, "runner socket closed; waiting for it to re-dial");
@@ -1024,9 +1270,12 @@ impl SessionActor {
     }
 
     fn is_current_runner(&self, task_id: &str, generation: u64) -> bool {
-        self.task
-            .as_ref()
-            .is_some_and(|t| t.id == task_id && t.runner.as_ref().is_some_and(|r| r.generation == generation))
+        self.task.as_ref().is_some_and(|t| {
+            t.id == task_id
+                && t.runner
+                    .as_ref()
+                    .is_some_and(|r| r.generation == generation)
+        })
     }
 
     // ---- timers ---------------------------------------------------------
@@ -1042,7 +1291,10 @@ impl SessionActor {
         if let Some(task) = &self.task {
             consider(task.phase_deadline);
             consider(task.overall_deadline);
-            consider(task.runner_lost_at.map(|t| t + cfg.deadlines.runner_reconnect));
+            consider(
+                task.runner_lost_at
+                    .map(|t| t + cfg.deadlines.runner_reconnect),
+            );
             if task.phase == Phase::Ready {
                 if self.turns.is_empty() {
                     consider(Some(self.idle_since + cfg.idle_timeout));
@@ -1052,7 +1304,11 @@ impl SessionActor {
             }
         }
         if self.start_after_stop {
-            consider(self.stopping.as_ref().map(|s| s.since + cfg.deadlines.stop_wait));
+            consider(
+                self.stopping
+                    .as_ref()
+                    .map(|s| s.since + cfg.deadlines.stop_wait),
+            );
         }
         if self.task.is_none() && self.stopping.is_none() && self.clients.is_empty() {
             consider(self.detached_at.map(|d| d + cfg.session_evict_after));
@@ -1063,47 +1319,101 @@ impl SessionActor {
     async fn on_timer(&mut self) {
         let now = Instant::now();
         let cfg = self.shared.cfg.clone();
-        if self.start_after_stop {
-            if let Some(s) = self.stopping.as_ref().filter(|s| now >= s.since + cfg.deadlines.stop_wait) {
-                tracing::warn!(event = "stop_wait_expired", sessionId = %self.id, taskId = %s.task_id, "old task still stopping; starting a new one anyway");
-                self.stopping = None;
-                self.start_after_stop = false;
-                self.start_task();
-                return;
-            }
+        if let Some(s) = self
+            .stopping
+            .as_ref()
+            .filter(|s| self.start_after_stop && now >= s.since + cfg.deadlines.stop_wait)
+        {
+            tracing::warn!(event = "stop_wait_expired", sessionId = %self.id, taskId = %s.task_id, "old task still stopping; starting a new one anyway");
+            self.stopping = None;
+            self.start_after_stop = false;
+            self.start_task();
+            return;
         }
-        let Some(task) = self.task.as_ref() else { return };
+        let Some(task) = self.task.as_ref() else {
+            return;
+        };
         if task.overall_deadline.is_some_and(|d| now >= d) {
-            let msg = format!("could not restart your sandbox within {}s. Send your message again to retry.", cfg.deadlines.restart.as_secs());
-            self.fail_start_with(ErrorCode::TaskRestartFailed, &msg).await;
+            let msg = format!(
+                "could not restart your sandbox within {}s. Send your message again to retry.",
+                cfg.deadlines.restart.as_secs()
+            );
+            self.fail_start_with(ErrorCode::TaskRestartFailed, &msg)
+                .await;
             return;
         }
         if task.phase_deadline.is_some_and(|d| now >= d) {
             let (code, what) = match task.phase {
-                Phase::Launching => (None, format!("the sandbox did not start within {}s", cfg.deadlines.launch.as_secs())),
-                Phase::Pending => (Some(ErrorCode::TaskConnectTimeout), format!("the sandbox started but did not connect back within {}s", cfg.deadlines.connect.as_secs())),
-                _ => (None, format!("the agent did not become ready within {}s", cfg.deadlines.activate.as_secs())),
+                Phase::Launching => (
+                    None,
+                    format!(
+                        "the sandbox did not start within {}s",
+                        cfg.deadlines.launch.as_secs()
+                    ),
+                ),
+                Phase::Pending => (
+                    Some(ErrorCode::TaskConnectTimeout),
+                    format!(
+                        "the sandbox started but did not connect back within {}s",
+                        cfg.deadlines.connect.as_secs()
+                    ),
+                ),
+                _ => (
+                    None,
+                    format!(
+                        "the agent did not become ready within {}s",
+                        cfg.deadlines.activate.as_secs()
+                    ),
+                ),
             };
             match code {
-                Some(code) => self.fail_start_with(code, &format!("{what}. Send your message again to retry.")).await,
+                Some(code) => {
+                    self.fail_start_with(
+                        code,
+                        &format!("{what}. Send your message again to retry."),
+                    )
+                    .await
+                }
                 None => self.fail_start(what).await,
             }
             return;
         }
-        if task.runner_lost_at.is_some_and(|t| now >= t + cfg.deadlines.runner_reconnect) {
-            self.on_task_lost(format!("the sandbox lost its connection and did not come back within {}s", cfg.deadlines.runner_reconnect.as_secs())).await;
+        if task
+            .runner_lost_at
+            .is_some_and(|t| now >= t + cfg.deadlines.runner_reconnect)
+        {
+            self.on_task_lost(format!(
+                "the sandbox lost its connection and did not come back within {}s",
+                cfg.deadlines.runner_reconnect.as_secs()
+            ))
+            .await;
             return;
         }
         if task.phase == Phase::Ready {
             if self.turns.is_empty() && now >= self.idle_since + cfg.idle_timeout {
                 lifecycle!(self, "idle_timeout", taskId = %task.id, idle_ms = ms(now - self.idle_since), "stopping idle task");
                 self.begin_stop("idle timeout");
-                self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
-            } else if !self.turns.is_empty() && self.detached_at.is_some_and(|d| now >= d + cfg.disconnect_processing_timeout) {
+                self.emit(ServerEvent::Status {
+                    state: TaskPhase::Stopped,
+                    source: None,
+                    eta_ms: None,
+                });
+            } else if !self.turns.is_empty()
+                && self
+                    .detached_at
+                    .is_some_and(|d| now >= d + cfg.disconnect_processing_timeout)
+            {
                 lifecycle!(self, "idle_timeout", taskId = %task.id, reason = "disconnected_processing", "client gone too long; stopping task");
-                self.fail_turns(ErrorCode::AgentCrashed, "the turn was stopped because no client was attached");
+                self.fail_turns(
+                    ErrorCode::AgentCrashed,
+                    "the turn was stopped because no client was attached",
+                );
                 self.begin_stop("client gone during processing");
-                self.emit(ServerEvent::Status { state: TaskPhase::Stopped, source: None, eta_ms: None });
+                self.emit(ServerEvent::Status {
+                    state: TaskPhase::Stopped,
+                    source: None,
+                    eta_ms: None,
+                });
             }
         }
     }
@@ -1113,7 +1423,9 @@ impl SessionActor {
             && self.stopping.is_none()
             && self.clients.is_empty()
             && self.queue.is_empty()
-            && self.detached_at.is_some_and(|d| d.elapsed() >= self.shared.cfg.session_evict_after)
+            && self
+                .detached_at
+                .is_some_and(|d| d.elapsed() >= self.shared.cfg.session_evict_after)
     }
 
     // ---- state ------------------------------------------------------------
@@ -1161,8 +1473,20 @@ impl SessionActor {
     // ---- emitting ---------------------------------------------------------
 
     fn frame_json(&self, event: ServerEvent, ephemeral: bool) -> Arc<str> {
-        let seq = if ephemeral { self.next_seq - 1 } else { self.next_seq };
-        Arc::from(ServerFrame { seq, session_id: self.id.clone(), ephemeral, event }.to_json())
+        let seq = if ephemeral {
+            self.next_seq - 1
+        } else {
+            self.next_seq
+        };
+        Arc::from(
+            ServerFrame {
+                seq,
+                session_id: self.id.clone(),
+                ephemeral,
+                event,
+            }
+            .to_json(),
+        )
     }
 
     /// A stream event: numbered, kept for replay, sent to every client.
@@ -1175,7 +1499,13 @@ impl SessionActor {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.replay.push(seq, json.clone());
-        let _ = self.persist_tx.send(PersistItem { event: StoredEvent { seq, json: json.to_string() }, runner_seq });
+        let _ = self.persist_tx.send(PersistItem {
+            event: StoredEvent {
+                seq,
+                json: json.to_string(),
+            },
+            runner_seq,
+        });
         self.clients.retain(|c| match c.tx.try_send(Outbound::Frame(json.clone())) {
             Ok(()) => true,
             Err(_) => {
@@ -1196,7 +1526,11 @@ impl SessionActor {
 
 /// Writes a session's events to the store in batches, in order, and reports
 /// back which runner frames are now safe so the runner can forget them.
-fn spawn_persister(shared: Arc<Shared>, session_id: String, tx: mpsc::Sender<SessionCmd>) -> mpsc::UnboundedSender<PersistItem> {
+fn spawn_persister(
+    shared: Arc<Shared>,
+    session_id: String,
+    tx: mpsc::Sender<SessionCmd>,
+) -> mpsc::UnboundedSender<PersistItem> {
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
         let mut batch = Vec::new();
@@ -1232,5 +1566,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

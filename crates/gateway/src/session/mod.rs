@@ -34,7 +34,10 @@ impl SessionHandle {
     }
 
     /// Send a command that carries a reply channel and await the answer.
-    pub async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> SessionCmd) -> Option<T> {
+    pub async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> SessionCmd,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         if !self.send(make(tx)).await {
             return None;
@@ -59,7 +62,12 @@ impl SessionManager {
     }
 
     pub fn live_handles(&self) -> Vec<SessionHandle> {
-        self.live.lock().expect("session registry").values().cloned().collect()
+        self.live
+            .lock()
+            .expect("session registry")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Create a new session for a user and start its actor.
@@ -97,7 +105,11 @@ impl SessionManager {
     /// Like [`open`](Self::open), but a session that does not exist yet may
     /// appear within `grace` (a runner that dialled back before its session
     /// was registered: failure class 2).
-    pub async fn open_with_grace(shared: &Arc<Shared>, id: &str, grace: Duration) -> Result<Option<SessionHandle>, StoreError> {
+    pub async fn open_with_grace(
+        shared: &Arc<Shared>,
+        id: &str,
+        grace: Duration,
+    ) -> Result<Option<SessionHandle>, StoreError> {
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let notified = shared.sessions.registered.notified();
@@ -117,7 +129,11 @@ impl SessionManager {
             return h.clone();
         }
         let (tx, rx) = mpsc::channel(MAILBOX);
-        let handle = SessionHandle { id: record.id.clone(), user_id: record.user_id.clone(), tx };
+        let handle = SessionHandle {
+            id: record.id.clone(),
+            user_id: record.user_id.clone(),
+            tx,
+        };
         live.insert(record.id.clone(), handle.clone());
         drop(live);
         shared.sessions.registered.notify_waiters();

@@ -11,7 +11,10 @@ pub struct ReplayBuffer {
 
 impl ReplayBuffer {
     pub fn new(capacity: usize) -> Self {
-        ReplayBuffer { capacity: capacity.max(1), events: VecDeque::new() }
+        ReplayBuffer {
+            capacity: capacity.max(1),
+            events: VecDeque::new(),
+        }
     }
 
     pub fn push(&mut self, seq: u64, json: Arc<str>) {
