@@ -4,6 +4,8 @@
 //! nothing about users or sessions; per-user settings travel over the runner
 //! socket at claim time, which is what lets one warm pool serve every user.
 
+pub mod faults;
+
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 

@@ -49,6 +49,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         other => bail!("EXECUTION_MODE={other} is not available in this build yet; use process"),
     };
+    // Test hook: reproduce backend failures (see aishell_backend::faults).
+    let backend: Arc<dyn Backend> = match std::env::var_os("AISHELL_TEST_FAULTS_FILE") {
+        Some(file) => {
+            tracing::warn!(event = "faults_enabled", file = %file.to_string_lossy(), "backend fault injection is on (test mode)");
+            Arc::new(aishell_backend::faults::FaultyBackend::new(
+                backend,
+                file.into(),
+            ))
+        }
+        None => backend,
+    };
     let user = settings.user().to_string();
     aishell_gateway::auth::validate_user_id(&user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
     let data_dir = cfg.data_dir.clone();

@@ -90,6 +90,21 @@ pub struct ServeSettings {
     /// User of the token printed at start-up [default: local].
     #[arg(long, env = "AISHELL_DEFAULT_USER")]
     pub user: Option<String>,
+    /// Keep pre-started sandboxes ready to claim [default: true].
+    #[arg(long, env = "ENABLE_WARM_POOL")]
+    pub enable_warm_pool: Option<bool>,
+    /// Ready sandboxes the warm pool keeps [default: 3].
+    #[arg(long, env = "WARM_POOL_TARGET_SIZE")]
+    pub warm_pool_target_size: Option<usize>,
+    /// Most sandboxes the warm pool holds, launching ones included [default: 10].
+    #[arg(long, env = "WARM_POOL_MAX_SIZE")]
+    pub warm_pool_max_size: Option<usize>,
+    /// Replace ready sandboxes older than this [default: 3600s].
+    #[arg(long, env = "WARM_POOL_READY_TTL")]
+    pub warm_pool_ready_ttl: Option<String>,
+    /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
+    #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
+    pub max_concurrent_launches: Option<usize>,
 }
 
 macro_rules! fill_from {
@@ -131,7 +146,12 @@ impl ServeSettings {
             runner_reconnect_timeout,
             orphan_grace,
             session_evict_after,
-            user
+            user,
+            enable_warm_pool,
+            warm_pool_target_size,
+            warm_pool_max_size,
+            warm_pool_ready_ttl,
+            max_concurrent_launches
         );
         Ok(())
     }
@@ -242,6 +262,30 @@ impl ServeSettings {
             "runner_reconnect_timeout",
         )?;
         set(&mut d.orphan_grace, &self.orphan_grace, "orphan_grace")?;
+        let p = &mut cfg.pool;
+        p.enabled = self.enable_warm_pool.unwrap_or(true);
+        if let Some(n) = self.warm_pool_target_size {
+            p.target = n;
+        }
+        if let Some(n) = self.warm_pool_max_size {
+            p.max = n;
+        }
+        if p.target > p.max {
+            bail!(
+                "WARM_POOL_TARGET_SIZE ({}) exceeds WARM_POOL_MAX_SIZE ({})",
+                p.target,
+                p.max
+            );
+        }
+        set(
+            &mut p.ready_ttl,
+            &self.warm_pool_ready_ttl,
+            "WARM_POOL_READY_TTL",
+        )?;
+        p.launch_deadline = cfg.deadlines.launch + cfg.deadlines.connect;
+        if let Some(n) = self.max_concurrent_launches {
+            cfg.max_concurrent_launches = n.max(1);
+        }
         Ok(cfg)
     }
 }

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn echo_agent_streams_a_reply_with_consecutive_seqs() {
-    let gw = Gateway::start(&["--agent", "echo"]);
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
     let mut c = gw.connect().await;
     assert_eq!(c.hello["type"], "session");
     assert_eq!(c.hello["protocol"], 1);
@@ -44,7 +44,7 @@ async fn echo_agent_streams_a_reply_with_consecutive_seqs() {
 
 #[tokio::test]
 async fn shell_agent_runs_in_the_workspace_and_the_file_persists() {
-    let gw = Gateway::start(&[]);
+    let gw = Gateway::start(&["--enable-warm-pool", "false"]);
     let mut c = gw.connect().await;
     c.message("m1", "echo hi > notes.txt && cat notes.txt")
         .await;

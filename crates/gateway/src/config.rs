@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use aishell_protocol::runner::AgentSpec;
 
+use crate::pool::PoolConfig;
+
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub bind: SocketAddr,
@@ -33,6 +35,10 @@ pub struct GatewayConfig {
     pub session_evict_after: Duration,
     /// Lifetime of a runner credential (an upper bound on a task's life).
     pub runner_credential_ttl: Duration,
+    pub pool: PoolConfig,
+    /// Task launches in flight at once, per backend (warm and cold); more
+    /// starts queue instead of failing.
+    pub max_concurrent_launches: usize,
 }
 
 /// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
@@ -96,6 +102,8 @@ impl GatewayConfig {
             start_on_connect: false,
             session_evict_after: Duration::from_secs(300),
             runner_credential_ttl: Duration::from_secs(7 * 24 * 3600),
+            pool: PoolConfig::default(),
+            max_concurrent_launches: 16,
         }
     }
 }

@@ -6,6 +6,7 @@ mod client_ws;
 pub mod config;
 pub mod credential;
 mod lifecycle;
+pub mod pool;
 mod runner_ws;
 mod server;
 pub mod session;
@@ -31,6 +32,9 @@ pub struct Shared {
     pub tasks: std::sync::Mutex<HashMap<String, String>>,
     /// Base URL runners dial.
     pub runner_url: String,
+    pub pool: Arc<pool::WarmPool>,
+    /// Bounds launches in flight on the backend (warm and cold).
+    pub launch_slots: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
 }
 

@@ -64,13 +64,14 @@ pub async fn cold(
         }
     };
     ws.max_message_size(64 << 20)
-        .on_upgrade(move |socket| connection(shared, claims, handle, socket))
+        .on_upgrade(move |socket| connection(shared, claims, Some(handle), socket))
 }
 
 pub async fn warm(
     State(shared): State<Arc<Shared>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
+    ws: WebSocketUpgrade,
 ) -> Response {
     let claims = match verify(&shared, &headers) {
         Ok(c) => c,
@@ -84,11 +85,8 @@ pub async fn warm(
         )
             .into_response();
     }
-    (
-        StatusCode::NOT_FOUND,
-        "the warm pool is not enabled on this gateway",
-    )
-        .into_response()
+    ws.max_message_size(64 << 20)
+        .on_upgrade(move |socket| connection(shared, claims, None, socket))
 }
 
 fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Box<Response>> {
@@ -108,10 +106,13 @@ fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Box<Resp
     })
 }
 
+/// One runner socket. `session` is known for cold dial-backs; a warm runner
+/// either names its session in `hello` (a re-dial after its claim) or joins
+/// the pool and waits to be claimed.
 async fn connection(
     shared: Arc<Shared>,
     claims: RunnerClaims,
-    handle: SessionHandle,
+    session: Option<SessionHandle>,
     mut socket: WebSocket,
 ) {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
@@ -144,29 +145,65 @@ async fn connection(
     }
     let generation = shared.next_id();
     let (tx, mut rx) = mpsc::unbounded_channel::<GatewayToRunner>();
-    let attach = RunnerAttach {
-        task_id: task_id.clone(),
-        generation,
-        tx,
-        session_hint: session_id,
-        agent_running,
-    };
-    match handle
-        .request(|reply| SessionCmd::RunnerConnected { attach, reply })
+    // A warm runner that is already bound re-attaches to its session.
+    let session = match (session, &session_id) {
+        (Some(h), _) => Some(h),
+        (None, Some(sid)) => match SessionManager::open_with_grace(
+            &shared,
+            sid,
+            shared.cfg.deadlines.dial_back_grace,
+        )
         .await
-    {
-        Some(Ok(())) => {}
-        Some(Err(reason)) => {
-            tracing::warn!(event = "runner_rejected", sessionId = %handle.id, taskId = %task_id, reason = %reason, "runner not accepted");
-            refuse(socket, 4409, &reason).await;
-            return;
+        {
+            Ok(Some(h)) => Some(h),
+            _ => {
+                refuse(
+                    socket,
+                    4404,
+                    "the session this task was bound to does not exist",
+                )
+                .await;
+                return;
+            }
+        },
+        (None, None) => None,
+    };
+    let mut route = match session {
+        Some(handle) => {
+            let attach = RunnerAttach {
+                task_id: task_id.clone(),
+                generation,
+                tx,
+                session_hint: session_id,
+                agent_running,
+            };
+            match handle
+                .request(|reply| SessionCmd::RunnerConnected { attach, reply })
+                .await
+            {
+                Some(Ok(())) => {}
+                Some(Err(reason)) => {
+                    tracing::warn!(event = "runner_rejected", sessionId = %handle.id, taskId = %task_id, reason = %reason, "runner not accepted");
+                    refuse(socket, 4409, &reason).await;
+                    return;
+                }
+                None => {
+                    refuse(socket, 1013, "session unavailable").await;
+                    return;
+                }
+            }
+            tokio::sync::watch::channel(Some(handle)).1
         }
-        None => {
-            refuse(socket, 1013, "session unavailable").await;
-            return;
-        }
-    }
-    tracing::info!(event = "runner_connected", sessionId = %handle.id, taskId = %task_id, runner_version = %runner_version, protocol, "runner attached");
+        None => match shared.pool.register(&task_id, generation, tx) {
+            Ok(route) => route,
+            Err(reason) => {
+                tracing::warn!(event = "runner_rejected", taskId = %task_id, reason = %reason, "warm runner not accepted");
+                refuse(socket, 4409, &reason).await;
+                return;
+            }
+        },
+    };
+    tracing::info!(event = "runner_connected", taskId = %task_id, runner_version = %runner_version, protocol, "runner attached");
     let (mut sink, mut stream) = socket.split();
     loop {
         tokio::select! {
@@ -176,21 +213,27 @@ async fn connection(
                     Ok(Some(Ok(Message::Close(_)))) | Ok(None) => break,
                     Ok(Some(Ok(_))) => continue,
                     Ok(Some(Err(e))) => {
-                        tracing::warn!(event = "runner_socket_error", sessionId = %handle.id, taskId = %task_id, error = %e, "runner socket failed");
+                        tracing::warn!(event = "runner_socket_error", taskId = %task_id, error = %e, "runner socket failed");
                         break;
                     }
                     Err(_) => {
-                        tracing::warn!(event = "runner_silent", sessionId = %handle.id, taskId = %task_id, "runner silent too long; dropping its socket");
+                        tracing::warn!(event = "runner_silent", taskId = %task_id, "runner silent too long; dropping its socket");
                         break;
                     }
                 };
-                match RunnerToGateway::decode(&text) {
-                    Ok(frame) => {
-                        if !handle.send(SessionCmd::RunnerFrame { task_id: task_id.clone(), generation, frame }).await {
-                            break;
-                        }
+                let frame = match RunnerToGateway::decode(&text) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::warn!(event = "runner_bad_frame", taskId = %task_id, error = %e, "ignoring undecodable runner frame");
+                        continue;
                     }
-                    Err(e) => tracing::warn!(event = "runner_bad_frame", sessionId = %handle.id, taskId = %task_id, error = %e, "ignoring undecodable runner frame"),
+                };
+                // Unclaimed warm runners only send heartbeats; nothing to route.
+                let target = route.borrow().clone();
+                if let Some(handle) = target {
+                    if !handle.send(SessionCmd::RunnerFrame { task_id: task_id.clone(), generation, frame }).await {
+                        break;
+                    }
                 }
             }
             out = rx.recv() => {
@@ -202,12 +245,18 @@ async fn connection(
             }
         }
     }
-    handle
-        .send(SessionCmd::RunnerDisconnected {
-            task_id,
-            generation,
-        })
-        .await;
+    let target = route.borrow_and_update().clone();
+    match target {
+        Some(handle) => {
+            handle
+                .send(SessionCmd::RunnerDisconnected {
+                    task_id,
+                    generation,
+                })
+                .await;
+        }
+        None => shared.pool.disconnected(&task_id, generation),
+    }
 }
 
 async fn refuse(mut socket: WebSocket, code: u16, reason: &str) {

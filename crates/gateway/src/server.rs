@@ -42,7 +42,20 @@ impl Gateway {
             .runner_url
             .clone()
             .unwrap_or_else(|| format!("ws://{local}"));
+        let launch_slots = Arc::new(tokio::sync::Semaphore::new(
+            cfg.max_concurrent_launches.max(1),
+        ));
+        let pool = crate::pool::WarmPool::new(
+            cfg.pool.clone(),
+            backend.clone(),
+            credentials.clone(),
+            cfg.runner_credential_ttl,
+            runner_url.clone(),
+            launch_slots.clone(),
+        );
         let shared = Arc::new(Shared {
+            pool,
+            launch_slots,
             cfg,
             store,
             backend,
@@ -68,6 +81,7 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let shared = self.shared.clone();
         tokio::spawn(reap_orphans(shared.clone()));
+        tokio::spawn(shared.pool.clone().run());
         axum::serve(self.listener, router(shared.clone()))
             .with_graceful_shutdown(shutdown)
             .await?;
@@ -107,6 +121,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "backend": shared.backend.name(),
         "sessions_live": shared.sessions.live_count(),
         "tasks": tasks,
+        "pool": shared.pool.snapshot(),
     }))
 }
 
@@ -167,6 +182,7 @@ async fn reap_orphans(shared: Arc<Shared>) {
 /// Graceful shutdown: stop every task (a crash instead leaves them running
 /// for the next gateway to adopt).
 async fn stop_all(shared: &Arc<Shared>) {
+    shared.pool.drain().await;
     for handle in shared.sessions.live_handles() {
         handle
             .send(SessionCmd::StopTask {

@@ -74,6 +74,10 @@ pub enum RunnerToGateway {
     /// The agent answered its own `init`.
     Ready {
         agent: AgentInfo,
+        /// Milliseconds from spawning the agent to its `init` (for the
+        /// `task_ready` breakdown).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_start_ms: Option<u64>,
     },
     /// One agent output frame. `seq` counts agent frames of this task so a
     /// re-dialled runner can resend what the gateway did not acknowledge.

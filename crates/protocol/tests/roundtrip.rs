@@ -202,7 +202,10 @@ fn runner_to_gateway() -> impl Strategy<Value = RunnerToGateway> {
                 }
             }
         ),
-        agent_info().prop_map(|agent| RunnerToGateway::Ready { agent }),
+        agent_info().prop_map(|agent| RunnerToGateway::Ready {
+            agent,
+            agent_start_ms: None
+        }),
         (any::<u64>(), agent_event())
             .prop_map(|(seq, frame)| RunnerToGateway::Agent { seq, frame }),
         any::<u32>().prop_map(|count| RunnerToGateway::Restored { count }),

@@ -19,6 +19,9 @@ pub struct RunnerConfig {
     pub agent_program: PathBuf,
     /// How long to keep re-dialling a lost gateway before giving up.
     pub reconnect_deadline: Duration,
+    /// Wait this long before the first dial (`AISHELL_RUNNER_DIAL_DELAY_MS`;
+    /// set only by the test fault injector).
+    pub dial_delay: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,10 @@ impl RunnerConfig {
             credential: get("AISHELL_TASK_CREDENTIAL")?,
             agent_program,
             reconnect_deadline,
+            dial_delay: std::env::var("AISHELL_RUNNER_DIAL_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
         })
     }
 

@@ -60,6 +60,8 @@ struct Runner {
     binding: Option<Binding>,
     agent: Option<AgentProcess>,
     agent_ready: bool,
+    /// When the agent was spawned (for `ready.agent_start_ms`).
+    init_deadline_set_at: Option<Instant>,
     init_deadline: Option<Instant>,
     outbox: Outbox,
     /// Restore barriers in flight: ping id → conversation count.
@@ -76,6 +78,7 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         binding: None,
         agent: None,
         agent_ready: false,
+        init_deadline_set_at: None,
         init_deadline: None,
         outbox: Outbox::default(),
         restore_barriers: Vec::new(),
@@ -96,6 +99,10 @@ impl Runner {
     async fn run(&mut self) -> Result<(), RunnerError> {
         let mut backoff = Backoff::new();
         let mut lost_since: Option<Instant> = None;
+        if let Some(delay) = self.cfg.dial_delay {
+            // Test hook (fault injection): dial late, like a slow network.
+            tokio::time::sleep(delay).await;
+        }
         loop {
             match self.connect().await {
                 Ok(ws) => {
@@ -188,6 +195,7 @@ impl Runner {
                         .as_ref()
                         .map(|a| a.info.clone())
                         .unwrap_or_default(),
+                    agent_start_ms: None,
                 },
             )
             .await?;
@@ -347,10 +355,12 @@ impl Runner {
             env.insert("AISHELL_TRACE_ID".into(), t.to_string());
         }
         let command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
+        let spawned_at = Instant::now();
         let agent = AgentProcess::spawn(&command, workspace, &env)
             .map_err(|e| format!("cannot start agent {:?}: {e}", command))?;
         self.agent = Some(agent);
         self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
+        self.init_deadline_set_at = Some(spawned_at);
         self.send_to_agent(AgentInput::Init {
             workspace: Some(workspace.to_string()),
             settings: settings.agent_settings,
@@ -377,11 +387,19 @@ impl Runner {
         match out {
             AgentOutput::Event(AgentEvent::Init(info)) => {
                 self.init_deadline = None;
+
                 self.agent_ready = true;
                 if let Some(agent) = &mut self.agent {
                     agent.info = info.clone();
                 }
-                Some(RunnerToGateway::Ready { agent: info })
+                let agent_start_ms = self
+                    .init_deadline_set_at
+                    .take()
+                    .map(|t| t.elapsed().as_millis() as u64);
+                Some(RunnerToGateway::Ready {
+                    agent: info,
+                    agent_start_ms,
+                })
             }
             AgentOutput::Event(AgentEvent::Pong { id }) if self.is_restore_barrier(&id) => {
                 let id = id.as_str().unwrap_or_default().to_string();

@@ -54,6 +54,11 @@ pub struct SessionRecord {
     pub trace_id: String,
     /// Agent kind the session runs (`shell`, `echo`, ...).
     pub agent: String,
+    /// The task the session is bound to, if any (for re-adoption after a
+    /// gateway restart).
+    pub task_id: Option<String>,
+    /// Last agent frame seq of that task whose event is stored.
+    pub runner_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,9 +148,19 @@ pub trait Store: Send + Sync + 'static {
         conversation_id: &str,
     ) -> Result<Vec<MessageRecord>>;
 
+    /// Bind the session to a task (or to none), resetting its `runner_seq`.
+    async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()>;
+
     /// Append events (ascending seq) in one transaction and raise the
-    /// session's `last_seq`. Re-appending an existing seq is a no-op.
-    async fn append_events(&self, session_id: &str, events: &[StoredEvent]) -> Result<()>;
+    /// session's `last_seq`; with `runner_seq`, record in the same transaction
+    /// the last agent frame of the current task that these events include.
+    /// Re-appending an existing seq is a no-op.
+    async fn append_events(
+        &self,
+        session_id: &str,
+        events: &[StoredEvent],
+        runner_seq: Option<u64>,
+    ) -> Result<()>;
     /// Up to `limit` events with `seq > after_seq`, ascending.
     async fn events_after(
         &self,

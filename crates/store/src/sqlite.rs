@@ -142,6 +142,8 @@ struct SessionRow {
     last_seq: i64,
     trace_id: String,
     agent: String,
+    task_id: Option<String>,
+    runner_seq: i64,
 }
 
 impl SessionRow {
@@ -155,12 +157,14 @@ impl SessionRow {
             last_seq: seq_from_db(self.last_seq)?,
             trace_id: self.trace_id,
             agent: self.agent,
+            task_id: self.task_id,
+            runner_seq: seq_from_db(self.runner_seq)?,
         })
     }
 }
 
 const SESSION_COLUMNS: &str =
-    "id, user_id, state, created_at, updated_at, last_seq, trace_id, agent";
+    "id, user_id, state, created_at, updated_at, last_seq, trace_id, agent, task_id, runner_seq";
 
 #[derive(sqlx::FromRow)]
 struct ConversationRow {
@@ -449,7 +453,22 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn append_events(&self, session_id: &str, events: &[StoredEvent]) -> Result<()> {
+    async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?")
+            .bind(task_id)
+            .bind(now_ms())
+            .bind(session_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn append_events(
+        &self,
+        session_id: &str,
+        events: &[StoredEvent],
+        runner_seq: Option<u64>,
+    ) -> Result<()> {
         let Some(max_seq) = events.iter().map(|e| e.seq).max() else {
             return Ok(());
         };
@@ -470,11 +489,16 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE sessions SET last_seq = MAX(last_seq, ?) WHERE id = ?")
-            .bind(max_seq)
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
+        let runner_seq = runner_seq.map(seq_to_db).transpose()?;
+        sqlx::query(
+            "UPDATE sessions SET last_seq = MAX(last_seq, ?), runner_seq = COALESCE(?, runner_seq) \
+             WHERE id = ?",
+        )
+        .bind(max_seq)
+        .bind(runner_seq)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -560,6 +584,8 @@ mod tests {
             last_seq: 0,
             trace_id: format!("trace-{id}"),
             agent: "echo".to_string(),
+            task_id: None,
+            runner_seq: 0,
         }
     }
 
@@ -806,7 +832,7 @@ mod tests {
             s.create_session(&session("s1", "alice", 1_000))
                 .await
                 .unwrap();
-            s.append_events("s1", &events(1..=5)).await.unwrap();
+            s.append_events("s1", &events(1..=5), None).await.unwrap();
             assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 5);
 
             // Re-appending overlapping seqs keeps the original payloads.
@@ -816,15 +842,15 @@ mod tests {
                     e.json = "CHANGED".to_string();
                 }
             }
-            s.append_events("s1", &replay).await.unwrap();
+            s.append_events("s1", &replay, None).await.unwrap();
             let all = s.events_after("s1", 0, 100).await.unwrap();
             assert_eq!(all, events(1..=7));
             assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 7);
 
             // A stale batch never lowers last_seq.
-            s.append_events("s1", &events(1..=2)).await.unwrap();
+            s.append_events("s1", &events(1..=2), None).await.unwrap();
             assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 7);
-            s.append_events("s1", &[]).await.unwrap();
+            s.append_events("s1", &[], None).await.unwrap();
 
             let page = s.events_after("s1", 2, 3).await.unwrap();
             assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
@@ -842,7 +868,7 @@ mod tests {
                 .unwrap();
             let started = std::time::Instant::now();
             for chunk in events(1..=2_000).chunks(500) {
-                s.append_events("s1", chunk).await.unwrap();
+                s.append_events("s1", chunk, None).await.unwrap();
             }
             let elapsed = started.elapsed();
             assert!(
@@ -937,7 +963,7 @@ mod tests {
             s.insert_message(&message("s1", "c1", Some("m"), "hi"))
                 .await
                 .unwrap();
-            s.append_events("s1", &events(1..=3)).await.unwrap();
+            s.append_events("s1", &events(1..=3), None).await.unwrap();
             s.close().await;
             plain
         };
@@ -1021,5 +1047,52 @@ mod tests {
             OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_000_000).unwrap()
         );
         assert_eq!(to_ms(from_ms(-1_500).unwrap()), -1_500);
+    }
+}
+
+#[cfg(test)]
+mod task_binding_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runner_seq_is_stored_with_events_and_reset_on_a_new_task() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let record = SessionRecord {
+            id: "s1".into(),
+            user_id: "u".into(),
+            state: "STOPPED".into(),
+            created_at: now,
+            updated_at: now,
+            last_seq: 0,
+            trace_id: "t".into(),
+            agent: "echo".into(),
+            task_id: None,
+            runner_seq: 0,
+        };
+        store.create_session(&record).await.unwrap();
+        store.set_session_task("s1", Some("t-1")).await.unwrap();
+        let ev = |seq| StoredEvent {
+            seq,
+            json: format!("{{\"seq\":{seq}}}"),
+        };
+        store
+            .append_events("s1", &[ev(1), ev(2)], Some(7))
+            .await
+            .unwrap();
+        store.append_events("s1", &[ev(3)], None).await.unwrap();
+        let got = store.get_session("s1").await.unwrap().unwrap();
+        assert_eq!(
+            (got.task_id.as_deref(), got.runner_seq, got.last_seq),
+            (Some("t-1"), 7, 3)
+        );
+        store.set_session_task("s1", Some("t-2")).await.unwrap();
+        let got = store.get_session("s1").await.unwrap().unwrap();
+        assert_eq!((got.task_id.as_deref(), got.runner_seq), (Some("t-2"), 0));
+        store.set_session_task("s1", None).await.unwrap();
+        assert_eq!(
+            store.get_session("s1").await.unwrap().unwrap().task_id,
+            None
+        );
     }
 }

@@ -24,11 +24,17 @@ pub struct Gateway {
     _tmp: Option<tempfile::TempDir>,
     logs: Arc<Mutex<Vec<String>>>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
     /// Start a gateway with extra `serve` arguments.
     pub fn start(args: &[&str]) -> Gateway {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Start a gateway with extra arguments and environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let mut gw = Gateway {
@@ -39,6 +45,10 @@ impl Gateway {
             _tmp: Some(tmp),
             logs: Default::default(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         gw.spawn(0);
         gw
@@ -52,6 +62,7 @@ impl Gateway {
             .arg("--data-dir")
             .arg(&self.data_dir);
         cmd.args(&self.args);
+        cmd.envs(self.env.iter().cloned());
         cmd.env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -172,6 +183,63 @@ impl Gateway {
         resume: Option<(&str, u64)>,
     ) -> Result<Client, tungstenite::Error> {
         Client::connect(&self.ws_url(), token, resume).await
+    }
+
+    /// `GET path` on the gateway: (status, JSON body).
+    pub fn http_get(&self, path: &str) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect http");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n",
+            self.token
+        )
+        .unwrap();
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// The warm pool as `/health` reports it.
+    pub fn pool(&self) -> Value {
+        self.http_get("/health").1["pool"].clone()
+    }
+
+    /// Poll until the pool has `ready` ready tasks.
+    pub async fn wait_pool_ready(&self, ready: u64, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pool = self.pool();
+            if pool["ready"].as_u64() == Some(ready) && pool["launching"].as_u64() == Some(0) {
+                return pool;
+            }
+            if Instant::now() > deadline {
+                panic!("pool never reached {ready} ready: {pool}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL the gateway (its tasks keep running), as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the gateway again on the same port and data dir.
+    pub fn restart(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        let port = self.port;
+        self.spawn(port);
     }
 
     /// SIGTERM (graceful: stops tasks) and wait.

@@ -104,8 +104,11 @@ pub enum SessionCmd {
         task_id: String,
         result: Result<(), String>,
     },
+    /// Events up to `seq` are stored; those from agent frames up to
+    /// `runner_seq` of the current task are safe at the gateway.
     Persisted {
-        runner_seq: u64,
+        seq: u64,
+        runner_seq: Option<(String, u64)>,
     },
     /// Stop the task (admin action, gateway shutdown).
     StopTask {
@@ -170,9 +173,14 @@ struct Turn {
     reply: String,
 }
 
-struct PersistItem {
-    event: StoredEvent,
-    runner_seq: Option<u64>,
+/// Work for the persister, applied strictly in order.
+enum PersistItem {
+    Event {
+        event: StoredEvent,
+        runner_seq: Option<u64>,
+    },
+    /// Bind the session to a task (or none); resets the stored runner seq.
+    BindTask(Option<String>),
 }
 
 pub fn spawn(
@@ -182,7 +190,12 @@ pub fn spawn(
     self_tx: mpsc::Sender<SessionCmd>,
     rx: mpsc::Receiver<SessionCmd>,
 ) {
-    let persist_tx = spawn_persister(shared.clone(), record.id.clone(), self_tx.clone());
+    let persist_tx = spawn_persister(
+        shared.clone(),
+        record.id.clone(),
+        record.task_id.clone(),
+        self_tx.clone(),
+    );
     let now = Instant::now();
     let actor = SessionActor {
         replay: ReplayBuffer::new(shared.cfg.replay_buffer),
@@ -195,6 +208,8 @@ pub fn spawn(
         persist_tx,
         clients: Vec::new(),
         next_seq: record.last_seq + 1,
+        delivered_seq: record.last_seq,
+        bound_task: record.task_id.map(|t| (t, record.runner_seq)),
         task: None,
         stopping: None,
         start_after_stop: false,
@@ -223,6 +238,13 @@ struct SessionActor {
     persist_tx: mpsc::UnboundedSender<PersistItem>,
     clients: Vec<Client>,
     next_seq: u64,
+    /// Highest seq stored and sent to clients: events reach clients only
+    /// once durable, so a client never holds an event a restarted gateway
+    /// could lose.
+    delivered_seq: u64,
+    /// The task the store says this session was bound to, with the last
+    /// stored agent frame seq (for re-adoption after a gateway restart).
+    bound_task: Option<(String, u64)>,
     replay: ReplayBuffer,
     task: Option<Task>,
     stopping: Option<Stopping>,
@@ -304,11 +326,7 @@ impl SessionActor {
             SessionCmd::Launched { task_id, result } => self.on_launched(&task_id, result).await,
             SessionCmd::Observed { task_id, status } => self.on_observed(&task_id, status).await,
             SessionCmd::Stopped { task_id, result } => self.on_stopped(&task_id, result).await,
-            SessionCmd::Persisted { runner_seq } => {
-                if let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) {
-                    let _ = link.tx.send(GatewayToRunner::Ack { seq: runner_seq });
-                }
-            }
+            SessionCmd::Persisted { seq, runner_seq } => self.on_persisted(seq, runner_seq).await,
             SessionCmd::StopTask { reason } => {
                 if self.task.is_some() {
                     self.fail_turns(
@@ -334,7 +352,7 @@ impl SessionActor {
         last_seq: Option<u64>,
         reply: oneshot::Sender<AttachReply>,
     ) {
-        let current = self.next_seq - 1;
+        let current = self.delivered_seq;
         let session = ServerEvent::Session {
             state: self.state_name(),
             resumed: last_seq.is_some() || !self.fresh || current > 0,
@@ -344,7 +362,7 @@ impl SessionActor {
         };
         let mut frames = vec![self.frame_json(session, true)];
         if let Some(after) = last_seq {
-            frames.extend(self.replay_after(after.min(current)).await);
+            frames.extend(self.events_between(after.min(current), current).await);
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         self.clients.push(Client { conn_id, tx });
@@ -357,13 +375,13 @@ impl SessionActor {
         }
     }
 
-    /// Every event after `after`: from the store for what memory no longer
-    /// holds, then from memory.
-    async fn replay_after(&self, after: u64) -> Vec<Arc<str>> {
+    /// Stored events with `after < seq <= upto`, in order: from the store
+    /// for what memory no longer holds, then from memory.
+    async fn events_between(&self, after: u64, upto: u64) -> Vec<Arc<str>> {
         let mut out = Vec::new();
         let mem_start = self.replay.first_seq().unwrap_or(self.next_seq);
         let mut cursor = after;
-        while cursor + 1 < mem_start {
+        while cursor < upto && cursor + 1 < mem_start {
             let page = match self
                 .shared
                 .store
@@ -376,17 +394,19 @@ impl SessionActor {
                     break;
                 }
             };
-            let Some(last) = page.last().map(|e| e.seq) else {
+            let before = cursor;
+            for e in page
+                .into_iter()
+                .take_while(|e| e.seq < mem_start && e.seq <= upto)
+            {
+                cursor = e.seq;
+                out.push(Arc::from(e.json));
+            }
+            if cursor == before {
                 break;
-            };
-            out.extend(
-                page.into_iter()
-                    .take_while(|e| e.seq < mem_start)
-                    .map(|e| Arc::from(e.json)),
-            );
-            cursor = last;
+            }
         }
-        out.extend(self.replay.after(cursor.max(after)).cloned());
+        out.extend(self.replay.range(cursor, upto).cloned());
         out
     }
 
@@ -613,44 +633,102 @@ impl SessionActor {
 
     // ---- task start ----------------------------------------------------
 
+    /// Obtain a task: a warm claim when the pool has one, else a cold launch.
     fn start_task(&mut self) {
         let now = Instant::now();
         let is_restart = self.ever_ready || !self.fresh;
-        let task_id = format!("t-{}", uuid::Uuid::new_v4().simple());
-        let deadlines = &self.shared.cfg.deadlines;
         self.session_started_at.get_or_insert(now);
         self.last_runner_seq = 0;
-        let task = Task {
+        self.bound_task = None;
+        let deadlines = self.shared.cfg.deadlines.clone();
+        let pool = self.shared.pool.clone();
+        let claimed = if pool.enabled() {
+            pool.claim(self.own_handle())
+        } else {
+            None
+        };
+        if pool.enabled() {
+            let action = if claimed.is_some() {
+                "claim_hit"
+            } else {
+                "claim_miss"
+            };
+            lifecycle!(self, "warm_pool", action = action, "warm pool claim");
+        }
+        let (task_id, source, phase, runner) = match claimed {
+            Some(c) => {
+                let link = RunnerLink {
+                    generation: c.generation,
+                    tx: c.tx,
+                };
+                (
+                    c.task_id,
+                    TaskSource::Warm,
+                    Phase::Activating,
+                    Some((link, c.took)),
+                )
+            }
+            None => (
+                format!("t-{}", uuid::Uuid::new_v4().simple()),
+                TaskSource::Cold,
+                Phase::Launching,
+                None,
+            ),
+        };
+        let mut breakdown = Vec::new();
+        if let Some((_, took)) = &runner {
+            breakdown.push(("claim", ms(*took)));
+        }
+        self.task = Some(Task {
             id: task_id.clone(),
-            source: TaskSource::Cold,
-            phase: Phase::Launching,
+            source,
+            phase,
             is_restart,
             adopted: false,
             requested_at: now,
             phase_started: now,
-            phase_deadline: Some(now + deadlines.launch),
+            phase_deadline: Some(
+                now + if runner.is_some() {
+                    deadlines.activate
+                } else {
+                    deadlines.launch
+                },
+            ),
             overall_deadline: is_restart.then(|| now + deadlines.restart),
-            breakdown: Vec::new(),
+            breakdown,
             runner: None,
             runner_lost_at: None,
             agent: AgentInfo::default(),
             watch: CancellationToken::new(),
-        };
-        self.task = Some(task);
+        });
         self.shared
             .tasks
             .lock()
             .expect("task map")
             .insert(task_id.clone(), self.id.clone());
+        self.bind_task(Some(&task_id));
+        let eta_ms = if runner.is_some() {
+            50
+        } else {
+            self.cold_eta_ms()
+        };
         self.emit(ServerEvent::Status {
             state: if is_restart {
                 TaskPhase::Restarting
             } else {
                 TaskPhase::Starting
             },
-            source: Some(TaskSource::Cold),
-            eta_ms: Some(self.cold_eta_ms()),
+            source: Some(source),
+            eta_ms: Some(eta_ms),
         });
+        if let Some((link, _)) = runner {
+            // Warm: the runner is connected and waiting; bind it to this user.
+            if let Some(task) = self.task.as_mut() {
+                task.runner = Some(link);
+            }
+            self.send_init_user();
+            return;
+        }
         let spec = LaunchSpec {
             task_id: task_id.clone(),
             mode: "cold".into(),
@@ -665,8 +743,11 @@ impl SessionActor {
             env: Default::default(),
         };
         let backend = self.shared.backend.clone();
+        let slots = self.shared.launch_slots.clone();
         let tx = self.self_tx.clone();
         tokio::spawn(async move {
+            // Bursts queue for a launch slot instead of failing.
+            let _slot = slots.acquire_owned().await;
             let started = Instant::now();
             let result = backend
                 .launch(spec)
@@ -675,6 +756,15 @@ impl SessionActor {
                 .map_err(|e| e.to_string());
             let _ = tx.send(SessionCmd::Launched { task_id, result }).await;
         });
+    }
+
+    /// A handle to this actor, for whoever must route frames to it.
+    fn own_handle(&self) -> super::SessionHandle {
+        super::SessionHandle {
+            id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            tx: self.self_tx.clone(),
+        }
     }
 
     /// Estimate for `status.eta_ms`: a cold start on this backend.
@@ -795,10 +885,16 @@ impl SessionActor {
     async fn on_runner_connected(&mut self, attach: RunnerAttach) -> Result<(), String> {
         let now = Instant::now();
         let connect_deadline = self.shared.cfg.deadlines.activate;
+        // Only the task the store says this session is bound to may re-attach.
+        let bound = self
+            .bound_task
+            .as_ref()
+            .is_some_and(|(t, _)| *t == attach.task_id);
         if self.task.is_none()
             && self.stopping.is_none()
             && attach.agent_running
             && attach.session_hint.as_deref() == Some(&self.id)
+            && bound
         {
             // A runner that survived a gateway restart re-attaches: adopt it.
             self.adopt(attach);
@@ -848,6 +944,8 @@ impl SessionActor {
 
     fn adopt(&mut self, attach: RunnerAttach) {
         let now = Instant::now();
+        // Frames the runner resends that were already stored are dropped.
+        self.last_runner_seq = self.bound_task.take().map_or(0, |(_, seq)| seq);
         tracing::info!(event = "task_adopted", sessionId = %self.id, taskId = %attach.task_id, "adopted a running task after a gateway restart");
         self.shared
             .tasks
@@ -897,7 +995,10 @@ impl SessionActor {
     async fn on_runner_frame(&mut self, frame: RunnerToGateway) {
         match frame {
             RunnerToGateway::Hello { .. } | RunnerToGateway::Heartbeat => {}
-            RunnerToGateway::Ready { agent } => self.on_agent_ready(agent).await,
+            RunnerToGateway::Ready {
+                agent,
+                agent_start_ms,
+            } => self.on_agent_ready(agent, agent_start_ms).await,
             RunnerToGateway::Restored { count } => {
                 if let Some(task) = self.task.as_mut().filter(|t| t.phase == Phase::Restoring) {
                     task.breakdown
@@ -941,7 +1042,7 @@ impl SessionActor {
         }
     }
 
-    async fn on_agent_ready(&mut self, agent: AgentInfo) {
+    async fn on_agent_ready(&mut self, agent: AgentInfo, agent_start_ms: Option<u64>) {
         let restore = match self.task.as_ref() {
             // Only a replacement task needs the session's conversations; a
             // first start has nothing to restore, an adopted one kept its state.
@@ -972,8 +1073,11 @@ impl SessionActor {
         let now = Instant::now();
         let restore_deadline = self.shared.cfg.deadlines.activate;
         let task = self.task.as_mut().expect("checked above");
-        task.breakdown
-            .push(("agent_ready", ms(now - task.phase_started)));
+        // `init`: workspace and spawn; `agent_ready`: the agent's own start.
+        let activating = ms(now - task.phase_started);
+        let agent_ms = agent_start_ms.unwrap_or(activating).min(activating);
+        task.breakdown.push(("init", activating - agent_ms));
+        task.breakdown.push(("agent_ready", agent_ms));
         task.agent = agent;
         if conversations.is_empty() {
             self.become_ready(None);
@@ -1216,6 +1320,7 @@ impl SessionActor {
     /// Stop the current task in the background; STOPPING until it is gone.
     fn begin_stop(&mut self, reason: &str) {
         let Some(task) = self.task.take() else { return };
+        self.bind_task(None);
         task.watch.cancel();
         if let Some(link) = &task.runner {
             let _ = link.tx.send(GatewayToRunner::Shutdown {
@@ -1474,7 +1579,7 @@ impl SessionActor {
 
     fn frame_json(&self, event: ServerEvent, ephemeral: bool) -> Arc<str> {
         let seq = if ephemeral {
-            self.next_seq - 1
+            self.delivered_seq
         } else {
             self.next_seq
         };
@@ -1499,20 +1604,45 @@ impl SessionActor {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.replay.push(seq, json.clone());
-        let _ = self.persist_tx.send(PersistItem {
-            event: StoredEvent {
-                seq,
-                json: json.to_string(),
-            },
-            runner_seq,
-        });
-        self.clients.retain(|c| match c.tx.try_send(Outbound::Frame(json.clone())) {
-            Ok(()) => true,
-            Err(_) => {
-                tracing::warn!(event = "client_too_slow", sessionId = %self.id, connId = c.conn_id, "client not reading; dropping it (it can resume with last_seq)");
-                false
+        let event = StoredEvent {
+            seq,
+            json: json.to_string(),
+        };
+        let _ = self
+            .persist_tx
+            .send(PersistItem::Event { event, runner_seq });
+    }
+
+    /// Events up to `seq` are stored: send them to every client, and tell
+    /// the runner which of its frames it may forget.
+    async fn on_persisted(&mut self, seq: u64, runner_seq: Option<(String, u64)>) {
+        if seq > self.delivered_seq {
+            let frames = self.events_between(self.delivered_seq, seq).await;
+            self.delivered_seq = seq;
+            let id = &self.id;
+            self.clients.retain(|c| {
+                frames.iter().all(|json| c.tx.try_send(Outbound::Frame(json.clone())).is_ok()) || {
+                    tracing::warn!(event = "client_too_slow", sessionId = %id, connId = c.conn_id, "client not reading; dropping it (it can resume with last_seq)");
+                    false
+                }
+            });
+        }
+        if let Some((task_id, runner_seq)) = runner_seq {
+            let link = self
+                .task
+                .as_ref()
+                .filter(|t| t.id == task_id)
+                .and_then(|t| t.runner.as_ref());
+            if let Some(link) = link {
+                let _ = link.tx.send(GatewayToRunner::Ack { seq: runner_seq });
             }
-        });
+        }
+    }
+
+    fn bind_task(&self, task_id: Option<&str>) {
+        let _ = self
+            .persist_tx
+            .send(PersistItem::BindTask(task_id.map(str::to_string)));
     }
 
     /// A connection-local answer (pong, BAD_FRAME, lists): never replayed.
@@ -1525,37 +1655,102 @@ impl SessionActor {
 }
 
 /// Writes a session's events to the store in batches, in order, and reports
-/// back which runner frames are now safe so the runner can forget them.
+/// back what is stored: clients then get those events, and the runner learns
+/// which of its frames are safe so it can forget them.
 fn spawn_persister(
     shared: Arc<Shared>,
     session_id: String,
+    bound_task: Option<String>,
     tx: mpsc::Sender<SessionCmd>,
 ) -> mpsc::UnboundedSender<PersistItem> {
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
-        let mut batch = Vec::new();
+        let mut writer = EventWriter {
+            shared,
+            session_id,
+            task: bound_task,
+            tx,
+            events: Vec::new(),
+            runner_seq: None,
+        };
+        let mut pending = Vec::new();
         while let Some(first) = rx.recv().await {
-            batch.clear();
-            batch.push(first);
-            while batch.len() < 512 {
+            pending.push(first);
+            while pending.len() < 512 {
                 match rx.try_recv() {
-                    Ok(item) => batch.push(item),
+                    Ok(item) => pending.push(item),
                     Err(_) => break,
                 }
             }
-            let events: Vec<StoredEvent> = batch.iter().map(|i| i.event.clone()).collect();
-            let mut delay = Duration::from_millis(50);
-            while let Err(e) = shared.store.append_events(&session_id, &events).await {
-                tracing::error!(event = "store_error", sessionId = %session_id, error = %e, "could not persist events; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+            for item in pending.drain(..) {
+                match item {
+                    PersistItem::Event { event, runner_seq } => {
+                        writer.events.push(event);
+                        writer.runner_seq = runner_seq.or(writer.runner_seq);
+                    }
+                    PersistItem::BindTask(task) => {
+                        writer.flush().await;
+                        writer.bind(task).await;
+                    }
+                }
             }
-            if let Some(runner_seq) = batch.iter().filter_map(|i| i.runner_seq).max() {
-                let _ = tx.send(SessionCmd::Persisted { runner_seq }).await;
-            }
+            writer.flush().await;
         }
     });
     persist_tx
+}
+
+struct EventWriter {
+    shared: Arc<Shared>,
+    session_id: String,
+    task: Option<String>,
+    tx: mpsc::Sender<SessionCmd>,
+    events: Vec<StoredEvent>,
+    runner_seq: Option<u64>,
+}
+
+impl EventWriter {
+    async fn flush(&mut self) {
+        let Some(seq) = self.events.last().map(|e| e.seq) else {
+            return;
+        };
+        let mut delay = Duration::from_millis(50);
+        while let Err(e) = self
+            .shared
+            .store
+            .append_events(&self.session_id, &self.events, self.runner_seq)
+            .await
+        {
+            tracing::error!(event = "store_error", sessionId = %self.session_id, error = %e, "could not persist events; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        let runner_seq = self
+            .runner_seq
+            .take()
+            .zip(self.task.clone())
+            .map(|(s, t)| (t, s));
+        self.events.clear();
+        let _ = self
+            .tx
+            .send(SessionCmd::Persisted { seq, runner_seq })
+            .await;
+    }
+
+    async fn bind(&mut self, task: Option<String>) {
+        let mut delay = Duration::from_millis(50);
+        while let Err(e) = self
+            .shared
+            .store
+            .set_session_task(&self.session_id, task.as_deref())
+            .await
+        {
+            tracing::error!(event = "store_error", sessionId = %self.session_id, error = %e, "could not record the session's task; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        self.task = task;
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

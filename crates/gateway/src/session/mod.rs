@@ -82,6 +82,8 @@ impl SessionManager {
             last_seq: 0,
             trace_id: uuid::Uuid::new_v4().simple().to_string(),
             agent: shared.cfg.agent.kind.clone(),
+            task_id: None,
+            runner_seq: 0,
         };
         shared.store.create_session(&record).await?;
         Ok(Self::start_actor(shared, record, true))

@@ -29,10 +29,11 @@ impl ReplayBuffer {
         self.events.front().map(|(s, _)| *s)
     }
 
-    /// Events with seq > `after`, oldest first.
-    pub fn after(&self, after: u64) -> impl Iterator<Item = &Arc<str>> {
+    /// Events with `after < seq <= upto`, oldest first.
+    pub fn range(&self, after: u64, upto: u64) -> impl Iterator<Item = &Arc<str>> {
         let start = self.events.partition_point(|(s, _)| *s <= after);
-        self.events.range(start..).map(|(_, j)| j)
+        let end = self.events.partition_point(|(s, _)| *s <= upto);
+        self.events.range(start..end.max(start)).map(|(_, j)| j)
     }
 }
 
@@ -47,8 +48,9 @@ mod tests {
             b.push(s, Arc::from(s.to_string()));
         }
         assert_eq!(b.first_seq(), Some(3));
-        let got: Vec<&str> = b.after(3).map(|j| &**j).collect();
+        let got: Vec<&str> = b.range(3, 5).map(|j| &**j).collect();
         assert_eq!(got, ["4", "5"]);
-        assert_eq!(b.after(5).count(), 0);
+        assert_eq!(b.range(3, 4).count(), 1);
+        assert_eq!(b.range(5, 9).count(), 0);
     }
 }

@@ -1,0 +1,206 @@
+//! Warm pool end to end (issue 3): claims, refill, cold fallback, eviction.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+
+fn warm_runner_pids() -> Vec<i32> {
+    pids_with_env("AISHELL_TASK_MODE=warm", " runner")
+}
+
+#[tokio::test]
+async fn a_warm_claim_serves_the_session_and_the_pool_refills() {
+    let gw = Gateway::start(&["--agent", "echo", "--warm-pool-target-size", "2"]);
+    gw.wait_pool_ready(2, WAIT).await;
+    let mut c = gw.connect().await;
+    c.message("m1", "hi").await;
+    let frames = c.turn().await;
+    let status = of_type(&frames, "status");
+    assert_eq!(status[0]["source"], "warm", "{}", pretty(&frames));
+    assert_eq!(text_of(&frames), "hi");
+    let ready = gw
+        .wait_log("task_ready", |l| l["phase"] == "task_ready", WAIT)
+        .await;
+    assert_eq!(ready["source"], "warm");
+    for step in ["claim", "init", "agent_ready"] {
+        assert!(
+            ready["breakdown"][step].is_u64(),
+            "breakdown lacks {step}: {ready}"
+        );
+    }
+    assert!(
+        ready["breakdown"]["launch"].is_null(),
+        "a warm start has no launch step: {ready}"
+    );
+    gw.wait_log(
+        "claim_hit",
+        |l| l["phase"] == "warm_pool" && l["action"] == "claim_hit",
+        WAIT,
+    )
+    .await;
+    // The claimed task left the pool for good; a new one replaces it.
+    let pool = gw.wait_pool_ready(2, WAIT).await;
+    assert_eq!(pool["claim_hit"], 1);
+    assert!(pool["launched"].as_u64().unwrap() >= 3, "{pool}");
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_share_a_task_and_an_empty_pool_falls_back_to_cold() {
+    let gw = Gateway::start(&[
+        "--agent",
+        "echo",
+        "--warm-pool-target-size",
+        "2",
+        "--warm-pool-max-size",
+        "2",
+    ]);
+    gw.wait_pool_ready(2, WAIT).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(gw.connect().await);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.message("m", &format!("from-{i}")).await;
+    }
+    let mut sources = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let frames = c.turn().await;
+        assert_eq!(text_of(&frames), format!("from-{i}"));
+        sources.push(
+            of_type(&frames, "status")[0]["source"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    sources.sort();
+    assert_eq!(
+        sources,
+        ["cold", "cold", "warm", "warm"],
+        "two claims hit, two fell back to cold"
+    );
+    // Every session got its own task.
+    let tasks: HashSet<String> = gw
+        .logs()
+        .iter()
+        .filter(|l| l["phase"] == "task_ready")
+        .map(|l| l["taskId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tasks.len(), 4, "tasks were shared: {tasks:?}");
+    let pool = gw.wait_pool_ready(2, WAIT).await;
+    assert_eq!(
+        (pool["claim_hit"].as_u64(), pool["claim_miss"].as_u64()),
+        (Some(2), Some(2))
+    );
+}
+
+#[tokio::test]
+async fn a_warm_runner_killed_while_ready_is_evicted_and_replaced() {
+    let gw = Gateway::start(&["--agent", "echo", "--warm-pool-target-size", "1"]);
+    gw.wait_pool_ready(1, WAIT).await;
+    let before = warm_runner_pids()
+        .into_iter()
+        .filter(|p| is_child_of(*p, gw.pid()))
+        .collect::<Vec<_>>();
+    assert_eq!(before.len(), 1, "{before:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    gw.wait_log(
+        "evict",
+        |l| l["phase"] == "warm_pool" && l["action"] == "evict",
+        WAIT,
+    )
+    .await;
+    let pool = gw.wait_pool_ready(1, WAIT).await;
+    assert_eq!(pool["evicted"], 1);
+    let after = warm_runner_pids()
+        .into_iter()
+        .filter(|p| is_child_of(*p, gw.pid()))
+        .collect::<Vec<_>>();
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before, "the dead task was replaced by a new one");
+    // And the replacement serves a session.
+    let mut c = gw.connect().await;
+    c.message("m1", "after eviction").await;
+    let frames = c.turn().await;
+    assert_eq!(of_type(&frames, "status")[0]["source"], "warm");
+}
+
+#[tokio::test]
+async fn ready_tasks_past_their_ttl_are_replaced() {
+    let gw = Gateway::start(&[
+        "--agent",
+        "echo",
+        "--warm-pool-target-size",
+        "1",
+        "--warm-pool-ready-ttl",
+        "1s",
+    ]);
+    gw.wait_pool_ready(1, WAIT).await;
+    gw.wait_log(
+        "ttl evict",
+        |l| l["action"] == "evict" && l["reason"] == "ready TTL expired",
+        WAIT,
+    )
+    .await;
+    let pool = gw.wait_pool_ready(1, WAIT).await;
+    assert!(pool["evicted"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn a_failing_backend_opens_the_breaker_instead_of_launching_without_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let faults = tmp.path().join("faults");
+    std::fs::write(
+        &faults,
+        "launch=error:AccessDeniedException: RunTask not allowed\n",
+    )
+    .unwrap();
+    let faults = faults.to_str().unwrap();
+    let gw = Gateway::start_with_env(
+        &["--agent", "echo", "--warm-pool-target-size", "3"],
+        &[("AISHELL_TEST_FAULTS_FILE", faults)],
+    );
+    gw.wait_log("breaker", |l| l["event"] == "warm_pool_breaker_open", WAIT)
+        .await;
+    let pool = gw.pool();
+    assert_eq!(pool["breaker_open"], true, "{pool}");
+    let launched = pool["launched"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = gw.pool();
+    assert_eq!(
+        later["launched"].as_u64().unwrap(),
+        launched,
+        "no launches while the breaker is open: {later}"
+    );
+    assert!(launched <= 10, "backoff keeps attempts few: {launched}");
+    // A session meanwhile gets a clear error, not silence.
+    let mut c = gw.connect().await;
+    c.message("m1", "hello").await;
+    let frames = c.until(|v| is_type(v, "error"), WAIT).await;
+    let err = frames.last().unwrap();
+    assert_eq!(err["error"]["code"], "TASK_START_FAILED");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("AccessDeniedException"),
+        "{err}"
+    );
+}
+
+fn is_child_of(pid: i32, parent: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    after
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(parent)
+}
