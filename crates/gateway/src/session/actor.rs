@@ -159,6 +159,7 @@ struct Client {
     tx: mpsc::Sender<Outbound>,
 }
 
+#[derive(Clone)]
 struct QueuedMessage {
     conversation_id: String,
     content: String,
@@ -168,7 +169,7 @@ struct QueuedMessage {
 
 /// A user message the agent is working on.
 struct Turn {
-    received_at: Instant,
+    message: QueuedMessage,
     first_event_seen: bool,
     reply: String,
 }
@@ -609,7 +610,7 @@ impl SessionActor {
             .entry(msg.conversation_id.clone())
             .or_default()
             .push_back(Turn {
-                received_at: msg.received_at,
+                message: msg.clone(),
                 first_event_seen: false,
                 reply: String::new(),
             });
@@ -1158,7 +1159,7 @@ impl SessionActor {
                 if let Some(turn) = turns.front_mut() {
                     if !turn.first_event_seen {
                         turn.first_event_seen = true;
-                        let took = now - turn.received_at;
+                        let took = now - turn.message.received_at;
                         lifecycle!(self, "message_roundtrip", conversationId = %cid, duration_ms = ms(took), "first agent event");
                     }
                     match &frame {
@@ -1287,9 +1288,11 @@ impl SessionActor {
         let busy = !self.turns.is_empty();
         tracing::warn!(event = "task_lost", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task.id, processingState = self.processing_state(), reason = %why, "task lost");
         if busy {
-            self.fail_turns(
+            // Turns the agent had not started run again on the next task.
+            self.end_turns(
                 ErrorCode::AgentCrashed,
                 &format!("{why}. Your next message will start a new sandbox and resume."),
+                true,
             );
         }
         self.emit(ServerEvent::Status {
@@ -1305,13 +1308,28 @@ impl SessionActor {
 
     /// End every turn in flight with an error frame naming its conversation.
     fn fail_turns(&mut self, code: ErrorCode, message: &str) {
-        let mut conversations: Vec<String> = self.turns.drain().map(|(c, _)| c).collect();
-        conversations.sort();
-        for cid in conversations {
+        self.end_turns(code, message, false);
+    }
+
+    /// End the turns in flight: one error frame per turn, oldest first; with
+    /// `requeue_unstarted`, turns that produced no agent event yet go back to
+    /// the front of the queue instead (the agent never began them).
+    fn end_turns(&mut self, code: ErrorCode, message: &str, requeue_unstarted: bool) {
+        let mut turns: Vec<Turn> = self.turns.drain().flat_map(|(_, t)| t).collect();
+        turns.sort_by_key(|t| t.message.received_at);
+        let mut requeue = Vec::new();
+        for turn in turns {
+            if requeue_unstarted && !turn.first_event_seen {
+                requeue.push(turn.message);
+                continue;
+            }
             self.emit(ServerEvent::Agent(AgentEvent::Error {
-                conversation_id: Some(cid),
+                conversation_id: Some(turn.message.conversation_id),
                 error: aishell_protocol::ErrorBody::new(code, message),
             }));
+        }
+        for msg in requeue.into_iter().rev() {
+            self.queue.push_front(msg);
         }
         self.questions.clear();
         self.idle_since = Instant::now();

@@ -1,0 +1,376 @@
+//! The five production failure classes of SPEC §7, each reproduced against
+//! real processes with a fault-injecting backend decorator, plus crashes
+//! mid-turn and a gateway killed and restarted under load.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A gateway whose backend reads faults from a file the test controls.
+fn faulty(args: &[&str]) -> (Gateway, PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("faults");
+    std::fs::write(&file, "").unwrap();
+    let gw = Gateway::start_with_env(
+        args,
+        &[("AISHELL_TEST_FAULTS_FILE", file.to_str().unwrap())],
+    );
+    (gw, file, tmp)
+}
+
+fn set_faults(file: &PathBuf, rules: &str) {
+    std::fs::write(file, rules).unwrap();
+}
+
+fn first_error(frames: &[serde_json::Value]) -> &serde_json::Value {
+    of_type(frames, "error")
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no error frame: {}", pretty(frames)))
+}
+
+/// Class 1: the original's ECS role lacked DescribeTasks. A failing status
+/// call must reach the client with the backend's reason within 1 s.
+#[tokio::test]
+async fn class1_a_failing_status_call_reaches_the_client_within_a_second() {
+    let (gw, faults, _t) = faulty(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    // The runner dials late, so the status poll is what answers first.
+    set_faults(
+        &faults,
+        "status=error:AccessDeniedException: not authorized to perform ecs:DescribeTasks\nrunner_dial_delay=3000\n",
+    );
+    let mut c = gw.connect().await;
+    let sent = Instant::now();
+    c.message("m1", "hello").await;
+    let frames = c.until(|v| is_type(v, "error"), WAIT).await;
+    let took = sent.elapsed();
+    let err = first_error(&frames);
+    assert_eq!(err["error"]["code"], "TASK_START_FAILED");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("DescribeTasks"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(1), "error took {took:?}");
+
+    // The message was kept: once the backend answers, it runs, then the retry.
+    set_faults(&faults, "");
+    c.message("m2", "retry").await;
+    assert_eq!(text_of(&c.turn().await), "hello");
+    assert_eq!(text_of(&c.turn().await), "retry");
+
+    // A launch refusal during a restart is TASK_RESTART_FAILED, with its reason.
+    set_faults(&faults, "launch=error:ThrottlingException: Rate exceeded\n");
+    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
+    assert_eq!(runners.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runners[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.until(|v| is_type(v, "status") && v["state"] == "stopped", WAIT)
+        .await;
+    c.message("m3", "after").await;
+    let frames = c.until(|v| is_type(v, "error"), WAIT).await;
+    let err = first_error(&frames);
+    assert_eq!(err["error"]["code"], "TASK_RESTART_FAILED");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ThrottlingException"),
+        "{err}"
+    );
+}
+
+/// Class 2: the runner dialled back before the gateway registered it
+/// ("No ECS bridge found"): accepted, the session works.
+#[tokio::test]
+async fn class2_a_runner_dialling_back_before_the_launch_call_returns_is_accepted() {
+    let (gw, faults, _t) = faulty(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    set_faults(&faults, "launch=delay:1500\n");
+    let mut c = gw.connect().await;
+    let sent = Instant::now();
+    c.message("m1", "early bird").await;
+    let frames = c.turn().await;
+    assert_eq!(text_of(&frames), "early bird", "{}", pretty(&frames));
+    assert!(
+        sent.elapsed() < Duration::from_millis(1400),
+        "ready before the launch call returned"
+    );
+    let logs = gw.logs();
+    let pos = |phase: &str| logs.iter().position(|l| l["phase"] == phase);
+    gw.wait_log("task_start", |l| l["phase"] == "task_start", WAIT)
+        .await;
+    let logs2 = gw.logs();
+    let start = logs2
+        .iter()
+        .position(|l| l["phase"] == "task_start")
+        .unwrap();
+    assert!(
+        pos("task_connect").unwrap() < start,
+        "runner connected before the launch call returned"
+    );
+}
+
+/// Class 2, the window itself: a dial-back for a session that is not
+/// registered waits out the grace window, then is refused.
+#[tokio::test]
+async fn class2_a_dial_back_for_an_unknown_session_is_refused_after_the_grace_window() {
+    let gw = Gateway::start(&["--agent", "echo", "--dial-back-grace", "1s"]);
+    let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
+    let signer = aishell_gateway::credential::CredentialSigner::new(key);
+    let cred = signer.mint("t-x", "cold", Some("s-not-yet"), Duration::from_secs(60));
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://127.0.0.1:{}/internal/task/s-not-yet", gw.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let started = Instant::now();
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 404),
+        other => panic!("expected 404, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "refused only after the grace window"
+    );
+}
+
+/// Class 3: reconnect + message while the old task is still stopping: the
+/// new start waits for the stop and never binds to the dying task.
+#[tokio::test]
+async fn class3_a_message_during_a_slow_stop_waits_for_it_then_starts_a_new_task() {
+    let (gw, faults, _t) = faulty(&[
+        "--agent",
+        "echo",
+        "--enable-warm-pool",
+        "false",
+        "--session-idle-timeout",
+        "1s",
+    ]);
+    let mut c = gw.connect().await;
+    c.message("m1", "one").await;
+    c.turn().await;
+    let first_task = gw
+        .wait_log("ready", |l| l["phase"] == "task_ready", WAIT)
+        .await["taskId"]
+        .clone();
+    set_faults(&faults, "stop=delay:2000\n");
+    c.until(
+        |v| is_type(v, "status") && v["state"] == "stopped",
+        Duration::from_secs(10),
+    )
+    .await;
+    let stop_began = Instant::now();
+    // Reconnect and send while the stop is still in progress.
+    let session = c.session_id.clone();
+    drop(c);
+    let mut r = gw
+        .connect_as(&gw.token, Some((&session, 1_000_000)))
+        .await
+        .unwrap();
+    r.message("m2", "two").await;
+    let frames = r.turn().await;
+    assert_eq!(text_of(&frames), "two", "{}", pretty(&frames));
+    assert!(
+        stop_began.elapsed() >= Duration::from_millis(1800),
+        "the new start waited for the stop"
+    );
+    let readies: Vec<_> = gw
+        .logs()
+        .into_iter()
+        .filter(|l| l["phase"] == "task_ready")
+        .collect();
+    assert_eq!(readies.len(), 2);
+    assert_ne!(
+        readies[1]["taskId"], first_task,
+        "never bound to the dying task"
+    );
+}
+
+/// Class 4: a restart that hangs ends with TASK_RESTART_FAILED at the deadline,
+/// and the user can retry.
+#[tokio::test]
+async fn class4_a_hanging_restart_fails_at_its_deadline_and_a_retry_works() {
+    let (gw, faults, _t) = faulty(&[
+        "--agent",
+        "echo",
+        "--enable-warm-pool",
+        "false",
+        "--session-idle-timeout",
+        "1s",
+        "--restart-timeout",
+        "2s",
+    ]);
+    let mut c = gw.connect().await;
+    c.message("m1", "one").await;
+    c.turn().await;
+    c.until(
+        |v| is_type(v, "status") && v["state"] == "stopped",
+        Duration::from_secs(10),
+    )
+    .await;
+    set_faults(&faults, "launch=hang\n");
+    let sent = Instant::now();
+    c.message("m2", "two").await;
+    let frames = c
+        .until(|v| is_type(v, "error"), Duration::from_secs(10))
+        .await;
+    assert_eq!(first_error(&frames)["error"]["code"], "TASK_RESTART_FAILED");
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
+    set_faults(&faults, "");
+    c.message("m3", "three").await;
+    // The kept message runs first, then the retry.
+    let mut texts = Vec::new();
+    while texts.len() < 2 {
+        texts.push(text_of(&c.turn().await));
+    }
+    assert_eq!(texts, ["two", "three"]);
+}
+
+/// Class 5: detaching the client and the idle timer during a restart must
+/// not stop the task being started.
+#[tokio::test]
+async fn class5_detach_and_idle_timer_during_a_restart_do_not_stop_the_new_task() {
+    let (gw, faults, _t) = faulty(&[
+        "--agent",
+        "echo",
+        "--enable-warm-pool",
+        "false",
+        "--session-idle-timeout",
+        "1s",
+    ]);
+    let mut c = gw.connect().await;
+    c.message("m1", "one").await;
+    c.turn().await;
+    c.until(
+        |v| is_type(v, "status") && v["state"] == "stopped",
+        Duration::from_secs(10),
+    )
+    .await;
+    // A slow restart (2 s, longer than the idle timeout), and the client leaves.
+    set_faults(&faults, "status=delay:2000\nrunner_dial_delay=2000\n");
+    c.message("m2", "two").await;
+    let session = c.session_id.clone();
+    let last = c.last_seq;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    set_faults(&faults, "");
+    let mut r = gw
+        .connect_as(&gw.token, Some((&session, last)))
+        .await
+        .unwrap();
+    let frames = r.turn().await;
+    assert_eq!(
+        text_of(&frames),
+        "two",
+        "the restart completed and the queued message ran: {}",
+        pretty(&frames)
+    );
+    let restarts: Vec<_> = gw
+        .logs()
+        .into_iter()
+        .filter(|l| l["phase"] == "task_restart")
+        .collect();
+    assert_eq!(restarts.len(), 1);
+    assert_eq!(restarts[0]["success"], true);
+}
+
+/// The runner killed mid-turn: AGENT_CRASHED, then messages queued meanwhile
+/// run in order on a new task.
+#[tokio::test]
+async fn a_runner_killed_mid_turn_gives_agent_crashed_and_queued_messages_run_in_order() {
+    let gw = Gateway::start(&["--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    c.message("m1", "echo go; sleep 30").await;
+    c.until(|v| is_type(v, "text_delta"), WAIT).await;
+    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
+    assert_eq!(runners.len(), 1, "{runners:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runners[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let conv = "conv-q";
+    for i in 0..3 {
+        c.send(json!({"type": "message", "id": format!("q{i}"), "conversation_id": conv, "content": format!("echo queued-{i}")})).await;
+    }
+    let frames = c
+        .until(|v| is_type(v, "error"), Duration::from_secs(5))
+        .await;
+    assert_eq!(first_error(&frames)["error"]["code"], "AGENT_CRASHED");
+    let mut outputs = Vec::new();
+    while outputs.len() < 3 {
+        outputs.push(text_of(&c.turn().await).trim().to_string());
+    }
+    assert_eq!(outputs, ["queued-0", "queued-1", "queued-2"]);
+}
+
+/// Gateway SIGKILLed while a turn streams; restarted on the same data dir:
+/// the runner re-dials and is adopted, the client resumes with `last_seq`
+/// and gets every line exactly once; warm tasks re-register or are cleaned up.
+#[tokio::test]
+async fn a_gateway_killed_mid_stream_loses_nothing_after_restart() {
+    let mut gw = Gateway::start(&["--warm-pool-target-size", "1", "--orphan-grace", "2s"]);
+    gw.wait_pool_ready(1, WAIT).await;
+    let mut c = gw.connect().await;
+    c.message(
+        "m1",
+        "for i in $(seq 1 40); do echo line-$i; sleep 0.05; done",
+    )
+    .await;
+    let seen = c
+        .until(
+            |v| is_type(v, "text_delta") && v["delta"].as_str().unwrap_or("").contains("line-5"),
+            WAIT,
+        )
+        .await;
+    let session = c.session_id.clone();
+    gw.kill9();
+    let last_seen = c.last_seq;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.restart(&[]);
+    // The client reconnects and resumes.
+    let mut r = None;
+    for _ in 0..50 {
+        if let Ok(client) = gw.connect_as(&gw.token, Some((&session, last_seen))).await {
+            r = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut r = r.expect("reconnected");
+    let rest = r
+        .until(|v| is_type(v, "finish"), Duration::from_secs(30))
+        .await;
+    let seqs: Vec<u64> = rest.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
+    for pair in seqs.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "gap or duplicate: {seqs:?}");
+    }
+    let all = format!("{}{}", text_of(&seen), text_of(&rest));
+    let lines: Vec<&str> = all.lines().collect();
+    let expected: Vec<String> = (1..=40).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines, expected, "every line exactly once, in order");
+    assert!(
+        gw.logs().iter().any(|l| l["event"] == "task_adopted"),
+        "runner was adopted"
+    );
+    // The warm task re-registered (or was replaced) and the pool is full again.
+    gw.wait_pool_ready(1, WAIT).await;
+    // The session keeps working after the restart.
+    r.message("m2", "echo still-here").await;
+    assert!(text_of(&r.turn().await).contains("still-here"));
+}
