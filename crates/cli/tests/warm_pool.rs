@@ -204,3 +204,66 @@ fn is_child_of(pid: i32, parent: u32) -> bool {
         .and_then(|p| p.parse::<u32>().ok())
         == Some(parent)
 }
+
+#[tokio::test]
+async fn metrics_expose_lifecycle_histograms_gauges_and_error_counters() {
+    let gw = Gateway::start(&["--agent", "echo", "--warm-pool-target-size", "1"]);
+    gw.wait_pool_ready(1, WAIT).await;
+    for i in 0..3 {
+        let mut c = gw.connect().await;
+        c.message("m", &format!("hi {i}")).await;
+        c.turn().await;
+    }
+    let mut bad = gw.connect().await;
+    bad.send(serde_json::json!({"type": "nope"})).await;
+    bad.next(WAIT).await;
+    let (status, _) = gw.http_get("/metrics");
+    assert_eq!(status, 200);
+    let text = metrics_text(&gw);
+    let count = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    };
+    assert_eq!(
+        count(r#"aishell_lifecycle_duration_seconds_count{phase="message_roundtrip",source=""}"#),
+        3.0
+    );
+    let ready_warm =
+        count(r#"aishell_lifecycle_duration_seconds_count{phase="task_ready",source="warm"}"#);
+    let ready_cold = text
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"aishell_lifecycle_duration_seconds_count{phase="task_ready",source="cold"}"#,
+            )
+        })
+        .map_or(0.0, |l| {
+            l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+        });
+    assert_eq!(ready_warm + ready_cold, 3.0);
+    assert!(ready_warm >= 1.0);
+    assert!(
+        text.contains("aishell_lifecycle_duration_seconds_bucket"),
+        "histograms have buckets"
+    );
+    assert_eq!(count("aishell_warm_pool_ready"), 1.0);
+    assert!(count("aishell_runners_connected") >= 1.0);
+    assert!(count("aishell_clients_connected") >= 1.0);
+    // BAD_FRAME errors are answered per connection, not counted as session errors;
+    // the disconnects of the three finished clients are.
+    assert!(count(r#"aishell_ws_disconnects_total{processing_state="idle"}"#) >= 3.0);
+}
+
+fn metrics_text(gw: &Gateway) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}

@@ -41,6 +41,7 @@ pub async fn handler(
         }
         Err(e) => {
             tracing::warn!(event = "auth_failed", reason = %e, "client refused");
+            crate::metrics::error(ErrorCode::Unauthorized.as_str());
             return error_response(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
@@ -86,6 +87,7 @@ async fn connection(
     {
         Ok(a) => a,
         Err((code, close, message)) => {
+            crate::metrics::error(code.as_str());
             let sid = session_id.unwrap_or_default();
             let frame = ServerFrame {
                 seq: 0,
@@ -104,6 +106,7 @@ async fn connection(
         }
     };
     let (handle, mut frames, mut rx) = attached;
+    crate::metrics::clients(1.0);
     tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
     let (mut sink, mut stream) = socket.split();
     let mut reason = String::from("client closed");
@@ -194,6 +197,7 @@ async fn connection(
         }
     }
     handle.send(SessionCmd::Detach { conn_id, reason }).await;
+    crate::metrics::clients(-1.0);
 }
 
 fn close(code: u16, reason: &str) -> Message {

@@ -6,6 +6,7 @@ mod client_ws;
 pub mod config;
 pub mod credential;
 mod lifecycle;
+pub mod metrics;
 pub mod pool;
 mod runner_ws;
 mod server;

@@ -204,6 +204,7 @@ async fn connection(
         },
     };
     tracing::info!(event = "runner_connected", taskId = %task_id, runner_version = %runner_version, protocol, "runner attached");
+    crate::metrics::runners(1.0);
     let (mut sink, mut stream) = socket.split();
     loop {
         tokio::select! {
@@ -245,6 +246,7 @@ async fn connection(
             }
         }
     }
+    crate::metrics::runners(-1.0);
     let target = route.borrow_and_update().clone();
     match target {
         Some(handle) => {

@@ -38,6 +38,7 @@ impl Gateway {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
         let local = listener.local_addr()?;
+        crate::metrics::install();
         let runner_url = cfg
             .runner_url
             .clone()
@@ -110,6 +111,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/internal/warm/{task_id}", get(runner_ws::warm))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
         .with_state(shared)
 }
 
@@ -123,6 +125,19 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "tasks": tasks,
         "pool": shared.pool.snapshot(),
     }))
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let pool = shared.pool.snapshot();
+    crate::metrics::pool(pool.ready, pool.launching);
+    let body = crate::metrics::install().render();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -288,6 +288,7 @@ impl SessionActor {
             }
         }
         self.shared.sessions.remove(&self.id, &self.self_tx);
+        crate::metrics::session_state(Some(&self.last_state), None);
         tracing::debug!(event = "session_evicted", sessionId = %self.id, "session actor left memory");
     }
 
@@ -427,6 +428,7 @@ impl SessionActor {
             reason = %reason,
             "client disconnected"
         );
+        crate::metrics::disconnect(self.processing_state());
         if self.clients.is_empty() {
             self.detached_at = Some(Instant::now());
         }
@@ -789,6 +791,7 @@ impl SessionActor {
             Ok(took) => {
                 task.breakdown.push(("launch", ms(took)));
                 lifecycle!(self, "task_start", taskId = %task_id, duration_ms = ms(took), source = "cold", "backend launched task");
+                crate::metrics::phase("task_start", Some("cold"), took);
                 if let Some(task) = self.task.as_ref().filter(|t| t.phase == Phase::Launching) {
                     self.watch_status(task.id.clone(), task.watch.clone());
                 }
@@ -852,6 +855,7 @@ impl SessionActor {
                     task.phase_started = now;
                     task.phase_deadline = Some(now + self.shared.cfg.deadlines.connect);
                     lifecycle!(self, "task_pending", taskId = %task_id, duration_ms = ms(took), "task is running");
+                    crate::metrics::phase("task_pending", None, took);
                 }
                 if task.runner_lost_at.is_some() {
                     // Runner socket dropped but the task lives: wait for a re-dial.
@@ -918,6 +922,7 @@ impl SessionActor {
                     let took = now - task.phase_started;
                     task.breakdown.push(("pending", ms(took)));
                     lifecycle!(self, "task_pending", taskId = %attach.task_id, duration_ms = ms(took), "task is running");
+                    crate::metrics::phase("task_pending", None, took);
                 }
                 let took = now - task.phase_started;
                 task.breakdown.push(("connect", ms(took)));
@@ -927,6 +932,7 @@ impl SessionActor {
                 task.runner = Some(link);
                 task.watch.cancel();
                 lifecycle!(self, "task_connect", taskId = %attach.task_id, duration_ms = ms(took), "runner connected");
+                crate::metrics::phase("task_connect", None, took);
                 self.send_init_user();
             }
             _ => {
@@ -1121,12 +1127,15 @@ impl SessionActor {
         );
         if !adopted {
             lifecycle!(self, "task_ready", taskId = %task_id, duration_ms = ms(total), source = source.as_str(), breakdown = %breakdown, "task ready");
+            crate::metrics::phase("task_ready", Some(source.as_str()), total);
             if is_restart {
                 lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(total), success = true, "task restarted");
+                crate::metrics::phase("task_restart", Some("success"), total);
             }
             if !self.ever_ready {
                 let since = self.session_started_at.unwrap_or(now);
                 lifecycle!(self, "session_create", taskId = %task_id, duration_ms = ms(now - since), "session ready");
+                crate::metrics::phase("session_create", None, now - since);
             }
         }
         self.ever_ready = true;
@@ -1161,6 +1170,7 @@ impl SessionActor {
                         turn.first_event_seen = true;
                         let took = now - turn.message.received_at;
                         lifecycle!(self, "message_roundtrip", conversationId = %cid, duration_ms = ms(took), "first agent event");
+                        crate::metrics::phase("message_roundtrip", None, took);
                     }
                     match &frame {
                         AgentEvent::TextDelta { delta, .. }
@@ -1266,6 +1276,7 @@ impl SessionActor {
         tracing::error!(event = "task_start_failed", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task_id, code = code.as_str(), duration_ms = ms(took), reason = %message, "task start failed");
         if is_restart {
             lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(took), success = false, "task restart failed");
+            crate::metrics::phase("task_restart", Some("failure"), took);
         }
         self.emit(ServerEvent::error(code, message));
         self.emit(ServerEvent::Status {
@@ -1515,6 +1526,7 @@ impl SessionActor {
         if task.phase == Phase::Ready {
             if self.turns.is_empty() && now >= self.idle_since + cfg.idle_timeout {
                 lifecycle!(self, "idle_timeout", taskId = %task.id, idle_ms = ms(now - self.idle_since), "stopping idle task");
+                crate::metrics::idle_timeout();
                 self.begin_stop("idle timeout");
                 self.emit(ServerEvent::Status {
                     state: TaskPhase::Stopped,
@@ -1527,6 +1539,7 @@ impl SessionActor {
                     .is_some_and(|d| now >= d + cfg.disconnect_processing_timeout)
             {
                 lifecycle!(self, "idle_timeout", taskId = %task.id, reason = "disconnected_processing", "client gone too long; stopping task");
+                crate::metrics::idle_timeout();
                 self.fail_turns(
                     ErrorCode::AgentCrashed,
                     "the turn was stopped because no client was attached",
@@ -1582,6 +1595,7 @@ impl SessionActor {
     fn sync_state(&mut self) {
         let state = self.state_name();
         if state != self.last_state {
+            crate::metrics::session_state(Some(&self.last_state), Some(&state));
             self.last_state = state.clone();
             let store = self.shared.store.clone();
             let id = self.id.clone();
@@ -1618,6 +1632,9 @@ impl SessionActor {
     }
 
     fn emit_with_runner_seq(&mut self, event: ServerEvent, runner_seq: Option<u64>) {
+        if let Some(code) = event.error_code() {
+            crate::metrics::error(code);
+        }
         let json = self.frame_json(event, false);
         let seq = self.next_seq;
         self.next_seq += 1;
