@@ -105,6 +105,39 @@ pub struct ServeSettings {
     /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
     #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
     pub max_concurrent_launches: Option<usize>,
+    /// Accept HS256 JWTs signed with this shared secret.
+    #[arg(long, env = "AISHELL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Accept RS256/ES256 JWTs verified with this PEM public key file.
+    #[arg(long, env = "AISHELL_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Accept JWTs verified with the keys of this JWKS file.
+    #[arg(long, env = "AISHELL_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required JWT issuer (`iss`).
+    #[arg(long, env = "AISHELL_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required JWT audience (`aud`).
+    #[arg(long, env = "AISHELL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// JWT claim naming the user [default: sub].
+    #[arg(long, env = "AISHELL_JWT_USER_CLAIM")]
+    pub jwt_user_claim: Option<String>,
+    /// JWT claim granting the admin role (true, "admin", or a list containing "admin").
+    #[arg(long, env = "AISHELL_JWT_ADMIN_CLAIM")]
+    pub jwt_admin_claim: Option<String>,
+    /// Client frames per second per connection (burst twice that) [default: 20].
+    #[arg(long, env = "AISHELL_MESSAGES_PER_SECOND")]
+    pub messages_per_second: Option<u32>,
+    /// Open connections per user; more get HTTP 429 [default: 64].
+    #[arg(long, env = "AISHELL_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    /// Sandboxes one user may run at once; more get QUOTA_EXCEEDED [default: 10].
+    #[arg(long, env = "AISHELL_MAX_TASKS_PER_USER")]
+    pub max_tasks_per_user: Option<usize>,
+    /// Warm-pool tasks one user may hold at once; beyond it starts go cold [default: 2].
+    #[arg(long, env = "AISHELL_MAX_WARM_CLAIMS_PER_USER")]
+    pub max_warm_claims_per_user: Option<usize>,
 }
 
 macro_rules! fill_from {
@@ -151,7 +184,18 @@ impl ServeSettings {
             warm_pool_target_size,
             warm_pool_max_size,
             warm_pool_ready_ttl,
-            max_concurrent_launches
+            max_concurrent_launches,
+            jwt_secret,
+            jwt_public_key,
+            jwt_jwks,
+            jwt_issuer,
+            jwt_audience,
+            jwt_user_claim,
+            jwt_admin_claim,
+            messages_per_second,
+            max_connections_per_user,
+            max_tasks_per_user,
+            max_warm_claims_per_user
         );
         Ok(())
     }
@@ -285,6 +329,29 @@ impl ServeSettings {
         p.launch_deadline = cfg.deadlines.launch + cfg.deadlines.connect;
         if let Some(n) = self.max_concurrent_launches {
             cfg.max_concurrent_launches = n.max(1);
+        }
+        if self.jwt_secret.is_some() || self.jwt_public_key.is_some() || self.jwt_jwks.is_some() {
+            cfg.jwt = Some(aishell_gateway::auth::JwtConfig {
+                hs256_secret: self.jwt_secret.clone(),
+                public_key_pem: self.jwt_public_key.clone(),
+                jwks_file: self.jwt_jwks.clone(),
+                issuer: self.jwt_issuer.clone(),
+                audience: self.jwt_audience.clone(),
+                user_claim: self.jwt_user_claim.clone().unwrap_or_else(|| "sub".into()),
+                admin_claim: self.jwt_admin_claim.clone(),
+            });
+        }
+        if let Some(n) = self.messages_per_second {
+            cfg.messages_per_second = n.max(1);
+        }
+        if let Some(n) = self.max_connections_per_user {
+            cfg.max_connections_per_user = n.max(1);
+        }
+        if let Some(n) = self.max_tasks_per_user {
+            cfg.max_tasks_per_user = n;
+        }
+        if let Some(n) = self.max_warm_claims_per_user {
+            cfg.max_warm_claims_per_user = n;
         }
         Ok(cfg)
     }

@@ -18,6 +18,7 @@ use crate::session::{Outbound, SessionCmd, SessionHandle, SessionManager};
 /// Close code for a frame over the size limit (RFC 6455 "message too big").
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close codes for session-level refusals (4000–4999 are application codes).
+const CLOSE_UNAUTHORIZED: u16 = 4401;
 const CLOSE_FORBIDDEN: u16 = 4403;
 const CLOSE_NOT_FOUND: u16 = 4404;
 const CLOSE_TOO_SLOW: u16 = 4408;
@@ -29,7 +30,11 @@ pub async fn handler(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = auth::bearer_token(&headers, query.get("token").map(String::as_str));
-    let identity = match auth::authenticate(shared.store.as_ref(), token.as_deref()).await {
+    let identity = match shared
+        .auth
+        .authenticate(shared.store.as_ref(), token.as_deref())
+        .await
+    {
         Ok(id) => id,
         Err(auth::AuthError::Store(e)) => {
             tracing::error!(event = "auth_store_error", error = %e, "token store unavailable");
@@ -61,13 +66,25 @@ pub async fn handler(
             );
         }
     };
+    let Some(slot) = ConnectionSlot::take(&shared, &identity.user_id) else {
+        tracing::warn!(event = "too_many_connections", userId = %identity.user_id, "connection refused: per-user limit");
+        crate::metrics::error(ErrorCode::Overloaded.as_str());
+        let msg = format!(
+            "too many open connections for this user (limit {}); close some and retry",
+            shared.cfg.max_connections_per_user
+        );
+        return error_response(StatusCode::TOO_MANY_REQUESTS, ErrorCode::Overloaded, &msg);
+    };
     let max = shared.cfg.max_frame_bytes;
     // Frames between the limit and this hard cap are read, then refused with
     // 1009 by us; beyond it the socket library itself gives up.
     let hard_cap = max.saturating_mul(2).max(max + 1024);
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| connection(shared, identity, session_id, last_seq, socket))
+        .on_upgrade(move |socket| async move {
+            connection(shared, identity, session_id, last_seq, socket).await;
+            drop(slot);
+        })
 }
 
 fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Response {
@@ -77,7 +94,7 @@ fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Respons
 
 async fn connection(
     shared: Arc<Shared>,
-    identity: Identity,
+    mut identity: Identity,
     session_id: Option<String>,
     last_seq: Option<u64>,
     mut socket: WebSocket,
@@ -126,8 +143,18 @@ async fn connection(
         }
     }
     let max = shared.cfg.max_frame_bytes;
+    let mut bucket = TokenBucket::new(shared.cfg.messages_per_second);
     loop {
+        let expires = identity.expires_at;
         tokio::select! {
+            _ = sleep_until_system(expires) => {
+                // The credential lapsed without an `update_token`.
+                let frame = ServerFrame { seq: 0, session_id: handle.id.clone(), ephemeral: true, event: ServerEvent::error(ErrorCode::Unauthorized, "your token expired; reconnect with a new one") };
+                let _ = sink.send(Message::Text(frame.to_json().into())).await;
+                let _ = sink.send(close(CLOSE_UNAUTHORIZED, "token expired")).await;
+                reason = "token expired".into();
+                break;
+            }
             incoming = stream.next() => {
                 let msg = match incoming {
                     Some(Ok(m)) => m,
@@ -149,7 +176,8 @@ async fn connection(
                         break;
                     }
                     Message::Binary(_) => {
-                        handle.send(SessionCmd::BadFrame { conn_id, message: "binary frames are not supported; send JSON text frames".into() }).await;
+                        let event = ServerEvent::error(ErrorCode::BadFrame, "binary frames are not supported; send JSON text frames");
+                        handle.send(SessionCmd::Reply { conn_id, event }).await;
                         continue;
                     }
                     Message::Close(_) => break,
@@ -160,16 +188,23 @@ async fn connection(
                     reason = "frame too large".into();
                     break;
                 }
-                let cmd = match ClientFrame::decode(&text) {
-                    Ok(ClientFrame::UpdateToken { token }) => {
-                        match auth::authenticate(shared.store.as_ref(), Some(&token)).await {
-                            Ok(new) if new.user_id == identity.user_id => SessionCmd::Client { conn_id, frame: ClientFrame::Ping { id: serde_json::json!("token_updated") } },
-                            Ok(_) => SessionCmd::BadFrame { conn_id, message: "update_token: the new token belongs to another user".into() },
-                            Err(e) => SessionCmd::BadFrame { conn_id, message: format!("update_token: {e}") },
-                        }
+                let reply = |event| SessionCmd::Reply { conn_id, event };
+                let cmd = if !bucket.take() {
+                    let message = format!("too many frames: at most {} per second; this one was not accepted, send it again", shared.cfg.messages_per_second);
+                    reply(ServerEvent::error(ErrorCode::Overloaded, message))
+                } else {
+                    match ClientFrame::decode(&text) {
+                        Ok(ClientFrame::UpdateToken { token }) => match shared.auth.authenticate(shared.store.as_ref(), Some(&token)).await {
+                            Ok(new) if new.user_id == identity.user_id => {
+                                identity = new;
+                                reply(ServerEvent::Agent(aishell_protocol::AgentEvent::Info { message: "token updated".into() }))
+                            }
+                            Ok(_) => reply(ServerEvent::error(ErrorCode::Forbidden, "update_token: the new token belongs to another user")),
+                            Err(e) => reply(ServerEvent::error(ErrorCode::Unauthorized, format!("update_token: {e}"))),
+                        },
+                        Ok(frame) => SessionCmd::Client { conn_id, frame },
+                        Err(e) => reply(ServerEvent::error(ErrorCode::BadFrame, e.to_string())),
                     }
-                    Ok(frame) => SessionCmd::Client { conn_id, frame },
-                    Err(e) => SessionCmd::BadFrame { conn_id, message: e.to_string() },
                 };
                 if !handle.send(cmd).await {
                     reason = "session ended".into();
@@ -269,4 +304,95 @@ async fn attach(
         1011,
         "could not attach to the session; try again".into(),
     ))
+}
+
+/// Counts a user's open connections; released on drop.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    user_id: String,
+}
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>, user_id: &str) -> Option<Self> {
+        let mut open = shared.connections.lock().expect("connection counts");
+        let n = open.entry(user_id.to_string()).or_default();
+        if *n >= shared.cfg.max_connections_per_user {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            shared: shared.clone(),
+            user_id: user_id.to_string(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.shared.connections.lock().expect("connection counts");
+        if let Some(n) = open.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// Frames per second per connection, with a burst of twice the rate.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second.max(1));
+        TokenBucket {
+            rate,
+            tokens: rate * 2.0,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn sleep_until_system(at: Option<std::time::SystemTime>) {
+    match at {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut b = TokenBucket::new(10);
+        let burst = (0..100).take_while(|_| b.take()).count();
+        assert_eq!(burst, 20);
+        std::thread::sleep(std::time::Duration::from_millis(210));
+        let refilled = (0..100).take_while(|_| b.take()).count();
+        assert!((2..=3).contains(&refilled), "{refilled}");
+    }
 }

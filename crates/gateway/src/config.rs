@@ -36,6 +36,19 @@ pub struct GatewayConfig {
     /// Lifetime of a runner credential (an upper bound on a task's life).
     pub runner_credential_ttl: Duration,
     pub pool: PoolConfig,
+    /// JWT verification; opaque API tokens always work.
+    pub jwt: Option<crate::auth::JwtConfig>,
+    /// Client frames per second per connection (token bucket; burst = 2×).
+    pub messages_per_second: u32,
+    /// Open client connections per user; more get HTTP 429.
+    pub max_connections_per_user: usize,
+    /// Sandboxes (tasks) one user may run at once; more: `QUOTA_EXCEEDED`.
+    pub max_tasks_per_user: usize,
+    /// Warm tasks one user may hold at once; beyond it their starts go cold,
+    /// so one user cannot drain the pool.
+    pub max_warm_claims_per_user: usize,
+    /// Starts waiting for a launch slot before new ones get `OVERLOADED`.
+    pub max_queued_starts: usize,
     /// Task launches in flight at once, per backend (warm and cold); more
     /// starts queue instead of failing.
     pub max_concurrent_launches: usize,
@@ -103,6 +116,12 @@ impl GatewayConfig {
             session_evict_after: Duration::from_secs(300),
             runner_credential_ttl: Duration::from_secs(7 * 24 * 3600),
             pool: PoolConfig::default(),
+            jwt: None,
+            messages_per_second: 20,
+            max_connections_per_user: 64,
+            max_tasks_per_user: 10,
+            max_warm_claims_per_user: 2,
+            max_queued_starts: 256,
             max_concurrent_launches: 16,
         }
     }

@@ -25,12 +25,17 @@ pub use server::{Gateway, serve};
 /// Everything the gateway's parts share.
 pub struct Shared {
     pub cfg: GatewayConfig,
+    pub auth: auth::Authenticator,
+    /// Open client connections per user.
+    pub connections: std::sync::Mutex<HashMap<String, usize>>,
+    /// Starts waiting for a launch slot (for `OVERLOADED`).
+    pub queued_starts: std::sync::atomic::AtomicUsize,
     pub store: Arc<dyn Store>,
     pub backend: Arc<dyn Backend>,
     pub credentials: credential::CredentialSigner,
     pub sessions: session::SessionManager,
     /// Which session each live task belongs to (for orphan cleanup and /health).
-    pub tasks: std::sync::Mutex<HashMap<String, String>>,
+    pub tasks: std::sync::Mutex<HashMap<String, TaskOwner>>,
     /// Base URL runners dial.
     pub runner_url: String,
     pub pool: Arc<pool::WarmPool>,
@@ -39,7 +44,33 @@ pub struct Shared {
     next_id: AtomicU64,
 }
 
+/// Who a live task belongs to.
+#[derive(Debug, Clone)]
+pub struct TaskOwner {
+    pub session_id: String,
+    pub user_id: String,
+    /// Claimed from the warm pool.
+    pub warm: bool,
+}
+
+impl TaskOwner {
+    pub fn new(session_id: &str, user_id: &str, warm: bool) -> Self {
+        TaskOwner {
+            session_id: session_id.to_string(),
+            user_id: user_id.to_string(),
+            warm,
+        }
+    }
+}
+
 impl Shared {
+    /// (tasks, warm tasks) a user runs right now.
+    pub fn tasks_of(&self, user_id: &str) -> (usize, usize) {
+        let tasks = self.tasks.lock().expect("task map");
+        let mine = tasks.values().filter(|o| o.user_id == user_id);
+        mine.fold((0, 0), |(n, w), o| (n + 1, w + usize::from(o.warm)))
+    }
+
     /// A process-unique number for connection ids and runner generations.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1

@@ -231,10 +231,9 @@ async fn connection(
                 };
                 // Unclaimed warm runners only send heartbeats; nothing to route.
                 let target = route.borrow().clone();
-                if let Some(handle) = target {
-                    if !handle.send(SessionCmd::RunnerFrame { task_id: task_id.clone(), generation, frame }).await {
-                        break;
-                    }
+                let Some(handle) = target else { continue };
+                if !handle.send(SessionCmd::RunnerFrame { task_id: task_id.clone(), generation, frame }).await {
+                    break;
                 }
             }
             out = rx.recv() => {

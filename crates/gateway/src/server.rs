@@ -1,6 +1,5 @@
 //! HTTP server: routes, start-up (orphan cleanup) and shutdown.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -54,7 +53,12 @@ impl Gateway {
             runner_url.clone(),
             launch_slots.clone(),
         );
+        let auth =
+            crate::auth::Authenticator::new(cfg.jwt.clone()).map_err(|e| anyhow::anyhow!(e))?;
         let shared = Arc::new(Shared {
+            auth,
+            connections: Default::default(),
+            queued_starts: Default::default(),
             pool,
             launch_slots,
             cfg,
@@ -205,8 +209,14 @@ async fn stop_all(shared: &Arc<Shared>) {
             })
             .await;
     }
-    let owned: HashMap<String, String> = shared.tasks.lock().expect("task map").clone();
-    let stops = owned.keys().map(|id| shared.backend.stop(id));
+    let owned: Vec<String> = shared
+        .tasks
+        .lock()
+        .expect("task map")
+        .keys()
+        .cloned()
+        .collect();
+    let stops = owned.iter().map(|id| shared.backend.stop(id));
     let _ = tokio::time::timeout(
         shared.cfg.deadlines.stop,
         futures_util::future::join_all(stops),

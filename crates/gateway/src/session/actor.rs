@@ -74,10 +74,10 @@ pub enum SessionCmd {
         conn_id: u64,
         frame: ClientFrame,
     },
-    /// A client frame that could not be decoded.
-    BadFrame {
+    /// A connection-local answer for one client (BAD_FRAME, token updates...).
+    Reply {
         conn_id: u64,
-        message: String,
+        event: ServerEvent,
     },
     RunnerConnected {
         attach: RunnerAttach,
@@ -301,9 +301,7 @@ impl SessionActor {
             } => self.attach(conn_id, last_seq, reply).await,
             SessionCmd::Detach { conn_id, reason } => self.detach(conn_id, &reason),
             SessionCmd::Client { conn_id, frame } => self.on_client(conn_id, frame).await,
-            SessionCmd::BadFrame { conn_id, message } => {
-                self.reply(conn_id, ServerEvent::error(ErrorCode::BadFrame, message));
-            }
+            SessionCmd::Reply { conn_id, event } => self.reply(conn_id, event),
             SessionCmd::RunnerConnected { attach, reply } => {
                 let result = self.on_runner_connected(attach).await;
                 let _ = reply.send(result);
@@ -644,12 +642,36 @@ impl SessionActor {
         self.last_runner_seq = 0;
         self.bound_task = None;
         let deadlines = self.shared.cfg.deadlines.clone();
+        let cfg = &self.shared.cfg;
+        let (running, warm) = self.shared.tasks_of(&self.user_id);
+        if running >= cfg.max_tasks_per_user {
+            let message = format!(
+                "you already have {running} sandboxes running (limit {}); wait for one to go idle or stop it, then send your message again",
+                cfg.max_tasks_per_user
+            );
+            tracing::warn!(event = "quota_exceeded", sessionId = %self.id, userId = %self.user_id, running, "task quota reached");
+            self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
+            return;
+        }
+        let cold_queue = self
+            .shared
+            .queued_starts
+            .load(std::sync::atomic::Ordering::Relaxed);
         let pool = self.shared.pool.clone();
-        let claimed = if pool.enabled() {
+        // One user cannot drain the pool: past the cap their starts go cold.
+        let may_claim = pool.enabled() && warm < cfg.max_warm_claims_per_user;
+        let claimed = if may_claim {
             pool.claim(self.own_handle())
         } else {
             None
         };
+        if claimed.is_none() && cold_queue >= cfg.max_queued_starts {
+            let message = format!(
+                "the gateway is starting {cold_queue} sandboxes already; retry in a few seconds"
+            );
+            self.emit(ServerEvent::error(ErrorCode::Overloaded, message));
+            return;
+        }
         if pool.enabled() {
             let action = if claimed.is_some() {
                 "claim_hit"
@@ -704,11 +726,12 @@ impl SessionActor {
             agent: AgentInfo::default(),
             watch: CancellationToken::new(),
         });
+        let owner = crate::TaskOwner::new(&self.id, &self.user_id, source == TaskSource::Warm);
         self.shared
             .tasks
             .lock()
             .expect("task map")
-            .insert(task_id.clone(), self.id.clone());
+            .insert(task_id.clone(), owner);
         self.bind_task(Some(&task_id));
         let eta_ms = if runner.is_some() {
             50
@@ -748,9 +771,16 @@ impl SessionActor {
         let backend = self.shared.backend.clone();
         let slots = self.shared.launch_slots.clone();
         let tx = self.self_tx.clone();
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             // Bursts queue for a launch slot instead of failing.
+            shared
+                .queued_starts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _slot = slots.acquire_owned().await;
+            shared
+                .queued_starts
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let started = Instant::now();
             let result = backend
                 .launch(spec)
@@ -954,11 +984,12 @@ impl SessionActor {
         // Frames the runner resends that were already stored are dropped.
         self.last_runner_seq = self.bound_task.take().map_or(0, |(_, seq)| seq);
         tracing::info!(event = "task_adopted", sessionId = %self.id, taskId = %attach.task_id, "adopted a running task after a gateway restart");
+        let owner = crate::TaskOwner::new(&self.id, &self.user_id, false);
         self.shared
             .tasks
             .lock()
             .expect("task map")
-            .insert(attach.task_id.clone(), self.id.clone());
+            .insert(attach.task_id.clone(), owner);
         self.task = Some(Task {
             id: attach.task_id,
             source: TaskSource::Cold,
