@@ -5,6 +5,7 @@ pub mod auth;
 mod client_ws;
 pub mod config;
 pub mod credential;
+mod files;
 mod lifecycle;
 pub mod metrics;
 pub mod pool;

@@ -116,6 +116,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
+        .merge(crate::files::routes())
         .with_state(shared)
 }
 
