@@ -27,6 +27,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Create, list or revoke API tokens.
     Token(token::TokenArgs),
+    /// Sandbox hours per user (the basis of weekly quotas).
+    Usage(token::UsageArgs),
     /// The supervisor inside a sandbox (started by a backend, not by hand).
     Runner,
     /// Run a built-in agent on stdin/stdout (started by the runner).
@@ -53,6 +55,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(*args).await,
             Command::Chat(args) => chat::run(args).await,
             Command::Token(args) => token::run(args).await,
+            Command::Usage(args) => token::usage(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
                 let cfg = aishell_runner::RunnerConfig::from_env()?;

@@ -138,6 +138,9 @@ pub struct ServeSettings {
     /// Warm-pool tasks one user may hold at once; beyond it starts go cold [default: 2].
     #[arg(long, env = "AISHELL_MAX_WARM_CLAIMS_PER_USER")]
     pub max_warm_claims_per_user: Option<usize>,
+    /// Sandbox hours each user may use per rolling week; more: QUOTA_EXCEEDED [default: unlimited].
+    #[arg(long, env = "AISHELL_MAX_HOURS_PER_WEEK")]
+    pub max_hours_per_week: Option<f64>,
 }
 
 macro_rules! fill_from {
@@ -195,7 +198,8 @@ impl ServeSettings {
             messages_per_second,
             max_connections_per_user,
             max_tasks_per_user,
-            max_warm_claims_per_user
+            max_warm_claims_per_user,
+            max_hours_per_week
         );
         Ok(())
     }
@@ -353,6 +357,7 @@ impl ServeSettings {
         if let Some(n) = self.max_warm_claims_per_user {
             cfg.max_warm_claims_per_user = n;
         }
+        cfg.max_hours_per_week = self.max_hours_per_week.filter(|h| *h > 0.0);
         Ok(cfg)
     }
 }

@@ -42,6 +42,41 @@ enum TokenCommand {
     Revoke { id: String },
 }
 
+/// `aishell usage`: sandbox hours per user.
+#[derive(Args)]
+pub struct UsageArgs {
+    /// Only this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Period to sum over (e.g. 7d, 24h).
+    #[arg(long, default_value = "7d")]
+    since: String,
+    #[arg(long, env = "AISHELL_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    let settings = ServeSettings {
+        data_dir: args.data_dir,
+        database_url: args.database_url,
+        ..Default::default()
+    };
+    let store = aishell_store::open(&settings.database_url()).await?;
+    let since = time::OffsetDateTime::now_utc() - parse_duration(&args.since)?;
+    println!("user\thours\ttasks");
+    for row in store.usage_since(since, args.user.as_deref()).await? {
+        println!(
+            "{}\t{:.4}\t{}",
+            row.user_id,
+            row.seconds as f64 / 3600.0,
+            row.tasks
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
     let settings = ServeSettings {
         data_dir: args.data_dir,

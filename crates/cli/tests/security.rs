@@ -266,3 +266,53 @@ async fn a_user_past_the_task_quota_gets_quota_exceeded_and_cannot_drain_the_war
     b.message("m", "bob works").await;
     assert_eq!(text_of(&b.turn().await), "bob works");
 }
+
+#[tokio::test]
+async fn weekly_hours_are_recorded_and_enforced() {
+    // 0.0005 h = 1.8 s of sandbox time per week.
+    let gw = Gateway::start(&[
+        "--agent",
+        "echo",
+        "--enable-warm-pool",
+        "false",
+        "--session-idle-timeout",
+        "2s",
+        "--max-hours-per-week",
+        "0.0005",
+    ]);
+    let mut c = gw.connect().await;
+    c.message("m1", "spend some time").await;
+    c.turn().await;
+    c.until(
+        |v| is_type(v, "status") && v["state"] == "stopped",
+        Duration::from_secs(10),
+    )
+    .await;
+    c.message("m2", "over the limit").await;
+    let frames = c.until(|v| is_type(v, "error"), WAIT).await;
+    let err = frames.last().unwrap();
+    assert_eq!(
+        err["error"]["code"],
+        "QUOTA_EXCEEDED",
+        "{}",
+        pretty(&frames)
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sandbox hours this week")
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["usage", "--data-dir"])
+        .arg(&gw.data_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("local\t"))
+        .unwrap_or_else(|| panic!("no usage row: {text}"));
+    let hours: f64 = line.split('\t').nth(1).unwrap().parse().unwrap();
+    assert!(hours >= 0.0005, "{line}");
+}

@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub max_warm_claims_per_user: usize,
     /// Starts waiting for a launch slot before new ones get `OVERLOADED`.
     pub max_queued_starts: usize,
+    /// Sandbox hours per user per rolling week; `None`: unlimited.
+    pub max_hours_per_week: Option<f64>,
     /// Task launches in flight at once, per backend (warm and cold); more
     /// starts queue instead of failing.
     pub max_concurrent_launches: usize,
@@ -122,6 +124,7 @@ impl GatewayConfig {
             max_tasks_per_user: 10,
             max_warm_claims_per_user: 2,
             max_queued_starts: 256,
+            max_hours_per_week: None,
             max_concurrent_launches: 16,
         }
     }

@@ -161,6 +161,18 @@ pub trait Store: Send + Sync + 'static {
         events: &[StoredEvent],
         runner_seq: Option<u64>,
     ) -> Result<()>;
+    /// A task started serving a session (usage accounting).
+    async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()>;
+    /// The task stopped; idempotent.
+    async fn usage_end(&self, task_id: &str) -> Result<()>;
+    /// Per-user sandbox seconds overlapping `[since, now]` (open tasks count
+    /// up to now), for one user or everyone.
+    async fn usage_since(
+        &self,
+        since: OffsetDateTime,
+        user_id: Option<&str>,
+    ) -> Result<Vec<UsageSummary>>;
+
     /// Up to `limit` events with `seq > after_seq`, ascending.
     async fn events_after(
         &self,
@@ -168,6 +180,14 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>>;
+}
+
+/// Sandbox time of one user over a period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSummary {
+    pub user_id: String,
+    pub seconds: u64,
+    pub tasks: u64,
 }
 
 /// Open the store a `DATABASE_URL` names (`sqlite://PATH`, `sqlite::memory:`).

@@ -453,6 +453,57 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT(task_id) DO NOTHING",
+        )
+        .bind(task_id)
+        .bind(session_id)
+        .bind(user_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_end(&self, task_id: &str) -> Result<()> {
+        sqlx::query("UPDATE usage SET ended_at = ? WHERE task_id = ? AND ended_at IS NULL")
+            .bind(now_ms())
+            .bind(task_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage_since(
+        &self,
+        since: OffsetDateTime,
+        user_id: Option<&str>,
+    ) -> Result<Vec<crate::UsageSummary>> {
+        let since = to_ms(since);
+        let rows = sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT user_id, \
+                    SUM(MAX(0, COALESCE(ended_at, ?2) - MAX(started_at, ?1))) AS ms, \
+                    COUNT(*) \
+             FROM usage WHERE COALESCE(ended_at, ?2) > ?1 AND (?3 IS NULL OR user_id = ?3) \
+             GROUP BY user_id ORDER BY user_id",
+        )
+        .bind(since)
+        .bind(now_ms())
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, ms, tasks)| crate::UsageSummary {
+                user_id,
+                seconds: (ms.max(0) / 1000) as u64,
+                tasks: tasks.max(0) as u64,
+            })
+            .collect())
+    }
+
     async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?")
             .bind(task_id)
@@ -1094,5 +1145,33 @@ mod task_binding_tests {
             store.get_session("s1").await.unwrap().unwrap().task_id,
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn usage_counts_open_and_closed_tasks_per_user() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        store.usage_start("t1", "s1", "alice").await.unwrap();
+        store.usage_start("t2", "s2", "bob").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        store.usage_end("t1").await.unwrap();
+        store.usage_end("t1").await.unwrap();
+        let week_ago = time::OffsetDateTime::now_utc() - time::Duration::days(7);
+        let all = store.usage_since(week_ago, None).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            (all[0].user_id.as_str(), all[0].seconds, all[0].tasks),
+            ("alice", 1, 1)
+        );
+        assert_eq!(all[1].user_id, "bob");
+        let bob = store.usage_since(week_ago, Some("bob")).await.unwrap();
+        assert_eq!(bob.len(), 1);
+        // Nothing overlaps a window that starts in the future.
+        let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        assert!(store.usage_since(later, None).await.unwrap().is_empty());
     }
 }

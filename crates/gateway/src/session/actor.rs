@@ -584,6 +584,14 @@ impl SessionActor {
             received_at,
         };
         let ready = self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready);
+        if !ready && self.task.is_none() {
+            if let Some(message) = self.weekly_quota_exceeded().await {
+                // Nothing was started; the message is kept and runs once allowed.
+                self.queue.push_back(msg);
+                self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
+                return;
+            }
+        }
         if ready {
             self.dispatch(msg);
         } else {
@@ -1131,11 +1139,44 @@ impl SessionActor {
         }
     }
 
+    /// A sentence for the user when their weekly sandbox hours are used up.
+    async fn weekly_quota_exceeded(&self) -> Option<String> {
+        let limit_hours = self.shared.cfg.max_hours_per_week?;
+        let week_ago = OffsetDateTime::now_utc() - time::Duration::days(7);
+        let used = match self
+            .shared
+            .store
+            .usage_since(week_ago, Some(&self.user_id))
+            .await
+        {
+            Ok(rows) => rows.first().map_or(0, |r| r.seconds),
+            Err(e) => {
+                tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not read usage; not enforcing the weekly quota");
+                return None;
+            }
+        };
+        let used_hours = used as f64 / 3600.0;
+        (used_hours >= limit_hours).then(|| {
+            tracing::warn!(event = "quota_exceeded", sessionId = %self.id, userId = %self.user_id, used_hours, "weekly hours used up");
+            format!("you have used {used_hours:.1} of your {limit_hours} sandbox hours this week; try again later")
+        })
+    }
+
     fn become_ready(&mut self, restored: Option<u32>) {
         let now = Instant::now();
         let Some(task) = self.task.as_mut() else {
             return;
         };
+        if !task.adopted {
+            let store = self.shared.store.clone();
+            let (task_id, session_id, user_id) =
+                (task.id.clone(), self.id.clone(), self.user_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = store.usage_start(&task_id, &session_id, &user_id).await {
+                    tracing::error!(event = "store_error", taskId = %task_id, error = %e, "could not record usage");
+                }
+            });
+        }
         task.phase = Phase::Ready;
         task.phase_deadline = None;
         task.overall_deadline = None;
@@ -1381,6 +1422,13 @@ impl SessionActor {
     fn begin_stop(&mut self, reason: &str) {
         let Some(task) = self.task.take() else { return };
         self.bind_task(None);
+        let store = self.shared.store.clone();
+        let task_id = task.id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.usage_end(&task_id).await {
+                tracing::error!(event = "store_error", taskId = %task_id, error = %e, "could not record usage end");
+            }
+        });
         task.watch.cancel();
         if let Some(link) = &task.runner {
             let _ = link.tx.send(GatewayToRunner::Shutdown {
