@@ -584,13 +584,14 @@ impl SessionActor {
             received_at,
         };
         let ready = self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready);
-        if !ready && self.task.is_none() {
-            if let Some(message) = self.weekly_quota_exceeded().await {
-                // Nothing was started; the message is kept and runs once allowed.
-                self.queue.push_back(msg);
-                self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
-                return;
-            }
+        if !ready
+            && self.task.is_none()
+            && let Some(message) = self.weekly_quota_exceeded().await
+        {
+            // Nothing was started; the message is kept and runs once allowed.
+            self.queue.push_back(msg);
+            self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
+            return;
         }
         if ready {
             self.dispatch(msg);
