@@ -1,0 +1,83 @@
+//! Hostile input (issue 6): a client that sends faster than it reads, and an
+//! agent that writes garbage and huge lines. Memory stays bounded, other
+//! sessions are unaffected, nothing is lost.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_dropped_and_loses_nothing_on_resume() {
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    let session = c.session_id.clone();
+    c.message("m1", "/stream 50000").await;
+    // Never read. The gateway must drop this client instead of buffering
+    // without bound.
+    let mut peak = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(gw.pid()));
+        if gw.logs().iter().any(|l| l["event"] == "client_too_slow") {
+            break;
+        }
+    }
+    assert!(gw.logs().iter().any(|l| l["event"] == "client_too_slow"), "slow client was never dropped");
+    assert!(peak < 300 * 1024, "gateway RSS grew to {peak} KiB");
+    drop(c);
+    // Resume from the start: every chunk, once, in order.
+    let mut r = gw.connect_as(&gw.token, Some((&session, 0))).await.unwrap();
+    let frames = r.until(|v| is_type(v, "finish"), Duration::from_secs(60)).await;
+    let deltas = of_type(&frames, "text_delta");
+    assert_eq!(deltas.len(), 50_000);
+    assert_eq!(deltas[0]["delta"], "chunk-0 ");
+    assert_eq!(deltas[49_999]["delta"], "chunk-49999 ");
+}
+
+#[tokio::test]
+async fn an_agent_writing_garbage_and_huge_lines_fails_cleanly_and_others_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("bad-agent.sh");
+    // Speaks just enough protocol to start, then misbehaves on every message.
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+read line
+echo '{"type":"init","agent":"bad"}'
+while read line; do
+  echo 'this is not json'
+  echo '{"type":"no_such_frame"}'
+  head -c 20000000 /dev/zero | tr '\0' 'x'; echo
+  echo '{"type":"text_delta","conversation_id":"c1","delta":"still alive"}'
+  echo '{"type":"finish","conversation_id":"c1","token_usage":{"input_tokens":1,"output_tokens":1}}'
+done
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let gw = Gateway::start(&["--agent-command", script.to_str().unwrap(), "--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    c.send(serde_json::json!({"type": "message", "id": "m1", "conversation_id": "c1", "content": "go"})).await;
+    let frames = c.turn().await;
+    assert_eq!(text_of(&frames), "still alive", "{}", pretty(&frames).chars().take(2000).collect::<String>());
+    assert!(frames.iter().all(|f| f.to_string().len() < 1 << 20), "no huge frame reached the client");
+    // The garbage was logged as the agent's, not forwarded.
+    gw.wait_log("garbage logged", |l| l["event"] == "agent_stderr" && l["line"].as_str().unwrap_or("").contains("not json"), WAIT).await;
+    // Another user's session on the same gateway works normally meanwhile.
+    let bob = gw.create_token("bob");
+    let mut b = gw.connect_as(&bob, None).await.unwrap();
+    b.send(serde_json::json!({"type": "message", "id": "m1", "conversation_id": "c1", "content": "go"})).await;
+    assert_eq!(text_of(&b.turn().await), "still alive");
+}
