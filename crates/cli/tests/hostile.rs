@@ -34,12 +34,17 @@ async fn a_client_that_does_not_read_is_dropped_and_loses_nothing_on_resume() {
             break;
         }
     }
-    assert!(gw.logs().iter().any(|l| l["event"] == "client_too_slow"), "slow client was never dropped");
+    assert!(
+        gw.logs().iter().any(|l| l["event"] == "client_too_slow"),
+        "slow client was never dropped"
+    );
     assert!(peak < 300 * 1024, "gateway RSS grew to {peak} KiB");
     drop(c);
     // Resume from the start: every chunk, once, in order.
     let mut r = gw.connect_as(&gw.token, Some((&session, 0))).await.unwrap();
-    let frames = r.until(|v| is_type(v, "finish"), Duration::from_secs(60)).await;
+    let frames = r
+        .until(|v| is_type(v, "finish"), Duration::from_secs(60))
+        .await;
     let deltas = of_type(&frames, "text_delta");
     assert_eq!(deltas.len(), 50_000);
     assert_eq!(deltas[0]["delta"], "chunk-0 ");
@@ -67,14 +72,32 @@ done
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let gw = Gateway::start(&["--agent-command", script.to_str().unwrap(), "--enable-warm-pool", "false"]);
+    let gw = Gateway::start(&[
+        "--agent-command",
+        script.to_str().unwrap(),
+        "--enable-warm-pool",
+        "false",
+    ]);
     let mut c = gw.connect().await;
     c.send(serde_json::json!({"type": "message", "id": "m1", "conversation_id": "c1", "content": "go"})).await;
     let frames = c.turn().await;
-    assert_eq!(text_of(&frames), "still alive", "{}", pretty(&frames).chars().take(2000).collect::<String>());
-    assert!(frames.iter().all(|f| f.to_string().len() < 1 << 20), "no huge frame reached the client");
+    assert_eq!(
+        text_of(&frames),
+        "still alive",
+        "{}",
+        pretty(&frames).chars().take(2000).collect::<String>()
+    );
+    assert!(
+        frames.iter().all(|f| f.to_string().len() < 1 << 20),
+        "no huge frame reached the client"
+    );
     // The garbage was logged as the agent's, not forwarded.
-    gw.wait_log("garbage logged", |l| l["event"] == "agent_stderr" && l["line"].as_str().unwrap_or("").contains("not json"), WAIT).await;
+    gw.wait_log(
+        "garbage logged",
+        |l| l["event"] == "agent_stderr" && l["line"].as_str().unwrap_or("").contains("not json"),
+        WAIT,
+    )
+    .await;
     // Another user's session on the same gateway works normally meanwhile.
     let bob = gw.create_token("bob");
     let mut b = gw.connect_as(&bob, None).await.unwrap();
