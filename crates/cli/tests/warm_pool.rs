@@ -58,9 +58,11 @@ async fn concurrent_claims_never_share_a_task_and_an_empty_pool_falls_back_to_co
         "2",
     ]);
     gw.wait_pool_ready(2, WAIT).await;
+    // Four users, so the per-user warm-claim cap plays no part.
     let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(gw.connect().await);
+    for i in 0..4 {
+        let token = gw.create_token(&format!("user{i}"));
+        clients.push(gw.connect_as(&token, None).await.unwrap());
     }
     for (i, c) in clients.iter_mut().enumerate() {
         c.message("m", &format!("from-{i}")).await;

@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 
 use crate::Shared;
 use crate::auth::{self, Identity};
-use crate::session::{Outbound, SessionCmd, SessionHandle, SessionManager};
+use crate::session::{Lagging, Outbound, SessionCmd, SessionHandle, SessionManager};
 
 /// Close code for a frame over the size limit (RFC 6455 "message too big").
 const CLOSE_TOO_BIG: u16 = 1009;
@@ -122,12 +122,15 @@ async fn connection(
             return;
         }
     };
-    let (handle, mut frames, mut rx) = attached;
+    let (handle, mut frames, mut rx, lagging) = attached;
     crate::metrics::clients(1.0);
     tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
     let (mut sink, mut stream) = socket.split();
     let mut reason = String::from("client closed");
-    for json in frames.drain(..) {
+    // Highest stream seq written to this client (for catch-up).
+    let mut sent_seq = 0;
+    for (seq, json) in frames.drain(..) {
+        sent_seq = seq.unwrap_or(sent_seq);
         if sink
             .send(Message::Text(Utf8Bytes::from(&*json)))
             .await
@@ -147,6 +150,12 @@ async fn connection(
     loop {
         let expires = identity.expires_at;
         tokio::select! {
+            _ = lagging.notify.notified() => {
+                if !catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq).await {
+                    reason = "send failed during catch-up".into();
+                    break;
+                }
+            }
             _ = sleep_until_system(expires) => {
                 // The credential lapsed without an `update_token`.
                 let frame = ServerFrame { seq: 0, session_id: handle.id.clone(), ephemeral: true, event: ServerEvent::error(ErrorCode::Unauthorized, "your token expired; reconnect with a new one") };
@@ -212,7 +221,8 @@ async fn connection(
                 }
             }
             out = rx.recv() => match out {
-                Some(Outbound::Frame(json)) => {
+                Some(Outbound::Frame(seq, json)) => {
+                    sent_seq = seq.unwrap_or(sent_seq);
                     if sink.send(Message::Text(Utf8Bytes::from(&*json))).await.is_err() {
                         reason = "send failed".into();
                         break;
@@ -244,9 +254,65 @@ fn close(code: u16, reason: &str) -> Message {
 
 type Attached = (
     SessionHandle,
-    Vec<Arc<str>>,
+    Vec<(Option<u64>, Arc<str>)>,
     tokio::sync::mpsc::Receiver<Outbound>,
+    Arc<Lagging>,
 );
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+/// The client fell behind: write what is queued, then pull missed events
+/// from the session in batches until it reaches the live stream again.
+async fn catch_up(
+    handle: &SessionHandle,
+    conn_id: u64,
+    lagging: &Lagging,
+    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    sink: &mut Sink,
+    sent_seq: &mut u64,
+) -> bool {
+    if !lagging.flag.load(std::sync::atomic::Ordering::Acquire) {
+        return true;
+    }
+    while let Ok(out) = rx.try_recv() {
+        if let Outbound::Frame(seq, json) = out {
+            *sent_seq = seq.unwrap_or(*sent_seq);
+            if sink
+                .send(Message::Text(Utf8Bytes::from(&*json)))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+    loop {
+        let after = *sent_seq;
+        let Some(batch) = handle
+            .request(|reply| SessionCmd::CatchUp {
+                conn_id,
+                after,
+                reply,
+            })
+            .await
+        else {
+            return false;
+        };
+        for (seq, json) in batch.frames {
+            *sent_seq = seq;
+            if sink
+                .send(Message::Text(Utf8Bytes::from(&*json)))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if batch.caught_up {
+            return true;
+        }
+    }
+}
 
 /// Find or create the session and attach to it (with replay).
 async fn attach(
@@ -296,7 +362,7 @@ async fn attach(
             })
             .await
         {
-            return Ok((handle, reply.frames, reply.rx));
+            return Ok((handle, reply.frames, reply.rx, reply.lagging));
         }
     }
     Err((

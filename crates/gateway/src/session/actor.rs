@@ -38,17 +38,39 @@ const MAX_STORED_REPLY: usize = 1 << 20;
 /// Page size when replaying from the store.
 const REPLAY_PAGE: u32 = 1000;
 
+/// Frames per catch-up batch for a lagging client.
+const CATCH_UP_BATCH: usize = 1000;
+
 /// What a connection handler receives for its client.
 pub enum Outbound {
-    Frame(Arc<str>),
+    /// A frame; `seq` is set for stream events (not for ephemeral answers).
+    Frame(Option<u64>, Arc<str>),
     /// Close the client socket with this code and reason.
     Close(u16, String),
 }
 
 pub struct AttachReply {
     /// The `session` frame, then every missed event, in order.
-    pub frames: Vec<Arc<str>>,
+    pub frames: Vec<(Option<u64>, Arc<str>)>,
     pub rx: mpsc::Receiver<Outbound>,
+    /// Set (and notified) when the client fell behind: live frames stopped
+    /// and the connection must pull the rest with `CatchUp`.
+    pub lagging: Arc<Lagging>,
+}
+
+/// A client that could not keep up: the actor stops pushing to it and the
+/// connection pulls missed events from the store at its own pace.
+#[derive(Default)]
+pub struct Lagging {
+    pub flag: std::sync::atomic::AtomicBool,
+    pub notify: tokio::sync::Notify,
+}
+
+/// A batch of missed events for a lagging client.
+pub struct CatchUpBatch {
+    pub frames: Vec<(u64, Arc<str>)>,
+    /// The batch reached the live stream: pushing resumes.
+    pub caught_up: bool,
 }
 
 /// A runner socket that completed its `hello`.
@@ -69,6 +91,12 @@ pub enum SessionCmd {
     Detach {
         conn_id: u64,
         reason: String,
+    },
+    /// A lagging client asks for events after `after`.
+    CatchUp {
+        conn_id: u64,
+        after: u64,
+        reply: oneshot::Sender<CatchUpBatch>,
     },
     Client {
         conn_id: u64,
@@ -157,6 +185,13 @@ struct Stopping {
 struct Client {
     conn_id: u64,
     tx: mpsc::Sender<Outbound>,
+    lagging: Arc<Lagging>,
+}
+
+impl Client {
+    fn is_lagging(&self) -> bool {
+        self.lagging.flag.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[derive(Clone)]
@@ -300,6 +335,14 @@ impl SessionActor {
                 reply,
             } => self.attach(conn_id, last_seq, reply).await,
             SessionCmd::Detach { conn_id, reason } => self.detach(conn_id, &reason),
+            SessionCmd::CatchUp {
+                conn_id,
+                after,
+                reply,
+            } => {
+                let batch = self.catch_up(conn_id, after).await;
+                let _ = reply.send(batch);
+            }
             SessionCmd::Client { conn_id, frame } => self.on_client(conn_id, frame).await,
             SessionCmd::Reply { conn_id, event } => self.reply(conn_id, event),
             SessionCmd::RunnerConnected { attach, reply } => {
@@ -360,14 +403,36 @@ impl SessionActor {
             protocol: aishell_protocol::CLIENT_PROTOCOL_VERSION,
             user_id: self.user_id.clone(),
         };
-        let mut frames = vec![self.frame_json(session, true)];
+        let mut frames = vec![(None, self.frame_json(session, true))];
+        let lagging = Arc::new(Lagging::default());
         if let Some(after) = last_seq {
-            frames.extend(self.events_between(after.min(current), current).await);
+            let missed = self
+                .events_between(after.min(current), current, CATCH_UP_BATCH)
+                .await;
+            if missed.last().is_some_and(|(s, _)| *s < current) {
+                // Too much to replay at once: the connection pulls the rest.
+                lagging
+                    .flag
+                    .store(true, std::sync::atomic::Ordering::Release);
+                lagging.notify.notify_one();
+            }
+            frames.extend(missed.into_iter().map(|(s, j)| (Some(s), j)));
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-        self.clients.push(Client { conn_id, tx });
+        self.clients.push(Client {
+            conn_id,
+            tx,
+            lagging: lagging.clone(),
+        });
         self.detached_at = None;
-        if reply.send(AttachReply { frames, rx }).is_err() {
+        if reply
+            .send(AttachReply {
+                frames,
+                rx,
+                lagging,
+            })
+            .is_err()
+        {
             self.clients.retain(|c| c.conn_id != conn_id);
         }
         if self.shared.cfg.start_on_connect && self.task.is_none() && self.stopping.is_none() {
@@ -375,13 +440,13 @@ impl SessionActor {
         }
     }
 
-    /// Stored events with `after < seq <= upto`, in order: from the store
-    /// for what memory no longer holds, then from memory.
-    async fn events_between(&self, after: u64, upto: u64) -> Vec<Arc<str>> {
+    /// Up to `limit` stored events with `after < seq <= upto`, in order:
+    /// from the store for what memory no longer holds, then from memory.
+    async fn events_between(&self, after: u64, upto: u64, limit: usize) -> Vec<(u64, Arc<str>)> {
         let mut out = Vec::new();
         let mem_start = self.replay.first_seq().unwrap_or(self.next_seq);
         let mut cursor = after;
-        while cursor < upto && cursor + 1 < mem_start {
+        while cursor < upto && cursor + 1 < mem_start && out.len() < limit {
             let page = match self
                 .shared
                 .store
@@ -400,14 +465,30 @@ impl SessionActor {
                 .take_while(|e| e.seq < mem_start && e.seq <= upto)
             {
                 cursor = e.seq;
-                out.push(Arc::from(e.json));
+                out.push((e.seq, Arc::from(e.json)));
             }
             if cursor == before {
                 break;
             }
         }
         out.extend(self.replay.range(cursor, upto).cloned());
+        out.truncate(limit);
         out
+    }
+
+    /// Next batch for a lagging client; when it reaches the live stream the
+    /// client is switched back to pushed frames, in this same step, so no
+    /// frame falls between the two.
+    async fn catch_up(&mut self, conn_id: u64, after: u64) -> CatchUpBatch {
+        let upto = self.delivered_seq;
+        let frames = self.events_between(after, upto, CATCH_UP_BATCH).await;
+        let caught_up = frames.last().map_or(true, |(s, _)| *s >= upto);
+        if caught_up && let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
+            c.lagging
+                .flag
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        CatchUpBatch { frames, caught_up }
     }
 
     fn detach(&mut self, conn_id: u64, reason: &str) {
@@ -1732,15 +1813,24 @@ impl SessionActor {
     /// the runner which of its frames it may forget.
     async fn on_persisted(&mut self, seq: u64, runner_seq: Option<(String, u64)>) {
         if seq > self.delivered_seq {
-            let frames = self.events_between(self.delivered_seq, seq).await;
+            let frames = self
+                .events_between(self.delivered_seq, seq, usize::MAX)
+                .await;
             self.delivered_seq = seq;
-            let id = &self.id;
-            self.clients.retain(|c| {
-                frames.iter().all(|json| c.tx.try_send(Outbound::Frame(json.clone())).is_ok()) || {
-                    tracing::warn!(event = "client_too_slow", sessionId = %id, connId = c.conn_id, "client not reading; dropping it (it can resume with last_seq)");
-                    false
+            for c in self.clients.iter().filter(|c| !c.is_lagging()) {
+                let sent = frames.iter().all(|(s, json)| {
+                    c.tx.try_send(Outbound::Frame(Some(*s), json.clone()))
+                        .is_ok()
+                });
+                if !sent {
+                    // Its queue is full: stop pushing; it pulls from the store.
+                    tracing::warn!(event = "client_lagging", sessionId = %self.id, connId = c.conn_id, "client fell behind; switching it to catch-up from the store");
+                    c.lagging
+                        .flag
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    c.lagging.notify.notify_one();
                 }
-            });
+            }
         }
         if let Some((task_id, runner_seq)) = runner_seq {
             let link = self
@@ -1764,7 +1854,7 @@ impl SessionActor {
     fn reply(&self, conn_id: u64, event: ServerEvent) {
         let json = self.frame_json(event, true);
         if let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
-            let _ = c.tx.try_send(Outbound::Frame(json));
+            let _ = c.tx.try_send(Outbound::Frame(None, json));
         }
     }
 }

@@ -12,7 +12,7 @@ use aishell_store::{SessionRecord, StoreError};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-pub use actor::{AttachReply, Outbound, RunnerAttach, SessionCmd};
+pub use actor::{AttachReply, CatchUpBatch, Lagging, Outbound, RunnerAttach, SessionCmd};
 
 use crate::Shared;
 

@@ -30,10 +30,10 @@ impl ReplayBuffer {
     }
 
     /// Events with `after < seq <= upto`, oldest first.
-    pub fn range(&self, after: u64, upto: u64) -> impl Iterator<Item = &Arc<str>> {
+    pub fn range(&self, after: u64, upto: u64) -> impl Iterator<Item = &(u64, Arc<str>)> {
         let start = self.events.partition_point(|(s, _)| *s <= after);
         let end = self.events.partition_point(|(s, _)| *s <= upto);
-        self.events.range(start..end.max(start)).map(|(_, j)| j)
+        self.events.range(start..end.max(start))
     }
 }
 
@@ -48,7 +48,7 @@ mod tests {
             b.push(s, Arc::from(s.to_string()));
         }
         assert_eq!(b.first_seq(), Some(3));
-        let got: Vec<&str> = b.range(3, 5).map(|j| &**j).collect();
+        let got: Vec<&str> = b.range(3, 5).map(|(_, j)| &**j).collect();
         assert_eq!(got, ["4", "5"]);
         assert_eq!(b.range(3, 4).count(), 1);
         assert_eq!(b.range(5, 9).count(), 0);
