@@ -482,7 +482,7 @@ impl SessionActor {
     async fn catch_up(&mut self, conn_id: u64, after: u64) -> CatchUpBatch {
         let upto = self.delivered_seq;
         let frames = self.events_between(after, upto, CATCH_UP_BATCH).await;
-        let caught_up = frames.last().map_or(true, |(s, _)| *s >= upto);
+        let caught_up = frames.last().is_none_or(|(s, _)| *s >= upto);
         if caught_up && let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
             c.lagging
                 .flag
