@@ -94,21 +94,22 @@ impl Chat {
             "authorization",
             format!("Bearer {}", self.args.token).parse()?,
         );
-        let (mut ws, _) = match tokio_tungstenite::connect_async(request).await {
-            Ok(ok) => ok,
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default();
-                bail!(
-                    "gateway refused the connection: HTTP {} {body}",
-                    resp.status()
-                );
-            }
-            Err(e) => bail!("cannot connect to {}: {e}", self.args.url),
-        };
+        let (mut ws, _) =
+            match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+                Ok(ok) => ok,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    bail!(
+                        "gateway refused the connection: HTTP {} {body}",
+                        resp.status()
+                    );
+                }
+                Err(e) => bail!("cannot connect to {}: {e}", self.args.url),
+            };
         // The first frame names the session.
         let first = next_frame(&mut ws, Duration::from_secs(10))
             .await?

@@ -1,5 +1,6 @@
 //! `aishell`: one binary, every role (SPEC §2).
 
+mod bench;
 mod chat;
 mod logging;
 mod serve;
@@ -27,6 +28,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Create, list or revoke API tokens.
     Token(token::TokenArgs),
+    /// Measure end-to-end latency from the client's side (starts a local gateway unless --url).
+    Bench(bench::BenchArgs),
     /// Sandbox hours per user (the basis of weekly quotas).
     Usage(token::UsageArgs),
     /// The supervisor inside a sandbox (started by a backend, not by hand).
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
             Command::Chat(args) => chat::run(args).await,
             Command::Token(args) => token::run(args).await,
             Command::Usage(args) => token::usage(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
                 let cfg = aishell_runner::RunnerConfig::from_env()?;

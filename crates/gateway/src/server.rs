@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -87,7 +88,11 @@ impl Gateway {
         let shared = self.shared.clone();
         tokio::spawn(reap_orphans(shared.clone()));
         tokio::spawn(shared.pool.clone().run());
-        axum::serve(self.listener, router(shared.clone()))
+        // Small frames must not wait for Nagle + delayed ACK (~40 ms).
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, router(shared.clone()))
             .with_graceful_shutdown(shutdown)
             .await?;
         stop_all(&shared).await;
