@@ -31,6 +31,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         settings.merge_file(path)?;
     }
     let cfg = settings.gateway_config()?;
+    if settings.execution_mode()? == "process" {
+        match settings.sandbox_mode()? {
+            "bwrap" => aishell_runner::sandbox::bwrap_available().map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}.\nWithout it, agents of different users could read each other's workspaces. Install bubblewrap (apt-get install bubblewrap), or accept that risk with --insecure-no-sandbox (single-user machines only)."
+                )
+            })?,
+            _ => tracing::warn!(event = "sandbox_disabled", "AGENTS RUN UNCONFINED: every agent can read and write every user's workspace (--insecure-no-sandbox / --sandbox none)"),
+        }
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let store = aishell_store::open(&settings.database_url())

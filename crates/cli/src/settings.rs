@@ -141,6 +141,27 @@ pub struct ServeSettings {
     /// Sandbox hours each user may use per rolling week; more: QUOTA_EXCEEDED [default: unlimited].
     #[arg(long, env = "AISHELL_MAX_HOURS_PER_WEEK")]
     pub max_hours_per_week: Option<f64>,
+    /// Confine agents: bwrap (bubblewrap) or none [default: bwrap].
+    #[arg(long, env = "AISHELL_SANDBOX")]
+    pub sandbox: Option<String>,
+    /// Run agents unconfined even for several users (every agent can read every workspace).
+    #[arg(long, env = "AISHELL_INSECURE_NO_SANDBOX")]
+    pub insecure_no_sandbox: Option<bool>,
+    /// Let sandboxed agents use the network [default: true].
+    #[arg(long, env = "AISHELL_SANDBOX_NETWORK")]
+    pub sandbox_network: Option<bool>,
+    /// Address-space limit per agent, bytes [default: 8589934592].
+    #[arg(long, env = "AISHELL_SANDBOX_MEMORY_BYTES")]
+    pub sandbox_memory_bytes: Option<u64>,
+    /// Open files per agent [default: 4096].
+    #[arg(long, env = "AISHELL_SANDBOX_MAX_FILES")]
+    pub sandbox_max_files: Option<u64>,
+    /// Processes per agent user (not applied when running as root).
+    #[arg(long, env = "AISHELL_SANDBOX_MAX_PROCESSES")]
+    pub sandbox_max_processes: Option<u64>,
+    /// CPU seconds per agent [default: unlimited].
+    #[arg(long, env = "AISHELL_SANDBOX_CPU_SECONDS")]
+    pub sandbox_cpu_seconds: Option<u64>,
 }
 
 macro_rules! fill_from {
@@ -199,7 +220,14 @@ impl ServeSettings {
             max_connections_per_user,
             max_tasks_per_user,
             max_warm_claims_per_user,
-            max_hours_per_week
+            max_hours_per_week,
+            sandbox,
+            insecure_no_sandbox,
+            sandbox_network,
+            sandbox_memory_bytes,
+            sandbox_max_files,
+            sandbox_max_processes,
+            sandbox_cpu_seconds
         );
         Ok(())
     }
@@ -223,6 +251,17 @@ impl ServeSettings {
             other => {
                 bail!("EXECUTION_MODE `{other}` is not one of process, docker, kubernetes, ecs")
             }
+        }
+    }
+
+    /// `bwrap` or `none`; `--insecure-no-sandbox` means `none`.
+    pub fn sandbox_mode(&self) -> anyhow::Result<&str> {
+        if self.insecure_no_sandbox == Some(true) {
+            return Ok("none");
+        }
+        match self.sandbox.as_deref().unwrap_or("bwrap") {
+            m @ ("bwrap" | "none") => Ok(m),
+            other => bail!("--sandbox `{other}` is not one of bwrap, none"),
         }
     }
 
@@ -358,6 +397,16 @@ impl ServeSettings {
             cfg.max_warm_claims_per_user = n;
         }
         cfg.max_hours_per_week = self.max_hours_per_week.filter(|h| *h > 0.0);
+        cfg.sandbox = match self.sandbox_mode()? {
+            "bwrap" => Some(aishell_protocol::runner::SandboxSettings {
+                network: self.sandbox_network.unwrap_or(true),
+                memory_bytes: Some(self.sandbox_memory_bytes.unwrap_or(8 << 30)),
+                max_files: Some(self.sandbox_max_files.unwrap_or(4096)),
+                max_processes: self.sandbox_max_processes,
+                cpu_seconds: self.sandbox_cpu_seconds,
+            }),
+            _ => None,
+        };
         Ok(cfg)
     }
 }

@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub max_queued_starts: usize,
     /// Sandbox hours per user per rolling week; `None`: unlimited.
     pub max_hours_per_week: Option<f64>,
+    /// How runners confine agents; `None` runs them unconfined.
+    pub sandbox: Option<aishell_protocol::runner::SandboxSettings>,
     /// Task launches in flight at once, per backend (warm and cold); more
     /// starts queue instead of failing.
     pub max_concurrent_launches: usize,
@@ -125,6 +127,7 @@ impl GatewayConfig {
             max_warm_claims_per_user: 2,
             max_queued_starts: 256,
             max_hours_per_week: None,
+            sandbox: None,
             max_concurrent_launches: 16,
         }
     }

@@ -53,6 +53,35 @@ pub struct RunnerSettings {
     /// Settings passed through to the agent's `init`.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub agent_settings: serde_json::Map<String, serde_json::Value>,
+    /// Confine the agent (bubblewrap); `None`: run it unconfined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSettings>,
+}
+
+/// How the runner confines an agent (added in runner protocol v1; optional,
+/// so older peers decode it as absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSettings {
+    /// Let the agent reach the network (agents call model APIs).
+    #[serde(default = "yes")]
+    pub network: bool,
+    /// Address-space limit in bytes (RLIMIT_AS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Open files (RLIMIT_NOFILE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+    /// Processes of the agent's user (RLIMIT_NPROC; ignored when the runner
+    /// runs as root, where it would count every root process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_processes: Option<u64>,
+    /// CPU seconds (RLIMIT_CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Runner → gateway.

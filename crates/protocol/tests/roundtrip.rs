@@ -230,6 +230,13 @@ fn runner_settings() -> impl Strategy<Value = RunnerSettings> {
         json_map(),
     )
         .prop_map(|(kind, command, env, agent_settings)| RunnerSettings {
+            sandbox: (kind.len() % 2 == 0).then(|| aishell_protocol::runner::SandboxSettings {
+                network: kind.len() % 3 == 0,
+                memory_bytes: Some(kind.len() as u64),
+                max_files: None,
+                max_processes: None,
+                cpu_seconds: Some(1),
+            }),
             agent: AgentSpec { kind, command },
             env: env.into_iter().collect::<BTreeMap<_, _>>(),
             agent_settings,

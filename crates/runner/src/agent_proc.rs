@@ -54,18 +54,31 @@ pub fn agent_command(program: &Path, spec: &AgentSpec) -> Vec<String> {
 }
 
 impl AgentProcess {
+    /// Spawn `command` in `workspace`. Unconfined, the agent inherits the
+    /// runner's environment plus `env`; confined, `command` is a bwrap line
+    /// that carries the agent's whole environment itself, and `limits` apply.
     pub fn spawn(
         command: &[String],
         workspace: &str,
         env: &BTreeMap<String, String>,
+        confined: Option<crate::sandbox::Limits>,
     ) -> std::io::Result<Self> {
         let (program, args) = command.split_first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty agent command")
         })?;
-        let mut child = Command::new(program)
-            .args(args)
-            .current_dir(workspace)
-            .envs(env)
+        let mut cmd = Command::new(program);
+        cmd.args(args).current_dir(workspace);
+        match confined {
+            Some(limits) => {
+                // Not even the runner's credential reaches a confined agent.
+                cmd.env_clear();
+                limits.apply(&mut cmd);
+            }
+            None => {
+                cmd.envs(env);
+            }
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -10,6 +10,7 @@
 mod agent_proc;
 mod config;
 mod outbox;
+pub mod sandbox;
 
 use std::time::Duration;
 
@@ -60,6 +61,8 @@ struct Runner {
     binding: Option<Binding>,
     agent: Option<AgentProcess>,
     agent_ready: bool,
+    /// The agent runs under bubblewrap.
+    sandboxed: bool,
     /// When the agent was spawned (for `ready.agent_start_ms`).
     init_deadline_set_at: Option<Instant>,
     init_deadline: Option<Instant>,
@@ -78,6 +81,7 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         binding: None,
         agent: None,
         agent_ready: false,
+        sandboxed: false,
         init_deadline_set_at: None,
         init_deadline: None,
         outbox: Outbox::default(),
@@ -354,10 +358,21 @@ impl Runner {
         if let Some(t) = trace_id {
             env.insert("AISHELL_TRACE_ID".into(), t.to_string());
         }
-        let command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
+        let mut command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
+        let confined = settings.sandbox.as_ref().map(|s| {
+            command = sandbox::wrap(&command, std::path::Path::new(workspace), &env, s);
+            command[0] = sandbox::bwrap_path();
+            sandbox::Limits::from_settings(s)
+        });
+        self.sandboxed = confined.is_some();
         let spawned_at = Instant::now();
-        let agent = AgentProcess::spawn(&command, workspace, &env)
-            .map_err(|e| format!("cannot start agent {:?}: {e}", command))?;
+        let agent = AgentProcess::spawn(&command, workspace, &env, confined).map_err(|e| {
+            if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {
+                "bubblewrap (bwrap) is not installed in this sandbox image; install the bubblewrap package or run serve with --insecure-no-sandbox".to_string()
+            } else {
+                format!("cannot start agent {:?}: {e}", command.last())
+            }
+        })?;
         self.agent = Some(agent);
         self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
         self.init_deadline_set_at = Some(spawned_at);
@@ -423,6 +438,13 @@ impl Runner {
                 signal,
                 stderr_tail,
             } => {
+                // bwrap reports a killed agent as exit code 128 + signal.
+                let (code, signal) = match code {
+                    Some(c) if self.sandboxed && (129..=192).contains(&c) && signal.is_none() => {
+                        (None, Some(c - 128))
+                    }
+                    _ => (code, signal),
+                };
                 tracing::warn!(event = "agent_exit", sessionId = %session_id, traceId = %trace_id, code = ?code, signal = ?signal, "agent exited");
                 self.agent = None;
                 self.agent_ready = false;

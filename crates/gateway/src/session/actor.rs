@@ -1116,6 +1116,7 @@ impl SessionActor {
                 agent: cfg.agent.clone(),
                 env: Default::default(),
                 agent_settings: cfg.agent_settings.clone(),
+                sandbox: cfg.sandbox.clone(),
             },
         });
     }
