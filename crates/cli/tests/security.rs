@@ -316,3 +316,36 @@ async fn weekly_hours_are_recorded_and_enforced() {
     let hours: f64 = line.split('\t').nth(1).unwrap().parse().unwrap();
     assert!(hours >= 0.0005, "{line}");
 }
+
+#[tokio::test]
+async fn users_list_only_their_own_sessions_and_admins_see_all_with_the_pool() {
+    let gw = Gateway::start(&["--agent", "echo", "--warm-pool-target-size", "1"]);
+    let alice = gw.create_token("alice");
+    let _a = gw.connect_as(&alice, None).await.unwrap();
+    let _admin = gw.connect().await;
+    let get = |token: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        write!(
+            s,
+            "GET /api/sessions HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        serde_json::from_str::<serde_json::Value>(raw.split_once("\r\n\r\n").unwrap().1).unwrap()
+    };
+    let mine = get(&alice);
+    let users: Vec<&str> = mine["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["alice"]);
+    assert!(mine["pool"].is_null(), "non-admins do not see the pool");
+    let all = get(&gw.token);
+    assert_eq!(all["admin"], true);
+    assert_eq!(all["sessions"].as_array().unwrap().len(), 2);
+    assert!(all["pool"]["target"].as_u64() == Some(1));
+}

@@ -1,6 +1,7 @@
 //! The aishell gateway (`aishell serve`): client WebSocket and HTTP API, runner
 //! sockets, session manager, backends and store (SPEC §2–§7).
 
+mod api;
 pub mod auth;
 mod client_ws;
 pub mod config;

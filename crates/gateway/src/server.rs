@@ -122,6 +122,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .merge(crate::files::routes())
+        .merge(crate::api::routes())
         .with_state(shared)
 }
 
