@@ -78,12 +78,10 @@ async fn concurrent_claims_never_share_a_task_and_an_empty_pool_falls_back_to_co
                 .to_string(),
         );
     }
-    sources.sort();
-    assert_eq!(
-        sources,
-        ["cold", "cold", "warm", "warm"],
-        "two claims hit, two fell back to cold"
-    );
+    // The pool held two: at least two claims hit, and the burst outran it so
+    // at least one fell back to cold (a refill may win a race for a third).
+    let warm = sources.iter().filter(|s| *s == "warm").count();
+    assert!((2..=3).contains(&warm), "{sources:?}");
     // Every session got its own task.
     let tasks: HashSet<String> = gw
         .logs()
@@ -93,10 +91,8 @@ async fn concurrent_claims_never_share_a_task_and_an_empty_pool_falls_back_to_co
         .collect();
     assert_eq!(tasks.len(), 4, "tasks were shared: {tasks:?}");
     let pool = gw.wait_pool_ready(2, WAIT).await;
-    assert_eq!(
-        (pool["claim_hit"].as_u64(), pool["claim_miss"].as_u64()),
-        (Some(2), Some(2))
-    );
+    assert_eq!(pool["claim_hit"].as_u64(), Some(warm as u64));
+    assert_eq!(pool["claim_miss"].as_u64(), Some(4 - warm as u64));
 }
 
 #[tokio::test]
