@@ -158,10 +158,10 @@ async fn frames_past_the_rate_limit_are_refused_with_overloaded_and_the_connecti
         }
     }
     assert!(
-        (10..=12).contains(&pongs),
+        (10..=15).contains(&pongs),
         "burst of 10 then refusals: {pongs} pongs"
     );
-    assert!(overloaded >= 18);
+    assert!(overloaded >= 15);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.message("m1", "still here").await;
     assert_eq!(text_of(&c.turn().await), "still here");
