@@ -141,6 +141,9 @@ pub struct ServeSettings {
     /// Sandbox hours each user may use per rolling week; more: QUOTA_EXCEEDED [default: unlimited].
     #[arg(long, env = "AISHELL_MAX_HOURS_PER_WEEK")]
     pub max_hours_per_week: Option<f64>,
+    /// Per-user idle timeouts overriding SESSION_IDLE_TIMEOUT, e.g. `alice=2h,bob=5m`.
+    #[arg(long, env = "AISHELL_USER_IDLE_TIMEOUTS")]
+    pub user_idle_timeouts: Option<String>,
     /// Confine agents: bwrap (bubblewrap) or none [default: bwrap].
     #[arg(long, env = "AISHELL_SANDBOX")]
     pub sandbox: Option<String>,
@@ -221,6 +224,7 @@ impl ServeSettings {
             max_tasks_per_user,
             max_warm_claims_per_user,
             max_hours_per_week,
+            user_idle_timeouts,
             sandbox,
             insecure_no_sandbox,
             sandbox_network,
@@ -397,6 +401,20 @@ impl ServeSettings {
             cfg.max_warm_claims_per_user = n;
         }
         cfg.max_hours_per_week = self.max_hours_per_week.filter(|h| *h > 0.0);
+        for pair in self
+            .user_idle_timeouts
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|p| !p.trim().is_empty())
+        {
+            let (user, d) = pair
+                .split_once('=')
+                .with_context(|| format!("--user-idle-timeouts: `{pair}` is not user=duration"))?;
+            cfg.user_idle_timeouts.insert(
+                user.trim().to_string(),
+                parse_duration(d).with_context(|| format!("--user-idle-timeouts: {pair}"))?,
+            );
+        }
         cfg.sandbox = match self.sandbox_mode()? {
             "bwrap" => Some(aishell_protocol::runner::SandboxSettings {
                 network: self.sandbox_network.unwrap_or(true),

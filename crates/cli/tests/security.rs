@@ -349,3 +349,34 @@ async fn users_list_only_their_own_sessions_and_admins_see_all_with_the_pool() {
     assert_eq!(all["sessions"].as_array().unwrap().len(), 2);
     assert!(all["pool"]["target"].as_u64() == Some(1));
 }
+
+#[tokio::test]
+async fn a_per_user_idle_timeout_overrides_the_default() {
+    let gw = Gateway::start(&[
+        "--agent",
+        "echo",
+        "--enable-warm-pool",
+        "false",
+        "--session-idle-timeout",
+        "1h",
+        "--user-idle-timeouts",
+        "alice=1s",
+    ]);
+    let alice = gw.create_token("alice");
+    let mut a = gw.connect_as(&alice, None).await.unwrap();
+    let mut other = gw.connect().await;
+    a.message("m", "hi").await;
+    a.turn().await;
+    other.message("m", "hi").await;
+    other.turn().await;
+    a.until(
+        |v| is_type(v, "status") && v["state"] == "stopped",
+        Duration::from_secs(10),
+    )
+    .await;
+    // The default user keeps the 1 h default.
+    assert!(
+        other.next(Duration::from_secs(2)).await.is_none(),
+        "the other user's task was stopped"
+    );
+}

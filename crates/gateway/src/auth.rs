@@ -366,4 +366,101 @@ mod tests {
         let unsigned = format!("{}.{}.", "eyJhbGciOiJub25lIn0", "eyJzdWIiOiJhbGljZSJ9");
         assert!(a.verify_jwt(&unsigned).is_err());
     }
+
+    /// Generate a key pair with the openssl CLI: (private PEM, public PEM).
+    fn keypair(dir: &std::path::Path, kind: &str) -> (Vec<u8>, std::path::PathBuf) {
+        let key = dir.join(format!("{kind}.key"));
+        let public = dir.join(format!("{kind}.pub"));
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("openssl")
+                .args(args)
+                .status()
+                .expect("openssl");
+            assert!(st.success(), "openssl {args:?}");
+        };
+        let (k, p) = (key.to_str().unwrap(), public.to_str().unwrap());
+        if kind == "rsa" {
+            run(&[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                k,
+            ]);
+            run(&["pkey", "-in", k, "-pubout", "-out", p]);
+        } else {
+            run(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                k,
+            ]);
+            run(&["pkey", "-in", k, "-pubout", "-out", p]);
+        }
+        (std::fs::read(&key).unwrap(), public)
+    }
+
+    #[test]
+    fn rs256_and_es256_pem_keys_and_a_jwks_file_verify_their_own_tokens_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let claims = serde_json::json!({"sub": "carol", "exp": now() + 60});
+        for (kind, alg) in [("rsa", Algorithm::RS256), ("ec", Algorithm::ES256)] {
+            let (private, public) = keypair(dir.path(), kind);
+            let enc = if kind == "rsa" {
+                EncodingKey::from_rsa_pem(&private)
+            } else {
+                EncodingKey::from_ec_pem(&private)
+            }
+            .unwrap();
+            let token = jsonwebtoken::encode(&Header::new(alg), &claims, &enc).unwrap();
+            let pem = Authenticator::new(Some(JwtConfig {
+                public_key_pem: Some(public),
+                user_claim: "sub".into(),
+                ..Default::default()
+            }))
+            .unwrap();
+            assert_eq!(
+                pem.verify_jwt(&token).unwrap().user_id,
+                "carol",
+                "{kind} PEM"
+            );
+            // The same key published as a JWKS with a key id.
+            let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, alg).unwrap();
+            jwk.common.key_id = Some(format!("{kind}-1"));
+            let jwks_path = dir.path().join(format!("{kind}.jwks"));
+            std::fs::write(&jwks_path, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+            let jwks = Authenticator::new(Some(JwtConfig {
+                jwks_file: Some(jwks_path),
+                user_claim: "sub".into(),
+                ..Default::default()
+            }))
+            .unwrap();
+            let mut header = Header::new(alg);
+            header.kid = Some(format!("{kind}-1"));
+            let with_kid = jsonwebtoken::encode(&header, &claims, &enc).unwrap();
+            assert_eq!(
+                jwks.verify_jwt(&with_kid).unwrap().user_id,
+                "carol",
+                "{kind} JWKS"
+            );
+            // A token from another key of the same kind is refused by both.
+            let (other_private, _) = keypair(dir.path(), &format!("{kind}"));
+            let other = if kind == "rsa" {
+                EncodingKey::from_rsa_pem(&other_private)
+            } else {
+                EncodingKey::from_ec_pem(&other_private)
+            }
+            .unwrap();
+            let forged = jsonwebtoken::encode(&header, &claims, &other).unwrap();
+            assert!(
+                pem.verify_jwt(&forged).is_err() && jwks.verify_jwt(&forged).is_err(),
+                "{kind}: foreign key accepted"
+            );
+        }
+    }
 }

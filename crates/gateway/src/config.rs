@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub max_queued_starts: usize,
     /// Sandbox hours per user per rolling week; `None`: unlimited.
     pub max_hours_per_week: Option<f64>,
+    /// Per-user idle timeouts overriding `idle_timeout`.
+    pub user_idle_timeouts: std::collections::HashMap<String, Duration>,
     /// How runners confine agents; `None` runs them unconfined.
     pub sandbox: Option<aishell_protocol::runner::SandboxSettings>,
     /// Task launches in flight at once, per backend (warm and cold); more
@@ -99,6 +101,14 @@ impl Default for Deadlines {
 }
 
 impl GatewayConfig {
+    /// The idle timeout of one user's sessions (SPEC §9 quotas).
+    pub fn idle_timeout_for(&self, user_id: &str) -> Duration {
+        self.user_idle_timeouts
+            .get(user_id)
+            .copied()
+            .unwrap_or(self.idle_timeout)
+    }
+
     /// Defaults for a data dir: SQLite and workspaces under it, the shell agent.
     pub fn new(data_dir: PathBuf) -> Self {
         GatewayConfig {
@@ -128,6 +138,7 @@ impl GatewayConfig {
             max_queued_starts: 256,
             max_hours_per_week: None,
             sandbox: None,
+            user_idle_timeouts: Default::default(),
             max_concurrent_launches: 16,
         }
     }

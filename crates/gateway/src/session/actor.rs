@@ -1593,7 +1593,7 @@ impl SessionActor {
             );
             if task.phase == Phase::Ready {
                 if self.turns.is_empty() {
-                    consider(Some(self.idle_since + cfg.idle_timeout));
+                    consider(Some(self.idle_since + cfg.idle_timeout_for(&self.user_id)));
                 } else if let Some(detached) = self.detached_at {
                     consider(Some(detached + cfg.disconnect_processing_timeout));
                 }
@@ -1686,7 +1686,8 @@ impl SessionActor {
             return;
         }
         if task.phase == Phase::Ready {
-            if self.turns.is_empty() && now >= self.idle_since + cfg.idle_timeout {
+            if self.turns.is_empty() && now >= self.idle_since + cfg.idle_timeout_for(&self.user_id)
+            {
                 lifecycle!(self, "idle_timeout", taskId = %task.id, idle_ms = ms(now - self.idle_since), "stopping idle task");
                 crate::metrics::idle_timeout();
                 self.begin_stop("idle timeout");
