@@ -449,7 +449,7 @@ mod tests {
                 "{kind} JWKS"
             );
             // A token from another key of the same kind is refused by both.
-            let (other_private, _) = keypair(dir.path(), &format!("{kind}"));
+            let (other_private, _) = keypair(dir.path(), kind);
             let other = if kind == "rsa" {
                 EncodingKey::from_rsa_pem(&other_private)
             } else {
