@@ -141,6 +141,9 @@ pub struct ServeSettings {
     /// Sandbox hours each user may use per rolling week; more: QUOTA_EXCEEDED [default: unlimited].
     #[arg(long, env = "AISHELL_MAX_HOURS_PER_WEEK")]
     pub max_hours_per_week: Option<f64>,
+    /// Starts waiting for a launch slot before new ones get OVERLOADED [default: 256].
+    #[arg(long, env = "AISHELL_MAX_QUEUED_STARTS")]
+    pub max_queued_starts: Option<usize>,
     /// Per-user idle timeouts overriding SESSION_IDLE_TIMEOUT, e.g. `alice=2h,bob=5m`.
     #[arg(long, env = "AISHELL_USER_IDLE_TIMEOUTS")]
     pub user_idle_timeouts: Option<String>,
@@ -225,6 +228,7 @@ impl ServeSettings {
             max_warm_claims_per_user,
             max_hours_per_week,
             user_idle_timeouts,
+            max_queued_starts,
             sandbox,
             insecure_no_sandbox,
             sandbox_network,
@@ -401,6 +405,9 @@ impl ServeSettings {
             cfg.max_warm_claims_per_user = n;
         }
         cfg.max_hours_per_week = self.max_hours_per_week.filter(|h| *h > 0.0);
+        if let Some(n) = self.max_queued_starts {
+            cfg.max_queued_starts = n;
+        }
         for pair in self
             .user_idle_timeouts
             .iter()

@@ -374,3 +374,115 @@ async fn a_gateway_killed_mid_stream_loses_nothing_after_restart() {
     r.message("m2", "echo still-here").await;
     assert!(text_of(&r.turn().await).contains("still-here"));
 }
+
+/// A burst beyond the launch slots queues; beyond the queue it is told to
+/// come back (`OVERLOADED`), never left waiting.
+#[tokio::test]
+async fn a_start_burst_queues_then_overflows_with_overloaded() {
+    let (gw, faults, _t) = faulty(&[
+        "--agent",
+        "echo",
+        "--enable-warm-pool",
+        "false",
+        "--max-concurrent-launches",
+        "1",
+        "--max-queued-starts",
+        "1",
+    ]);
+    set_faults(&faults, "launch=delay:3000\n");
+    let mut first = gw.connect().await;
+    first.message("m", "first").await;
+    first.until(|v| is_type(v, "status"), WAIT).await;
+    let mut second = gw.connect().await;
+    second.message("m", "second").await;
+    second.until(|v| is_type(v, "status"), WAIT).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = gw.connect().await;
+    third.message("m", "third").await;
+    let frames = third.until(|v| is_type(v, "error"), WAIT).await;
+    let err = frames.last().unwrap();
+    assert_eq!(err["error"]["code"], "OVERLOADED");
+    assert!(err["error"]["message"].as_str().unwrap().contains("retry"));
+    // The queued one is served once the slot frees.
+    set_faults(&faults, "");
+    assert_eq!(text_of(&second.turn().await), "second");
+    assert_eq!(text_of(&first.turn().await), "first");
+}
+
+/// A runner socket that sends garbage and then an oversized frame: the
+/// gateway ignores the garbage and drops that socket at the size limit; the
+/// session's real runner re-attaches, the session keeps working, and another
+/// session is unaffected.
+#[tokio::test]
+async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    let mut victim = gw.connect().await;
+    victim.message("m1", "hello").await;
+    victim.turn().await;
+    let mut bystander = gw.connect().await;
+    bystander.message("m1", "bystander").await;
+    bystander.turn().await;
+    let ready = gw
+        .wait_log(
+            "victim ready",
+            |l| l["phase"] == "task_ready" && l["sessionId"] == victim.session_id.as_str(),
+            WAIT,
+        )
+        .await;
+    let task = ready["taskId"].as_str().unwrap().to_string();
+    // A hostile runner holding that task's credential.
+    let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
+    let cred = aishell_gateway::credential::CredentialSigner::new(key).mint(
+        &task,
+        "cold",
+        Some(&victim.session_id),
+        Duration::from_secs(60),
+    );
+    let mut req = format!(
+        "ws://127.0.0.1:{}/internal/task/{}",
+        gw.port, victim.session_id
+    )
+    .into_client_request()
+    .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = json!({"type": "hello", "protocol": 1, "task_id": task, "runner_version": "evil", "agent_running": true});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+    for garbage in [
+        "not json",
+        "{\"type\":\"nope\"}",
+        "{\"type\":\"agent\",\"seq\":\"x\"}",
+    ] {
+        ws.send(Message::Text(garbage.into())).await.unwrap();
+    }
+    let huge = "x".repeat(70 << 20);
+    let _ = ws.send(Message::Text(huge.into())).await;
+    drop(ws);
+    // The hostile socket displaced the real runner's; the real runner re-dials
+    // with its credential and takes its place again, so the session recovers.
+    let reattached = |gw: &Gateway| {
+        gw.logs()
+            .iter()
+            .filter(|l| l["event"] == "runner_reattached" && l["taskId"] == task.as_str())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while reattached(&gw) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reattached(&gw) >= 2, "the real runner did not come back");
+    victim.message("m2", "recovered").await;
+    assert_eq!(text_of(&victim.turn().await), "recovered");
+    bystander.message("m2", "unaffected").await;
+    assert_eq!(text_of(&bystander.turn().await), "unaffected");
+    assert!(
+        gw.logs().iter().any(|l| l["event"] == "runner_bad_frame"),
+        "garbage was logged"
+    );
+}
