@@ -472,7 +472,7 @@ fn type_value() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1024))]
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
 
     #[test]
     fn arbitrary_strings_never_panic(text in any::<String>()) {
