@@ -30,6 +30,8 @@ enum Command {
     Token(token::TokenArgs),
     /// Measure end-to-end latency from the client's side (starts a local gateway unless --url).
     Bench(bench::BenchArgs),
+    /// The daily report from the gateway's JSON logs (files or stdin).
+    Report(aishell_report::ReportArgs),
     /// Sandbox hours per user (the basis of weekly quotas).
     Usage(token::UsageArgs),
     /// The supervisor inside a sandbox (started by a backend, not by hand).
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
             Command::Token(args) => token::run(args).await,
             Command::Usage(args) => token::usage(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Report(args) => aishell_report::run(args),
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
                 let cfg = aishell_runner::RunnerConfig::from_env()?;

@@ -1,0 +1,511 @@
+//! `aishell report` (SPEC §8.4): reads the gateway's JSON log lines (files
+//! or stdin) and prints, per UTC day, sessions, start latency (warm/cold,
+//! per-step breakdown), errors by code, disconnects, first-event latency and
+//! anomalies against a comparison day.
+//!
+//! JSON output (`--format json`), stable field names:
+//! `{ "date", "compare_date", "lines": {"read","used","skipped"}, "days": [Day],
+//!    "anomalies": [{"kind","message"}] }` where Day is
+//! `{ "date", "sessions_created", "task_starts", "restarts", "restarts_ok",
+//!    "connected_ok_pct", "connect_failures", "unique_users", "idle_timeouts",
+//!    "start_ms": Lat, "start_warm_ms": Lat, "start_cold_ms": Lat,
+//!    "starts_over_10s", "starts_over_30s", "breakdown_ms": {step: Lat},
+//!    "errors": {code: n}, "disconnects": {processing_state: n},
+//!    "first_event_ms": Lat, "user_messages", "warm_hits", "warm_misses",
+//!    "warm_hit_pct", "slowest_starts": [{"sessionId","userId","duration_ms","source"}] }`
+//! and Lat is `{ "n", "p50", "p90", "p99", "max" }` (milliseconds; percentiles
+//! from an HDR histogram, 3 significant digits).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Log files (JSON lines); none or `-` reads stdin.
+    pub files: Vec<PathBuf>,
+    /// Day to report, YYYY-MM-DD (UTC) [default: today].
+    #[arg(long)]
+    pub date: Option<String>,
+    /// Report this many days ending at --date, e.g. 7d.
+    #[arg(long)]
+    pub range: Option<String>,
+    /// Day to compare with [default: the day before].
+    #[arg(long)]
+    pub compare: Option<String>,
+    /// Only lines whose `env` field has this value.
+    #[arg(long)]
+    pub env: Option<String>,
+    /// md or json.
+    #[arg(long, default_value = "md")]
+    pub format: String,
+    /// Flag a P99 start latency above this (ms).
+    #[arg(long, default_value_t = 10_000)]
+    pub p99_start_ms: u64,
+    /// Flag failures rising by more than this percentage.
+    #[arg(long, default_value_t = 50.0)]
+    pub failure_increase_pct: f64,
+    /// Flag a warm hit rate falling by more than this many points.
+    #[arg(long, default_value_t = 20.0)]
+    pub warm_hit_drop_pct: f64,
+}
+
+/// The fields of a log line the report reads.
+#[derive(Deserialize, Default)]
+struct Line {
+    timestamp: Option<String>,
+    service: Option<String>,
+    event: Option<String>,
+    phase: Option<String>,
+    duration_ms: Option<f64>,
+    source: Option<String>,
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+    #[serde(rename = "sessionId")]
+    session_id: Option<String>,
+    #[serde(rename = "processingState")]
+    processing_state: Option<String>,
+    code: Option<String>,
+    success: Option<bool>,
+    action: Option<String>,
+    env: Option<String>,
+    breakdown: Option<BTreeMap<String, f64>>,
+}
+
+struct Lat(Histogram<u64>);
+
+impl Lat {
+    fn new() -> Self {
+        Lat(Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"))
+    }
+    fn record(&mut self, ms: f64) {
+        let _ = self.0.record((ms.round() as u64).clamp(1, 3_600_000));
+    }
+    fn json(&self) -> Value {
+        let h = &self.0;
+        if h.is_empty() {
+            return json!({ "n": 0 });
+        }
+        json!({ "n": h.len(), "p50": h.value_at_quantile(0.50), "p90": h.value_at_quantile(0.90), "p99": h.value_at_quantile(0.99), "max": h.max() })
+    }
+}
+
+#[derive(Default)]
+struct Day {
+    sessions_created: u64,
+    ready: u64,
+    start_failed: u64,
+    restarts: u64,
+    restarts_ok: u64,
+    users: BTreeSet<String>,
+    idle_timeouts: u64,
+    start: Option<Lat>,
+    start_warm: Option<Lat>,
+    start_cold: Option<Lat>,
+    over_10s: u64,
+    over_30s: u64,
+    breakdown: BTreeMap<String, Lat>,
+    errors: BTreeMap<String, u64>,
+    disconnects: BTreeMap<String, u64>,
+    first_event: Option<Lat>,
+    warm_hits: u64,
+    warm_misses: u64,
+    slowest: Vec<(f64, String, String, String)>,
+}
+
+fn lat(slot: &mut Option<Lat>) -> &mut Lat {
+    slot.get_or_insert_with(Lat::new)
+}
+
+impl Day {
+    fn add(&mut self, l: &Line) {
+        if let Some(u) = &l.user_id {
+            self.users.insert(u.clone());
+        }
+        let ms = l.duration_ms.unwrap_or(0.0);
+        match (l.event.as_deref(), l.phase.as_deref()) {
+            (Some("task_lifecycle"), Some("session_create")) => self.sessions_created += 1,
+            (Some("task_lifecycle"), Some("task_ready")) => {
+                self.ready += 1;
+                lat(&mut self.start).record(ms);
+                match l.source.as_deref() {
+                    Some("warm") => lat(&mut self.start_warm).record(ms),
+                    _ => lat(&mut self.start_cold).record(ms),
+                }
+                self.over_10s += u64::from(ms > 10_000.0);
+                self.over_30s += u64::from(ms > 30_000.0);
+                for (step, v) in l.breakdown.iter().flatten() {
+                    self.breakdown
+                        .entry(step.clone())
+                        .or_insert_with(Lat::new)
+                        .record(*v);
+                }
+                self.slowest.push((
+                    ms,
+                    l.session_id.clone().unwrap_or_default(),
+                    l.user_id.clone().unwrap_or_default(),
+                    l.source.clone().unwrap_or_default(),
+                ));
+                self.slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+                self.slowest.truncate(10);
+            }
+            (Some("task_lifecycle"), Some("task_restart")) => {
+                self.restarts += 1;
+                self.restarts_ok += u64::from(l.success == Some(true));
+            }
+            (Some("task_lifecycle"), Some("idle_timeout")) => self.idle_timeouts += 1,
+            (Some("task_lifecycle"), Some("ws_disconnect")) => {
+                *self
+                    .disconnects
+                    .entry(
+                        l.processing_state
+                            .clone()
+                            .unwrap_or_else(|| "unknown".into()),
+                    )
+                    .or_default() += 1;
+            }
+            (Some("task_lifecycle"), Some("message_roundtrip")) => {
+                lat(&mut self.first_event).record(ms)
+            }
+            (Some("task_lifecycle"), Some("warm_pool")) => match l.action.as_deref() {
+                Some("claim_hit") => self.warm_hits += 1,
+                Some("claim_miss") => self.warm_misses += 1,
+                _ => {}
+            },
+            (Some("task_start_failed"), _) => {
+                self.start_failed += 1;
+                *self
+                    .errors
+                    .entry(l.code.clone().unwrap_or_else(|| "TASK_START_FAILED".into()))
+                    .or_default() += 1;
+            }
+            (Some("task_lost"), _) => *self.errors.entry("AGENT_CRASHED".into()).or_default() += 1,
+            _ => {}
+        }
+    }
+
+    fn connected_ok_pct(&self) -> Option<f64> {
+        let starts = self.ready + self.start_failed;
+        (starts > 0).then(|| round1(100.0 * self.ready as f64 / starts as f64))
+    }
+
+    fn warm_hit_pct(&self) -> Option<f64> {
+        let claims = self.warm_hits + self.warm_misses;
+        (claims > 0).then(|| round1(100.0 * self.warm_hits as f64 / claims as f64))
+    }
+
+    fn json(&self, date: &str) -> Value {
+        let l = |o: &Option<Lat>| o.as_ref().map_or(json!({"n": 0}), Lat::json);
+        json!({
+            "date": date,
+            "sessions_created": self.sessions_created,
+            "task_starts": self.ready + self.start_failed,
+            "restarts": self.restarts,
+            "restarts_ok": self.restarts_ok,
+            "connected_ok_pct": self.connected_ok_pct(),
+            "connect_failures": self.start_failed,
+            "unique_users": self.users.len(),
+            "idle_timeouts": self.idle_timeouts,
+            "start_ms": l(&self.start),
+            "start_warm_ms": l(&self.start_warm),
+            "start_cold_ms": l(&self.start_cold),
+            "starts_over_10s": self.over_10s,
+            "starts_over_30s": self.over_30s,
+            "breakdown_ms": self.breakdown.iter().map(|(k, v)| (k.clone(), v.json())).collect::<serde_json::Map<_, _>>(),
+            "errors": self.errors,
+            "disconnects": self.disconnects,
+            "first_event_ms": l(&self.first_event),
+            "user_messages": self.first_event.as_ref().map_or(0, |h| h.0.len()),
+            "warm_hits": self.warm_hits,
+            "warm_misses": self.warm_misses,
+            "warm_hit_pct": self.warm_hit_pct(),
+            "slowest_starts": self.slowest.iter().map(|(ms, s, u, src)| json!({"sessionId": s, "userId": u, "duration_ms": ms, "source": src})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Build the report document (the JSON form; markdown is rendered from it).
+pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value> {
+    let today = time::OffsetDateTime::now_utc().date();
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let date = match &args.date {
+        Some(d) => time::Date::parse(d, &fmt)
+            .with_context(|| format!("--date {d}: expected YYYY-MM-DD"))?,
+        None => today,
+    };
+    let range_days: i64 = match &args.range {
+        Some(r) => r
+            .trim_end_matches('d')
+            .parse()
+            .with_context(|| format!("--range {r}: expected e.g. 7d"))?,
+        None => 1,
+    };
+    let compare = match &args.compare {
+        Some(d) => time::Date::parse(d, &fmt)
+            .with_context(|| format!("--compare {d}: expected YYYY-MM-DD"))?,
+        None => date.previous_day().unwrap_or(date),
+    };
+    let mut wanted: Vec<String> = (0..range_days.max(1))
+        .rev()
+        .map(|i| {
+            (date - time::Duration::days(i))
+                .format(&fmt)
+                .unwrap_or_default()
+        })
+        .collect();
+    let compare_s = compare.format(&fmt).unwrap_or_default();
+    let mut days: BTreeMap<String, Day> = BTreeMap::new();
+    let (mut read, mut used, mut skipped) = (0u64, 0u64, 0u64);
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        if input.read_line(&mut buf)? == 0 {
+            break;
+        }
+        read += 1;
+        let Ok(line) = serde_json::from_str::<Line>(buf.trim_end()) else {
+            skipped += 1;
+            continue;
+        };
+        let ours = line
+            .service
+            .as_deref()
+            .is_some_and(|s| s.starts_with("aishell"));
+        let Some(day) = line
+            .timestamp
+            .as_deref()
+            .and_then(|t| t.get(..10))
+            .filter(|_| ours)
+        else {
+            skipped += 1;
+            continue;
+        };
+        if args
+            .env
+            .as_deref()
+            .is_some_and(|e| line.env.as_deref() != Some(e))
+        {
+            continue;
+        }
+        if day == compare_s || wanted.iter().any(|w| w == day) {
+            used += 1;
+            days.entry(day.to_string()).or_default().add(&line);
+        }
+    }
+    let empty = Day::default();
+    let main = wanted.last().cloned().unwrap_or_default();
+    let cur = days.get(&main).unwrap_or(&empty);
+    let prev = days.get(&compare_s).unwrap_or(&empty);
+    let mut anomalies = Vec::new();
+    if let Some(p99) = cur
+        .start
+        .as_ref()
+        .filter(|h| !h.0.is_empty())
+        .map(|h| h.0.value_at_quantile(0.99))
+        .filter(|p99| *p99 > args.p99_start_ms)
+    {
+        anomalies.push(json!({"kind": "p99_start", "message": format!("P99 start latency {p99} ms is over {} ms", args.p99_start_ms)}));
+    }
+    let (f_now, f_before) = (
+        cur.start_failed + cur.errors.get("AGENT_CRASHED").copied().unwrap_or(0),
+        prev.start_failed + prev.errors.get("AGENT_CRASHED").copied().unwrap_or(0),
+    );
+    if f_now > 0
+        && (f_before == 0
+            || (f_now as f64) > f_before as f64 * (1.0 + args.failure_increase_pct / 100.0))
+    {
+        anomalies.push(json!({"kind": "failures_up", "message": format!("failures rose from {f_before} to {f_now}")}));
+    }
+    if let (Some(now), Some(before)) = (cur.warm_hit_pct(), prev.warm_hit_pct())
+        && before - now > args.warm_hit_drop_pct
+    {
+        anomalies.push(json!({"kind": "warm_hit_down", "message": format!("warm hit rate fell from {before}% to {now}%")}));
+    }
+    wanted.dedup();
+    Ok(json!({
+        "date": main,
+        "compare_date": compare_s,
+        "lines": {"read": read, "used": used, "skipped": skipped},
+        "days": wanted.iter().map(|d| days.get(d).unwrap_or(&empty).json(d)).collect::<Vec<_>>(),
+        "compare": prev.json(&compare_s),
+        "anomalies": anomalies,
+    }))
+}
+
+/// Markdown rendering of [`build`]'s document.
+pub fn markdown(r: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let day = r["days"]
+        .as_array()
+        .and_then(|d| d.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let _ = writeln!(
+        out,
+        "# aishell daily report — {} (compared with {})\n",
+        r["date"].as_str().unwrap_or(""),
+        r["compare_date"].as_str().unwrap_or("")
+    );
+    if day["task_starts"] == 0 && day["sessions_created"] == 0 {
+        let _ = writeln!(
+            out,
+            "No aishell log lines found for {}. ({} lines read, {} skipped)\n",
+            r["date"].as_str().unwrap_or(""),
+            r["lines"]["read"],
+            r["lines"]["skipped"]
+        );
+    }
+    let anomalies = r["anomalies"].as_array().cloned().unwrap_or_default();
+    if !anomalies.is_empty() {
+        let _ = writeln!(out, "## ⚠ Anomalies\n");
+        for a in &anomalies {
+            let _ = writeln!(
+                out,
+                "- ⚠ **{}**: {}",
+                a["kind"].as_str().unwrap_or(""),
+                a["message"].as_str().unwrap_or("")
+            );
+        }
+        out.push('\n');
+    }
+    let prev = &r["compare"];
+    let row = |out: &mut String, name: &str, key: &str| {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} |",
+            show(&day[key]),
+            show(&prev[key])
+        );
+    };
+    let _ = writeln!(out, "## Sessions\n\n| | today | compare |\n|---|---|---|");
+    for (name, key) in [
+        ("sessions created", "sessions_created"),
+        ("task starts", "task_starts"),
+        ("of which restarts", "restarts"),
+        ("restarts OK", "restarts_ok"),
+        ("connected OK %", "connected_ok_pct"),
+        ("connect failures", "connect_failures"),
+        ("unique users", "unique_users"),
+        ("idle timeouts", "idle_timeouts"),
+        ("warm hit %", "warm_hit_pct"),
+        ("user messages", "user_messages"),
+    ] {
+        row(&mut out, name, key);
+    }
+    let _ = writeln!(
+        out,
+        "\n## Latency (ms)\n\n| | n | P50 | P90 | P99 | max |\n|---|---|---|---|---|---|"
+    );
+    let lat_row = |out: &mut String, name: &str, v: &Value| {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} |",
+            show(&v["n"]),
+            show(&v["p50"]),
+            show(&v["p90"]),
+            show(&v["p99"]),
+            show(&v["max"])
+        );
+    };
+    lat_row(&mut out, "start (all)", &day["start_ms"]);
+    lat_row(&mut out, "start (warm)", &day["start_warm_ms"]);
+    lat_row(&mut out, "start (cold)", &day["start_cold_ms"]);
+    for (step, v) in day["breakdown_ms"].as_object().into_iter().flatten() {
+        lat_row(&mut out, &format!("· step {step}"), v);
+    }
+    lat_row(&mut out, "first event", &day["first_event_ms"]);
+    let _ = writeln!(
+        out,
+        "\nStarts over 10 s: {}, over 30 s: {}",
+        show(&day["starts_over_10s"]),
+        show(&day["starts_over_30s"])
+    );
+    let _ = writeln!(out, "\n## Errors by code\n");
+    for (code, n) in day["errors"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "- {code}: {n}");
+    }
+    let _ = writeln!(out, "\n## Disconnects by processing state\n");
+    for (state, n) in day["disconnects"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "- {state}: {n}");
+    }
+    let _ = writeln!(
+        out,
+        "\n## Slowest starts\n\n| ms | source | session | user |\n|---|---|---|---|"
+    );
+    for s in day["slowest_starts"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            show(&s["duration_ms"]),
+            s["source"].as_str().unwrap_or(""),
+            s["sessionId"].as_str().unwrap_or(""),
+            s["userId"].as_str().unwrap_or("")
+        );
+    }
+    if r["days"].as_array().is_some_and(|d| d.len() > 1) {
+        let _ = writeln!(
+            out,
+            "\n## Per day\n\n| date | starts | OK % | start P50 | start P99 | first event P50 |\n|---|---|---|---|---|---|"
+        );
+        for d in r["days"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                show(&d["date"]),
+                show(&d["task_starts"]),
+                show(&d["connected_ok_pct"]),
+                show(&d["start_ms"]["p50"]),
+                show(&d["start_ms"]["p99"]),
+                show(&d["first_event_ms"]["p50"])
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n_{} lines read, {} used, {} skipped (not JSON or not aishell's)._",
+        r["lines"]["read"], r["lines"]["used"], r["lines"]["skipped"]
+    );
+    out
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "–".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let report = if args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-") {
+        build(&args, &mut std::io::stdin().lock())?
+    } else {
+        let mut chained: Box<dyn std::io::Read> = Box::new(std::io::empty());
+        for f in &args.files {
+            let file =
+                std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+            chained = Box::new(std::io::Read::chain(chained, file));
+        }
+        build(
+            &args,
+            &mut std::io::BufReader::with_capacity(1 << 20, chained),
+        )?
+    };
+    match args.format.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&report)?),
+        "md" => print!("{}", markdown(&report)),
+        other => anyhow::bail!("--format {other}: expected md or json"),
+    }
+    Ok(())
+}
