@@ -1,9 +1,11 @@
-//! Built-in headless agents of aishell (SPEC §2, §5): `echo` and `shell`.
+//! Built-in headless agents of aishell (SPEC §2, §5): `echo`, `shell`, `llm`
+//! (any OpenAI-compatible Chat Completions endpoint, with workspace tools)
+//! and `claude` (an adapter for Claude Code's stream-json mode).
 //!
 //! Each speaks the agent protocol of [`aishell_protocol::agent`]: JSON lines
 //! of [`AgentInput`](aishell_protocol::AgentInput) on stdin, JSON lines of
 //! [`AgentEvent`](aishell_protocol::AgentEvent) on stdout, diagnostics as
-//! plain lines on stderr. Guarantees common to both:
+//! plain lines on stderr. Guarantees common to all:
 //!
 //! * `init` is answered with the agent's own `init` (inputs before it are
 //!   handled anyway);
@@ -20,12 +22,15 @@ use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+mod claude;
 mod echo;
+mod llm;
+mod process;
 mod shell;
 mod wire;
 
 /// The kinds [`run`] and [`run_stdio`] accept.
-pub const BUILTIN_KINDS: &[&str] = &["echo", "shell"];
+pub const BUILTIN_KINDS: &[&str] = &["echo", "shell", "llm", "claude"];
 
 /// Run a built-in agent over this process's stdin/stdout until stdin closes.
 pub async fn run_stdio(kind: &str) -> anyhow::Result<()> {
@@ -60,6 +65,8 @@ where
     check_kind(kind)?;
     match kind {
         "echo" => echo::run(input, output).await,
+        "llm" => llm::run(input, output, workspace.into()).await,
+        "claude" => claude::run(input, output, workspace.into()).await,
         _ => shell::run(input, output, workspace.into()).await,
     }
 }
