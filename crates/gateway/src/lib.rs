@@ -10,9 +10,11 @@ mod files;
 mod lifecycle;
 pub mod metrics;
 pub mod pool;
+pub mod recent;
 mod runner_ws;
 mod server;
 pub mod session;
+mod web;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -6,6 +6,9 @@
 //! `aishell_ws_disconnects_total{processing_state}`, `aishell_idle_timeouts_total`,
 //! gauges `aishell_clients_connected`, `aishell_runners_connected`,
 //! `aishell_sessions{state}`, `aishell_warm_pool_ready`, `aishell_warm_pool_launching`.
+//!
+//! Durations, errors and connection counts are also kept as raw recent points
+//! for the admin dashboard ([`crate::recent`]).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -32,10 +35,12 @@ pub fn install() -> &'static PrometheusHandle {
 
 pub fn phase(phase: &'static str, source: Option<&'static str>, took: Duration) {
     metrics::histogram!("aishell_lifecycle_duration_seconds", "phase" => phase, "source" => source.unwrap_or("")).record(took.as_secs_f64());
+    crate::recent::recent().latency(phase, source, took);
 }
 
 pub fn error(code: &str) {
     metrics::counter!("aishell_errors_total", "code" => code.to_string()).increment(1);
+    crate::recent::recent().error(code);
 }
 
 pub fn disconnect(processing_state: &'static str) {
@@ -49,10 +54,12 @@ pub fn idle_timeout() {
 
 pub fn clients(delta: f64) {
     metrics::gauge!("aishell_clients_connected").increment(delta);
+    crate::recent::recent().clients(delta as i64);
 }
 
 pub fn runners(delta: f64) {
     metrics::gauge!("aishell_runners_connected").increment(delta);
+    crate::recent::recent().runners(delta as i64);
 }
 
 /// Move one session from state `from` (if any) to `to` (if any).

@@ -123,6 +123,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(crate::files::routes())
         .merge(crate::api::routes())
+        .merge(crate::web::routes())
         .with_state(shared)
 }
 

@@ -1,0 +1,444 @@
+//! The embedded web UI: the chat page (`/`), the admin dashboard (`/admin`),
+//! their static assets (`/assets/*`, compiled into the binary, no build step)
+//! and the small JSON API behind them: `GET /api/me`, and for admins
+//! `GET /api/admin/overview`, `POST /api/admin/sessions/{id}/stop`,
+//! `POST /api/admin/pool`.
+//!
+//! Pages and assets are public (they hold no data); every API call needs a
+//! bearer token: none or a bad one is 401 `UNAUTHORIZED`, a non-admin on an
+//! admin route is 403 `FORBIDDEN`. Admin actions take the token from the
+//! `Authorization` header only (never `?token=`), so a link cannot trigger one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock};
+
+use aishell_protocol::ErrorCode;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::Shared;
+use crate::auth::Identity;
+use crate::session::SessionCmd;
+
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/", get(chat_page))
+        .route("/admin", get(admin_page))
+        .route("/assets/{name}", get(asset))
+        .route("/api/me", get(me))
+        .route("/api/admin/overview", get(overview))
+        .route("/api/admin/sessions/{session_id}/stop", post(stop_session))
+        .route("/api/admin/pool", post(pool_action))
+}
+
+// ---- static assets -------------------------------------------------------
+
+struct Asset {
+    content_type: &'static str,
+    body: &'static [u8],
+    /// Strong validator: browsers revalidate (`no-cache`) and get a 304
+    /// unless the binary's copy changed, so an upgrade is never half-cached.
+    etag: String,
+}
+
+macro_rules! asset {
+    ($name:literal, $ctype:literal) => {
+        (
+            $name,
+            $ctype,
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/web/", $name)).as_slice(),
+        )
+    };
+}
+
+static ASSETS: LazyLock<HashMap<&'static str, Asset>> = LazyLock::new(|| {
+    [
+        asset!("index.html", "text/html; charset=utf-8"),
+        asset!("admin.html", "text/html; charset=utf-8"),
+        asset!("style.css", "text/css; charset=utf-8"),
+        asset!("common.js", "text/javascript; charset=utf-8"),
+        asset!("chat.js", "text/javascript; charset=utf-8"),
+        asset!("admin.js", "text/javascript; charset=utf-8"),
+        asset!("icon.svg", "image/svg+xml"),
+    ]
+    .into_iter()
+    .map(|(name, content_type, body)| {
+        let digest = Sha256::digest(body);
+        let etag = format!("\"{}\"", hex16(&digest[..8]));
+        (
+            name,
+            Asset {
+                content_type,
+                body,
+                etag,
+            },
+        )
+    })
+    .collect()
+});
+
+fn hex16(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Only our own origin, no inline script: the pages make no external request
+/// and an injected string cannot run.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+fn serve_asset(name: &str, headers: &HeaderMap) -> Response {
+    let Some(asset) = ASSETS.get(name) else {
+        return (StatusCode::NOT_FOUND, "no such asset").into_response();
+    };
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == asset.etag));
+    let mut response = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type))],
+            asset.body,
+        )
+            .into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&asset.etag).expect("hex etag"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // The first URL carries the token; never hand it to anyone as a referrer.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    if asset.content_type.starts_with("text/html") {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
+    response
+}
+
+async fn chat_page(headers: HeaderMap) -> Response {
+    serve_asset("index.html", &headers)
+}
+
+async fn admin_page(headers: HeaderMap) -> Response {
+    serve_asset("admin.html", &headers)
+}
+
+async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if name.ends_with(".html") {
+        return (StatusCode::NOT_FOUND, "no such asset").into_response();
+    }
+    serve_asset(&name, &headers)
+}
+
+// ---- API -------------------------------------------------------------------
+
+fn api_error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "code": code.as_str(), "message": message.into() } });
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn no_store(body: serde_json::Value) -> Response {
+    let mut response = axum::Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn identify(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Identity, Response> {
+    let token = crate::auth::bearer_token(headers, query_token);
+    shared
+        .auth
+        .authenticate(shared.store.as_ref(), token.as_deref())
+        .await
+        .map_err(|e| match e {
+            crate::auth::AuthError::Store(e) => api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                format!("the gateway cannot check tokens right now ({e}); try again"),
+            ),
+            other => api_error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                other.to_string(),
+            ),
+        })
+}
+
+async fn admin(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Identity, Response> {
+    let who = identify(shared, headers, query_token).await?;
+    if !who.is_admin {
+        return Err(api_error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!(
+                "the admin dashboard needs an admin token; {} is not an admin",
+                who.user_id
+            ),
+        ));
+    }
+    Ok(who)
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Who the token belongs to (the pages use it to check a token before
+/// connecting, since a browser cannot read why a WebSocket upgrade failed).
+async fn me(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    match identify(&shared, &headers, q.token.as_deref()).await {
+        Ok(who) => no_store(json!({ "user_id": who.user_id, "admin": who.is_admin })),
+        Err(r) => r,
+    }
+}
+
+/// Sessions listed on the dashboard (most recently active first).
+const OVERVIEW_SESSIONS: usize = 100;
+
+async fn overview(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    if let Err(r) = admin(&shared, &headers, q.token.as_deref()).await {
+        return r;
+    }
+    let mut sessions = match shared.store.list_sessions(None).await {
+        Ok(l) => l,
+        Err(e) => {
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                format!("cannot read sessions from the store: {e}"),
+            );
+        }
+    };
+    sessions.retain(|s| s.state != "TERMINATED");
+    sessions.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_user: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for s in &sessions {
+        *by_state.entry(s.state.clone()).or_default() += 1;
+        *by_user
+            .entry(s.user_id.clone())
+            .or_default()
+            .entry(s.state.clone())
+            .or_default() += 1;
+    }
+    let by_user: Vec<_> = by_user
+        .into_iter()
+        .map(|(user_id, states)| {
+            let total: u64 = states.values().sum();
+            json!({ "user_id": user_id, "total": total, "by_state": states })
+        })
+        .collect();
+    let listed: Vec<_> = sessions
+        .iter()
+        .take(OVERVIEW_SESSIONS)
+        .map(|s| {
+            json!({
+                "session_id": s.id,
+                "user_id": s.user_id,
+                "state": s.state,
+                "task_id": s.task_id,
+                "live": shared.sessions.get(&s.id).is_some(),
+                "updated_at": s.updated_at.unix_timestamp(),
+            })
+        })
+        .collect();
+    let recent = crate::recent::recent().snapshot();
+    let latency = |key: &str| recent.series.get(key).cloned();
+    no_store(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": shared.backend.name(),
+        "uptime_s": recent.uptime_s,
+        "window_s": crate::recent::WINDOW.as_secs(),
+        "sessions": {
+            "total": sessions.len(),
+            "live": shared.sessions.live_count(),
+            "by_state": by_state,
+            "by_user": by_user,
+            "list": listed,
+        },
+        "pool": shared.pool.snapshot(),
+        "runners_connected": recent.runners_connected,
+        "clients_connected": recent.clients_connected,
+        "errors": {
+            "by_code": recent.errors_by_code,
+            "recent": recent.errors_recent,
+        },
+        "latency": {
+            "start_warm": latency("task_ready/warm"),
+            "start_cold": latency("task_ready/cold"),
+            "first_event": latency("message_roundtrip"),
+        },
+    }))
+}
+
+async fn stop_session(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(session_id): Path<String>,
+) -> Response {
+    let who = match admin(&shared, &headers, None).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let Some(handle) = shared.sessions.get(&session_id) else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound,
+            format!("{session_id} has no running task to stop"),
+        );
+    };
+    tracing::info!(event = "admin_stop_session", sessionId = %session_id, userId = %handle.user_id, admin = %who.user_id, "admin stopped a session's task");
+    let reason = format!("stopped by admin {}", who.user_id);
+    if !handle.send(SessionCmd::StopTask { reason }).await {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound,
+            format!("{session_id} left memory; nothing to stop"),
+        );
+    }
+    (
+        StatusCode::ACCEPTED,
+        no_store(json!({ "session_id": session_id, "stopping": true })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+enum PoolAction {
+    /// Keep this many ready tasks (capped at the pool's maximum).
+    Resize { target: usize },
+    /// Stop every unclaimed task and keep none (resize to refill again).
+    Drain,
+}
+
+async fn pool_action(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match admin(&shared, &headers, None).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let action: PoolAction = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                format!(
+                    "expected {{\"action\":\"resize\",\"target\":N}} or {{\"action\":\"drain\"}}: {e}"
+                ),
+            );
+        }
+    };
+    if !shared.pool.enabled() {
+        return api_error(
+            StatusCode::CONFLICT,
+            ErrorCode::BadFrame,
+            "the warm pool is disabled on this gateway (--enable-warm-pool)",
+        );
+    }
+    match action {
+        PoolAction::Resize { target } => {
+            tracing::info!(event = "admin_pool_resize", target, admin = %who.user_id, "admin resized the warm pool");
+            shared.pool.set_target(target);
+        }
+        PoolAction::Drain => {
+            tracing::info!(event = "admin_pool_drain", admin = %who.user_id, "admin drained the warm pool");
+            shared.pool.drain().await;
+        }
+    }
+    no_store(json!({ "pool": shared.pool.snapshot() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_asset_is_embedded_with_an_etag() {
+        for name in [
+            "index.html",
+            "admin.html",
+            "style.css",
+            "common.js",
+            "chat.js",
+            "admin.js",
+            "icon.svg",
+        ] {
+            let a = &ASSETS[name];
+            assert!(!a.body.is_empty(), "{name} is empty");
+            assert_eq!(a.etag.len(), 18, "{name}: {}", a.etag);
+        }
+    }
+
+    #[test]
+    fn pages_reference_only_local_assets() {
+        for name in ["index.html", "admin.html", "chat.js", "admin.js", "common.js"] {
+            // The SVG namespace is a name, not a request.
+            let text = std::str::from_utf8(ASSETS[name].body)
+                .unwrap()
+                .replace("http://www.w3.org/2000/svg", "");
+            for bad in ["http://", "https://", "//cdn", "<script>"] {
+                assert!(!text.contains(bad), "{name} contains {bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn revalidation_gets_304() {
+        let etag = ASSETS["chat.js"].etag.clone();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_NONE_MATCH, etag.parse().unwrap());
+        assert_eq!(
+            serve_asset("chat.js", &headers).status(),
+            StatusCode::NOT_MODIFIED
+        );
+        let r = serve_asset("chat.js", &HeaderMap::new());
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(serve_asset("nope.js", &HeaderMap::new()).status(), 404);
+    }
+}
