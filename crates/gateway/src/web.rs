@@ -103,7 +103,10 @@ fn serve_asset(name: &str, headers: &HeaderMap) -> Response {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         (
-            [(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(asset.content_type),
+            )],
             asset.body,
         )
             .into_response()
@@ -119,7 +122,10 @@ fn serve_asset(name: &str, headers: &HeaderMap) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     // The first URL carries the token; never hand it to anyone as a referrer.
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     if asset.content_type.starts_with("text/html") {
         h.insert(
             header::CONTENT_SECURITY_POLICY,
@@ -413,7 +419,13 @@ mod tests {
 
     #[test]
     fn pages_reference_only_local_assets() {
-        for name in ["index.html", "admin.html", "chat.js", "admin.js", "common.js"] {
+        for name in [
+            "index.html",
+            "admin.html",
+            "chat.js",
+            "admin.js",
+            "common.js",
+        ] {
             // The SVG namespace is a name, not a request.
             let text = std::str::from_utf8(ASSETS[name].body)
                 .unwrap()

@@ -440,7 +440,15 @@ function appendText(cid, delta) {
   const t = turnFor(cid);
   t.answered = true;
   const last = t.blocks[t.blocks.length - 1];
-  if (last && last.kind === 'text' && !last.final) {
+  if (last && last.kind === 'tool' && last.result === null) {
+    // Text streamed while a tool runs is that tool's live output (the shell
+    // agent streams a command's output, then sends it whole as the result):
+    // show it inside the tool, not a second time as reply text.
+    last.live = (last.live || '') + delta;
+    const out = last.node && last.node.querySelector('.tool-live');
+    if (out) out.firstChild.appendData(delta);
+    else if (last.node) last.node.replaceWith(renderBlock(last));
+  } else if (last && last.kind === 'text' && !last.final) {
     last.text += delta;
     last.deltaText = (last.deltaText || '') + delta;
     if (last.node) last.node.firstChild.appendData(delta);
@@ -565,9 +573,21 @@ function showInfo(message) {
   scrollDown();
 }
 
+// Follow new output while the user is at the bottom. At most once a frame:
+// reading scrollHeight forces a layout, and doing that per delta makes a long
+// stream quadratic.
+let stickToBottom = true;
+let scrollPending = false;
 function scrollDown() {
-  const m = $('messages');
-  if (m.scrollHeight - m.scrollTop - m.clientHeight < 200) m.scrollTop = m.scrollHeight;
+  if (scrollPending) return;
+  scrollPending = true;
+  requestAnimationFrame(() => {
+    scrollPending = false;
+    if (stickToBottom) {
+      const m = $('messages');
+      m.scrollTop = m.scrollHeight;
+    }
+  });
 }
 
 function renderTranscript() {
@@ -615,9 +635,11 @@ function renderBlock(b) {
       break;
     case 'tool': {
       const input = b.input === null || b.input === undefined ? '' : (typeof b.input === 'object' && b.input.command ? b.input.command : JSON.stringify(b.input, null, 2));
+      // Short results start open; long ones stay folded until clicked.
+      const short = b.result !== null && b.result.split('\n').length <= 12 && b.result.length <= 1500;
       const result = b.result === null
-        ? el('div', { class: 'tool-running' }, 'running…')
-        : el('details', { class: 'tool-result' + (b.isError ? ' is-error' : '') },
+        ? (b.live ? el('pre', { class: 'tool-live' }, document.createTextNode(b.live)) : el('div', { class: 'tool-running' }, 'running…'))
+        : el('details', { class: 'tool-result' + (b.isError ? ' is-error' : ''), open: short },
           el('summary', {}, b.isError ? 'result (error)' : 'result', el('span', { class: 'muted' }, ` · ${formatBytes(new Blob([b.result]).size)}`)),
           el('pre', {}, b.result));
       node = el('div', { class: 'tool', dataset: { tool: b.name } },
@@ -656,8 +678,10 @@ function renderTurnFooter(t) {
   footer.replaceChildren();
   if (!t.done) {
     footer.append(el('span', { class: 'working' }, t.answered ? 'working…' : 'waiting for the agent…'));
-  } else if (t.usage) {
-    footer.append(el('span', { class: 'usage' }, `done · ${t.usage.input_tokens ?? 0} tokens in, ${t.usage.output_tokens ?? 0} out`));
+  } else {
+    const u = t.usage || {};
+    const tokens = (u.input_tokens || 0) + (u.output_tokens || 0);
+    footer.append(el('span', { class: 'usage' }, tokens ? `done · ${u.input_tokens || 0} tokens in, ${u.output_tokens || 0} out` : 'done'));
   }
   t.node.classList.toggle('done', !!t.done);
 }
@@ -673,7 +697,7 @@ function renderConversationList() {
       el('button', { type: 'button', class: 'conversation', onclick: () => switchTo(id) },
         running ? el('span', { class: 'dot', title: 'running' }) : null,
         c.title || 'Untitled'),
-      el('button', { type: 'button', class: 'icon-button delete', title: 'Delete conversation', 'aria-label': 'Delete conversation', onclick: () => deleteConversation(id) }, '🗑'));
+      el('button', { type: 'button', class: 'icon-button delete', title: 'Delete conversation', 'aria-label': 'Delete conversation', onclick: () => deleteConversation(id) }, '✕'));
     list.append(item);
   }
 }
@@ -738,7 +762,7 @@ async function listFiles() {
   list.replaceChildren();
   if (files.dir) {
     const up = files.dir.split('/').slice(0, -1).join('/');
-    list.append(el('li', {}, el('button', { type: 'button', class: 'file dir', onclick: () => { files.dir = up; listFiles(); } }, '📁 ..')));
+    list.append(el('li', {}, el('button', { type: 'button', class: 'file dir', onclick: () => { files.dir = up; listFiles(); } }, '..')));
   }
   const entries = [...body.entries].sort((a, b) => (a.type === 'dir' ? 0 : 1) - (b.type === 'dir' ? 0 : 1) || a.name.localeCompare(b.name));
   for (const e of entries) {
@@ -747,10 +771,10 @@ async function listFiles() {
       ? () => { files.dir = path; listFiles(); }
       : () => viewFile(path, e.size);
     list.append(el('li', { dataset: { name: e.name } },
-      el('button', { type: 'button', class: 'file ' + e.type, onclick: open }, (e.type === 'dir' ? '📁 ' : '📄 ') + e.name),
+      el('button', { type: 'button', class: 'file ' + e.type, onclick: open }, e.type === 'dir' ? e.name + '/' : e.name),
       e.type === 'dir' ? null : el('span', { class: 'muted size' }, formatBytes(e.size)),
       e.type === 'dir' ? null : el('button', { type: 'button', class: 'icon-button', title: 'Download', 'aria-label': `Download ${e.name}`, onclick: () => download(path) }, '⬇'),
-      el('button', { type: 'button', class: 'icon-button', title: 'Delete', 'aria-label': `Delete ${e.name}`, onclick: () => removeFile(path) }, '🗑')));
+      el('button', { type: 'button', class: 'icon-button', title: 'Delete', 'aria-label': `Delete ${e.name}`, onclick: () => removeFile(path) }, '✕')));
   }
   if (!entries.length) list.append(el('li', { class: 'muted' }, 'empty'));
 }
@@ -867,6 +891,10 @@ function wireUi() {
       $('composer').requestSubmit();
     }
   });
+  $('messages').addEventListener('scroll', () => {
+    const m = $('messages');
+    stickToBottom = m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+  }, { passive: true });
   $('abort').addEventListener('click', abortTurn);
   $('new-conversation').addEventListener('click', newConversation);
   $('reconnect-now').addEventListener('click', () => {

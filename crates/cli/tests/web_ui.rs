@@ -1,0 +1,741 @@
+//! The web UI in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver on a loopback port, fantoccini as the client), against a
+//! real `aishell serve`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
+//! Missing, the tests fail and say so; `AISHELL_SKIP_BROWSER_TESTS=1` skips
+//! them on a laptop without a browser. Screenshots of every page go to
+//! `target/screenshots/`; with `AISHELL_UPDATE_DOCS_SCREENSHOTS=1` the chat
+//! and dashboard ones are also copied into `docs/` for the README.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Gateway;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+/// One browser at a time: two cores cannot run four Chromiums and four
+/// gateways at once without timeouts.
+static BROWSER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---- browser harness ----------------------------------------------------------
+
+struct Browser {
+    client: Client,
+    driver: Option<Child>,
+    _profile: tempfile::TempDir,
+}
+
+fn skip_requested() -> bool {
+    std::env::var("AISHELL_SKIP_BROWSER_TESTS").is_ok_and(|v| v == "1")
+}
+
+fn find_program(env: &str, candidates: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    for c in candidates {
+        let path = Path::new(c);
+        if path.is_absolute() {
+            if path.exists() {
+                return Some(path.to_path_buf());
+            }
+            continue;
+        }
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            let full = dir.join(c);
+            if full.exists() {
+                return Some(full);
+            }
+        }
+    }
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+        .port()
+}
+
+impl Browser {
+    /// Start chromedriver and a fresh headless Chromium; `None` when the
+    /// user opted out with `AISHELL_SKIP_BROWSER_TESTS=1`.
+    async fn start() -> Option<Browser> {
+        if skip_requested() {
+            eprintln!("AISHELL_SKIP_BROWSER_TESTS=1: skipping a browser test");
+            return None;
+        }
+        let chromium = find_program(
+            "AISHELL_CHROMIUM",
+            &["chromium", "chromium-browser", "google-chrome"],
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the web UI tests need Chromium: apt-get install chromium chromium-driver \
+                 (or set AISHELL_CHROMIUM; AISHELL_SKIP_BROWSER_TESTS=1 skips these tests)"
+            )
+        });
+        let chromedriver = find_program(
+            "AISHELL_CHROMEDRIVER",
+            &["chromedriver", "/usr/lib/chromium/chromedriver"],
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the web UI tests need chromedriver: apt-get install chromium-driver \
+                 (or set AISHELL_CHROMEDRIVER; AISHELL_SKIP_BROWSER_TESTS=1 skips these tests)"
+            )
+        });
+        let port = free_port();
+        let mut cmd = Command::new(&chromedriver);
+        cmd.arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Its own process group, so Drop can kill the driver and every
+        // browser process it started even when a test panics.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let driver = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+        let profile = tempfile::tempdir().expect("profile dir");
+        let mut browser = BrowserStart {
+            driver: Some(driver),
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on {port} within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let caps = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                    "--disable-dev-shm-usage",
+                    "--window-size=1280,860",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            },
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot start Chromium through chromedriver: {e}"));
+        Some(Browser {
+            client,
+            driver: browser.driver.take(),
+            _profile: profile,
+        })
+    }
+
+    async fn goto(&self, url: &str) {
+        self.client.goto(url).await.expect("navigate");
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Poll a JavaScript expression until it is truthy; returns its value.
+    async fn wait_js(&self, what: &str, expr: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        let script = format!("return ({expr});");
+        loop {
+            let v = self.js(&script).await;
+            let truthy = match &v {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                Value::String(s) => !s.is_empty(),
+                _ => true,
+            };
+            if truthy {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let body = self
+                    .js("return document.body.innerText")
+                    .await
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                panic!("waited {WAIT:?} for {what} ({expr}); page text:\n{body}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn text_of(&self, selector: &str) -> String {
+        let sel = serde_json::to_string(selector).unwrap();
+        self.js(&format!(
+            "const e = document.querySelector({sel}); return e ? e.innerText : null;"
+        ))
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    async fn click(&self, selector: &str) {
+        self.client
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(selector))
+            .await
+            .unwrap_or_else(|e| panic!("no element {selector}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("cannot click {selector}: {e}"));
+    }
+
+    async fn type_into(&self, selector: &str, keys: &str) {
+        self.client
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(selector))
+            .await
+            .unwrap_or_else(|e| panic!("no element {selector}: {e}"))
+            .send_keys(keys)
+            .await
+            .unwrap_or_else(|e| panic!("cannot type into {selector}: {e}"));
+    }
+
+    /// Save a PNG of the page under `target/screenshots/NAME.png`.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.expect("screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+        let dir = screenshots_dir();
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, &png).expect("write screenshot");
+        if std::env::var("AISHELL_UPDATE_DOCS_SCREENSHOTS").is_ok_and(|v| v == "1") {
+            let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+            std::fs::create_dir_all(&docs).expect("docs dir");
+            std::fs::write(docs.join(format!("{name}.png")), &png).expect("copy screenshot");
+        }
+        path
+    }
+
+    async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        if let Some(mut d) = self.driver.take() {
+            kill_group(&mut d);
+        }
+    }
+}
+
+/// Kills chromedriver's group if `Browser::start` fails half-way.
+struct BrowserStart {
+    driver: Option<Child>,
+}
+
+impl Drop for BrowserStart {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.driver.take() {
+            kill_group(&mut d);
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.driver.take() {
+            kill_group(&mut d);
+        }
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    let pid = child.id() as i32;
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+}
+
+fn screenshots_dir() -> PathBuf {
+    // target/tmp → target/screenshots
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("screenshots")
+}
+
+fn login_url(gw: &Gateway, path: &str, token: &str) -> String {
+    gw.http_url(&format!("{path}?token={token}"))
+}
+
+/// `GET path` with a chosen token (or none): (status, JSON body).
+fn http_get_as(gw: &Gateway, path: &str, token: Option<&str>) -> (u16, Value) {
+    http_request(gw, "GET", path, token, None)
+}
+
+fn http_request(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// JavaScript: the page is connected (its `session` frame arrived).
+const CONNECTED: &str = "document.querySelector('#status').classList.contains('status-ok') && window.aishell && window.aishell.state.sessionId";
+/// JavaScript: the latest turn on screen has finished.
+const TURN_DONE: &str = "(() => { const t = [...document.querySelectorAll('.turn')].pop(); return t && t.classList.contains('done'); })()";
+
+// ---- tests ---------------------------------------------------------------------
+
+/// The printed URL logs in (and the token leaves the address bar); a message
+/// streams its reply, shows the tool call with a collapsible result and the
+/// usage; Shift+Enter is a newline; the files panel lists and shows a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let gw = Gateway::start(&[]);
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+    let url = b.client.current_url().await.unwrap();
+    assert!(
+        !url.as_str().contains("token"),
+        "the token stays in the address bar: {url}"
+    );
+    let stored = b.js("return sessionStorage.getItem('aishell.token')").await;
+    assert_eq!(stored.as_str(), Some(gw.token.as_str()));
+    let first_status = b.text_of("#status").await;
+    assert!(first_status.contains("connected"), "status: {first_status}");
+
+    // Shift+Enter: a newline in the box, not a send.
+    b.type_into(
+        "#input",
+        "echo hello-from-the-browser > greeting.txt\u{E008}\u{E007}\u{E000}cat greeting.txt; echo line-two",
+    )
+    .await;
+    let typed = b.js("return document.querySelector('#input').value").await;
+    assert_eq!(
+        typed.as_str(),
+        Some("echo hello-from-the-browser > greeting.txt\ncat greeting.txt; echo line-two"),
+        "Shift+Enter must insert a newline"
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('.turn').length")
+            .await,
+        json!(0)
+    );
+    // Enter sends.
+    b.type_into("#input", "\u{E007}").await;
+    b.wait_js("the turn to finish", TURN_DONE).await;
+    let tool = b.text_of(".tool[data-tool=shell] .tool-input").await;
+    assert!(
+        tool.contains("echo hello-from-the-browser"),
+        "tool input: {tool}"
+    );
+    let reply = b.text_of(".turn .assistant").await;
+    assert!(reply.contains("hello-from-the-browser"), "reply: {reply}");
+    assert!(reply.contains("line-two"), "reply: {reply}");
+    assert!(
+        b.js("return window.aishell.stats.deltas").await.as_u64() >= Some(1),
+        "the reply did not arrive as streamed deltas"
+    );
+    let usage = b.text_of(".turn .usage").await;
+    assert!(usage.contains("done"), "usage: {usage}");
+    // The output is shown once (inside the tool), not again as reply text;
+    // a short result starts open and folds on a click.
+    assert_eq!(
+        reply.matches("hello-from-the-browser\nline-two").count(),
+        1,
+        "reply: {reply}"
+    );
+    let result = b.text_of(".tool-result pre").await;
+    assert!(result.contains("line-two"), "tool result: {result}");
+    assert_eq!(
+        b.js("return document.querySelector('.tool-result').open")
+            .await,
+        json!(true)
+    );
+    b.click(".tool-result summary").await;
+    assert_eq!(
+        b.js("return document.querySelector('.tool-result').open")
+            .await,
+        json!(false)
+    );
+    b.click(".tool-result summary").await;
+    assert!(
+        b.text_of("#conversations").await.contains("echo hello"),
+        "the conversation is listed"
+    );
+    assert!(
+        b.text_of("#status").await.contains("ready"),
+        "status after the first turn: {}",
+        b.text_of("#status").await
+    );
+
+    // Files panel: the file the command wrote is listed and can be viewed.
+    b.click("#toggle-files").await;
+    b.wait_js(
+        "greeting.txt in the files panel",
+        "document.querySelector('#files-list li[data-name=\"greeting.txt\"]')",
+    )
+    .await;
+    b.click("#files-list li[data-name=\"greeting.txt\"] .file")
+        .await;
+    b.wait_js(
+        "the file viewer",
+        "((document.querySelector('#viewer-body pre') || {}).innerText || '').includes('hello-from-the-browser')",
+    )
+    .await;
+    b.screenshot("chat").await;
+
+    // Phone width: the conversation list folds away; the chat still works.
+    b.client.set_window_size(390, 800).await.unwrap();
+    b.click("#viewer-close").await;
+    b.click("#files-close").await;
+    b.wait_js(
+        "the sidebar to fold away at phone width",
+        "document.querySelector('#sidebar').getBoundingClientRect().right <= 0",
+    )
+    .await;
+    b.screenshot("chat-phone").await;
+    b.close().await;
+}
+
+/// Mid-stream, the client socket drops and later the gateway itself is
+/// killed and restarted: the page reconnects with session_id + last_seq and
+/// every delta is on screen exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_reconnects_and_resumes_without_losing_or_doubling_deltas() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut gw = Gateway::start(&["--agent", "echo"]);
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+
+    const N: usize = 20_000;
+    let expected: String = (0..N).map(|i| format!("chunk-{i} ")).collect();
+
+    // 1. The socket drops (as a network failure would).
+    b.type_into("#input", &format!("/stream {N}\u{E007}")).await;
+    b.wait_js(
+        "the stream to start",
+        "window.aishell.deltaText().includes('chunk-20 ')",
+    )
+    .await;
+    let before = b
+        .js("window.aishell.dropSocket(); return window.aishell.deltaText().length")
+        .await;
+    eprintln!(
+        "socket dropped after {before} of {} bytes of deltas",
+        expected.len()
+    );
+    assert!(
+        before.as_u64() < Some(expected.len() as u64),
+        "the whole stream arrived before the drop; the test did not test a resume"
+    );
+    b.wait_js(
+        "the reconnect banner",
+        "!document.querySelector('#conn-banner').hidden",
+    )
+    .await;
+    let banner = b.text_of("#conn-banner").await;
+    assert!(banner.contains("Reconnect now"), "banner: {banner}");
+    b.wait_js("the turn to finish", TURN_DONE).await;
+    let got = b.js("return window.aishell.deltaText()").await;
+    assert_eq!(
+        got.as_str().map(str::len),
+        Some(expected.len()),
+        "deltas lost or doubled after a socket drop"
+    );
+    assert!(
+        got.as_str() == Some(expected.as_str()),
+        "deltas out of order"
+    );
+    let resumes = b.js("return window.aishell.stats.resumes").await;
+    assert!(
+        resumes.as_u64() >= Some(1),
+        "the page did not resume: {resumes}"
+    );
+
+    // 2. The gateway is killed (SIGKILL) mid-stream and restarted.
+    b.click("#new-conversation").await;
+    b.type_into("#input", &format!("/stream {N}\u{E007}")).await;
+    b.wait_js(
+        "the second stream to start",
+        "window.aishell.deltaText().includes('chunk-20 ')",
+    )
+    .await;
+    let before = b.js("return window.aishell.deltaText().length").await;
+    gw.kill9();
+    eprintln!(
+        "gateway killed after {before} of {} bytes of deltas",
+        expected.len()
+    );
+    assert!(
+        before.as_u64() < Some(expected.len() as u64),
+        "the whole stream arrived before the kill; the test did not test a resume"
+    );
+    b.wait_js(
+        "the page to notice the gateway is gone",
+        "!document.querySelector('#conn-banner').hidden",
+    )
+    .await;
+    gw.restart(&[]);
+    // Backoff is 2 s, then 4 s: "Reconnect now" skips the wait (unless the
+    // page got back on its own meanwhile).
+    b.js("if (!document.querySelector('#conn-banner').hidden) document.querySelector('#reconnect-now').click()").await;
+    b.wait_js("the page to reconnect", CONNECTED).await;
+    b.wait_js("the second turn to finish", TURN_DONE).await;
+    let got = b.js("return window.aishell.deltaText()").await;
+    let got = got.as_str().unwrap_or_default();
+    for i in [0, 1, 20, 21, N / 2, N - 1] {
+        let chunk = format!("chunk-{i} ");
+        assert_eq!(
+            got.matches(&chunk).count(),
+            1,
+            "{chunk:?} should be on screen exactly once"
+        );
+    }
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "deltas lost or doubled across a gateway restart"
+    );
+    assert!(
+        got == expected,
+        "deltas out of order across a gateway restart"
+    );
+    let on_screen = b.text_of(".turn:last-of-type .assistant .text").await;
+    assert_eq!(on_screen.trim_end(), expected.trim_end());
+    b.screenshot("chat-resumed").await;
+    b.close().await;
+}
+
+/// An agent question shows as a prompt with its options; clicking one answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_answers_an_agent_question() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let gw = Gateway::start(&["--agent", "echo"]);
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+    b.type_into("#input", "/ask Deploy to production?\u{E007}")
+        .await;
+    b.wait_js(
+        "the question prompt",
+        "document.querySelectorAll('.question .option').length === 2",
+    )
+    .await;
+    let question = b.text_of(".question-text").await;
+    assert!(
+        question.contains("Deploy to production?"),
+        "question: {question}"
+    );
+    b.screenshot("chat-question").await;
+    b.click(".question .option:first-child").await;
+    b.wait_js("the turn to finish", TURN_DONE).await;
+    let reply = b.text_of(".turn .assistant").await;
+    assert!(reply.contains("you answered: yes"), "reply: {reply}");
+    assert!(
+        reply.contains("You answered: yes"),
+        "the prompt shows the answer: {reply}"
+    );
+    b.close().await;
+}
+
+/// The dashboard shows the session and the warm pool and can resize the
+/// pool; a non-admin gets 403 (page and API), no token 401, and a bad token
+/// makes the chat page ask for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let gw = Gateway::start(&["--warm-pool-target-size", "2"]);
+    let bob = gw.create_token("bob");
+
+    // API: 401 without a token, 403 for a non-admin, 200 for the admin.
+    assert_eq!(http_get_as(&gw, "/api/admin/overview", None).0, 401);
+    let (status, body) = http_get_as(&gw, "/api/admin/overview", Some(&bob));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "FORBIDDEN");
+    let (status, _) = http_request(
+        &gw,
+        "POST",
+        "/api/admin/pool",
+        Some(&bob),
+        Some(r#"{"action":"drain"}"#),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(http_get_as(&gw, "/api/me", Some(&bob)).1["admin"], false);
+
+    // A session with a turn, from the chat page (a warm claim).
+    gw.wait_pool_ready(2, WAIT).await;
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+    b.type_into("#input", "echo dashboard-test\u{E007}").await;
+    b.wait_js("the turn to finish", TURN_DONE).await;
+    let sid = b.js("return window.aishell.state.sessionId").await;
+    let sid = sid.as_str().expect("session id").to_string();
+    assert!(
+        b.js("return !document.querySelector('#admin-link').hidden")
+            .await
+            == json!(true),
+        "admins see the dashboard link"
+    );
+
+    // Same tab: the token is already in session storage.
+    b.goto(&gw.http_url("/admin")).await;
+    let row = format!("#sessions-table tr[data-session=\"{sid}\"]");
+    b.wait_js(
+        "the session on the dashboard",
+        &format!(
+            "document.querySelector({})",
+            serde_json::to_string(&row).unwrap()
+        ),
+    )
+    .await;
+    b.wait_js(
+        "the pool refilled to 2 ready",
+        "document.querySelector('#pool-ready').innerText === '2'",
+    )
+    .await;
+    assert_eq!(
+        b.text_of("#pool-hit").await,
+        "1",
+        "the turn claimed a warm task"
+    );
+    assert!(b.text_of("#sessions-by-state").await.contains("RUNNING"));
+    b.wait_js(
+        "the warm start latency chart",
+        "document.querySelectorAll('#chart-warm circle').length >= 1",
+    )
+    .await;
+    b.wait_js(
+        "the first-event latency chart",
+        "document.querySelectorAll('#chart-first circle').length >= 1",
+    )
+    .await;
+    // Two warm runners and the session's.
+    b.wait_js(
+        "3 runners connected",
+        "document.querySelector('#runners').innerText === '3'",
+    )
+    .await;
+    b.screenshot("admin").await;
+
+    // Resize the pool from the page.
+    b.js("document.querySelector('#pool-new-target').value = '1'")
+        .await;
+    b.click("#pool-form button[type=submit]").await;
+    b.wait_js(
+        "the pool target to change",
+        "document.querySelector('#pool-target').innerText === '1'",
+    )
+    .await;
+    assert_eq!(gw.pool()["target"], 1);
+
+    // Stop the session's task from the page.
+    b.click(&format!("{row} button.danger")).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, list) = http_get_as(&gw, "/api/sessions", Some(&gw.token));
+        let state = list["sessions"]
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["session_id"] == sid.as_str()))
+            .map(|s| s["state"].clone());
+        if state == Some(json!("STOPPED")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "session not stopped: {state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A non-admin opening the dashboard is told 403.
+    b.goto(&login_url(&gw, "/admin", &bob)).await;
+    b.wait_js(
+        "the 403 message",
+        "!document.querySelector('#admin-error').hidden",
+    )
+    .await;
+    let error = b.text_of("#admin-error").await;
+    assert!(
+        error.contains("403") && error.contains("FORBIDDEN"),
+        "{error}"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#dashboard').hidden")
+            .await,
+        json!(true)
+    );
+    b.screenshot("admin-forbidden").await;
+
+    // A token the gateway refuses: the chat page stops and asks for one.
+    b.goto(&login_url(&gw, "/", "ais_not_a_real_token")).await;
+    b.wait_js(
+        "the token prompt",
+        "!document.querySelector('#login').hidden",
+    )
+    .await;
+    assert!(
+        b.text_of("#login-message")
+            .await
+            .contains("does not accept")
+    );
+    b.close().await;
+}
