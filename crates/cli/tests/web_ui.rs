@@ -234,7 +234,9 @@ impl Browser {
         std::fs::create_dir_all(&dir).expect("screenshot dir");
         let path = dir.join(format!("{name}.png"));
         std::fs::write(&path, &png).expect("write screenshot");
-        if std::env::var("AISHELL_UPDATE_DOCS_SCREENSHOTS").is_ok_and(|v| v == "1") {
+        // The README shows the chat page and the dashboard.
+        let for_readme = ["chat", "admin"].contains(&name);
+        if for_readme && std::env::var("AISHELL_UPDATE_DOCS_SCREENSHOTS").is_ok_and(|v| v == "1") {
             let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
             std::fs::create_dir_all(&docs).expect("docs dir");
             std::fs::write(docs.join(format!("{name}.png")), &png).expect("copy screenshot");
@@ -560,6 +562,24 @@ async fn chat_page_reconnects_and_resumes_without_losing_or_doubling_deltas() {
     let on_screen = b.text_of(".turn:last-of-type .assistant .text").await;
     assert_eq!(on_screen.trim_end(), expected.trim_end());
     b.screenshot("chat-resumed").await;
+
+    // 3. A reload resumes from session storage: same session, same
+    // transcript, nothing replayed twice.
+    let sid = b.js("return window.aishell.state.sessionId").await;
+    b.client.refresh().await.expect("reload");
+    b.wait_js("the page to reconnect after a reload", CONNECTED)
+        .await;
+    assert_eq!(b.js("return window.aishell.state.sessionId").await, sid);
+    let got = b.js("return window.aishell.deltaText()").await;
+    assert!(
+        got.as_str() == Some(expected.as_str()),
+        "transcript changed across a reload"
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('.turn').length")
+            .await,
+        json!(1)
+    );
     b.close().await;
 }
 
@@ -639,6 +659,12 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "admins see the dashboard link"
     );
 
+    // A second user, over a plain WebSocket client.
+    gw.wait_pool_ready(2, WAIT).await;
+    let mut bob_ws = gw.connect_as(&bob, None).await.expect("bob connects");
+    bob_ws.message("b1", "echo hello from bob").await;
+    bob_ws.turn().await;
+
     // Same tab: the token is already in session storage.
     b.goto(&gw.http_url("/admin")).await;
     let row = format!("#sessions-table tr[data-session=\"{sid}\"]");
@@ -655,10 +681,15 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "document.querySelector('#pool-ready').innerText === '2'",
     )
     .await;
+    b.wait_js(
+        "both users in the per-user table",
+        "document.querySelector('#users-table tr[data-user=\"bob\"]') && document.querySelector('#users-table tr[data-user=\"local\"]')",
+    )
+    .await;
     assert_eq!(
         b.text_of("#pool-hit").await,
-        "1",
-        "the turn claimed a warm task"
+        "2",
+        "both turns claimed a warm task"
     );
     assert!(b.text_of("#sessions-by-state").await.contains("RUNNING"));
     b.wait_js(
@@ -671,10 +702,10 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "document.querySelectorAll('#chart-first circle').length >= 1",
     )
     .await;
-    // Two warm runners and the session's.
+    // Two warm runners and the two sessions'.
     b.wait_js(
-        "3 runners connected",
-        "document.querySelector('#runners').innerText === '3'",
+        "4 runners connected",
+        "document.querySelector('#runners').innerText === '4'",
     )
     .await;
     b.screenshot("admin").await;

@@ -253,7 +253,7 @@ async fn overview(
         }
     };
     sessions.retain(|s| s.state != "TERMINATED");
-    sessions.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+    sessions.sort_by_key(|s| std::cmp::Reverse(s.updated_at));
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_user: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for s in &sessions {

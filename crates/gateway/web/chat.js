@@ -912,6 +912,8 @@ function wireUi() {
   $('files-upload').addEventListener('change', (ev) => { upload(ev.target.files); ev.target.value = ''; });
   $('viewer-close').addEventListener('click', () => { $('files-viewer').hidden = true; });
   $('viewer-download').addEventListener('click', () => files.viewing && download(files.viewing));
+  // The debounced save may not have run yet.
+  window.addEventListener('pagehide', save);
   // Back online after the OS says so: do not wait for the backoff.
   window.addEventListener('online', () => { if (!conn.ws && !conn.stopped) connect(); });
 }
