@@ -431,6 +431,7 @@ function addBlock(cid, block) {
   t.blocks.push(block);
   if (c.id === state.current) {
     renderBlockInto(t, block);
+    renderTurnFooter(t);
     scrollDown();
   }
 }
@@ -438,7 +439,10 @@ function addBlock(cid, block) {
 function appendText(cid, delta) {
   const c = conversation(cid);
   const t = turnFor(cid);
-  t.answered = true;
+  if (!t.answered) {
+    t.answered = true;
+    renderTurnFooter(t);
+  }
   const last = t.blocks[t.blocks.length - 1];
   if (last && last.kind === 'tool' && last.result === null) {
     // Text streamed while a tool runs is that tool's live output (the shell
@@ -541,15 +545,17 @@ function abortTurn() {
   send({ type: 'abort', conversation_id: state.current });
 }
 
-function answerQuestion(block, answer, turnNode) {
+function answerQuestion(block, answer) {
   if (block.answer !== null) return;
   if (!send({ type: 'answer_question', request_id: block.requestId, answer })) {
     return showBanner('OFFLINE', 'Not connected; answer again once the connection is back.');
   }
   block.answer = answer;
   if (block.node) block.node.replaceWith(renderBlock(block));
+  for (const c of state.conversations.values()) {
+    for (const t of c.turns) if (t.blocks.includes(block)) renderTurnFooter(t);
+  }
   saveSoon();
-  return turnNode;
 }
 
 // ---- rendering ---------------------------------------------------------------
@@ -677,7 +683,9 @@ function renderTurnFooter(t) {
   const footer = t.node.querySelector('.turn-footer');
   footer.replaceChildren();
   if (!t.done) {
-    footer.append(el('span', { class: 'working' }, t.answered ? 'working…' : 'waiting for the agent…'));
+    const asking = t.blocks.some((b) => b.kind === 'question' && b.answer === null);
+    const text = asking ? 'waiting for your answer' : (t.answered ? 'working' : 'waiting for the agent');
+    footer.append(el('span', { class: asking ? '' : 'working' }, text));
   } else {
     const u = t.usage || {};
     const tokens = (u.input_tokens || 0) + (u.output_tokens || 0);
