@@ -244,6 +244,12 @@ impl Browser {
         path
     }
 
+    /// The page threw nothing uncaught.
+    async fn assert_no_page_errors(&self) {
+        let errors = self.js("return window.aishellErrors || []").await;
+        assert_eq!(errors, json!([]), "uncaught errors in the page");
+    }
+
     async fn close(mut self) {
         let _ = self.client.clone().close().await;
         if let Some(mut d) = self.driver.take() {
@@ -450,6 +456,7 @@ async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
     )
     .await;
     b.screenshot("chat-phone").await;
+    b.assert_no_page_errors().await;
     b.close().await;
 }
 
@@ -580,6 +587,7 @@ async fn chat_page_reconnects_and_resumes_without_losing_or_doubling_deltas() {
             .await,
         json!(1)
     );
+    b.assert_no_page_errors().await;
     b.close().await;
 }
 
@@ -614,6 +622,7 @@ async fn chat_page_answers_an_agent_question() {
         reply.contains("You answered: yes"),
         "the prompt shows the answer: {reply}"
     );
+    b.assert_no_page_errors().await;
     b.close().await;
 }
 
@@ -664,6 +673,8 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
     let mut bob_ws = gw.connect_as(&bob, None).await.expect("bob connects");
     bob_ws.message("b1", "echo hello from bob").await;
     bob_ws.turn().await;
+
+    b.assert_no_page_errors().await;
 
     // Same tab: the token is already in session storage.
     b.goto(&gw.http_url("/admin")).await;
@@ -737,6 +748,8 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    b.assert_no_page_errors().await;
+
     // A non-admin opening the dashboard is told 403.
     b.goto(&login_url(&gw, "/admin", &bob)).await;
     b.wait_js(
@@ -768,5 +781,6 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
             .await
             .contains("does not accept")
     );
+    b.assert_no_page_errors().await;
     b.close().await;
 }

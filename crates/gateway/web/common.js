@@ -4,6 +4,11 @@
 
 const TOKEN_KEY = 'aishell.token';
 
+// Uncaught errors of this page, for the browser tests (and the console).
+window.aishellErrors = [];
+window.addEventListener('error', (ev) => window.aishellErrors.push(String(ev.message)));
+window.addEventListener('unhandledrejection', (ev) => window.aishellErrors.push(String(ev.reason)));
+
 /** Move `?token=` from the address bar into session storage. */
 export function takeTokenFromUrl() {
   const url = new URL(window.location.href);
