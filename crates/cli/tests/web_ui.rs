@@ -365,6 +365,19 @@ async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
     let first_status = b.text_of("#status").await;
     assert!(first_status.contains("connected"), "status: {first_status}");
 
+    // A first-time user is told what the agent does and what to try.
+    b.wait_js(
+        "the first-steps hint",
+        "(document.querySelector('#empty .hint') || {}).innerText?.includes('shell agent')",
+    )
+    .await;
+    b.click("#empty .example").await;
+    assert_eq!(
+        b.js("return document.querySelector('#input').value").await,
+        json!("ls -la")
+    );
+    b.js("document.querySelector('#input').value = ''").await;
+
     // Shift+Enter: a newline in the box, not a send.
     b.type_into(
         "#input",

@@ -218,15 +218,21 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// Who the token belongs to (the pages use it to check a token before
-/// connecting, since a browser cannot read why a WebSocket upgrade failed).
+/// Who the token belongs to, and which agent new sessions get (the pages use
+/// it to check a token before connecting, since a browser cannot read why a
+/// WebSocket upgrade failed).
 async fn me(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(q): Query<TokenQuery>,
 ) -> Response {
     match identify(&shared, &headers, q.token.as_deref()).await {
-        Ok(who) => no_store(json!({ "user_id": who.user_id, "admin": who.is_admin })),
+        Ok(who) => no_store(json!({
+            "user_id": who.user_id,
+            "admin": who.is_admin,
+            // A built-in kind only; an external command's name means nothing here.
+            "agent": shared.cfg.agent.command.is_none().then_some(&shared.cfg.agent.kind),
+        })),
         Err(r) => r,
     }
 }

@@ -30,6 +30,7 @@ const state = {
   sessionId: null,
   lastSeq: 0,
   userId: null,
+  agentKind: null, // the agent new sessions get (`/api/me`), for the first hints
   current: null, // conversation id shown, null = a new one
   /** id -> {id, title, turns: [{id, user, blocks, done, usage}]} */
   conversations: new Map(),
@@ -604,12 +605,25 @@ function renderTranscript() {
     m.append(el('div', { id: 'empty', class: 'empty' },
       el('h1', {}, c ? 'New conversation' : 'Your agent shell'),
       el('p', {}, 'Type a message below. The agent runs in your own sandbox, in your own workspace.'),
+      agentHint(),
       el('p', { class: 'muted' }, 'Enter sends · Shift+Enter adds a line')));
   } else {
     for (const t of c.turns) renderTurn(t);
   }
   m.scrollTop = m.scrollHeight;
   updateComposer();
+}
+
+/** What to try first, for the built-in demo agents. */
+function agentHint() {
+  const examples = { shell: ['ls -la', 'uname -a && df -h .', 'echo hello > notes.txt && cat notes.txt'], echo: ['hello', '/stream 20', '/ask Ship it?'] }[state.agentKind];
+  if (!examples) return null;
+  const what = state.agentKind === 'shell'
+    ? 'This gateway runs the shell agent: each message runs as a shell command in your workspace. Try:'
+    : 'This gateway runs the echo agent (for tests): it repeats what you send. Try:';
+  const fill = (text) => { $('input').value = text; $('input').focus(); };
+  return el('div', { class: 'hint' }, el('p', {}, what),
+    el('div', { class: 'examples' }, examples.map((x) => el('button', { type: 'button', class: 'example', onclick: () => fill(x) }, x))));
 }
 
 function renderTurn(t) {
@@ -871,6 +885,10 @@ async function whoAmI() {
   const { status, body } = await api('/api/me');
   if (status === 200) {
     state.userId = body.user_id;
+    if (body.agent !== state.agentKind) {
+      state.agentKind = body.agent;
+      if (!state.current) renderTranscript();
+    }
     $('user').textContent = body.user_id;
     $('admin-link').hidden = !body.admin;
   }
