@@ -604,14 +604,17 @@ async fn chat_page_reconnects_and_resumes_without_losing_or_doubling_deltas() {
     b.close().await;
 }
 
-/// An agent question shows as a prompt with its options; clicking one answers it.
+/// An agent question shows as a prompt with its options; clicking one
+/// answers it. With no warm pool the page says a new sandbox is starting and
+/// roughly how long it takes; after an admin stops the sandbox, the next
+/// message brings it back and the page says the session was restored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_page_answers_an_agent_question() {
+async fn chat_page_answers_an_agent_question_and_explains_starts_and_restores() {
     let _one = BROWSER_LOCK.lock().await;
     let Some(b) = Browser::start().await else {
         return;
     };
-    let gw = Gateway::start(&["--agent", "echo"]);
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
     b.goto(&login_url(&gw, "/", &gw.token)).await;
     b.wait_js("the page to connect", CONNECTED).await;
     b.type_into("#input", "/ask Deploy to production?\u{E007}")
@@ -626,6 +629,19 @@ async fn chat_page_answers_an_agent_question() {
         question.contains("Deploy to production?"),
         "question: {question}"
     );
+    assert!(
+        b.text_of(".turn-footer")
+            .await
+            .contains("waiting for your answer")
+    );
+    let history = b.js("return window.aishell.stats.statusHistory").await;
+    assert!(
+        history.as_array().unwrap().iter().any(|s| s
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("starting a new sandbox (about ")),
+        "no cold-start status with an estimate: {history}"
+    );
     b.screenshot("chat-question").await;
     b.click(".question .option:first-child").await;
     b.wait_js("the turn to finish", TURN_DONE).await;
@@ -634,6 +650,99 @@ async fn chat_page_answers_an_agent_question() {
     assert!(
         reply.contains("You answered: yes"),
         "the prompt shows the answer: {reply}"
+    );
+
+    // An admin stops the sandbox; the page says so; the next message restarts it.
+    let sid = b.js("return window.aishell.state.sessionId").await;
+    let sid = sid.as_str().unwrap().to_string();
+    let (status, body) = http_request(
+        &gw,
+        "POST",
+        &format!("/api/admin/sessions/{sid}/stop"),
+        Some(&gw.token),
+        None,
+    );
+    assert_eq!(status, 202, "{body}");
+    b.wait_js(
+        "the stopped status",
+        "document.querySelector('#status').innerText.includes('sandbox stopped')",
+    )
+    .await;
+    b.type_into("#input", "hello again\u{E007}").await;
+    b.wait_js(
+        "the restored status",
+        "document.querySelector('#status').innerText.includes('restored your session')",
+    )
+    .await;
+    b.wait_js("the second turn to finish", TURN_DONE).await;
+    assert!(
+        b.text_of(".turn:last-of-type .assistant")
+            .await
+            .contains("hello again")
+    );
+
+    // The reconnect schedule: 2, 4, 8, 16, 30 s, then every 30 s, ±10 %.
+    let delays = b
+        .js("return [0,1,2,3,4,5,6,7].map(a => window.aishell.reconnectDelayMs(a))")
+        .await;
+    let delays: Vec<f64> = delays
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (got, want) in delays
+        .iter()
+        .zip([2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0])
+    {
+        let want = want * 1000.0;
+        assert!(
+            (want * 0.9..=want * 1.1).contains(got),
+            "reconnect delays {delays:?}"
+        );
+    }
+    b.assert_no_page_errors().await;
+    b.close().await;
+}
+
+/// A token that expires while the page is open: the gateway closes with
+/// UNAUTHORIZED, and the page stops retrying and asks for a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_stops_retrying_and_asks_for_a_token_when_its_token_expires() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    const SECRET: &str = "web-ui-test-secret";
+    let gw = Gateway::start(&["--agent", "echo", "--jwt-secret", SECRET]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({ "sub": "carol", "exp": now + 4 });
+    let jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    b.goto(&login_url(&gw, "/", &jwt)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+    assert_eq!(b.text_of("#user").await, "carol");
+    b.wait_js(
+        "the token prompt after expiry",
+        "!document.querySelector('#login').hidden",
+    )
+    .await;
+    let why = b.text_of("#login-message").await;
+    assert!(why.contains("expired"), "login message: {why}");
+    // No retry loop behind the prompt.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(b.js("return window.aishell.stats.connects").await, json!(1));
+    assert_eq!(
+        b.js("return sessionStorage.getItem('aishell.token')").await,
+        Value::Null,
+        "the refused token is forgotten"
     );
     b.assert_no_page_errors().await;
     b.close().await;

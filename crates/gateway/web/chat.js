@@ -54,7 +54,7 @@ const conn = {
 };
 
 /** Counters the browser tests read (and a curious user can, in the console). */
-const stats = { framesSeen: 0, duplicatesDropped: 0, deltas: 0, connects: 0, resumes: 0 };
+const stats = { framesSeen: 0, duplicatesDropped: 0, deltas: 0, connects: 0, resumes: 0, statusHistory: [] };
 
 function save() {
   const conversations = [...state.conversations.values()].map((c) => ({
@@ -184,10 +184,15 @@ async function onClosed(code, reason, wasOpen) {
   scheduleReconnect();
 }
 
+/** Wait before reconnect attempt `attempt` (0-based): 2, 4, 8, 16, 30 s, then 30 s; ±10 %. */
+function reconnectDelayMs(attempt) {
+  const base = attempt < BACKOFF_S.length ? BACKOFF_S[attempt] : STEADY_RETRY_S;
+  return base * 1000 * (0.9 + Math.random() * 0.2);
+}
+
 function scheduleReconnect() {
-  const base = conn.attempt < BACKOFF_S.length ? BACKOFF_S[conn.attempt] : STEADY_RETRY_S;
+  const delayMs = reconnectDelayMs(conn.attempt);
   conn.attempt += 1;
-  const delayMs = base * 1000 * (0.9 + Math.random() * 0.2);
   conn.retryAt = Date.now() + delayMs;
   conn.retryTimer = setTimeout(connect, delayMs);
   setStatus('offline', 'offline');
@@ -562,6 +567,10 @@ function answerQuestion(block, answer) {
 // ---- rendering ---------------------------------------------------------------
 
 function setStatus(text, kind) {
+  if (stats.statusHistory[stats.statusHistory.length - 1] !== text) {
+    stats.statusHistory.push(text);
+    if (stats.statusHistory.length > 50) stats.statusHistory.shift();
+  }
   const s = $('status');
   s.textContent = text;
   s.className = `status status-${kind}`;
@@ -971,6 +980,7 @@ async function main() {
 window.aishell = {
   state,
   stats,
+  reconnectDelayMs,
   /** Drop the socket as a network failure would (the page reconnects). */
   dropSocket() {
     if (conn.ws) conn.ws.close(4000, 'dropped for a test');
