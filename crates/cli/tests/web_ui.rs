@@ -757,7 +757,13 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
     let Some(b) = Browser::start().await else {
         return;
     };
-    let gw = Gateway::start(&["--warm-pool-target-size", "2"]);
+    // One warm claim per user, so bob's second session starts cold.
+    let gw = Gateway::start(&[
+        "--warm-pool-target-size",
+        "2",
+        "--max-warm-claims-per-user",
+        "1",
+    ]);
     let bob = gw.create_token("bob");
 
     // API: 401 without a token, 403 for a non-admin, 200 for the admin.
@@ -795,6 +801,11 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
     let mut bob_ws = gw.connect_as(&bob, None).await.expect("bob connects");
     bob_ws.message("b1", "echo hello from bob").await;
     bob_ws.turn().await;
+    let mut bob_cold = gw.connect_as(&bob, None).await.expect("bob connects again");
+    bob_cold.message("b2", "echo a cold start").await;
+    bob_cold.turn().await;
+    // A refused connection counts as an UNAUTHORIZED error.
+    assert!(gw.connect_as("ais_not_a_real_token", None).await.is_err());
 
     b.assert_no_page_errors().await;
 
@@ -835,10 +846,20 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "document.querySelectorAll('#chart-first circle').length >= 1",
     )
     .await;
-    // Two warm runners and the two sessions'.
     b.wait_js(
-        "4 runners connected",
-        "document.querySelector('#runners').innerText === '4'",
+        "the cold start latency chart",
+        "document.querySelectorAll('#chart-cold circle').length >= 1",
+    )
+    .await;
+    b.wait_js(
+        "the refused connection among the errors",
+        "document.querySelector('#errors-table tr[data-code=UNAUTHORIZED]')",
+    )
+    .await;
+    // Two warm runners and the three sessions'.
+    b.wait_js(
+        "5 runners connected",
+        "document.querySelector('#runners').innerText === '5'",
     )
     .await;
     b.screenshot("admin").await;
@@ -870,6 +891,15 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Drain the pool from the page (two clicks: it stops every ready sandbox).
+    b.click("#pool-drain").await;
+    b.click("#pool-drain").await;
+    b.wait_js(
+        "the pool to drain",
+        "document.querySelector('#pool-ready').innerText === '0' && document.querySelector('#pool-target').innerText === '0'",
+    )
+    .await;
+    assert_eq!(gw.pool()["ready"], 0);
     b.assert_no_page_errors().await;
 
     // A non-admin opening the dashboard is told 403.

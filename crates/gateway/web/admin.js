@@ -41,7 +41,10 @@ function drawChart(container, series, windowS) {
   const H = 150;
   const pad = { l: 44, r: 8, t: 8, b: 18 };
   const now = Date.now();
-  const t0 = now - windowS * 1000;
+  // Zoom to the data: at least the last 5 minutes, at most the whole window.
+  const oldest = Math.min(...series.points.map(([t]) => t));
+  const spanMs = Math.min(windowS * 1000, Math.max(5 * 60 * 1000, (now - oldest) * 1.1));
+  const t0 = now - spanMs;
   const maxMs = Math.max(series.max_ms, 1) * 1.1;
   const x = (t) => pad.l + ((t - t0) / (now - t0)) * (W - pad.l - pad.r);
   const y = (ms) => H - pad.b - (ms / maxMs) * (H - pad.t - pad.b);
@@ -50,7 +53,7 @@ function drawChart(container, series, windowS) {
   root.append(svg('line', { x1: pad.l, y1: pad.t, x2: pad.l, y2: H - pad.b, class: 'axis' }));
   root.append(svg('text', { x: pad.l - 4, y: pad.t + 8, class: 'tick', 'text-anchor': 'end' }, formatMs(maxMs)));
   root.append(svg('text', { x: pad.l - 4, y: H - pad.b, class: 'tick', 'text-anchor': 'end' }, '0'));
-  root.append(svg('text', { x: pad.l, y: H - 4, class: 'tick' }, '-60 min'));
+  root.append(svg('text', { x: pad.l, y: H - 4, class: 'tick' }, `-${Math.round(spanMs / 60000)} min`));
   root.append(svg('text', { x: W - pad.r, y: H - 4, class: 'tick', 'text-anchor': 'end' }, 'now'));
   for (const [name, v] of [['p50', series.p50_ms], ['p90', series.p90_ms], ['p99', series.p99_ms]]) {
     if (v === null || v === undefined) continue;
@@ -61,7 +64,7 @@ function drawChart(container, series, windowS) {
     root.append(svg('circle', { cx: x(t).toFixed(1), cy: y(ms).toFixed(1), r: 2.5, class: 'dot' }));
   }
   container.append(root, el('div', { class: 'chart-legend' },
-    el('span', {}, `${series.count} samples`),
+    el('span', {}, `${series.count} ${series.count === 1 ? 'sample' : 'samples'}`),
     el('span', { class: 'p50' }, `p50 ${formatMs(series.p50_ms)}`),
     el('span', { class: 'p90' }, `p90 ${formatMs(series.p90_ms)}`),
     el('span', { class: 'p99' }, `p99 ${formatMs(series.p99_ms)}`),
