@@ -459,6 +459,41 @@ async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
     .await;
     b.screenshot("chat").await;
 
+    // Conversations: a new one, switch back, delete it.
+    let first = b.js("return window.aishell.state.current").await;
+    b.click("#new-conversation").await;
+    b.type_into("#input", "echo second-conversation\u{E007}")
+        .await;
+    b.wait_js("the second turn to finish", TURN_DONE).await;
+    b.wait_js(
+        "two conversations listed",
+        "document.querySelectorAll('#conversations li').length === 2",
+    )
+    .await;
+    let second = b.js("return window.aishell.state.current").await;
+    assert_ne!(first, second);
+    b.click(&format!(
+        "#conversations li[data-conversation={}] .conversation",
+        first.as_str().unwrap()
+    ))
+    .await;
+    let shown = b.text_of("#messages").await;
+    assert!(
+        shown.contains("hello-from-the-browser") && !shown.contains("second-conversation"),
+        "after switching back: {shown}"
+    );
+    b.click(&format!(
+        "#conversations li[data-conversation={}] .delete",
+        second.as_str().unwrap()
+    ))
+    .await;
+    b.wait_js(
+        "one conversation left",
+        "document.querySelectorAll('#conversations li').length === 1",
+    )
+    .await;
+    assert_eq!(b.js("return window.aishell.state.current").await, first);
+
     // Phone width: the conversation list folds away; the chat still works.
     b.client.set_window_size(390, 800).await.unwrap();
     b.click("#viewer-close").await;
@@ -681,6 +716,22 @@ async fn chat_page_answers_an_agent_question_and_explains_starts_and_restores() 
             .contains("hello again")
     );
 
+    // Stop aborts the running turn.
+    b.type_into("#input", "/sleep 60000\u{E007}").await;
+    b.wait_js(
+        "the Stop button",
+        "!document.querySelector('#abort').hidden",
+    )
+    .await;
+    b.click("#abort").await;
+    b.wait_js("the aborted turn to end", TURN_DONE).await;
+    let aborted = b.text_of(".turn:last-of-type .assistant").await;
+    assert!(aborted.contains("ABORTED"), "aborted turn: {aborted}");
+    assert_eq!(
+        b.js("return document.querySelector('#abort').hidden").await,
+        json!(true)
+    );
+
     // The reconnect schedule: 2, 4, 8, 16, 30 s, then every 30 s, ±10 %.
     let delays = b
         .js("return [0,1,2,3,4,5,6,7].map(a => window.aishell.reconnectDelayMs(a))")
@@ -744,6 +795,53 @@ async fn chat_page_stops_retrying_and_asks_for_a_token_when_its_token_expires() 
         Value::Null,
         "the refused token is forgotten"
     );
+    b.assert_no_page_errors().await;
+    b.close().await;
+}
+
+/// A gateway that stops answering (frozen: the socket stays open but nothing
+/// comes back) is noticed by the heartbeat: no pong within 10 s and the page
+/// reconnects on a new socket, then carries on once the gateway is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_heartbeat_notices_a_frozen_gateway_and_reconnects() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let gw = Gateway::start(&["--agent", "echo"]);
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+    b.js("window.aishell.pingNow()").await;
+    b.wait_js("a pong", "window.aishell.stats.pongs >= 1").await;
+
+    let pid = nix::unistd::Pid::from_raw(gw.pid() as i32);
+    /// Thaws the gateway even if an assertion below fails.
+    struct Thaw(nix::unistd::Pid);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let thaw = Thaw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let frozen_at = Instant::now();
+    b.js("window.aishell.pingNow()").await;
+    b.wait_js(
+        "the heartbeat to give up on the socket",
+        "window.aishell.stats.heartbeatTimeouts === 1 && !document.querySelector('#conn-banner').hidden",
+    )
+    .await;
+    let waited = frozen_at.elapsed();
+    drop(thaw);
+    assert!(
+        waited >= Duration::from_secs(9),
+        "gave up after {waited:?}, before the 10 s pong deadline"
+    );
+    b.js("if (!document.querySelector('#conn-banner').hidden) document.querySelector('#reconnect-now').click()").await;
+    b.wait_js("the page to reconnect", CONNECTED).await;
+    b.type_into("#input", "still here\u{E007}").await;
+    b.wait_js("the turn to finish", TURN_DONE).await;
+    assert!(b.text_of(".turn .assistant").await.contains("still here"));
     b.assert_no_page_errors().await;
     b.close().await;
 }

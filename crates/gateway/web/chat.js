@@ -54,7 +54,7 @@ const conn = {
 };
 
 /** Counters the browser tests read (and a curious user can, in the console). */
-const stats = { framesSeen: 0, duplicatesDropped: 0, deltas: 0, connects: 0, resumes: 0, statusHistory: [] };
+const stats = { framesSeen: 0, duplicatesDropped: 0, deltas: 0, connects: 0, resumes: 0, pongs: 0, heartbeatTimeouts: 0, statusHistory: [] };
 
 function save() {
   const conversations = [...state.conversations.values()].map((c) => ({
@@ -212,18 +212,30 @@ function clearRetry() {
   conn.countdownTimer = null;
 }
 
+function heartbeat() {
+  if (!conn.ws || conn.ws.readyState !== WebSocket.OPEN) return;
+  conn.pingId += 1;
+  send({ type: 'ping', id: conn.pingId });
+  clearTimeout(conn.pongTimer);
+  conn.pongTimer = setTimeout(() => {
+    // No pong: the socket is dead (a half-open TCP connection, a frozen
+    // gateway) even if the browser has not noticed. Its close event may take
+    // minutes to come, so reconnect now on a new socket.
+    stats.heartbeatTimeouts += 1;
+    const dead = conn.ws;
+    if (!dead) return;
+    dead.onclose = null;
+    dead.onmessage = null;
+    conn.ws = null;
+    stopHeartbeat();
+    try { dead.close(4000, 'heartbeat timeout'); } catch { /* already closing */ }
+    onClosed(1006, 'heartbeat timeout', true);
+  }, PONG_TIMEOUT_MS);
+}
+
 function startHeartbeat() {
   stopHeartbeat();
-  conn.heartbeat = setInterval(() => {
-    if (!conn.ws || conn.ws.readyState !== WebSocket.OPEN) return;
-    conn.pingId += 1;
-    send({ type: 'ping', id: conn.pingId });
-    clearTimeout(conn.pongTimer);
-    conn.pongTimer = setTimeout(() => {
-      // No pong: the socket is dead even if the browser has not noticed.
-      if (conn.ws) conn.ws.close(4000, 'heartbeat timeout');
-    }, PONG_TIMEOUT_MS);
-  }, HEARTBEAT_MS);
+  conn.heartbeat = setInterval(heartbeat, HEARTBEAT_MS);
 }
 
 function stopHeartbeat() {
@@ -308,6 +320,7 @@ function onSession(f) {
 
 function onEphemeral(f) {
   if (f.type === 'pong') {
+    stats.pongs += 1;
     clearTimeout(conn.pongTimer);
     return;
   }
@@ -981,6 +994,8 @@ window.aishell = {
   state,
   stats,
   reconnectDelayMs,
+  /** Send the heartbeat ping now instead of waiting for the 30 s tick. */
+  pingNow: heartbeat,
   /** Drop the socket as a network failure would (the page reconnects). */
   dropSocket() {
     if (conn.ws) conn.ws.close(4000, 'dropped for a test');
