@@ -459,6 +459,27 @@ async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
     .await;
     b.screenshot("chat").await;
 
+    // Upload (the file picker's change event, with a file made in the page),
+    // then delete.
+    b.js("const dt = new DataTransfer(); dt.items.add(new File(['uploaded from the page\\n'], 'upload.txt')); const i = document.querySelector('#files-upload'); i.files = dt.files; i.dispatchEvent(new Event('change'));").await;
+    b.wait_js(
+        "upload.txt in the files panel",
+        "document.querySelector('#files-list li[data-name=\"upload.txt\"]')",
+    )
+    .await;
+    assert_eq!(
+        common::read(&gw.workspace("local").join("upload.txt")),
+        "uploaded from the page\n"
+    );
+    b.click("#files-list li[data-name=\"upload.txt\"] button[aria-label=\"Delete upload.txt\"]")
+        .await;
+    b.wait_js(
+        "upload.txt to be gone",
+        "!document.querySelector('#files-list li[data-name=\"upload.txt\"]')",
+    )
+    .await;
+    assert!(!gw.workspace("local").join("upload.txt").exists());
+
     // Conversations: a new one, switch back, delete it.
     let first = b.js("return window.aishell.state.current").await;
     b.click("#new-conversation").await;

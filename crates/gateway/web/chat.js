@@ -297,6 +297,18 @@ function onFrame(f) {
 function onSession(f) {
   const resumed = state.sessionId !== null && f.session_id === state.sessionId;
   if (!resumed) state.lastSeq = f.last_seq || 0;
+  if (!resumed && state.sessionId !== null) {
+    // A new session replaced ours: turns it had begun will never finish.
+    // (Turns it never saw are sent again below.)
+    for (const c of state.conversations.values()) {
+      for (const t of c.turns) {
+        if (t.done || !t.answered) continue;
+        t.blocks.push({ kind: 'error', code: 'SESSION_NOT_FOUND', message: 'The session ended before this reply finished; send it again.' });
+        finishTurn(c.id, t);
+      }
+    }
+    if (state.current) renderTranscript();
+  }
   state.sessionId = f.session_id;
   state.userId = f.user_id || state.userId;
   conn.opened = true;
