@@ -863,6 +863,17 @@ async fn chat_page_heartbeat_notices_a_frozen_gateway_and_reconnects() {
     b.type_into("#input", "still here\u{E007}").await;
     b.wait_js("the turn to finish", TURN_DONE).await;
     assert!(b.text_of(".turn .assistant").await.contains("still here"));
+
+    // A session the gateway does not know (4404): the page starts a new one
+    // and says so, keeping the transcript on screen.
+    b.js("const s = JSON.parse(sessionStorage.getItem('aishell.chat')); s.sessionId = 's-doesnotexist'; sessionStorage.setItem('aishell.chat', JSON.stringify(s)); window.removeEventListener('pagehide', window.aishell.save); location.reload();").await;
+    b.wait_js(
+        "a new session",
+        "window.aishell && window.aishell.state.sessionId && window.aishell.state.sessionId !== 's-doesnotexist' && document.querySelector('#status').classList.contains('status-ok')",
+    )
+    .await;
+    assert!(b.text_of("#messages").await.contains("no longer exists"));
+    assert!(b.text_of(".turn .assistant").await.contains("still here"));
     b.assert_no_page_errors().await;
     b.close().await;
 }

@@ -161,6 +161,7 @@ async function onClosed(code, reason, wasOpen) {
     // That session is gone or not ours: start a fresh one (the transcript on
     // screen stays, but new replies land in a new session).
     const note = code === 4404 ? 'Your previous session no longer exists; a new one was started.' : 'That session belongs to another user; a new one was started.';
+    endTurnsOfLostSession();
     state.sessionId = null;
     state.lastSeq = 0;
     save();
@@ -294,21 +295,25 @@ function onFrame(f) {
   saveSoon();
 }
 
+/**
+ * A new session replaces ours: turns the old one had begun will never
+ * finish. (Turns it never answered are sent again in the new session.)
+ */
+function endTurnsOfLostSession() {
+  for (const c of state.conversations.values()) {
+    for (const t of c.turns) {
+      if (t.done || !t.answered) continue;
+      t.blocks.push({ kind: 'error', code: 'SESSION_NOT_FOUND', message: 'The session ended before this reply finished; send it again.' });
+      finishTurn(c.id, t);
+    }
+  }
+  if (state.current) renderTranscript();
+}
+
 function onSession(f) {
   const resumed = state.sessionId !== null && f.session_id === state.sessionId;
   if (!resumed) state.lastSeq = f.last_seq || 0;
-  if (!resumed && state.sessionId !== null) {
-    // A new session replaced ours: turns it had begun will never finish.
-    // (Turns it never saw are sent again below.)
-    for (const c of state.conversations.values()) {
-      for (const t of c.turns) {
-        if (t.done || !t.answered) continue;
-        t.blocks.push({ kind: 'error', code: 'SESSION_NOT_FOUND', message: 'The session ended before this reply finished; send it again.' });
-        finishTurn(c.id, t);
-      }
-    }
-    if (state.current) renderTranscript();
-  }
+  if (!resumed && state.sessionId !== null) endTurnsOfLostSession();
   state.sessionId = f.session_id;
   state.userId = f.user_id || state.userId;
   conn.opened = true;
@@ -1006,6 +1011,7 @@ window.aishell = {
   state,
   stats,
   reconnectDelayMs,
+  save,
   /** Send the heartbeat ping now instead of waiting for the 30 s tick. */
   pingNow: heartbeat,
   /** Drop the socket as a network failure would (the page reconnects). */
