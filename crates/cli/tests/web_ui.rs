@@ -515,6 +515,30 @@ async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
     .await;
     assert_eq!(b.js("return window.aishell.state.current").await, first);
 
+    // A new tab (its own session storage) picks up the same session and
+    // shows the conversation from the store.
+    let sid = b.js("return window.aishell.state.sessionId").await;
+    let first_tab = b.client.window().await.unwrap();
+    let tab = b.client.new_window(true).await.unwrap();
+    b.client.switch_to_window(tab.handle).await.unwrap();
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the new tab to connect", CONNECTED).await;
+    assert_eq!(b.js("return window.aishell.state.sessionId").await, sid);
+    b.wait_js(
+        "the stored conversation in the new tab's list",
+        "document.querySelector('#conversations').innerText.includes('echo hello-from-the-browser')",
+    )
+    .await;
+    b.click("#conversations li .conversation").await;
+    b.wait_js(
+        "the stored reply",
+        "document.querySelector('#messages').innerText.includes('line-two')",
+    )
+    .await;
+    b.assert_no_page_errors().await;
+    b.client.close_window().await.unwrap();
+    b.client.switch_to_window(first_tab).await.unwrap();
+
     // Phone width: the conversation list folds away; the chat still works.
     b.client.set_window_size(390, 800).await.unwrap();
     b.click("#viewer-close").await;

@@ -32,6 +32,10 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/admin", get(admin_page))
         .route("/assets/{name}", get(asset))
         .route("/api/me", get(me))
+        .route(
+            "/api/sessions/{session_id}/conversations/{conversation_id}/messages",
+            get(conversation_messages),
+        )
         .route("/api/admin/overview", get(overview))
         .route("/api/admin/sessions/{session_id}/stop", post(stop_session))
         .route("/api/admin/pool", post(pool_action))
@@ -234,6 +238,70 @@ async fn me(
             "agent": shared.cfg.agent.command.is_none().then_some(&shared.cfg.agent.kind),
         })),
         Err(r) => r,
+    }
+}
+
+/// A conversation's stored messages (the user's, and each turn's final
+/// reply), so a new tab can show a conversation it did not see live. The
+/// session's owner or an admin only.
+async fn conversation_messages(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path((session_id, conversation_id)): Path<(String, String)>,
+) -> Response {
+    let who = match identify(&shared, &headers, None).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let not_found = || {
+        api_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound,
+            format!("no session {session_id}"),
+        )
+    };
+    let session = match shared.store.get_session(&session_id).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return not_found(),
+        Err(e) => {
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                format!("cannot read the session: {e}"),
+            );
+        }
+    };
+    if session.user_id != who.user_id && !who.is_admin {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "that session belongs to another user",
+        );
+    }
+    match shared
+        .store
+        .list_messages(&session_id, &conversation_id)
+        .await
+    {
+        Ok(list) => {
+            let messages: Vec<_> = list
+                .into_iter()
+                .map(|m| {
+                    json!({
+                        "role": m.role,
+                        "content": m.content,
+                        "id": m.client_msg_id,
+                        "created_at": m.created_at.unix_timestamp(),
+                    })
+                })
+                .collect();
+            no_store(json!({ "conversation_id": conversation_id, "messages": messages }))
+        }
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal,
+            format!("cannot read the messages: {e}"),
+        ),
     }
 }
 

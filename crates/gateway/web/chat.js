@@ -347,6 +347,10 @@ function onEphemeral(f) {
       if (s.title) c.title = s.title;
     }
     renderConversationList();
+    // Conversations this tab did not see live (another tab, an earlier
+    // visit): fetch their stored messages, a few at a time.
+    const unseen = (f.conversations || []).map((s) => s.conversation_id).filter((id) => !state.conversations.get(id).turns.length);
+    unseen.slice(0, 20).forEach(loadHistory);
     return;
   }
   if (f.type === 'info') {
@@ -763,7 +767,58 @@ function renderConversationList() {
   }
 }
 
+const historyLoaded = new Set();
+
+/** Show a conversation's stored messages (user messages and final replies). */
+async function loadHistory(cid) {
+  if (historyLoaded.has(cid) || !state.sessionId) return;
+  historyLoaded.add(cid);
+  const c = state.conversations.get(cid);
+  if (!c || c.turns.length) return;
+  let res;
+  try {
+    res = await api(`/api/sessions/${encodeURIComponent(state.sessionId)}/conversations/${encodeURIComponent(cid)}/messages`);
+  } catch {
+    historyLoaded.delete(cid);
+    return;
+  }
+  if (res.status !== 200 || c.turns.length) return;
+  let turn = null;
+  for (const m of res.body.messages) {
+    if (m.role === 'user') {
+      turn = { id: m.id || newId('m-'), user: m.content, blocks: [], done: true, answered: true, sentAt: m.created_at * 1000 };
+      c.turns.push(turn);
+    } else if (turn) {
+      turn.blocks.push({ kind: 'text', text: m.content, final: true });
+    }
+  }
+  if (!c.title && c.turns.length) c.title = c.turns[0].user.slice(0, 60);
+  renderConversationList();
+  if (state.current === cid) renderTranscript();
+  saveSoon();
+}
+
+/** A new tab picks up the user's latest session, so their conversations are there. */
+async function adoptLatestSession() {
+  try {
+    const { status, body } = await api('/api/sessions');
+    if (status !== 200) return;
+    const mine = body.sessions
+      .filter((x) => x.user_id === state.userId && x.state !== 'TERMINATED')
+      .sort((a, b) => b.updated_at - a.updated_at);
+    if (mine.length && !state.sessionId) {
+      state.sessionId = mine[0].session_id;
+      // Events after what the store had are replayed; earlier turns come from history.
+      state.lastSeq = mine[0].last_seq;
+      save();
+    }
+  } catch {
+    // No list: a new session it is.
+  }
+}
+
 function switchTo(id) {
+  loadHistory(id);
   state.current = id;
   document.body.classList.remove('show-sidebar');
   renderConversationList();
@@ -1003,6 +1058,7 @@ async function main() {
     await askForToken('The gateway does not accept this token.');
     await whoAmI();
   }
+  if (!state.sessionId && state.userId) await adoptLatestSession();
   connect();
 }
 
