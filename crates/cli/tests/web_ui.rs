@@ -38,7 +38,8 @@ fn skip_requested() -> bool {
 
 fn find_program(env: &str, candidates: &[&str]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return p.exists().then_some(p);
     }
     for c in candidates {
         let path = Path::new(c);
