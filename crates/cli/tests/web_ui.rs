@@ -662,6 +662,12 @@ async fn chat_page_reconnects_and_resumes_without_losing_or_doubling_deltas() {
     );
     let on_screen = b.text_of(".turn:last-of-type .assistant .text").await;
     assert_eq!(on_screen.trim_end(), expected.trim_end());
+    // The view followed the stream to its end.
+    b.wait_js(
+        "the transcript scrolled to the end",
+        "(() => { const m = document.querySelector('#messages'); return m.scrollHeight - m.scrollTop - m.clientHeight < 80; })()",
+    )
+    .await;
     b.screenshot("chat-resumed").await;
 
     // 3. A reload resumes from session storage: same session, same

@@ -325,6 +325,7 @@ function onSession(f) {
   startHeartbeat();
   if (f.user_id) $('user').textContent = f.user_id;
   if (f.state === 'RUNNING' || f.state === 'IDLE') setStatus(statusText.ready || 'ready', 'ok');
+  else if (resumed) setStatus('connected · session resumed', 'ok');
   else if (f.state === 'STOPPED') setStatus('connected · your sandbox starts with your first message', 'ok');
   else setStatus('connected · your sandbox is starting…', 'busy');
   save();
@@ -628,16 +629,29 @@ function showInfo(message) {
 // stream quadratic.
 let stickToBottom = true;
 let scrollPending = false;
+/** Where we last scrolled to; only a scroll above it is the user's. */
+let autoScrollTop = 0;
 function scrollDown() {
   if (scrollPending) return;
   scrollPending = true;
   requestAnimationFrame(() => {
     scrollPending = false;
-    if (stickToBottom) {
-      const m = $('messages');
-      m.scrollTop = m.scrollHeight;
-    }
+    if (stickToBottom) scrollToEnd();
   });
+}
+
+function scrollToEnd() {
+  const m = $('messages');
+  m.scrollTop = m.scrollHeight;
+  autoScrollTop = m.scrollTop;
+}
+
+function onMessagesScroll() {
+  const m = $('messages');
+  // Output keeps arriving between our scroll and its event, so distance from
+  // the bottom alone cannot tell a user's scroll from ours.
+  if (m.scrollHeight - m.scrollTop - m.clientHeight < 80) stickToBottom = true;
+  else if (m.scrollTop < autoScrollTop - 4) stickToBottom = false;
 }
 
 function renderTranscript() {
@@ -653,7 +667,8 @@ function renderTranscript() {
   } else {
     for (const t of c.turns) renderTurn(t);
   }
-  m.scrollTop = m.scrollHeight;
+  stickToBottom = true;
+  scrollToEnd();
   updateComposer();
 }
 
@@ -1011,10 +1026,7 @@ function wireUi() {
       $('composer').requestSubmit();
     }
   });
-  $('messages').addEventListener('scroll', () => {
-    const m = $('messages');
-    stickToBottom = m.scrollHeight - m.scrollTop - m.clientHeight < 80;
-  }, { passive: true });
+  $('messages').addEventListener('scroll', onMessagesScroll, { passive: true });
   $('abort').addEventListener('click', abortTurn);
   $('new-conversation').addEventListener('click', newConversation);
   $('reconnect-now').addEventListener('click', () => {
