@@ -38,13 +38,16 @@ enum Command {
     Runner,
     /// Run a built-in agent on stdin/stdout (started by the runner).
     Agent {
-        /// Agent kind: echo or shell.
+        /// Agent kind: echo, shell, llm or claude.
         kind: String,
     },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // One rustls crypto provider for every HTTPS client in the process
+    // (model endpoints); chosen explicitly so no dependency can make it ambiguous.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
         Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()
