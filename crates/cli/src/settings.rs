@@ -105,6 +105,10 @@ pub struct ServeSettings {
     /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
     #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
     pub max_concurrent_launches: Option<usize>,
+    /// Settings for the agent's `init`, a JSON object, e.g.
+    /// '{"claude_model":"sonnet","claude_permission_mode":"acceptEdits"}'.
+    #[arg(long, env = "AISHELL_AGENT_SETTINGS")]
+    pub agent_settings: Option<String>,
     /// OpenAI-compatible endpoint of the `llm` agent, e.g. http://127.0.0.1:8080/v1 [default with keys: https://api.openai.com/v1].
     #[arg(long, env = "AISHELL_LLM_BASE_URL")]
     pub llm_base_url: Option<String>,
@@ -234,6 +238,7 @@ impl ServeSettings {
             warm_pool_max_size,
             warm_pool_ready_ttl,
             max_concurrent_launches,
+            agent_settings,
             llm_base_url,
             llm_model,
             llm_api_keys,
@@ -310,6 +315,14 @@ impl ServeSettings {
                 .map(str::to_string)
                 .collect()
         };
+        if let Some(json) = &self.agent_settings {
+            let parsed: serde_json::Value = serde_json::from_str(json)
+                .context("--agent-settings is not valid JSON")?;
+            let serde_json::Value::Object(map) = parsed else {
+                bail!("--agent-settings must be a JSON object, e.g. '{{\"claude_model\":\"sonnet\"}}'");
+            };
+            cfg.agent_settings.extend(map);
+        }
         let cooldown = match &self.model_key_cooldown {
             Some(v) => parse_duration(v).context("invalid AISHELL_MODEL_KEY_COOLDOWN")?,
             None => Duration::from_secs(60),
