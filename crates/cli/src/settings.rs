@@ -105,6 +105,9 @@ pub struct ServeSettings {
     /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
     #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
     pub max_concurrent_launches: Option<usize>,
+    /// Also write logs to <data-dir>/logs/aishell.YYYY-MM-DD.log (one file per UTC day, a month kept), for `aishell report`.
+    #[arg(long, env = "AISHELL_LOG_FILE", num_args = 0..=1, default_missing_value = "true")]
+    pub log_file: Option<bool>,
     /// Settings for the agent's `init`, a JSON object, e.g.
     /// '{"claude_model":"sonnet","claude_permission_mode":"acceptEdits"}'.
     #[arg(long, env = "AISHELL_AGENT_SETTINGS")]
@@ -238,6 +241,7 @@ impl ServeSettings {
             warm_pool_max_size,
             warm_pool_ready_ttl,
             max_concurrent_launches,
+            log_file,
             agent_settings,
             llm_base_url,
             llm_model,
@@ -316,10 +320,12 @@ impl ServeSettings {
                 .collect()
         };
         if let Some(json) = &self.agent_settings {
-            let parsed: serde_json::Value = serde_json::from_str(json)
-                .context("--agent-settings is not valid JSON")?;
+            let parsed: serde_json::Value =
+                serde_json::from_str(json).context("--agent-settings is not valid JSON")?;
             let serde_json::Value::Object(map) = parsed else {
-                bail!("--agent-settings must be a JSON object, e.g. '{{\"claude_model\":\"sonnet\"}}'");
+                bail!(
+                    "--agent-settings must be a JSON object, e.g. '{{\"claude_model\":\"sonnet\"}}'"
+                );
             };
             cfg.agent_settings.extend(map);
         }
