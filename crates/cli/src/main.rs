@@ -65,7 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Token(args) => token::run(args).await,
             Command::Usage(args) => token::usage(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Report(args) => aishell_report::run(args),
+            Command::Report(args) => aishell_report::run(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
                 let cfg = aishell_runner::RunnerConfig::from_env()?;

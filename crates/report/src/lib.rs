@@ -23,6 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
 use std::path::PathBuf;
 
+#[cfg(feature = "cloudwatch")]
+pub mod cloudwatch;
 pub mod html;
 
 use anyhow::Context;
@@ -44,6 +46,14 @@ pub struct ReportArgs {
     /// Day to compare with [default: the day before].
     #[arg(long)]
     pub compare: Option<String>,
+    /// Where the log lines come from: `file` (files, directories or stdin)
+    /// or `cloudwatch` (a CloudWatch Logs group; needs a build with the
+    /// `cloudwatch` feature and AWS credentials from the usual chain).
+    #[arg(long, default_value = "file")]
+    pub source: String,
+    /// CloudWatch Logs group holding the gateway's logs (`--source cloudwatch`).
+    #[arg(long)]
+    pub log_group: Option<String>,
     /// Only lines whose `env` field has this value.
     #[arg(long)]
     pub env: Option<String>,
@@ -325,37 +335,62 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
+/// The UTC days a report covers: the report day(s) and the compare day.
+pub struct Days {
+    /// Oldest first; the last is the report date.
+    pub wanted: Vec<time::Date>,
+    pub compare: time::Date,
+}
+
+impl Days {
+    pub fn from_args(args: &ReportArgs) -> anyhow::Result<Self> {
+        let fmt = time::macros::format_description!("[year]-[month]-[day]");
+        let date = match &args.date {
+            Some(d) => time::Date::parse(d, &fmt)
+                .with_context(|| format!("--date {d}: expected YYYY-MM-DD"))?,
+            None => time::OffsetDateTime::now_utc().date(),
+        };
+        let range_days: i64 = match &args.range {
+            Some(r) => r
+                .trim_end_matches('d')
+                .parse()
+                .with_context(|| format!("--range {r}: expected e.g. 7d"))?,
+            None => 1,
+        };
+        let compare = match &args.compare {
+            Some(d) => time::Date::parse(d, &fmt)
+                .with_context(|| format!("--compare {d}: expected YYYY-MM-DD"))?,
+            None => date.previous_day().unwrap_or(date),
+        };
+        let wanted = (0..range_days.clamp(1, 366))
+            .rev()
+            .map(|i| date - time::Duration::days(i))
+            .collect();
+        Ok(Days { wanted, compare })
+    }
+
+    /// Unix milliseconds from the start of the first day covered to the end
+    /// of the last (exclusive).
+    pub fn window_ms(&self) -> (i64, i64) {
+        let first = self.wanted[0].min(self.compare);
+        let last = self.wanted[self.wanted.len() - 1].max(self.compare);
+        let ms =
+            |d: time::Date| (d.midnight().assume_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        (ms(first), ms(last.next_day().unwrap_or(last)))
+    }
+}
+
 /// Build the report document (the JSON form; markdown is rendered from it).
 pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value> {
     let thresholds = args.thresholds()?;
-    let today = time::OffsetDateTime::now_utc().date();
+    let days_plan = Days::from_args(args)?;
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
-    let date = match &args.date {
-        Some(d) => time::Date::parse(d, &fmt)
-            .with_context(|| format!("--date {d}: expected YYYY-MM-DD"))?,
-        None => today,
-    };
-    let range_days: i64 = match &args.range {
-        Some(r) => r
-            .trim_end_matches('d')
-            .parse()
-            .with_context(|| format!("--range {r}: expected e.g. 7d"))?,
-        None => 1,
-    };
-    let compare = match &args.compare {
-        Some(d) => time::Date::parse(d, &fmt)
-            .with_context(|| format!("--compare {d}: expected YYYY-MM-DD"))?,
-        None => date.previous_day().unwrap_or(date),
-    };
-    let mut wanted: Vec<String> = (0..range_days.max(1))
-        .rev()
-        .map(|i| {
-            (date - time::Duration::days(i))
-                .format(&fmt)
-                .unwrap_or_default()
-        })
+    let mut wanted: Vec<String> = days_plan
+        .wanted
+        .iter()
+        .map(|d| d.format(&fmt).unwrap_or_default())
         .collect();
-    let compare_s = compare.format(&fmt).unwrap_or_default();
+    let compare_s = days_plan.compare.format(&fmt).unwrap_or_default();
     let mut days: BTreeMap<String, Day> = BTreeMap::new();
     let (mut read, mut used, mut skipped) = (0u64, 0u64, 0u64);
     let mut buf = String::new();
@@ -604,8 +639,13 @@ fn log_files(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-pub fn run(args: ReportArgs) -> anyhow::Result<()> {
-    let report = if args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-") {
+pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let report = if args.source == "cloudwatch" {
+        let lines = cloudwatch_lines(&args).await?;
+        build(&args, &mut std::io::Cursor::new(lines))?
+    } else if args.source != "file" {
+        anyhow::bail!("--source {}: expected file or cloudwatch", args.source);
+    } else if args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-") {
         build(&args, &mut std::io::stdin().lock())?
     } else {
         let mut chained: Box<dyn std::io::Read> = Box::new(std::io::empty());
@@ -626,4 +666,21 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--format {other}: expected md, json or html"),
     }
     Ok(())
+}
+
+#[cfg(feature = "cloudwatch")]
+async fn cloudwatch_lines(args: &ReportArgs) -> anyhow::Result<Vec<u8>> {
+    let group = args
+        .log_group
+        .as_deref()
+        .context("--source cloudwatch needs --log-group")?;
+    let client = cloudwatch::client_from_environment().await;
+    cloudwatch::fetch_lines(&client, group, Days::from_args(args)?.window_ms()).await
+}
+
+#[cfg(not(feature = "cloudwatch"))]
+async fn cloudwatch_lines(_args: &ReportArgs) -> anyhow::Result<Vec<u8>> {
+    anyhow::bail!(
+        "this aishell was built without CloudWatch support; rebuild with `cargo build --release --features cloudwatch`"
+    )
 }

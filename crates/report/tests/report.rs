@@ -12,6 +12,8 @@ fn args(date: &str) -> ReportArgs {
         range: None,
         compare: None,
         env: None,
+        source: "file".into(),
+        log_group: None,
         format: "json".into(),
         thresholds: None,
         p99_start_ms: None,
