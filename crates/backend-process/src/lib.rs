@@ -366,6 +366,15 @@ async fn wait_exit(done: &mut watch::Receiver<bool>, pid: i32, limit: Duration) 
     .is_ok()
 }
 
+/// Environment names that carry the gateway's secrets.
+fn is_secret_env(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    upper == "DATABASE_URL"
+        || ["API_KEY", "SECRET", "PASSWORD", "TOKEN", "CREDENTIAL"]
+            .iter()
+            .any(|s| upper.contains(s))
+}
+
 #[async_trait]
 impl Backend for ProcessBackend {
     fn name(&self) -> &'static str {
@@ -378,6 +387,13 @@ impl Backend for ProcessBackend {
         }
         let cfg = &self.inner.cfg;
         let mut cmd = tokio::process::Command::new(&cfg.runner_program);
+        // The gateway's own secrets (model API keys, JWT secret, database
+        // password) are not the runner's business.
+        for (name, _) in std::env::vars_os() {
+            if is_secret_env(&name.to_string_lossy()) {
+                cmd.env_remove(name);
+            }
+        }
         cmd.args(&cfg.runner_args)
             // Per-task extras first, so they can never override the task's identity.
             .envs(&spec.env)

@@ -20,17 +20,47 @@ pub enum Target {
     Stderr,
 }
 
+/// Daily files kept under the log directory (a month).
+const LOG_FILES_KEPT: usize = 31;
+
 /// Install the JSON logger for this process. `RUST_LOG` overrides the level.
 pub fn init(service: &'static str, target: Target) {
+    let _ = try_init(service, target, None);
+}
+
+/// Like [`init`], also appending every line to `<dir>/aishell.YYYY-MM-DD.log`
+/// (a new file each UTC day; the oldest beyond a month are deleted).
+pub fn try_init(
+    service: &'static str,
+    target: Target,
+    file_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,tower_http=warn"));
-    let builder = tracing_subscriber::fmt()
-        .event_format(JsonLine { service })
-        .with_env_filter(filter);
-    let _ = match target {
-        Target::Stdout => builder.with_writer(std::io::stdout).try_init(),
-        Target::Stderr => builder.with_writer(std::io::stderr).try_init(),
+    let console = match target {
+        Target::Stdout => BoxMakeWriter::new(std::io::stdout),
+        Target::Stderr => BoxMakeWriter::new(std::io::stderr),
     };
+    let writer = match file_dir {
+        Some(dir) => {
+            let files = tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix("aishell")
+                .filename_suffix("log")
+                .max_log_files(LOG_FILES_KEPT)
+                .build(dir)
+                .map_err(|e| anyhow::anyhow!("cannot write logs under {}: {e}", dir.display()))?;
+            BoxMakeWriter::new(console.and(files))
+        }
+        None => console,
+    };
+    let _ = tracing_subscriber::fmt()
+        .event_format(JsonLine { service })
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .try_init();
+    Ok(())
 }
 
 struct JsonLine {

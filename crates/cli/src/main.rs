@@ -38,13 +38,16 @@ enum Command {
     Runner,
     /// Run a built-in agent on stdin/stdout (started by the runner).
     Agent {
-        /// Agent kind: echo or shell.
+        /// Agent kind: echo, shell, llm or claude.
         kind: String,
     },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // One rustls crypto provider for every HTTPS client in the process
+    // (model endpoints); chosen explicitly so no dependency can make it ambiguous.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
         Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()
@@ -62,7 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Token(args) => token::run(args).await,
             Command::Usage(args) => token::usage(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Report(args) => aishell_report::run(args),
+            Command::Report(args) => aishell_report::run(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
                 let cfg = aishell_runner::RunnerConfig::from_env()?;

@@ -25,12 +25,17 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    logging::init("aishell-gateway", logging::Target::Stdout);
     let mut settings = args.settings;
     if let Some(path) = &args.config {
         settings.merge_file(path)?;
     }
     let cfg = settings.gateway_config()?;
+    let log_dir = (settings.log_file == Some(true)).then(|| cfg.data_dir.join("logs"));
+    logging::try_init(
+        "aishell-gateway",
+        logging::Target::Stdout,
+        log_dir.as_deref(),
+    )?;
     if settings.execution_mode()? == "process" {
         match settings.sandbox_mode()? {
             "bwrap" => aishell_runner::sandbox::bwrap_available().map_err(|e| {

@@ -33,7 +33,7 @@ pub struct ServeSettings {
     /// Where tasks run: process, docker, kubernetes or ecs [default: process].
     #[arg(long, env = "EXECUTION_MODE")]
     pub execution_mode: Option<String>,
-    /// Built-in agent every session runs: shell, echo [default: shell].
+    /// Built-in agent every session runs: shell, echo, llm, claude [default: shell].
     #[arg(long, env = "AISHELL_AGENT")]
     pub agent: Option<String>,
     /// Command line of an external agent speaking the agent protocol (overrides --agent).
@@ -105,6 +105,32 @@ pub struct ServeSettings {
     /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
     #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
     pub max_concurrent_launches: Option<usize>,
+    /// Also write logs to <data-dir>/logs/aishell.YYYY-MM-DD.log (one file per UTC day, a month kept), for `aishell report`.
+    #[arg(long, env = "AISHELL_LOG_FILE", num_args = 0..=1, default_missing_value = "true")]
+    pub log_file: Option<bool>,
+    /// Settings for the agent's `init`, a JSON object, e.g.
+    /// '{"claude_model":"sonnet","claude_permission_mode":"acceptEdits"}'.
+    #[arg(long, env = "AISHELL_AGENT_SETTINGS")]
+    pub agent_settings: Option<String>,
+    /// OpenAI-compatible endpoint of the `llm` agent, e.g. http://127.0.0.1:8080/v1 [default with keys: https://api.openai.com/v1].
+    #[arg(long, env = "AISHELL_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// Model the `llm` agent asks for (e.g. gpt-4.1, qwen2.5-coder).
+    #[arg(long, env = "AISHELL_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// API keys for the LLM endpoint, comma-separated; held by the gateway,
+    /// which proxies the agents' calls (keys never enter a sandbox).
+    #[arg(long, env = "AISHELL_LLM_API_KEYS", hide_env_values = true)]
+    pub llm_api_keys: Option<String>,
+    /// Anthropic API base URL for the `claude` agent [default: https://api.anthropic.com].
+    #[arg(long, env = "AISHELL_ANTHROPIC_BASE_URL")]
+    pub anthropic_base_url: Option<String>,
+    /// Anthropic API keys, comma-separated; held and pooled by the gateway.
+    #[arg(long, env = "AISHELL_ANTHROPIC_API_KEYS", hide_env_values = true)]
+    pub anthropic_api_keys: Option<String>,
+    /// How long a key that answered 429 rests when the provider names no reset time [default: 60s].
+    #[arg(long, env = "AISHELL_MODEL_KEY_COOLDOWN")]
+    pub model_key_cooldown: Option<String>,
     /// Accept HS256 JWTs signed with this shared secret.
     #[arg(long, env = "AISHELL_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -215,6 +241,14 @@ impl ServeSettings {
             warm_pool_max_size,
             warm_pool_ready_ttl,
             max_concurrent_launches,
+            log_file,
+            agent_settings,
+            llm_base_url,
+            llm_model,
+            llm_api_keys,
+            anthropic_base_url,
+            anthropic_api_keys,
+            model_key_cooldown,
             jwt_secret,
             jwt_public_key,
             jwt_jwks,
@@ -271,6 +305,68 @@ impl ServeSettings {
             m @ ("bwrap" | "none") => Ok(m),
             other => bail!("--sandbox `{other}` is not one of bwrap, none"),
         }
+    }
+
+    /// Model endpoints: keys go to the gateway's proxy; a key-less endpoint
+    /// (a local vLLM, Ollama or llama.cpp server) is given to the agent as is.
+    fn apply_model_settings(&self, cfg: &mut GatewayConfig) -> anyhow::Result<()> {
+        use aishell_gateway::model_proxy::{KeyHeader, ModelProviderConfig};
+        let keys = |v: &Option<String>| -> Vec<String> {
+            v.iter()
+                .flat_map(|s| s.split(','))
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        if let Some(json) = &self.agent_settings {
+            let parsed: serde_json::Value =
+                serde_json::from_str(json).context("--agent-settings is not valid JSON")?;
+            let serde_json::Value::Object(map) = parsed else {
+                bail!(
+                    "--agent-settings must be a JSON object, e.g. '{{\"claude_model\":\"sonnet\"}}'"
+                );
+            };
+            cfg.agent_settings.extend(map);
+        }
+        let cooldown = match &self.model_key_cooldown {
+            Some(v) => parse_duration(v).context("invalid AISHELL_MODEL_KEY_COOLDOWN")?,
+            None => Duration::from_secs(60),
+        };
+        let llm_keys = keys(&self.llm_api_keys);
+        if !llm_keys.is_empty() {
+            cfg.model_providers.push(ModelProviderConfig {
+                name: "openai".into(),
+                upstream: self
+                    .llm_base_url
+                    .clone()
+                    .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+                keys: llm_keys,
+                key_header: KeyHeader::Bearer,
+                cooldown,
+            });
+        } else if let Some(url) = &self.llm_base_url {
+            cfg.agent_settings
+                .insert("llm_base_url".into(), url.clone().into());
+        }
+        let anthropic_keys = keys(&self.anthropic_api_keys);
+        if !anthropic_keys.is_empty() {
+            cfg.model_providers.push(ModelProviderConfig {
+                name: "anthropic".into(),
+                upstream: self
+                    .anthropic_base_url
+                    .clone()
+                    .unwrap_or_else(|| "https://api.anthropic.com".into()),
+                keys: anthropic_keys,
+                key_header: KeyHeader::XApiKey,
+                cooldown,
+            });
+        }
+        if let Some(model) = &self.llm_model {
+            cfg.agent_settings
+                .insert("llm_model".into(), model.clone().into());
+        }
+        Ok(())
     }
 
     pub fn user(&self) -> &str {
@@ -381,6 +477,7 @@ impl ServeSettings {
         if let Some(n) = self.max_concurrent_launches {
             cfg.max_concurrent_launches = n.max(1);
         }
+        self.apply_model_settings(&mut cfg)?;
         if self.jwt_secret.is_some() || self.jwt_public_key.is_some() || self.jwt_jwks.is_some() {
             cfg.jwt = Some(aishell_gateway::auth::JwtConfig {
                 hs256_secret: self.jwt_secret.clone(),

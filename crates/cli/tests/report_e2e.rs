@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -15,6 +17,7 @@ async fn the_report_counts_what_a_real_gateway_logged() {
         "false",
         "--session-idle-timeout",
         "1s",
+        "--log-file",
     ]);
     let mut a = gw.connect().await;
     a.message("m1", "one").await;
@@ -34,14 +37,19 @@ async fn the_report_counts_what_a_real_gateway_logged() {
         .await;
     gw.wait_log("disconnect", |l| l["phase"] == "ws_disconnect", WAIT)
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("gateway.log");
-    std::fs::write(&file, gw.raw_logs() + "\n").unwrap();
     let today = gw
         .logs()
         .iter()
         .find_map(|l| l["timestamp"].as_str().map(|t| t[..10].to_string()))
         .unwrap();
+    // `--log-file` wrote today's file under the data dir; the report reads
+    // the directory.
+    let file = gw.data_dir.join("logs");
+    let todays = file.join(format!("aishell.{today}.log"));
+    let written = std::fs::read_to_string(&todays)
+        .unwrap_or_else(|e| panic!("{} not written: {e}", todays.display()));
+    assert!(written.contains("\"phase\":\"task_restart\""));
+    check_query_templates(&gw.logs());
     let out = std::process::Command::new(BIN)
         .args(["report", "--format", "json", "--date", &today])
         .arg(&file)
@@ -76,4 +84,138 @@ async fn the_report_counts_what_a_real_gateway_logged() {
         md.contains("# aishell daily report") && md.contains("| task starts | 3 |"),
         "{md}"
     );
+    let html = std::process::Command::new(BIN)
+        .args(["report", "--format", "html", "--date", &today])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let html = String::from_utf8(html.stdout).unwrap();
+    assert!(
+        html.contains("<th>task starts</th><td>3</td>") && html.matches("<svg").count() == 3,
+        "{html}"
+    );
+}
+
+/// Every field a `queries/cloudwatch/*.query` template names is one the
+/// gateway emits: seen in this real run's logs, named in a `tracing` call of
+/// the gateway's source, or a `breakdown` step it records.
+fn check_query_templates(logs: &[serde_json::Value]) {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeSet<String>) {
+        if let Some(map) = v.as_object() {
+            for (k, v) in map {
+                let key = format!("{prefix}{k}");
+                flatten(&format!("{key}."), v, out);
+                out.insert(key);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut emitted = BTreeSet::new();
+    for l in logs {
+        flatten("", l, &mut emitted);
+    }
+    let field = regex::Regex::new(r"([A-Za-z_][A-Za-z0-9_]*) = ").unwrap();
+    let step = regex::Regex::new(r#"breakdown\.push\(\("([a-z_]+)""#).unwrap();
+    let captures = |re: &regex::Regex, text: &str| -> Vec<String> {
+        re.captures_iter(text).map(|c| c[1].to_string()).collect()
+    };
+    for src in rust_files(&root.join("crates/gateway/src")) {
+        let text = std::fs::read_to_string(&src).unwrap();
+        for call in text.split("tracing::").skip(1) {
+            let call = &call[..call.find(");").unwrap_or(call.len())];
+            emitted.extend(captures(&field, call));
+        }
+        emitted.extend(
+            captures(&step, &text)
+                .into_iter()
+                .map(|s| format!("breakdown.{s}")),
+        );
+    }
+    const LANGUAGE: &[&str] = &[
+        "fields",
+        "filter",
+        "stats",
+        "sort",
+        "by",
+        "as",
+        "and",
+        "or",
+        "not",
+        "desc",
+        "asc",
+        "limit",
+        "count",
+        "count_distinct",
+        "pct",
+        "max",
+        "min",
+        "avg",
+        "sum",
+        "bin",
+        "in",
+        "like",
+        "display",
+    ];
+    let dir = root.join("queries/cloudwatch");
+    let mut templates: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "query"))
+        .collect();
+    templates.sort();
+    assert!(templates.len() >= 6, "templates: {templates:?}");
+    for t in templates {
+        let text = std::fs::read_to_string(&t).unwrap();
+        assert!(
+            text.starts_with("# "),
+            "{} must start with a comment saying what it answers",
+            t.display()
+        );
+        let body: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        // Drop string literals, then collect identifiers and `as` aliases.
+        let mut bare = String::new();
+        for (i, part) in body.split('"').enumerate() {
+            if i % 2 == 0 {
+                bare.push_str(part);
+                bare.push(' ');
+            }
+        }
+        let words: Vec<&str> = bare
+            .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '@')))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let aliases: BTreeSet<&str> = words
+            .windows(2)
+            .filter(|w| w[0] == "as")
+            .map(|w| w[1])
+            .collect();
+        for w in words {
+            let is_field = w.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+            if !is_field || LANGUAGE.contains(&w) || aliases.contains(w) {
+                continue;
+            }
+            assert!(
+                emitted.contains(w),
+                "{} uses `{w}`, which the gateway never emits",
+                t.display()
+            );
+        }
+    }
+}
+
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(rust_files(&p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -217,7 +217,7 @@ async fn metrics_expose_lifecycle_histograms_gauges_and_error_counters() {
     bad.next(WAIT).await;
     let (status, _) = gw.http_get("/metrics");
     assert_eq!(status, 200);
-    let text = metrics_text(&gw);
+    let text = gw.metrics_text();
     let count = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series))
@@ -253,15 +253,4 @@ async fn metrics_expose_lifecycle_histograms_gauges_and_error_counters() {
     // BAD_FRAME errors are answered per connection, not counted as session errors;
     // the disconnects of the three finished clients are.
     assert!(count(r#"aishell_ws_disconnects_total{processing_state="idle"}"#) >= 3.0);
-}
-
-fn metrics_text(gw: &Gateway) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
 }

@@ -58,6 +58,8 @@ pub struct GatewayConfig {
     /// Task launches in flight at once, per backend (warm and cold); more
     /// starts queue instead of failing.
     pub max_concurrent_launches: usize,
+    /// Model endpoints whose API keys the gateway holds for the agents.
+    pub model_providers: Vec<crate::model_proxy::ModelProviderConfig>,
 }
 
 /// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
@@ -140,6 +142,7 @@ impl GatewayConfig {
             sandbox: None,
             user_idle_timeouts: Default::default(),
             max_concurrent_launches: 16,
+            model_providers: Vec::new(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod credential;
 mod files;
 mod lifecycle;
 pub mod metrics;
+pub mod model_proxy;
 pub mod pool;
 pub mod recent;
 mod runner_ws;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub pool: Arc<pool::WarmPool>,
     /// Bounds launches in flight on the backend (warm and cold).
     pub launch_slots: Arc<tokio::sync::Semaphore>,
+    /// Forwards agents' model calls with pooled API keys; `None`: no keys.
+    pub model_proxy: Option<model_proxy::ModelProxy>,
     next_id: AtomicU64,
 }
 

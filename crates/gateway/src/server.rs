@@ -56,7 +56,11 @@ impl Gateway {
         );
         let auth =
             crate::auth::Authenticator::new(cfg.jwt.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        let model_proxy = (!cfg.model_providers.iter().all(|p| p.keys.is_empty()))
+            .then(|| crate::model_proxy::ModelProxy::new(&cfg.model_providers))
+            .transpose()?;
         let shared = Arc::new(Shared {
+            model_proxy,
             auth,
             connections: Default::default(),
             queued_starts: Default::default(),
@@ -123,6 +127,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(crate::files::routes())
         .merge(crate::api::routes())
+        .merge(crate::model_proxy::routes())
         .merge(crate::web::routes())
         .with_state(shared)
 }

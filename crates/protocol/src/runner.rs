@@ -56,6 +56,11 @@ pub struct RunnerSettings {
     /// Confine the agent (bubblewrap); `None`: run it unconfined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxSettings>,
+    /// Model providers the gateway proxies (`openai`, `anthropic`): the
+    /// runner serves them to the agent on loopback and points the agent's
+    /// model settings there, so API keys never enter the sandbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_proxy: Vec<String>,
 }
 
 /// How the runner confines an agent (added in runner protocol v1; optional,
@@ -78,6 +83,15 @@ pub struct SandboxSettings {
     /// CPU seconds (RLIMIT_CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<u64>,
+}
+
+/// Request headers the model proxy passes on (content negotiation and
+/// provider options); credentials and hop-by-hop headers never are.
+pub fn model_request_header_forwarded(name: &str) -> bool {
+    matches!(name, "content-type" | "accept" | "user-agent")
+        || name.starts_with("anthropic-")
+        || name.starts_with("openai-")
+        || name.starts_with("x-stainless-")
 }
 
 fn yes() -> bool {
@@ -155,6 +169,9 @@ impl RunnerToGateway {
 }
 
 /// Gateway → runner.
+// `init_user` is large but sent once per task; boxing it would only
+// complicate every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GatewayToRunner {

@@ -230,6 +230,7 @@ fn runner_settings() -> impl Strategy<Value = RunnerSettings> {
         json_map(),
     )
         .prop_map(|(kind, command, env, agent_settings)| RunnerSettings {
+            model_proxy: vec![],
             sandbox: (kind.len() % 2 == 0).then_some(aishell_protocol::runner::SandboxSettings {
                 network: kind.len() % 3 == 0,
                 memory_bytes: Some(kind.len() as u64),

@@ -12,13 +12,20 @@
 //!    "starts_over_10s", "starts_over_30s", "breakdown_ms": {step: Lat},
 //!    "errors": {code: n}, "disconnects": {processing_state: n},
 //!    "first_event_ms": Lat, "user_messages", "warm_hits", "warm_misses",
-//!    "warm_hit_pct", "slowest_starts": [{"sessionId","userId","duration_ms","source"}] }`
+//!    "warm_hit_pct", "slowest_starts": [{"sessionId","userId","duration_ms","source"}],
+//!    "starts_per_hour": [24 counts, UTC], "start_distribution": {"edges_ms": [upper
+//!    bounds], "warm": [n per bucket], "cold": [n per bucket]} (one bucket more than
+//!    edges: the last is "above") }`
 //! and Lat is `{ "n", "p50", "p90", "p99", "max" }` (milliseconds; percentiles
 //! from an HDR histogram, 3 significant digits).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
 use std::path::PathBuf;
+
+#[cfg(feature = "cloudwatch")]
+pub mod cloudwatch;
+pub mod html;
 
 use anyhow::Context;
 use clap::Args;
@@ -39,21 +46,77 @@ pub struct ReportArgs {
     /// Day to compare with [default: the day before].
     #[arg(long)]
     pub compare: Option<String>,
+    /// Where the log lines come from: `file` (files, directories or stdin)
+    /// or `cloudwatch` (a CloudWatch Logs group; needs a build with the
+    /// `cloudwatch` feature and AWS credentials from the usual chain).
+    #[arg(long, default_value = "file")]
+    pub source: String,
+    /// CloudWatch Logs group holding the gateway's logs (`--source cloudwatch`).
+    #[arg(long)]
+    pub log_group: Option<String>,
     /// Only lines whose `env` field has this value.
     #[arg(long)]
     pub env: Option<String>,
-    /// md or json.
+    /// md, json or html (one self-contained file with charts).
     #[arg(long, default_value = "md")]
     pub format: String,
-    /// Flag a P99 start latency above this (ms).
-    #[arg(long, default_value_t = 10_000)]
+    /// TOML file with anomaly thresholds (`p99_start_ms`,
+    /// `failure_increase_pct`, `warm_hit_drop_pct`); flags win.
+    #[arg(long)]
+    pub thresholds: Option<PathBuf>,
+    /// Flag a P99 start latency above this (ms) [default: 10000].
+    #[arg(long)]
+    pub p99_start_ms: Option<u64>,
+    /// Flag failures rising by more than this percentage [default: 50].
+    #[arg(long)]
+    pub failure_increase_pct: Option<f64>,
+    /// Flag a warm hit rate falling by more than this many points [default: 20].
+    #[arg(long)]
+    pub warm_hit_drop_pct: Option<f64>,
+}
+
+/// When a day is flagged as an anomaly.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thresholds {
     pub p99_start_ms: u64,
-    /// Flag failures rising by more than this percentage.
-    #[arg(long, default_value_t = 50.0)]
     pub failure_increase_pct: f64,
-    /// Flag a warm hit rate falling by more than this many points.
-    #[arg(long, default_value_t = 20.0)]
     pub warm_hit_drop_pct: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            p99_start_ms: 10_000,
+            failure_increase_pct: 50.0,
+            warm_hit_drop_pct: 20.0,
+        }
+    }
+}
+
+impl ReportArgs {
+    /// Defaults, then the `--thresholds` file, then flags.
+    pub fn thresholds(&self) -> anyhow::Result<Thresholds> {
+        let mut t = match &self.thresholds {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read thresholds file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid thresholds file {}", path.display()))?
+            }
+            None => Thresholds::default(),
+        };
+        if let Some(v) = self.p99_start_ms {
+            t.p99_start_ms = v;
+        }
+        if let Some(v) = self.failure_increase_pct {
+            t.failure_increase_pct = v;
+        }
+        if let Some(v) = self.warm_hit_drop_pct {
+            t.warm_hit_drop_pct = v;
+        }
+        Ok(t)
+    }
 }
 
 /// The fields of a log line the report reads.
@@ -117,13 +180,35 @@ struct Day {
     warm_hits: u64,
     warm_misses: u64,
     slowest: Vec<(f64, String, String, String)>,
+    /// Task starts (ready or failed) by UTC hour.
+    starts_per_hour: [u64; 24],
+    /// Starts per [`DISTRIBUTION_EDGES_MS`] bucket: (warm, cold).
+    distribution: [(u64, u64); DISTRIBUTION_EDGES_MS.len() + 1],
 }
+
+/// Upper bounds (ms) of the start-latency distribution's buckets; one more
+/// bucket holds everything above the last.
+pub const DISTRIBUTION_EDGES_MS: [f64; 11] = [
+    10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 30_000.0,
+];
 
 fn lat(slot: &mut Option<Lat>) -> &mut Lat {
     slot.get_or_insert_with(Lat::new)
 }
 
 impl Day {
+    fn count_start(&mut self, l: &Line) {
+        if let Some(h) = l
+            .timestamp
+            .as_deref()
+            .and_then(|t| t.get(11..13))
+            .and_then(|h| h.parse::<usize>().ok())
+            .filter(|h| *h < 24)
+        {
+            self.starts_per_hour[h] += 1;
+        }
+    }
+
     fn add(&mut self, l: &Line) {
         if let Some(u) = &l.user_id {
             self.users.insert(u.clone());
@@ -133,6 +218,15 @@ impl Day {
             (Some("task_lifecycle"), Some("session_create")) => self.sessions_created += 1,
             (Some("task_lifecycle"), Some("task_ready")) => {
                 self.ready += 1;
+                self.count_start(l);
+                let bucket = DISTRIBUTION_EDGES_MS
+                    .iter()
+                    .position(|edge| ms <= *edge)
+                    .unwrap_or(DISTRIBUTION_EDGES_MS.len());
+                match l.source.as_deref() {
+                    Some("warm") => self.distribution[bucket].0 += 1,
+                    _ => self.distribution[bucket].1 += 1,
+                }
                 lat(&mut self.start).record(ms);
                 match l.source.as_deref() {
                     Some("warm") => lat(&mut self.start_warm).record(ms),
@@ -180,6 +274,7 @@ impl Day {
             },
             (Some("task_start_failed"), _) => {
                 self.start_failed += 1;
+                self.count_start(l);
                 *self
                     .errors
                     .entry(l.code.clone().unwrap_or_else(|| "TASK_START_FAILED".into()))
@@ -225,6 +320,12 @@ impl Day {
             "warm_hits": self.warm_hits,
             "warm_misses": self.warm_misses,
             "warm_hit_pct": self.warm_hit_pct(),
+            "starts_per_hour": self.starts_per_hour,
+            "start_distribution": {
+                "edges_ms": DISTRIBUTION_EDGES_MS,
+                "warm": self.distribution.iter().map(|d| d.0).collect::<Vec<_>>(),
+                "cold": self.distribution.iter().map(|d| d.1).collect::<Vec<_>>(),
+            },
             "slowest_starts": self.slowest.iter().map(|(ms, s, u, src)| json!({"sessionId": s, "userId": u, "duration_ms": ms, "source": src})).collect::<Vec<_>>(),
         })
     }
@@ -234,36 +335,62 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
+/// The UTC days a report covers: the report day(s) and the compare day.
+pub struct Days {
+    /// Oldest first; the last is the report date.
+    pub wanted: Vec<time::Date>,
+    pub compare: time::Date,
+}
+
+impl Days {
+    pub fn from_args(args: &ReportArgs) -> anyhow::Result<Self> {
+        let fmt = time::macros::format_description!("[year]-[month]-[day]");
+        let date = match &args.date {
+            Some(d) => time::Date::parse(d, &fmt)
+                .with_context(|| format!("--date {d}: expected YYYY-MM-DD"))?,
+            None => time::OffsetDateTime::now_utc().date(),
+        };
+        let range_days: i64 = match &args.range {
+            Some(r) => r
+                .trim_end_matches('d')
+                .parse()
+                .with_context(|| format!("--range {r}: expected e.g. 7d"))?,
+            None => 1,
+        };
+        let compare = match &args.compare {
+            Some(d) => time::Date::parse(d, &fmt)
+                .with_context(|| format!("--compare {d}: expected YYYY-MM-DD"))?,
+            None => date.previous_day().unwrap_or(date),
+        };
+        let wanted = (0..range_days.clamp(1, 366))
+            .rev()
+            .map(|i| date - time::Duration::days(i))
+            .collect();
+        Ok(Days { wanted, compare })
+    }
+
+    /// Unix milliseconds from the start of the first day covered to the end
+    /// of the last (exclusive).
+    pub fn window_ms(&self) -> (i64, i64) {
+        let first = self.wanted[0].min(self.compare);
+        let last = self.wanted[self.wanted.len() - 1].max(self.compare);
+        let ms =
+            |d: time::Date| (d.midnight().assume_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        (ms(first), ms(last.next_day().unwrap_or(last)))
+    }
+}
+
 /// Build the report document (the JSON form; markdown is rendered from it).
 pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value> {
-    let today = time::OffsetDateTime::now_utc().date();
+    let thresholds = args.thresholds()?;
+    let days_plan = Days::from_args(args)?;
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
-    let date = match &args.date {
-        Some(d) => time::Date::parse(d, &fmt)
-            .with_context(|| format!("--date {d}: expected YYYY-MM-DD"))?,
-        None => today,
-    };
-    let range_days: i64 = match &args.range {
-        Some(r) => r
-            .trim_end_matches('d')
-            .parse()
-            .with_context(|| format!("--range {r}: expected e.g. 7d"))?,
-        None => 1,
-    };
-    let compare = match &args.compare {
-        Some(d) => time::Date::parse(d, &fmt)
-            .with_context(|| format!("--compare {d}: expected YYYY-MM-DD"))?,
-        None => date.previous_day().unwrap_or(date),
-    };
-    let mut wanted: Vec<String> = (0..range_days.max(1))
-        .rev()
-        .map(|i| {
-            (date - time::Duration::days(i))
-                .format(&fmt)
-                .unwrap_or_default()
-        })
+    let mut wanted: Vec<String> = days_plan
+        .wanted
+        .iter()
+        .map(|d| d.format(&fmt).unwrap_or_default())
         .collect();
-    let compare_s = compare.format(&fmt).unwrap_or_default();
+    let compare_s = days_plan.compare.format(&fmt).unwrap_or_default();
     let mut days: BTreeMap<String, Day> = BTreeMap::new();
     let (mut read, mut used, mut skipped) = (0u64, 0u64, 0u64);
     let mut buf = String::new();
@@ -312,9 +439,9 @@ pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value
         .as_ref()
         .filter(|h| !h.0.is_empty())
         .map(|h| h.0.value_at_quantile(0.99))
-        .filter(|p99| *p99 > args.p99_start_ms)
+        .filter(|p99| *p99 > thresholds.p99_start_ms)
     {
-        anomalies.push(json!({"kind": "p99_start", "message": format!("P99 start latency {p99} ms is over {} ms", args.p99_start_ms)}));
+        anomalies.push(json!({"kind": "p99_start", "message": format!("P99 start latency {p99} ms is over {} ms", thresholds.p99_start_ms)}));
     }
     let (f_now, f_before) = (
         cur.start_failed + cur.errors.get("AGENT_CRASHED").copied().unwrap_or(0),
@@ -322,12 +449,12 @@ pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value
     );
     if f_now > 0
         && (f_before == 0
-            || (f_now as f64) > f_before as f64 * (1.0 + args.failure_increase_pct / 100.0))
+            || (f_now as f64) > f_before as f64 * (1.0 + thresholds.failure_increase_pct / 100.0))
     {
         anomalies.push(json!({"kind": "failures_up", "message": format!("failures rose from {f_before} to {f_now}")}));
     }
     if let (Some(now), Some(before)) = (cur.warm_hit_pct(), prev.warm_hit_pct())
-        && before - now > args.warm_hit_drop_pct
+        && before - now > thresholds.warm_hit_drop_pct
     {
         anomalies.push(json!({"kind": "warm_hit_down", "message": format!("warm hit rate fell from {before}% to {now}%")}));
     }
@@ -339,6 +466,11 @@ pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value
         "days": wanted.iter().map(|d| days.get(d).unwrap_or(&empty).json(d)).collect::<Vec<_>>(),
         "compare": prev.json(&compare_s),
         "anomalies": anomalies,
+        "thresholds": {
+            "p99_start_ms": thresholds.p99_start_ms,
+            "failure_increase_pct": thresholds.failure_increase_pct,
+            "warm_hit_drop_pct": thresholds.warm_hit_drop_pct,
+        },
     }))
 }
 
@@ -487,12 +619,37 @@ fn show(v: &Value) -> String {
     }
 }
 
-pub fn run(args: ReportArgs) -> anyhow::Result<()> {
-    let report = if args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-") {
+/// The files to read: each argument as is, or for a directory (such as
+/// `<data-dir>/logs`) the files in it, oldest name first.
+fn log_files(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in args {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file())
+                .collect();
+            inside.sort();
+            out.extend(inside);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let report = if args.source == "cloudwatch" {
+        let lines = cloudwatch_lines(&args).await?;
+        build(&args, &mut std::io::Cursor::new(lines))?
+    } else if args.source != "file" {
+        anyhow::bail!("--source {}: expected file or cloudwatch", args.source);
+    } else if args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-") {
         build(&args, &mut std::io::stdin().lock())?
     } else {
         let mut chained: Box<dyn std::io::Read> = Box::new(std::io::empty());
-        for f in &args.files {
+        for f in &log_files(&args.files)? {
             let file =
                 std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
             chained = Box::new(std::io::Read::chain(chained, file));
@@ -505,7 +662,25 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     match args.format.as_str() {
         "json" => println!("{}", serde_json::to_string_pretty(&report)?),
         "md" => print!("{}", markdown(&report)),
-        other => anyhow::bail!("--format {other}: expected md or json"),
+        "html" => print!("{}", html::render(&report)),
+        other => anyhow::bail!("--format {other}: expected md, json or html"),
     }
     Ok(())
+}
+
+#[cfg(feature = "cloudwatch")]
+async fn cloudwatch_lines(args: &ReportArgs) -> anyhow::Result<Vec<u8>> {
+    let group = args
+        .log_group
+        .as_deref()
+        .context("--source cloudwatch needs --log-group")?;
+    let client = cloudwatch::client_from_environment().await;
+    cloudwatch::fetch_lines(&client, group, Days::from_args(args)?.window_ms()).await
+}
+
+#[cfg(not(feature = "cloudwatch"))]
+async fn cloudwatch_lines(_args: &ReportArgs) -> anyhow::Result<Vec<u8>> {
+    anyhow::bail!(
+        "this aishell was built without CloudWatch support; rebuild with `cargo build --release --features cloudwatch`"
+    )
 }

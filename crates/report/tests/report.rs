@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use aishell_report::{ReportArgs, build, markdown};
+use aishell_report::{ReportArgs, build, html, markdown};
 use serde_json::{Value, json};
 
 fn args(date: &str) -> ReportArgs {
@@ -12,10 +12,13 @@ fn args(date: &str) -> ReportArgs {
         range: None,
         compare: None,
         env: None,
+        source: "file".into(),
+        log_group: None,
         format: "json".into(),
-        p99_start_ms: 10_000,
-        failure_increase_pct: 50.0,
-        warm_hit_drop_pct: 20.0,
+        thresholds: None,
+        p99_start_ms: None,
+        failure_increase_pct: None,
+        warm_hit_drop_pct: None,
     }
 }
 
@@ -169,4 +172,96 @@ fn a_range_gives_one_row_per_day_and_empty_input_is_a_clear_result() {
     )
     .unwrap();
     assert_eq!(garbage["lines"]["skipped"], 2);
+}
+
+#[test]
+fn chart_data_per_hour_and_distribution_match_the_fixture() {
+    let r = build(&args("2026-11-02"), &mut Cursor::new(fixture())).unwrap();
+    let prev = &r["compare"];
+    let hours: Vec<u64> = prev["starts_per_hour"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(hours.len(), 24);
+    assert_eq!(hours[10], 1205, "every generated start is at 10:xx UTC");
+    assert_eq!(hours.iter().sum::<u64>(), 1205);
+    let dist = &prev["start_distribution"];
+    // Cold 100..=1099 ms, warm 10..=29 ms (see `fixture`).
+    assert_eq!(
+        dist["cold"],
+        json!([0, 0, 0, 1, 150, 250, 500, 99, 0, 0, 0, 0])
+    );
+    assert_eq!(
+        dist["warm"],
+        json!([10, 150, 40, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    );
+    assert_eq!(dist["edges_ms"].as_array().unwrap().len() + 1, 12);
+}
+
+#[test]
+fn html_is_one_offline_file_with_the_charts_and_tables() {
+    let mut a = args("2026-11-02");
+    a.range = Some("2d".into());
+    let r = build(&a, &mut Cursor::new(fixture())).unwrap();
+    let page = html::render(&r);
+    assert!(page.starts_with("<!doctype html>") && page.trim_end().ends_with("</html>"));
+    // Distribution, per hour, warm vs cold, and the range's trend.
+    assert_eq!(page.matches("<svg").count(), 4, "{page}");
+    // Day 2's 20 slow cold starts (over 20 s) sit in the "≤30s" bucket.
+    assert!(
+        page.contains(r#"data-series="cold" data-label="≤30s" data-value="20""#),
+        "{page}"
+    );
+    assert!(page.contains(r#"data-series="starts" data-label="10" data-value="1220""#));
+    assert!(page.contains(r#"<div class="anomaly">⚠ <b>p99_start</b>"#));
+    assert!(page.contains("<th>task starts</th><td>1220</td><td>1205</td>"));
+    assert!(page.contains("<h2>Per day</h2>"));
+    // Nothing to fetch: no scripts, links, images or stylesheets.
+    for needle in ["<script", "src=", "href=", "<link", "@import", "url("] {
+        assert!(!page.contains(needle), "{needle} in the page");
+    }
+    // Text from the logs is escaped.
+    let hostile = format!(
+        "{}\n",
+        json!({"timestamp": "2026-11-02T01:00:00Z", "service": "aishell-gateway", "event": "task_lifecycle", "phase": "task_ready", "source": "cold", "duration_ms": 5, "sessionId": "<script>alert(1)</script>", "userId": "u"})
+    );
+    let page = html::render(&build(&args("2026-11-02"), &mut Cursor::new(hostile)).unwrap());
+    assert!(!page.contains("<script>") && page.contains("&lt;script&gt;"));
+}
+
+#[test]
+fn thresholds_come_from_a_file_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("thresholds.toml");
+    std::fs::write(
+        &file,
+        "p99_start_ms = 100000\nfailure_increase_pct = 1000.0\n",
+    )
+    .unwrap();
+    let mut a = args("2026-11-02");
+    a.thresholds = Some(file.clone());
+    let r = build(&a, &mut Cursor::new(fixture())).unwrap();
+    let kinds: Vec<&str> = r["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["warm_hit_down"],
+        "raised thresholds silence the others"
+    );
+    assert_eq!(r["thresholds"]["p99_start_ms"], 100000);
+    a.p99_start_ms = Some(5_000);
+    let r = build(&a, &mut Cursor::new(fixture())).unwrap();
+    assert_eq!(r["anomalies"][0]["kind"], "p99_start");
+    std::fs::write(&file, "p99_start = 1\n").unwrap();
+    let err = build(&a, &mut Cursor::new(fixture())).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("invalid thresholds file"),
+        "{err:#}"
+    );
 }

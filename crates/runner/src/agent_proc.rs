@@ -75,7 +75,8 @@ impl AgentProcess {
                 limits.apply(&mut cmd);
             }
             None => {
-                cmd.envs(env);
+                // The runner's credential is its own, not the agent's.
+                cmd.env_remove("AISHELL_TASK_CREDENTIAL").envs(env);
             }
         }
         let mut child = cmd

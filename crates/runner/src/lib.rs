@@ -9,6 +9,7 @@
 
 mod agent_proc;
 mod config;
+mod model_proxy;
 mod outbox;
 pub mod sandbox;
 
@@ -72,6 +73,8 @@ struct Runner {
     restore_counter: u64,
     /// Set once the agent exited; the runner leaves after reporting it.
     exit_reported: Option<RunnerToGateway>,
+    /// Serves the agent's model calls once the gateway offers a key pool.
+    model_proxy: Option<model_proxy::ModelProxy>,
 }
 
 /// Run until shut down, the agent exits, or the gateway is gone for good.
@@ -88,6 +91,7 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         restore_barriers: Vec::new(),
         restore_counter: 0,
         exit_reported: None,
+        model_proxy: None,
     };
     runner.run().await
 }
@@ -357,6 +361,18 @@ impl Runner {
         env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
         if let Some(t) = trace_id {
             env.insert("AISHELL_TRACE_ID".into(), t.to_string());
+        }
+        if !settings.model_proxy.is_empty() {
+            if self.model_proxy.is_none() {
+                let proxy =
+                    model_proxy::ModelProxy::start(&self.cfg.gateway_url, &self.cfg.credential)
+                        .await
+                        .map_err(|e| format!("cannot start the agent's model endpoint: {e}"))?;
+                self.model_proxy = Some(proxy);
+            }
+            let proxy = self.model_proxy.as_ref().expect("just started");
+            proxy.set_session(session_id);
+            env.extend(proxy.agent_env(&settings.model_proxy));
         }
         let mut command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
         let confined = settings.sandbox.as_ref().map(|s| {

@@ -207,6 +207,18 @@ impl Gateway {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect http");
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
     /// The warm pool as `/health` reports it.
     pub fn pool(&self) -> Value {
         self.http_get("/health").1["pool"].clone()

@@ -1117,6 +1117,12 @@ impl SessionActor {
                 env: Default::default(),
                 agent_settings: cfg.agent_settings.clone(),
                 sandbox: cfg.sandbox.clone(),
+                model_proxy: self
+                    .shared
+                    .model_proxy
+                    .as_ref()
+                    .map(|p| p.provider_names())
+                    .unwrap_or_default(),
             },
         });
     }
