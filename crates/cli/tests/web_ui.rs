@@ -924,6 +924,7 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "2",
         "--max-warm-claims-per-user",
         "1",
+        "--log-file",
     ]);
     let bob = gw.create_token("bob");
 
@@ -1024,6 +1025,36 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
     )
     .await;
     b.screenshot("admin").await;
+
+    // Today's report, one click away (a new tab).
+    let dashboard = b.client.window().await.unwrap();
+    b.click("#open-report").await;
+    let deadline = Instant::now() + WAIT;
+    let report_tab = loop {
+        let all = b.client.windows().await.unwrap();
+        if let Some(w) = all.into_iter().find(|w| *w != dashboard) {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "the report tab did not open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    b.client.switch_to_window(report_tab).await.unwrap();
+    b.wait_js(
+        "the daily report",
+        "document.body && document.body.innerText.includes('aishell daily report')",
+    )
+    .await;
+    // Its inline CSS applies (the blob document inherits the dashboard's CSP).
+    let styled = b
+        .js("return getComputedStyle(document.body).fontFamily")
+        .await;
+    assert!(
+        !styled.as_str().unwrap_or_default().contains("Times"),
+        "the report is unstyled: {styled}"
+    );
+    b.screenshot("admin-report").await;
+    b.client.close_window().await.unwrap();
+    b.client.switch_to_window(dashboard).await.unwrap();
 
     // Resize the pool from the page.
     b.js("document.querySelector('#pool-new-target').value = '1'")

@@ -39,6 +39,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/api/admin/overview", get(overview))
         .route("/api/admin/sessions/{session_id}/stop", post(stop_session))
         .route("/api/admin/pool", post(pool_action))
+        .route("/api/admin/report", get(daily_report))
 }
 
 // ---- static assets -------------------------------------------------------
@@ -94,6 +95,11 @@ fn hex16(bytes: &[u8]) -> String {
 /// Only our own origin, no inline script: the pages make no external request
 /// and an injected string cannot run.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+/// The dashboard opens the daily report (one HTML file with inline CSS) as a
+/// blob document, which inherits this policy: inline styles, still no script.
+const ADMIN_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+/// The report itself: inline CSS and SVG, nothing else.
+const REPORT_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; base-uri 'none'";
 
 fn serve_asset(name: &str, headers: &HeaderMap) -> Response {
     let Some(asset) = ASSETS.get(name) else {
@@ -131,9 +137,10 @@ fn serve_asset(name: &str, headers: &HeaderMap) -> Response {
         HeaderValue::from_static("no-referrer"),
     );
     if asset.content_type.starts_with("text/html") {
+        let csp = if name == "admin.html" { ADMIN_CSP } else { CSP };
         h.insert(
             header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(CSP),
+            HeaderValue::from_static(csp),
         );
         h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     }
@@ -470,6 +477,121 @@ async fn pool_action(
     no_store(json!({ "pool": shared.pool.snapshot() }))
 }
 
+#[derive(Deserialize)]
+struct ReportQuery {
+    /// YYYY-MM-DD (UTC) [default: today].
+    date: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReportError {
+    #[error(
+        "no gateway log for {0} under {1}: start `aishell serve --log-file` to keep the logs the daily report reads"
+    )]
+    NoLogs(String, String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("cannot build the report: {0}")]
+    Failed(String),
+}
+
+/// The daily report (`aishell report --format html`) over this gateway's own
+/// log files (`serve --log-file` writes `<data-dir>/logs/aishell.DAY.log`):
+/// the report day and its compare day only, so a month of logs is not read.
+/// Admins only; header token only (the dashboard fetches it).
+async fn daily_report(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ReportQuery>,
+) -> Response {
+    if let Err(r) = admin(&shared, &headers, None).await {
+        return r;
+    }
+    let dir = shared.cfg.data_dir.join("logs");
+    let rendered = tokio::task::spawn_blocking(move || render_report(&dir, q.date))
+        .await
+        .unwrap_or_else(|e| Err(ReportError::Failed(e.to_string())));
+    match rendered {
+        Ok(html) => {
+            let mut response = (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                )],
+                html,
+            )
+                .into_response();
+            let h = response.headers_mut();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(REPORT_CSP),
+            );
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            response
+        }
+        Err(e @ ReportError::NoLogs(..)) => {
+            api_error(StatusCode::NOT_FOUND, ErrorCode::BadFrame, e.to_string())
+        }
+        Err(e @ ReportError::BadRequest(_)) => {
+            api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string())
+        }
+        Err(e @ ReportError::Failed(_)) => {
+            tracing::error!(event = "report_failed", error = %e, "daily report failed");
+            api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            )
+        }
+    }
+}
+
+fn render_report(dir: &std::path::Path, date: Option<String>) -> Result<String, ReportError> {
+    let args = aishell_report::ReportArgs {
+        files: Vec::new(),
+        date,
+        range: None,
+        compare: None,
+        source: "file".into(),
+        log_group: None,
+        env: None,
+        format: "html".into(),
+        thresholds: None,
+        p99_start_ms: None,
+        failure_increase_pct: None,
+        warm_hit_drop_pct: None,
+    };
+    let days = aishell_report::Days::from_args(&args)
+        .map_err(|e| ReportError::BadRequest(format!("{e:#}")))?;
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let name = |d: &time::Date| format!("aishell.{}.log", d.format(&fmt).unwrap_or_default());
+    let day = days.wanted.last().map(name).unwrap_or_default();
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for d in std::iter::once(&days.compare).chain(&days.wanted) {
+        let path = dir.join(name(d));
+        if path.is_file() && !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    if !dir.join(&day).is_file() {
+        return Err(ReportError::NoLogs(day, dir.display().to_string()));
+    }
+    let mut chained: Box<dyn std::io::Read> = Box::new(std::io::empty());
+    for f in files {
+        let file = std::fs::File::open(&f)
+            .map_err(|e| ReportError::Failed(format!("{}: {e}", f.display())))?;
+        chained = Box::new(std::io::Read::chain(chained, file));
+    }
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, chained);
+    let report = aishell_report::build(&args, &mut reader)
+        .map_err(|e| ReportError::Failed(format!("{e:#}")))?;
+    Ok(aishell_report::html::render(&report))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +630,38 @@ mod tests {
                 assert!(!text.contains(bad), "{name} contains {bad}");
             }
         }
+    }
+
+    #[test]
+    fn report_without_log_files_says_how_to_get_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = render_report(dir.path(), None).unwrap_err();
+        assert!(matches!(err, ReportError::NoLogs(..)), "{err}");
+        assert!(err.to_string().contains("--log-file"));
+        let bad = render_report(dir.path(), Some("yesterday".into())).unwrap_err();
+        assert!(matches!(bad, ReportError::BadRequest(_)), "{bad}");
+    }
+
+    #[test]
+    fn report_renders_todays_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = time::OffsetDateTime::now_utc();
+        let fmt = time::macros::format_description!("[year]-[month]-[day]");
+        let stamp = today
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let line = serde_json::json!({
+            "timestamp": stamp, "level": "info", "service": "aishell-gateway",
+            "event": "task_lifecycle", "phase": "task_ready", "duration_ms": 42,
+            "source": "warm", "sessionId": "s-1", "userId": "u", "message": "task ready",
+        });
+        let file = dir
+            .path()
+            .join(format!("aishell.{}.log", today.format(&fmt).unwrap()));
+        std::fs::write(&file, format!("{line}\n")).unwrap();
+        let html = render_report(dir.path(), None).unwrap();
+        assert!(html.starts_with("<!doctype html>"), "{}", &html[..80]);
+        assert!(html.contains("aishell daily report"));
     }
 
     #[test]

@@ -175,7 +175,34 @@ async function poolAction(action) {
   refresh();
 }
 
+/** Open today's report (HTML from /api/admin/report) in a new tab. */
+async function openReport() {
+  // Opened before the fetch, while the click still counts as the user's:
+  // popup blockers allow it then.
+  const tab = window.open('', '_blank');
+  $('report-message').textContent = 'building…';
+  let res;
+  try {
+    res = await api('/api/admin/report', { raw: true });
+  } catch {
+    res = { status: 0 };
+  }
+  if (res.status === 200) {
+    const html = await res.res.blob();
+    const url = URL.createObjectURL(new Blob([html], { type: 'text/html' }));
+    if (tab) tab.location.href = url;
+    else window.location.href = url;
+    $('report-message').textContent = '';
+    return;
+  }
+  if (tab) tab.close();
+  let body = null;
+  try { body = await res.res.json(); } catch { /* not JSON */ }
+  $('report-message').textContent = errorText(body, res.status ? `HTTP ${res.status}` : 'gateway unreachable');
+}
+
 function wire() {
+  $('open-report').addEventListener('click', openReport);
   $('pool-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
     const target = Number.parseInt($('pool-new-target').value, 10);
