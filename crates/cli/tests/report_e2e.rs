@@ -219,3 +219,59 @@ fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// One `traceId` follows a session through the gateway's lifecycle lines,
+/// the runner's own lines and the agent's stderr.
+#[tokio::test]
+async fn a_trace_id_follows_the_session_to_the_agents_stderr() {
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    c.message("m1", "hello").await;
+    c.turn().await;
+    // A message that kills its agent is retried once in a new sandbox, then
+    // answered with AGENT_CRASHED instead of looping; the session goes on.
+    c.message("m2", "/crash").await;
+    let frames = c.until(|v| is_type(v, "error"), WAIT).await;
+    let error = frames.last().unwrap();
+    assert_eq!(
+        error["error"]["code"],
+        "AGENT_CRASHED",
+        "{}",
+        pretty(&frames)
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tried twice")
+    );
+    c.message("m3", "still here").await;
+    assert!(text_of(&c.turn().await).contains("still here"));
+    let stderr = gw
+        .wait_log(
+            "agent_stderr",
+            |l| l["event"] == "agent_stderr" && l["sessionId"] == c.session_id.as_str(),
+            WAIT,
+        )
+        .await;
+    let trace = stderr["traceId"].as_str().unwrap_or_default().to_string();
+    assert!(trace.len() >= 8, "{stderr}");
+    assert!(
+        stderr["line"]
+            .as_str()
+            .unwrap()
+            .contains("crashing on request")
+    );
+    let logs = gw.logs();
+    let ready = logs
+        .iter()
+        .find(|l| l["phase"] == "task_ready" && l["sessionId"] == c.session_id.as_str())
+        .expect("task_ready line");
+    assert_eq!(ready["traceId"], trace.as_str());
+    let runner = logs
+        .iter()
+        .find(|l| l["service"] == "aishell-runner" && l["event"] == "runner_init_user")
+        .expect("the runner's own line");
+    assert_eq!(runner["traceId"], trace.as_str());
+    assert_eq!(runner["sessionId"], c.session_id.as_str());
+}

@@ -104,6 +104,14 @@ enum SessionEnd {
 }
 
 impl Runner {
+    /// The session's trace id once bound (empty while warm and unclaimed).
+    fn trace_id(&self) -> &str {
+        self.binding
+            .as_ref()
+            .and_then(|b| b.trace_id.as_deref())
+            .unwrap_or("")
+    }
+
     async fn run(&mut self) -> Result<(), RunnerError> {
         let mut backoff = Backoff::new();
         let mut lost_since: Option<Instant> = None;
@@ -116,22 +124,22 @@ impl Runner {
                 Ok(ws) => {
                     backoff.reset();
                     lost_since = None;
-                    tracing::info!(event = "runner_connected", taskId = %self.cfg.task_id, "connected to gateway");
+                    tracing::info!(event = "runner_connected", taskId = %self.cfg.task_id, traceId = self.trace_id(), "connected to gateway");
                     match self.serve(ws).await {
                         Ok(SessionEnd::Finished) => return Ok(()),
                         Ok(SessionEnd::Disconnected) => {}
                         Err(e) => {
-                            tracing::warn!(event = "runner_socket_error", error = %e, "gateway socket failed")
+                            tracing::warn!(event = "runner_socket_error", taskId = %self.cfg.task_id, traceId = self.trace_id(), error = %e, "gateway socket failed")
                         }
                     }
                 }
                 Err(ConnectError::Refused(reason)) => {
-                    tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, reason = %reason, "gateway refused this runner");
+                    tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, traceId = self.trace_id(), reason = %reason, "gateway refused this runner");
                     self.kill_agent().await;
                     return Err(RunnerError::Refused(reason));
                 }
                 Err(ConnectError::Transient(reason)) => {
-                    tracing::warn!(event = "runner_dial_failed", taskId = %self.cfg.task_id, reason = %reason, "gateway not reachable; retrying");
+                    tracing::warn!(event = "runner_dial_failed", taskId = %self.cfg.task_id, traceId = self.trace_id(), reason = %reason, "gateway not reachable; retrying");
                 }
             }
             let since = *lost_since.get_or_insert_with(Instant::now);
@@ -227,14 +235,14 @@ impl Runner {
                         Ok(Message::Text(t)) => t,
                         Ok(Message::Close(Some(frame))) if (4400..4500).contains(&u16::from(frame.code)) => {
                             // The gateway refused this task for good (not ours, bad protocol...).
-                            tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, code = u16::from(frame.code), reason = %frame.reason, "gateway refused this runner");
+                            tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, traceId = self.trace_id(), code = u16::from(frame.code), reason = %frame.reason, "gateway refused this runner");
                             self.kill_agent().await;
                             return Err(RunnerError::Refused(frame.reason.to_string()));
                         }
                         Ok(Message::Close(_)) => return Ok(SessionEnd::Disconnected),
                         Ok(_) => continue,
                         Err(e) => {
-                            tracing::warn!(event = "runner_socket_error", error = %e, "gateway socket read failed");
+                            tracing::warn!(event = "runner_socket_error", taskId = %self.cfg.task_id, traceId = self.trace_id(), error = %e, "gateway socket read failed");
                             return Ok(SessionEnd::Disconnected);
                         }
                     };
@@ -264,7 +272,7 @@ impl Runner {
                 _ = sleep_until_opt(init_deadline) => {
                     self.init_deadline = None;
                     let message = format!("agent did not answer init within {}s", AGENT_INIT_TIMEOUT.as_secs());
-                    tracing::error!(event = "agent_init_timeout", "{message}");
+                    tracing::error!(event = "agent_init_timeout", taskId = %self.cfg.task_id, traceId = self.trace_id(), "{message}");
                     send(&mut ws, &RunnerToGateway::StartFailed { message }).await?;
                     self.kill_agent().await;
                 }
@@ -341,7 +349,7 @@ impl Runner {
             GatewayToRunner::Ack { seq } => self.outbox.ack(seq),
             GatewayToRunner::Ping => send(ws, &RunnerToGateway::Heartbeat).await?,
             GatewayToRunner::Shutdown { reason } => {
-                tracing::info!(event = "runner_shutdown", reason = %reason, "gateway asked to shut down");
+                tracing::info!(event = "runner_shutdown", taskId = %self.cfg.task_id, traceId = self.trace_id(), reason = %reason, "gateway asked to shut down");
                 return Ok(true);
             }
         }

@@ -200,6 +200,10 @@ struct QueuedMessage {
     content: String,
     message_id: Option<String>,
     received_at: Instant,
+    /// Agents that died holding this message before answering it; a message
+    /// that kills its agent twice is answered with an error, not retried
+    /// forever.
+    crashes: u8,
 }
 
 /// A user message the agent is working on.
@@ -663,6 +667,7 @@ impl SessionActor {
             content,
             message_id: id,
             received_at,
+            crashes: 0,
         };
         let ready = self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready);
         if !ready
@@ -1490,14 +1495,22 @@ impl SessionActor {
         let mut turns: Vec<Turn> = self.turns.drain().flat_map(|(_, t)| t).collect();
         turns.sort_by_key(|t| t.message.received_at);
         let mut requeue = Vec::new();
-        for turn in turns {
-            if requeue_unstarted && !turn.first_event_seen {
+        for mut turn in turns {
+            if requeue_unstarted && !turn.first_event_seen && turn.message.crashes == 0 {
+                turn.message.crashes += 1;
                 requeue.push(turn.message);
                 continue;
             }
+            let message = if requeue_unstarted && !turn.first_event_seen {
+                format!(
+                    "{message} (this message was tried twice and the agent died both times without answering; it will not be retried)"
+                )
+            } else {
+                message.to_string()
+            };
             self.emit(ServerEvent::Agent(AgentEvent::Error {
                 conversation_id: Some(turn.message.conversation_id),
-                error: aishell_protocol::ErrorBody::new(code, message),
+                error: aishell_protocol::ErrorBody::new(code, &message),
             }));
         }
         for msg in requeue.into_iter().rev() {
