@@ -40,6 +40,9 @@ struct Chat {
     args: ChatArgs,
     session_id: Option<String>,
     last_seq: u64,
+    /// A first connection to a `--session` skips its history: only events
+    /// after it belong to this run's turns.
+    connected_once: bool,
     conversation_id: Option<String>,
     printed_text: bool,
 }
@@ -50,6 +53,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         args,
         session_id,
         last_seq: 0,
+        connected_once: false,
         conversation_id: None,
         printed_text: false,
     };
@@ -85,9 +89,11 @@ impl Chat {
     async fn connect(&mut self) -> anyhow::Result<Ws> {
         let mut url = url::Url::parse(&self.args.url).context("invalid --url")?;
         if let Some(sid) = &self.session_id {
-            url.query_pairs_mut()
-                .append_pair("session_id", sid)
-                .append_pair("last_seq", &self.last_seq.to_string());
+            url.query_pairs_mut().append_pair("session_id", sid);
+            if self.connected_once {
+                url.query_pairs_mut()
+                    .append_pair("last_seq", &self.last_seq.to_string());
+            }
         }
         let mut request = url.as_str().into_client_request()?;
         request.headers_mut().insert(
@@ -118,6 +124,12 @@ impl Chat {
             bail!("{code}: {}", error_message(&first.event));
         }
         self.session_id = Some(first.session_id.clone());
+        if let ServerEvent::Session { last_seq, .. } = &first.event
+            && !self.connected_once
+        {
+            self.last_seq = *last_seq;
+        }
+        self.connected_once = true;
         if self.args.json {
             println!("{}", first.to_json());
         } else if let ServerEvent::Session { resumed, .. } = &first.event {

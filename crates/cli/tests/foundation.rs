@@ -447,3 +447,65 @@ async fn messages_sent_while_the_task_starts_are_queued_in_order() {
         (0..5).map(|i| format!("msg-{i}")).collect::<Vec<_>>()
     );
 }
+
+/// `aishell chat` driven by piped lines: runs each, exits 0 at EOF; with
+/// `--session` it continues that session without replaying its history as
+/// if it were the new turn's answer.
+#[tokio::test]
+async fn aishell_chat_runs_piped_lines_and_resumes_a_session() {
+    let gw = Gateway::start(&[]);
+    let chat = |input: &str, session: Option<&str>| {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["chat", "--url", &gw.ws_url(), "--token", &gw.token]);
+        if let Some(s) = session {
+            cmd.args(["--session", s]);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = chat(
+        "echo first-run > a.txt && cat a.txt\necho second-line\n",
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("first-run") && out.contains("second-line"),
+        "{out}"
+    );
+    let session = err
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix("[session ")
+                .or(Some(w))
+                .filter(|w| w.starts_with("s-"))
+        })
+        .map(|w| w.trim_end_matches([']', ',']).to_string())
+        .unwrap_or_else(|| panic!("no session id in {err}"));
+    let (ok, out, err) = chat("cat a.txt; echo resumed-run\n", Some(&session));
+    assert!(ok, "{err}");
+    assert!(err.contains("resumed"), "{err}");
+    assert!(out.contains("resumed-run"), "{out}");
+    assert_eq!(
+        out.matches("first-run").count(),
+        1,
+        "history is not replayed: {out}"
+    );
+    assert!(!out.contains("second-line"), "{out}");
+}
