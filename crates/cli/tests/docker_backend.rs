@@ -315,8 +315,11 @@ async fn docker_kill_of_a_busy_container_is_agent_crashed_and_the_next_message_r
         started.elapsed()
     );
     assert!(
-        crash["error"]["message"].as_str().unwrap_or("").len() > 10,
-        "a sentence: {crash}"
+        crash["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("code 137"),
+        "the engine's exit reason reaches the client: {crash}"
     );
 
     let frames = say(&mut c, "m2", "echo back-again").await;
