@@ -73,12 +73,16 @@ impl DockerGateway {
     }
 
     fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_on_port(0, args, env)
+    }
+
+    fn start_on_port(port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all = vec!["--execution-mode", "docker"];
         if !args.contains(&"--docker-image") {
             all.extend(["--docker-image", TEST_IMAGE]);
         }
         all.extend_from_slice(args);
-        let gw = Gateway::start_with_env(&all, env);
+        let gw = Gateway::start_on_port(port, &all, env);
         let instance = std::fs::read_to_string(gw.data_dir.join("docker-backend/instance-id"))
             .expect("the docker backend writes its instance id")
             .trim()
@@ -532,4 +536,74 @@ async fn another_users_agent_cannot_read_or_write_a_workspace_in_its_container()
         text_of(&frames).trim(),
         "alice and bob run under different UIDs"
     );
+}
+
+/// A network this test creates (and removes).
+struct TestNetwork(String);
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        docker(&["network", "rm", &self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_on_a_user_defined_network_dial_the_advertised_gateway_url() {
+    if !docker_ready() {
+        return;
+    }
+    let network = TestNetwork(format!("aishell-test-net-{}", std::process::id()));
+    docker(&["network", "create", &network.0]);
+    let bridge_ip = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+        &network.0,
+    ]);
+    assert!(!bridge_ip.is_empty(), "network {} created", network.0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The gateway must be reachable on the bridge: listen on every address
+    // (the banner and the test client still use loopback).
+    let runner_url = format!("ws://{bridge_ip}:{port}");
+    let dgw = DockerGateway::start_on_port(
+        port,
+        &[
+            "--bind",
+            "0.0.0.0",
+            "--runner-url",
+            &runner_url,
+            "--docker-network",
+            &network.0,
+            "--warm-pool-target-size",
+            "1",
+        ],
+        &[],
+    );
+    dgw.wait_pool_ready(1, Duration::from_secs(60)).await;
+    let mut c = dgw.connect().await;
+    let frames = say(&mut c, "n1", "echo over-the-bridge").await;
+    assert!(
+        text_of(&frames).contains("over-the-bridge"),
+        "{}",
+        pretty(&frames)
+    );
+    let on_net = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("network={}", network.0),
+        "--filter",
+        &format!("label=aishell.instance={}", dgw.instance),
+    ]);
+    assert!(
+        !on_net.is_empty(),
+        "task containers are on the test network"
+    );
+    drop(c);
+    drop(dgw);
 }
