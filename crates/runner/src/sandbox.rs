@@ -264,10 +264,13 @@ pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
             next
         }
     };
-    hand_root_entries_to(workspace, uid).map_err(|e| err("chown", e))?;
+    // The workspace's owner is the record of the user's UID: set it under
+    // the lock, then let concurrent claims of the same user walk in parallel.
     std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| err("chmod", e))?;
+    std::os::unix::fs::lchown(workspace, Some(uid), Some(uid)).map_err(|e| err("chown", e))?;
     drop(lock);
+    hand_root_entries_to(workspace, uid).map_err(|e| err("chown", e))?;
     Ok(uid)
 }
 
@@ -296,6 +299,37 @@ fn hand_root_entries_to(dir: &Path, uid: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_isolation_gives_each_user_a_stable_uid_and_a_private_workspace() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: prepare_uid_workspace needs root; skipped");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let alice = root.path().join("alice");
+        std::fs::create_dir(&alice).unwrap();
+        std::fs::write(alice.join("uploaded.txt"), "from the files API").unwrap();
+        let a = prepare_uid_workspace(&alice).unwrap();
+        let b = prepare_uid_workspace(&root.path().join("bob")).unwrap();
+        assert_ne!(a, b);
+        assert!(a >= FIRST_AGENT_UID && b >= FIRST_AGENT_UID);
+        assert_eq!(
+            prepare_uid_workspace(&alice).unwrap(),
+            a,
+            "a user keeps their uid"
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&alice), 0o700);
+        assert_eq!(mode(root.path()), 0o711);
+        assert_eq!(mode(&root.path().join(UID_STATE_DIR)), 0o700);
+        assert_eq!(
+            std::fs::metadata(alice.join("uploaded.txt")).unwrap().uid(),
+            a
+        );
+        assert_eq!(std::fs::metadata(&alice).unwrap().uid(), a);
+    }
 
     #[test]
     fn only_the_workspace_is_bound_writable_and_no_other_user_path_appears() {
