@@ -155,6 +155,11 @@ impl DockerBackend {
                         "cannot reach the Docker engine at unix://{socket}: {reason}; is Docker running and is the socket readable?"
                     ),
                 };
+                if socket.contains("://") {
+                    return Err(unavailable(
+                        "only a local unix socket (unix:///path) is supported".into(),
+                    ));
+                }
                 let docker = Docker::connect_with_unix(
                     &socket,
                     timeout.as_secs().max(1),

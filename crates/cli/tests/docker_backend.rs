@@ -160,6 +160,26 @@ impl Drop for DockerGateway {
     }
 }
 
+/// `PUT path` with a body on the gateway; the HTTP status.
+fn http_put(gw: &Gateway, path: &str, token: &str, body: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "PUT {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    raw.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn say(c: &mut Client, id: &str, command: &str) -> Vec<serde_json::Value> {
     c.send(json!({"type": "message", "id": id, "conversation_id": "main", "content": command}))
         .await;
@@ -486,8 +506,26 @@ async fn another_users_agent_cannot_read_or_write_a_workspace_in_its_container()
     .await;
     assert!(text_of(&frames).contains(&secret), "{}", pretty(&frames));
 
+    // A file uploaded through the files API belongs to alice's agent too.
+    assert_eq!(
+        http_put(&dgw, "/api/files/docs/uploaded.txt", &alice, b"uploaded\n"),
+        201
+    );
+    let frames = say(
+        &mut a,
+        "a-up",
+        "echo appended >> docs/uploaded.txt && cat docs/uploaded.txt",
+    )
+    .await;
+    assert!(
+        text_of(&frames).contains("uploaded\nappended"),
+        "alice's agent can change the uploaded file: {}",
+        pretty(&frames)
+    );
+
     let mut b = dgw.connect_as(&bob, None).await.unwrap();
     let attacks = [
+        "cat /workspaces/alice/docs/uploaded.txt",
         "cat /workspaces/alice/secret.txt",
         "cat ../alice/secret.txt",
         "ls -la /workspaces",
