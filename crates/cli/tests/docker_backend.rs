@@ -35,11 +35,17 @@ fn docker_ready() -> bool {
             std::fs::File::create(std::env::temp_dir().join("aishell-docker-test-image.lock"))
                 .map_err(|e| e.to_string())?;
         lock.lock().map_err(|e| e.to_string())?;
+        let previous = docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE]);
         let out = Command::new(BIN)
             .args(["image", "build", "--tag", TEST_IMAGE])
             .output()
             .map_err(|e| e.to_string())?;
         if out.status.success() {
+            // Runs leave no dangling image behind (best effort).
+            let current = docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE]);
+            if !previous.is_empty() && previous != current {
+                docker(&["rmi", &previous]);
+            }
             Ok(())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
