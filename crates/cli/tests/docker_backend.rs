@@ -260,7 +260,58 @@ async fn cold_session_runs_in_a_container_and_its_workspace_survives_an_idle_sto
     if !docker_ready() {
         return;
     }
-    let dgw = DockerGateway::start(&["--enable-warm-pool", "false", "--session-idle-timeout", "2"]);
+    let dgw = DockerGateway::start(&[
+        "--enable-warm-pool",
+        "false",
+        "--session-idle-timeout",
+        "2",
+        "--docker-memory",
+        "256m",
+        "--docker-cpus",
+        "0.5",
+        "--docker-pids-limit",
+        "200",
+    ]);
+    // Limits, labels and a per-task-only environment, as the engine sees them.
+    let mut c = dgw.connect().await;
+    let frames = say(&mut c, "probe", "echo probe").await;
+    assert!(text_of(&frames).contains("probe"), "{}", pretty(&frames));
+    let ids = dgw.containers(true, Some("aishell.mode=cold"));
+    let id = ids.iter().next().expect("a cold container");
+    let seen = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}} {{index .Config.Labels \"aishell.managed\"}} {{index .Config.Labels \"aishell.session\"}}",
+        id,
+    ]);
+    assert_eq!(
+        seen,
+        format!("{} 500000000 200 true {}", 256 << 20, c.session_id)
+    );
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        id,
+    ]);
+    let mut names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "AISHELL_GATEWAY_URL",
+            "AISHELL_SESSION_ID",
+            "AISHELL_TASK_CREDENTIAL",
+            "AISHELL_TASK_ID",
+            "AISHELL_TASK_MODE",
+            "PATH"
+        ],
+        "per-task settings only"
+    );
+    drop(c);
     workspace_survives_an_idle_stop(&dgw, "cold").await;
 }
 
