@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod image;
 mod logging;
 mod serve;
 mod settings;
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The daily report from the gateway's JSON logs (files or stdin).
     Report(aishell_report::ReportArgs),
+    /// Build the Docker task image from this binary (EXECUTION_MODE=docker).
+    Image(image::ImageArgs),
     /// Sandbox hours per user (the basis of weekly quotas).
     Usage(token::UsageArgs),
     /// The supervisor inside a sandbox (started by a backend, not by hand).
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
             Command::Usage(args) => token::usage(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Report(args) => aishell_report::run(args).await,
+            Command::Image(args) => image::run(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
                 let cfg = aishell_runner::RunnerConfig::from_env()?;

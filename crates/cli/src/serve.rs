@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aishell_backend::Backend;
+use aishell_backend_docker::DockerBackend;
 use aishell_backend_process::{ProcessBackend, ProcessBackendConfig};
 use aishell_gateway::Gateway;
 use aishell_store::Store;
@@ -62,7 +63,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
             Arc::new(ProcessBackend::new(backend_cfg).context("cannot start the process backend")?)
         }
-        other => bail!("EXECUTION_MODE={other} is not available in this build yet; use process"),
+        "docker" => {
+            let instance_id = instance_id(&cfg.data_dir.join("docker-backend"))?;
+            let docker_cfg = settings.docker_config(instance_id, &cfg.workspaces_root)?;
+            std::fs::create_dir_all(&cfg.workspaces_root)
+                .with_context(|| format!("cannot create {}", cfg.workspaces_root.display()))?;
+            let backend = Arc::new(DockerBackend::new(docker_cfg));
+            start_docker_housekeeping(backend.clone());
+            backend
+        }
+        other => bail!(
+            "EXECUTION_MODE={other} is not available in this build yet; use process or docker"
+        ),
     };
     // Test hook: reproduce backend failures (see aishell_backend::faults).
     let backend: Arc<dyn Backend> = match std::env::var_os("AISHELL_TEST_FAULTS_FILE") {
@@ -91,6 +103,45 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "gateway listening"
     );
     gateway.serve(shutdown_signal()).await
+}
+
+/// This gateway's identity on the Docker engine (the `aishell.instance`
+/// label): generated once and kept in the data dir, so a restarted gateway
+/// lists, adopts or removes the containers its predecessor started.
+fn instance_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let id = format!("gw-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
+/// Check the engine and the image at start-up (logged, not fatal: the
+/// gateway still answers clients with a clear `TASK_START_FAILED`), and
+/// remove containers of this instance that already exited. Running ones are
+/// left for the gateway's adoption scan.
+fn start_docker_housekeeping(backend: Arc<DockerBackend>) {
+    tokio::spawn(async move {
+        match backend.remove_exited().await {
+            Ok(n) => tracing::info!(
+                event = "docker_backend_ready",
+                image = %backend.config().image,
+                removed_exited = n,
+                "docker backend connected to the engine"
+            ),
+            Err(e) => tracing::error!(
+                event = "docker_backend_unavailable",
+                error = %e,
+                "docker backend cannot reach the engine; sessions will fail with TASK_START_FAILED until it is back"
+            ),
+        }
+    });
 }
 
 /// The token printed at start-up, kept in the data dir (0600) so a restart

@@ -194,6 +194,24 @@ pub struct ServeSettings {
     /// CPU seconds per agent [default: unlimited].
     #[arg(long, env = "AISHELL_SANDBOX_CPU_SECONDS")]
     pub sandbox_cpu_seconds: Option<u64>,
+    /// Docker backend: image every task runs [default: aishell:local, built by `aishell image build`].
+    #[arg(long, env = "AISHELL_DOCKER_IMAGE")]
+    pub docker_image: Option<String>,
+    /// Docker backend: engine socket, unix:///path [default: DOCKER_HOST, then /var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Docker backend: network of task containers; `host` (runners dial 127.0.0.1) or a user-defined network (set --runner-url to an address reachable from it) [default: host].
+    #[arg(long, env = "AISHELL_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
+    /// Docker backend: memory limit per container, e.g. 512m, 2g [default: 2g].
+    #[arg(long, env = "AISHELL_DOCKER_MEMORY")]
+    pub docker_memory: Option<String>,
+    /// Docker backend: CPUs per container, e.g. 1.5 [default: unlimited].
+    #[arg(long, env = "AISHELL_DOCKER_CPUS")]
+    pub docker_cpus: Option<f64>,
+    /// Docker backend: processes per container [default: 1024].
+    #[arg(long, env = "AISHELL_DOCKER_PIDS_LIMIT")]
+    pub docker_pids_limit: Option<i64>,
 }
 
 macro_rules! fill_from {
@@ -269,7 +287,13 @@ impl ServeSettings {
             sandbox_memory_bytes,
             sandbox_max_files,
             sandbox_max_processes,
-            sandbox_cpu_seconds
+            sandbox_cpu_seconds,
+            docker_image,
+            docker_host,
+            docker_network,
+            docker_memory,
+            docker_cpus,
+            docker_pids_limit
         );
         Ok(())
     }
@@ -296,14 +320,21 @@ impl ServeSettings {
         }
     }
 
-    /// `bwrap` or `none`; `--insecure-no-sandbox` means `none`.
+    /// `bwrap`, `uid` or `none`; `--insecure-no-sandbox` means `none`.
+    /// The docker backend defaults to `uid` (a per-user UID inside the
+    /// container; bwrap would need extra capabilities there).
     pub fn sandbox_mode(&self) -> anyhow::Result<&str> {
         if self.insecure_no_sandbox == Some(true) {
             return Ok("none");
         }
-        match self.sandbox.as_deref().unwrap_or("bwrap") {
-            m @ ("bwrap" | "none") => Ok(m),
-            other => bail!("--sandbox `{other}` is not one of bwrap, none"),
+        let default = if self.execution_mode()? == "docker" {
+            "uid"
+        } else {
+            "bwrap"
+        };
+        match self.sandbox.as_deref().unwrap_or(default) {
+            m @ ("bwrap" | "uid" | "none") => Ok(m),
+            other => bail!("--sandbox `{other}` is not one of bwrap, uid, none"),
         }
     }
 
@@ -367,6 +398,37 @@ impl ServeSettings {
                 .insert("llm_model".into(), model.clone().into());
         }
         Ok(())
+    }
+
+    /// The docker backend's settings (EXECUTION_MODE=docker).
+    pub fn docker_config(
+        &self,
+        instance_id: String,
+        workspaces_root: &Path,
+    ) -> anyhow::Result<aishell_backend_docker::DockerBackendConfig> {
+        let mut cfg =
+            aishell_backend_docker::DockerBackendConfig::new(instance_id, workspaces_root);
+        if let Some(image) = &self.docker_image {
+            cfg.image = image.clone();
+        }
+        cfg.docker_host = self.docker_host.clone();
+        cfg.network = self
+            .docker_network
+            .clone()
+            .filter(|n| !n.is_empty() && n != "host");
+        if let Some(m) = &self.docker_memory {
+            cfg.memory_bytes = Some(parse_bytes(m).context("invalid --docker-memory")?);
+        }
+        if let Some(c) = self.docker_cpus {
+            if !(c > 0.0 && c.is_finite()) {
+                bail!("--docker-cpus must be a positive number of CPUs");
+            }
+            cfg.cpus = Some(c);
+        }
+        if let Some(p) = self.docker_pids_limit {
+            cfg.pids_limit = Some(p);
+        }
+        Ok(cfg)
     }
 
     pub fn user(&self) -> &str {
@@ -520,7 +582,12 @@ impl ServeSettings {
             );
         }
         cfg.sandbox = match self.sandbox_mode()? {
-            "bwrap" => Some(aishell_protocol::runner::SandboxSettings {
+            mode @ ("bwrap" | "uid") => Some(aishell_protocol::runner::SandboxSettings {
+                isolation: if mode == "uid" {
+                    aishell_protocol::runner::Isolation::Uid
+                } else {
+                    aishell_protocol::runner::Isolation::Bwrap
+                },
                 network: self.sandbox_network.unwrap_or(true),
                 memory_bytes: Some(self.sandbox_memory_bytes.unwrap_or(8 << 30)),
                 max_files: Some(self.sandbox_max_files.unwrap_or(4096)),
@@ -557,6 +624,26 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// `2147483648`, `512m`, `2g`, `1.5G` (binary units).
+pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("`{s}` is not a size (e.g. 512m, 2g)"))?;
+    if !(n > 0.0 && n.is_finite()) {
+        bail!("`{s}` is not a positive size");
+    }
+    Ok((n * mult as f64) as i64)
+}
+
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     Ok(if p.is_absolute() {
         p.to_path_buf()
@@ -577,6 +664,10 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("lots").is_err());
     }
 
     #[test]

@@ -110,12 +110,37 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
     Ok(parts)
 }
 
-/// The caller's workspace directory, opened (created if new).
+/// The caller's workspace directory, opened (created if new). The gateway's
+/// own path, not `Backend::workspace_path` (the runner's view, which is
+/// `/workspaces/<user>` inside a docker task).
 fn open_workspace(shared: &Shared, user_id: &str) -> Result<OwnedFd, ApiError> {
-    let root = shared.backend.workspace_path(user_id);
+    let root = shared.cfg.workspaces_root.join(user_id);
     std::fs::create_dir_all(&root).map_err(|e| io_error("workspace", e))?;
     let dir = std::fs::File::open(&root).map_err(|e| io_error("workspace", e))?;
     Ok(OwnedFd::from(dir))
+}
+
+/// Under per-user UID isolation (docker backend) a workspace belongs to its
+/// user's UID: files a root gateway writes there must belong to it too, or
+/// the agent could not change them. `None` when there is nothing to hand over.
+fn agent_owner(workspace: &OwnedFd) -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let meta = std::fs::File::from(workspace.try_clone().ok()?)
+        .metadata()
+        .ok()?;
+    use std::os::unix::fs::MetadataExt;
+    (meta.uid() != 0).then_some((meta.uid(), meta.gid()))
+}
+
+fn give_to(fd: &OwnedFd, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: fchown on a descriptor we own. Best effort: the runner
+        // hands root-owned entries over at the next claim anyway.
+        unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) };
+    }
 }
 
 /// `openat2(dirfd, path, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
@@ -244,6 +269,7 @@ async fn write(
         return Err(bad("a file name is required"));
     };
     let root = open_workspace(&shared, &who.user_id)?;
+    let owner = agent_owner(&root);
     // Create parent directories one component at a time, each beneath the last.
     let mut dir = root;
     for part in parents {
@@ -255,6 +281,7 @@ async fn write(
         }
         dir = open_beneath(dir.as_raw_fd(), part, libc::O_RDONLY | libc::O_DIRECTORY, 0)
             .map_err(|e| io_error(&path, e))?;
+        give_to(&dir, owner);
     }
     let fd = open_beneath(
         dir.as_raw_fd(),
@@ -263,6 +290,7 @@ async fn write(
         0o644,
     )
     .map_err(|e| io_error(&path, e))?;
+    give_to(&fd, owner);
     let mut file = tokio::fs::File::from_std(std::fs::File::from(fd));
     let mut written: u64 = 0;
     let mut stream = body.into_data_stream();

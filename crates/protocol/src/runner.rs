@@ -67,6 +67,9 @@ pub struct RunnerSettings {
 /// so older peers decode it as absent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSettings {
+    /// How the agent is confined; absent means bubblewrap (older gateways).
+    #[serde(default, skip_serializing_if = "Isolation::is_bwrap")]
+    pub isolation: Isolation,
     /// Let the agent reach the network (agents call model APIs).
     #[serde(default = "yes")]
     pub network: bool,
@@ -92,6 +95,25 @@ pub fn model_request_header_forwarded(name: &str) -> bool {
         || name.starts_with("anthropic-")
         || name.starts_with("openai-")
         || name.starts_with("x-stainless-")
+}
+
+/// The mechanism that keeps one user's agent out of other workspaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// bubblewrap: a mount namespace showing only the user's workspace.
+    #[default]
+    Bwrap,
+    /// A per-user UID owning a 0700 workspace; the runner (root inside a
+    /// container) drops to it before running the agent. Used by the docker
+    /// backend, where creating namespaces would need extra capabilities.
+    Uid,
+}
+
+impl Isolation {
+    pub fn is_bwrap(&self) -> bool {
+        matches!(self, Isolation::Bwrap)
+    }
 }
 
 fn yes() -> bool {

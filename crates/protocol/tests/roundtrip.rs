@@ -232,6 +232,7 @@ fn runner_settings() -> impl Strategy<Value = RunnerSettings> {
         .prop_map(|(kind, command, env, agent_settings)| RunnerSettings {
             model_proxy: vec![],
             sandbox: (kind.len() % 2 == 0).then_some(aishell_protocol::runner::SandboxSettings {
+                isolation: Default::default(),
                 network: kind.len() % 3 == 0,
                 memory_bytes: Some(kind.len() as u64),
                 max_files: None,

@@ -72,6 +72,10 @@ impl AgentProcess {
             Some(limits) => {
                 // Not even the runner's credential reaches a confined agent.
                 cmd.env_clear();
+                if limits.run_as.is_some() {
+                    // UID isolation has no bwrap line to carry the environment.
+                    cmd.envs(env);
+                }
                 limits.apply(&mut cmd);
             }
             None => {

@@ -15,7 +15,7 @@ pub mod sandbox;
 
 use std::time::Duration;
 
-use aishell_protocol::runner::RunnerSettings;
+use aishell_protocol::runner::{Isolation, RunnerSettings};
 use aishell_protocol::{
     AgentEvent, AgentInput, GatewayToRunner, RUNNER_PROTOCOL_VERSION, RunnerToGateway,
 };
@@ -383,12 +383,28 @@ impl Runner {
             env.extend(proxy.agent_env(&settings.model_proxy));
         }
         let mut command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
-        let confined = settings.sandbox.as_ref().map(|s| {
-            command = sandbox::wrap(&command, std::path::Path::new(workspace), &env, s);
-            command[0] = sandbox::bwrap_path();
-            sandbox::Limits::from_settings(s)
-        });
-        self.sandboxed = confined.is_some();
+        let confined = match settings.sandbox.as_ref() {
+            None => None,
+            Some(s) if s.isolation == Isolation::Uid => {
+                let uid = sandbox::prepare_uid_workspace(std::path::Path::new(workspace))?;
+                tracing::info!(event = "agent_uid", sessionId = %session_id, uid = uid, "agent runs under its user's own uid");
+                env.entry("PATH".into())
+                    .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+                env.insert("HOME".into(), workspace.to_string());
+                env.insert("TMPDIR".into(), "/tmp".into());
+                Some(sandbox::Limits {
+                    run_as: Some(uid),
+                    ..sandbox::Limits::from_settings(s)
+                })
+            }
+            Some(s) => {
+                command = sandbox::wrap(&command, std::path::Path::new(workspace), &env, s);
+                command[0] = sandbox::bwrap_path();
+                Some(sandbox::Limits::from_settings(s))
+            }
+        };
+        // Only bwrap reports a killed agent as exit 128+N.
+        self.sandboxed = confined.is_some_and(|l| l.run_as.is_none());
         let spawned_at = Instant::now();
         let agent = AgentProcess::spawn(&command, workspace, &env, confined).map_err(|e| {
             if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {

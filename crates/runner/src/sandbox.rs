@@ -131,6 +131,9 @@ pub struct Limits {
     pub max_files: Option<u64>,
     pub max_processes: Option<u64>,
     pub cpu_seconds: Option<u64>,
+    /// Per-user UID isolation: the agent runs as this UID (and GID), with
+    /// no supplementary groups and no new privileges.
+    pub run_as: Option<u32>,
 }
 
 impl Limits {
@@ -140,11 +143,16 @@ impl Limits {
             max_files: s.max_files,
             max_processes: s.max_processes,
             cpu_seconds: s.cpu_seconds,
+            run_as: None,
         }
     }
 
     /// Install the limits on `cmd`'s child process.
     pub fn apply(self, cmd: &mut tokio::process::Command) {
+        if let Some(uid) = self.run_as {
+            // std drops the supplementary groups when root switches UID.
+            cmd.uid(uid).gid(uid);
+        }
         // SAFETY: the closure only calls setrlimit/getuid, which are
         // async-signal-safe, between fork and exec.
         unsafe {
@@ -164,6 +172,11 @@ impl Limits {
                 set(libc::RLIMIT_AS, self.memory_bytes)?;
                 set(libc::RLIMIT_NOFILE, self.max_files)?;
                 set(libc::RLIMIT_CPU, self.cpu_seconds)?;
+                // Runs after the UID switch: no set-uid binary can undo it.
+                if self.run_as.is_some() && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // As root, NPROC counts every root process on the machine.
                 if libc::getuid() != 0 {
                     set(libc::RLIMIT_NPROC, self.max_processes)?;
@@ -174,13 +187,154 @@ impl Limits {
     }
 }
 
+/// First UID handed to a user under [`Isolation::Uid`](aishell_protocol::runner::Isolation).
+pub const FIRST_AGENT_UID: u32 = 100_000;
+/// Allocation state under the workspaces root. User ids never start with a
+/// dot, so no workspace can be named like this.
+const UID_STATE_DIR: &str = ".aishell-uids";
+
+/// Per-user UID isolation (docker backend): give `workspace`'s user a UID of
+/// its own, make the workspace theirs with mode 0700, and the workspaces root
+/// 0711 (others may pass through to their own directory, not list it).
+///
+/// A user keeps the UID that owns their workspace; a new user gets the next
+/// one from a counter under the root, allocated under an exclusive `flock`
+/// because runners in several containers share the directory. Entries owned
+/// by root (written through the gateway's files API) are handed to the user.
+/// Needs root (the runner is root inside the aishell image).
+pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("uid isolation needs the runner to run as root (it does in the aishell image); use --sandbox bwrap outside containers".into());
+    }
+    let err = |what: &str, e: std::io::Error| {
+        format!(
+            "cannot prepare workspace {}: {what}: {e}",
+            workspace.display()
+        )
+    };
+    let root = workspace
+        .parent()
+        .ok_or_else(|| format!("workspace {} has no parent", workspace.display()))?;
+    std::fs::create_dir_all(root).map_err(|e| err("create root", e))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| err("chmod root", e))?;
+    let state = root.join(UID_STATE_DIR);
+    std::fs::create_dir_all(&state).map_err(|e| err("create uid state", e))?;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| err("chmod uid state", e))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state.join("lock"))
+        .map_err(|e| err("open uid lock", e))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; released when `lock` drops.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(err("lock uid state", std::io::Error::last_os_error()));
+    }
+    let existing = match std::fs::symlink_metadata(workspace) {
+        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
+            return Err(format!(
+                "workspace {} is not a directory",
+                workspace.display()
+            ));
+        }
+        Ok(m) => Some(m.uid()).filter(|u| *u >= FIRST_AGENT_UID),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(workspace).map_err(|e| err("create", e))?;
+            None
+        }
+        Err(e) => return Err(err("stat", e)),
+    };
+    let uid = match existing {
+        Some(uid) => uid,
+        None => {
+            let counter = state.join("next-uid");
+            let next = std::fs::read_to_string(&counter)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .unwrap_or(FIRST_AGENT_UID)
+                .max(FIRST_AGENT_UID);
+            let tmp = state.join("next-uid.tmp");
+            std::fs::write(&tmp, (next + 1).to_string())
+                .map_err(|e| err("write uid counter", e))?;
+            std::fs::rename(&tmp, &counter).map_err(|e| err("write uid counter", e))?;
+            next
+        }
+    };
+    // The workspace's owner is the record of the user's UID: set it under
+    // the lock, then let concurrent claims of the same user walk in parallel.
+    std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| err("chmod", e))?;
+    std::os::unix::fs::lchown(workspace, Some(uid), Some(uid)).map_err(|e| err("chown", e))?;
+    drop(lock);
+    hand_root_entries_to(workspace, uid).map_err(|e| err("chown", e))?;
+    Ok(uid)
+}
+
+/// `lchown` to `uid` every entry under (and including) `dir` that root owns;
+/// never follows symlinks.
+fn hand_root_entries_to(dir: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.uid() == 0 {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(uid))?;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                hand_root_entries_to(&path, uid)?;
+            } else if entry.metadata()?.uid() == 0 {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(uid))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn uid_isolation_gives_each_user_a_stable_uid_and_a_private_workspace() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: prepare_uid_workspace needs root; skipped");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let alice = root.path().join("alice");
+        std::fs::create_dir(&alice).unwrap();
+        std::fs::write(alice.join("uploaded.txt"), "from the files API").unwrap();
+        let a = prepare_uid_workspace(&alice).unwrap();
+        let b = prepare_uid_workspace(&root.path().join("bob")).unwrap();
+        assert_ne!(a, b);
+        assert!(a >= FIRST_AGENT_UID && b >= FIRST_AGENT_UID);
+        assert_eq!(
+            prepare_uid_workspace(&alice).unwrap(),
+            a,
+            "a user keeps their uid"
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&alice), 0o700);
+        assert_eq!(mode(root.path()), 0o711);
+        assert_eq!(mode(&root.path().join(UID_STATE_DIR)), 0o700);
+        assert_eq!(
+            std::fs::metadata(alice.join("uploaded.txt")).unwrap().uid(),
+            a
+        );
+        assert_eq!(std::fs::metadata(&alice).unwrap().uid(), a);
+    }
+
+    #[test]
     fn only_the_workspace_is_bound_writable_and_no_other_user_path_appears() {
         let settings = SandboxSettings {
+            isolation: Default::default(),
             network: false,
             memory_bytes: None,
             max_files: None,

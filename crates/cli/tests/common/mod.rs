@@ -35,6 +35,12 @@ impl Gateway {
 
     /// Start a gateway with extra arguments and environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Self::start_on_port(0, args, env)
+    }
+
+    /// Start a gateway on a chosen port (for arguments that must name it,
+    /// such as an advertised runner URL); 0 picks a free one.
+    pub fn start_on_port(port: u16, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let mut gw = Gateway {
@@ -50,7 +56,7 @@ impl Gateway {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        gw.spawn(0);
+        gw.spawn(port);
         gw
     }
 

@@ -1,0 +1,64 @@
+//! `aishell image build`: the Docker backend's task image, built from this
+//! very binary (FROM scratch, nothing pulled). See README "Docker backend".
+
+use std::path::PathBuf;
+
+use aishell_backend_docker::image::{ImageRecipe, build};
+use aishell_backend_docker::{DEFAULT_IMAGE, DockerBackend, DockerBackendConfig};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    command: ImageCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build the task image: this binary, its shared libraries (ldd) and busybox.
+    Build {
+        /// Tag to build.
+        #[arg(long, default_value = DEFAULT_IMAGE)]
+        tag: String,
+        /// aishell binary to put in the image [default: the running one].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// busybox binary for the shell and core utilities (Debian: busybox-static).
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Engine socket, unix:///path [default: DOCKER_HOST, then /var/run/docker.sock].
+        #[arg(long, env = "DOCKER_HOST")]
+        docker_host: Option<String>,
+    },
+}
+
+pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
+    match args.command {
+        ImageCommand::Build {
+            tag,
+            binary,
+            busybox,
+            docker_host,
+        } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => std::env::current_exe().context("cannot locate the aishell binary")?,
+            };
+            let mut cfg = DockerBackendConfig::new("image-build", "/nonexistent");
+            cfg.docker_host = docker_host;
+            // Sending a large debug binary as context takes a while.
+            cfg.api_timeout = std::time::Duration::from_secs(600);
+            let backend = DockerBackend::new(cfg);
+            let recipe = ImageRecipe {
+                tag: tag.clone(),
+                binary,
+                busybox,
+            };
+            let log = build(&backend, &recipe).await?;
+            eprint!("{log}");
+            println!("built {tag}");
+            Ok(())
+        }
+    }
+}
