@@ -19,7 +19,10 @@ const KEY_B: &str = "sk-pooled-key-bbbb";
 
 fn gateway(server: &Server, extra: &[&str]) -> Gateway {
     let keys = format!("{KEY_A},{KEY_B}");
-    let mut args = vec!["--agent", "llm", "--warm-pool-target-size", "0"];
+    let mut args = vec!["--agent", "llm"];
+    if !extra.contains(&"--warm-pool-target-size") {
+        args.extend(["--warm-pool-target-size", "0"]);
+    }
     args.extend_from_slice(extra);
     Gateway::start_with_env(
         &args,
@@ -291,6 +294,7 @@ fn raw_post(base: &str, path: &str, auth: Option<&str>) -> (u16, String) {
     let rest = base.strip_prefix("http://").expect("http url");
     let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = auth
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
@@ -300,7 +304,60 @@ fn raw_post(base: &str, path: &str, auth: Option<&str>) -> (u16, String) {
     )
     .unwrap();
     let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    if let Err(e) = s.read_to_string(&mut raw) {
+        panic!("POST {base}/{path}: {e}; got so far: {raw}");
+    }
     let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, raw)
+}
+
+/// The gateway's model route with a real task credential (read from a
+/// runner's environment, as only a runner has it): every key resting → 429
+/// `MODEL_KEYS_EXHAUSTED` with `retry-after`; an unknown provider → 404.
+// Multi-threaded: the scripted upstream runs on this runtime while the test
+// blocks on plain sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_keys_and_unknown_providers_are_clear_errors() {
+    let server = Server::start(vec![
+        status(429, &[("retry-after", "300")], "{}"),
+        status(429, &[("x-ratelimit-reset-requests", "5m0s")], "{}"),
+    ])
+    .await;
+    let gw = gateway(&server, &["--warm-pool-target-size", "1"]);
+    gw.wait_pool_ready(1, WAIT).await;
+    let credential = sandbox_processes()
+        .iter()
+        .find_map(|(_, env, cmd)| {
+            // This gateway's runner (other tests run theirs in parallel).
+            (cmd.contains(" runner") && env.contains(&format!("127.0.0.1:{}", gw.port)))
+                .then_some(())?;
+            env.split(' ')
+                .find_map(|kv| kv.strip_prefix("AISHELL_TASK_CREDENTIAL="))
+                .map(str::to_string)
+        })
+        .expect("a warm runner's credential");
+    let bearer = format!("Bearer {credential}");
+    let route = gw.http_url("/internal/model/openai");
+    let (status, body) = raw_post(&route, "chat/completions", Some(&bearer));
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("MODEL_KEYS_EXHAUSTED"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("retry-after: "),
+        "{body}"
+    );
+    assert_eq!(server.requests().len(), 2, "each key tried once");
+    // Both keys now rest: the next request does not reach the upstream.
+    let (status, _) = raw_post(&route, "chat/completions", Some(&bearer));
+    assert_eq!(status, 429);
+    assert_eq!(server.requests().len(), 2);
+    let (status, body) = raw_post(
+        &gw.http_url("/internal/model/nope"),
+        "chat/completions",
+        Some(&bearer),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("MODEL_PROVIDER_UNKNOWN") && body.contains("openai"),
+        "{body}"
+    );
 }

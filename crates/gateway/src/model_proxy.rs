@@ -26,8 +26,11 @@ use crate::Shared;
 
 /// Largest request body forwarded (a long conversation with tool output).
 const MAX_REQUEST_BYTES: usize = 32 << 20;
-/// Upstream must start answering within this (streams may then run long).
+/// Upstream must accept the connection within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest silence between two reads from the upstream (reasoning models
+/// can think for minutes before the first token).
+const UPSTREAM_SILENCE: Duration = Duration::from_secs(600);
 
 /// How a provider expects its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +138,9 @@ impl ModelProxy {
             .collect();
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            // A silent upstream (no headers, or a stalled stream) fails the
+            // request instead of holding the agent's turn forever.
+            .read_timeout(UPSTREAM_SILENCE)
             .build()?;
         Ok(ModelProxy {
             providers: Arc::new(providers),
