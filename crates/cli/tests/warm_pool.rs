@@ -215,6 +215,8 @@ async fn metrics_expose_lifecycle_histograms_gauges_and_error_counters() {
     let mut bad = gw.connect().await;
     bad.send(serde_json::json!({"type": "nope"})).await;
     bad.next(WAIT).await;
+    // The gauge below reads the refilled pool (refills wait for claims to quiet).
+    gw.wait_pool_ready(1, WAIT).await;
     let (status, _) = gw.http_get("/metrics");
     assert_eq!(status, 200);
     let text = gw.metrics_text();

@@ -84,9 +84,19 @@ struct State {
     consecutive_failures: u32,
     next_launch_at: Option<Instant>,
     breaker_until: Option<Instant>,
+    /// Refills wait for a burst of claims to quiet down (launching runners
+    /// competes with the claimed sessions' agents for CPU) ...
+    refill_quiet_until: Option<Instant>,
+    /// ... but no longer than [`REFILL_MAX_DEFER`] after the burst began.
+    refill_deferred_since: Option<Instant>,
     /// Evicted task ids: a runner of one that re-dials is refused, not re-added.
     evicted: std::collections::HashSet<String>,
 }
+
+/// Quiet time after the last claim before the pool refills.
+const REFILL_QUIET: Duration = Duration::from_millis(150);
+/// Longest a stream of claims can hold a refill back.
+const REFILL_MAX_DEFER: Duration = Duration::from_secs(1);
 
 impl State {
     fn tombstone(&mut self, task_id: &str) {
@@ -182,6 +192,8 @@ impl WarmPool {
         let started = Instant::now();
         let claimed = {
             let mut st = self.state.lock().expect("pool state");
+            st.refill_quiet_until = Some(started + REFILL_QUIET);
+            st.refill_deferred_since.get_or_insert(started);
             let mut found = None;
             while let Some(task_id) = st.ready.pop_front() {
                 if let Some(Entry::Ready { link, .. }) = st.entries.remove(&task_id) {
@@ -355,8 +367,12 @@ impl WarmPool {
                 };
                 next = Some(next.map_or(at, |n| n.min(at)));
             }
-            // Refill, unless backing off.
-            let blocked_until = [st.breaker_until, st.next_launch_at]
+            // Refill, unless backing off or a burst of claims is under way.
+            let quiet_until = st
+                .refill_quiet_until
+                .zip(st.refill_deferred_since)
+                .map(|(quiet, since)| quiet.min(since + REFILL_MAX_DEFER));
+            let blocked_until = [st.breaker_until, st.next_launch_at, quiet_until]
                 .into_iter()
                 .flatten()
                 .filter(|t| *t > now)
@@ -364,6 +380,8 @@ impl WarmPool {
             if let Some(until) = blocked_until {
                 next = Some(next.map_or(until, |n| n.min(until)));
             } else {
+                st.refill_quiet_until = None;
+                st.refill_deferred_since = None;
                 let target = self.target.load(Ordering::Relaxed) as usize;
                 let have = st.entries.len();
                 to_launch = target
