@@ -3,7 +3,9 @@
 //!
 //! Faults are read from a file on every call so a test can change them while
 //! the gateway runs. One rule per line, `op=action`:
-//! `launch|status|stop = error:<reason> | delay:<ms> | hang`, and
+//! `launch|status|stop = error:<reason> | delay:<ms> | hang`,
+//! `launch=slow:<ms>` (the launch call takes that long *before* the task
+//! exists, like a slow container create), and
 //! `runner_dial_delay=<ms>` (the runner waits that long before dialling).
 //! Enabled only when `AISHELL_TEST_FAULTS_FILE` names the file.
 
@@ -88,6 +90,13 @@ impl Backend for FaultyBackend {
             self.inner.launch(spec).await?;
             tokio::time::sleep(d).await;
             return Ok(());
+        }
+        if let Some(ms) = self
+            .rule("launch")
+            .and_then(|r| r.strip_prefix("slow:").and_then(|ms| ms.parse().ok()))
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return self.inner.launch(spec).await;
         }
         self.inject("launch").await?;
         self.inner.launch(spec).await

@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -255,4 +255,40 @@ async fn metrics_expose_lifecycle_histograms_gauges_and_error_counters() {
     // BAD_FRAME errors are answered per connection, not counted as session errors;
     // the disconnects of the three finished clients are.
     assert!(count(r#"aishell_ws_disconnects_total{processing_state="idle"}"#) >= 3.0);
+}
+
+/// A graceful stop while warm launches are still in flight leaves no runner
+/// behind: launches that return after the drain stop their own task.
+#[tokio::test]
+async fn stopping_the_gateway_during_warm_launches_leaves_no_runner() {
+    // Each launch takes 300 ms before its task exists (a slow container
+    // create), so the drain's stops run before the tasks do.
+    let faults = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(faults.path(), "launch=slow:300\n").unwrap();
+    let mut gw = Gateway::start_with_env(
+        &["--agent", "echo", "--warm-pool-target-size", "6"],
+        &[("AISHELL_TEST_FAULTS_FILE", faults.path().to_str().unwrap())],
+    );
+    let url = format!("AISHELL_GATEWAY_URL=ws://127.0.0.1:{}", gw.port);
+    let deadline = Instant::now() + WAIT;
+    while gw.pool()["launching"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the pool never started launching"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = pids_with_env(&url, "runner");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runners outlived their gateway's shutdown: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -128,6 +128,8 @@ struct Counters {
     ready: AtomicU64,
     evict: AtomicU64,
     fail: AtomicU64,
+    /// Launch calls not yet returned (a drain waits for them).
+    launches_in_flight: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -428,7 +430,20 @@ impl WarmPool {
 
     fn spawn_launch(self: &Arc<Self>, task_id: String) {
         let pool = self.clone();
+        pool.counters
+            .launches_in_flight
+            .fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
+            pool.launch_and_settle(task_id).await;
+            pool.counters
+                .launches_in_flight
+                .fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    async fn launch_and_settle(self: &Arc<Self>, task_id: String) {
+        let pool = self;
+        {
             let _slot = pool.launch_slots.clone().acquire_owned().await;
             let spec = LaunchSpec {
                 credential: pool
@@ -449,8 +464,20 @@ impl WarmPool {
                 pool.note_failure(&mut st, Instant::now());
                 drop(st);
                 pool.wake.notify_one();
+                return;
             }
-        });
+        }
+        // Drained or evicted while the launch call ran: the stop issued then
+        // found nothing to stop, so stop the task now that it exists.
+        let removed = pool
+            .state
+            .lock()
+            .expect("pool state")
+            .evicted
+            .contains(&task_id);
+        if removed && let Err(e) = pool.backend.stop(&task_id).await {
+            tracing::error!(event = "task_stop_failed", taskId = %task_id, error = %e, "could not stop a warm task removed while launching");
+        }
     }
 
     fn evict(&self, task_id: String, why: &'static str) {
@@ -478,5 +505,12 @@ impl WarmPool {
         };
         let stops = ids.iter().map(|id| self.backend.stop(id));
         futures_util::future::join_all(stops).await;
+        // Launches still running stop their task when they return.
+        let deadline = Instant::now() + self.cfg.launch_deadline;
+        while self.counters.launches_in_flight.load(Ordering::SeqCst) > 0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
