@@ -30,7 +30,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.config {
         settings.merge_file(path)?;
     }
-    let cfg = settings.gateway_config()?;
+    let mut cfg = settings.gateway_config()?;
     let log_dir = (settings.log_file == Some(true)).then(|| cfg.data_dir.join("logs"));
     logging::try_init(
         "aishell-gateway",
@@ -39,12 +39,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     if settings.execution_mode()? == "process" {
         match settings.sandbox_mode()? {
-            "bwrap" => aishell_runner::sandbox::bwrap_available().map_err(|e| {
-                anyhow::anyhow!(
-                    "{e}.\nWithout it, agents of different users could read each other's workspaces. Install bubblewrap (apt-get install bubblewrap), or accept that risk with --insecure-no-sandbox (single-user machines only)."
-                )
-            })?,
-            _ => tracing::warn!(event = "sandbox_disabled", "AGENTS RUN UNCONFINED: every agent can read and write every user's workspace (--insecure-no-sandbox / --sandbox none)"),
+            "bwrap" => {
+                if let Err(e) = aishell_runner::sandbox::bwrap_available() {
+                    single_user_fallback(&settings, &mut cfg, &e.to_string())?;
+                }
+            }
+            _ => tracing::warn!(
+                event = "sandbox_disabled",
+                "AGENTS RUN UNCONFINED: every agent can read and write every user's workspace (--insecure-no-sandbox / --sandbox none)"
+            ),
         }
     }
     std::fs::create_dir_all(&cfg.data_dir)
@@ -176,4 +179,42 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!(event = "gateway_stopping", "shutting down: stopping tasks");
+}
+
+/// Without bubblewrap, a fresh machine still gets a working `serve`: agents
+/// run unconfined and only the local user may connect, so no agent can reach
+/// another user's workspace. Refused when bwrap was asked for explicitly or
+/// other users' workspaces already exist.
+fn single_user_fallback(
+    settings: &ServeSettings,
+    cfg: &mut aishell_gateway::GatewayConfig,
+    why: &str,
+) -> anyhow::Result<()> {
+    let user = settings.user().to_string();
+    let refuse = |reason: &str| {
+        anyhow::anyhow!(
+            "{why}.\n{reason} Install bubblewrap (apt-get install bubblewrap), or accept the risk with --insecure-no-sandbox (single-user machines only)."
+        )
+    };
+    if settings.sandbox.as_deref() == Some("bwrap") {
+        return Err(refuse("--sandbox bwrap was asked for explicitly."));
+    }
+    let others: Vec<String> = std::fs::read_dir(&cfg.workspaces_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| *name != user && !name.starts_with('.'))
+        .collect();
+    if !others.is_empty() {
+        return Err(refuse(&format!(
+            "Workspaces of other users exist ({}); unconfined agents could read them.",
+            others.join(", ")
+        )));
+    }
+    tracing::warn!(event = "sandbox_unavailable", userId = %user, reason = %why, "bubblewrap is not installed: agents run unconfined and only user {user} may connect; install bubblewrap to serve several users");
+    cfg.sandbox = None;
+    cfg.only_user = Some(user);
+    Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
+use tokio_tungstenite::tungstenite;
 
 async fn run(c: &mut Client, id: &str, command: &str) -> Vec<serde_json::Value> {
     c.send(json!({"type": "message", "id": id, "conversation_id": "attack", "content": command}))
@@ -115,19 +116,59 @@ async fn network_policy_and_resource_limits_apply_inside_the_sandbox() {
     assert!(text_of(&frames).contains("fine"));
 }
 
+/// Without bubblewrap, `serve` still works on a fresh machine, but for its
+/// local user only: nobody else's agent could be confined.
+#[tokio::test]
+async fn without_bwrap_serve_runs_for_the_local_user_only() {
+    let gw = Gateway::start_with_env(
+        &["--agent", "echo", "--enable-warm-pool", "false"],
+        &[("PATH", "/nonexistent")],
+    );
+    assert!(gw.raw_logs().contains("sandbox_unavailable"));
+    let mut c = gw.connect().await;
+    c.message("m1", "still works").await;
+    assert!(text_of(&c.turn().await).contains("still works"));
+    let bob = gw.create_token("bob");
+    let refused = gw.connect_as(&bob, None).await;
+    let Err(tungstenite::Error::Http(resp)) = refused else {
+        panic!("bob was let in");
+    };
+    assert_eq!(resp.status(), 401);
+    let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+    assert!(
+        body.contains("only user `local` may connect") && body.contains("install bubblewrap"),
+        "{body}"
+    );
+}
+
 #[test]
 fn serve_refuses_to_run_unconfined_without_an_explicit_flag_when_bwrap_is_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--port", "0", "--data-dir"])
-        .arg(dir.path())
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+    let serve = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["serve", "--port", "0", "--enable-warm-pool", "false"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    // bwrap asked for explicitly: refused.
+    let out = serve(&["--sandbox", "bwrap"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("bubblewrap") && err.contains("--insecure-no-sandbox"),
+        "{err}"
+    );
+    // Other users' workspaces exist: the single-user fallback would expose them.
+    std::fs::create_dir_all(dir.path().join("workspaces/alice")).unwrap();
+    let out = serve(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Workspaces of other users exist (alice)") && err.contains("bubblewrap"),
         "{err}"
     );
 

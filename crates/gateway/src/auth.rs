@@ -31,6 +31,10 @@ pub enum AuthError {
     Jwt(String),
     #[error("token store unavailable: {0}")]
     Store(#[from] aishell_store::StoreError),
+    #[error(
+        "this gateway runs agents unconfined (bubblewrap is not installed), so only user `{0}` may connect; install bubblewrap to serve other users"
+    )]
+    SingleUser(String),
 }
 
 /// JWT settings; any of the three key sources may be given.
@@ -58,6 +62,8 @@ struct Key {
 pub struct Authenticator {
     keys: Vec<Key>,
     cfg: JwtConfig,
+    /// Set when agents run unconfined: nobody else may connect.
+    only_user: Option<String>,
 }
 
 impl Authenticator {
@@ -66,6 +72,7 @@ impl Authenticator {
         Authenticator {
             keys: Vec::new(),
             cfg: JwtConfig::default(),
+            only_user: None,
         }
     }
 
@@ -136,10 +143,31 @@ impl Authenticator {
                 "JWT is configured but no key was given (secret, public key or JWKS)".into(),
             );
         }
-        Ok(Authenticator { keys, cfg })
+        Ok(Authenticator {
+            keys,
+            cfg,
+            only_user: None,
+        })
+    }
+
+    /// Accept only `user` (a gateway whose agents run unconfined).
+    pub fn restrict_to(&mut self, user: Option<String>) {
+        self.only_user = user;
     }
 
     pub async fn authenticate(
+        &self,
+        store: &dyn Store,
+        token: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        let identity = self.identify(store, token).await?;
+        match &self.only_user {
+            Some(only) if *only != identity.user_id => Err(AuthError::SingleUser(only.clone())),
+            _ => Ok(identity),
+        }
+    }
+
+    async fn identify(
         &self,
         store: &dyn Store,
         token: Option<&str>,

@@ -60,6 +60,9 @@ pub struct GatewayConfig {
     pub max_concurrent_launches: usize,
     /// Model endpoints whose API keys the gateway holds for the agents.
     pub model_providers: Vec<crate::model_proxy::ModelProviderConfig>,
+    /// Only this user may connect (agents run unconfined because no sandbox
+    /// is available); `None`: every authenticated user.
+    pub only_user: Option<String>,
 }
 
 /// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
@@ -143,6 +146,7 @@ impl GatewayConfig {
             user_idle_timeouts: Default::default(),
             max_concurrent_launches: 16,
             model_providers: Vec::new(),
+            only_user: None,
         }
     }
 }

@@ -54,8 +54,9 @@ impl Gateway {
             runner_url.clone(),
             launch_slots.clone(),
         );
-        let auth =
+        let mut auth =
             crate::auth::Authenticator::new(cfg.jwt.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        auth.restrict_to(cfg.only_user.clone());
         let model_proxy = (!cfg.model_providers.iter().all(|p| p.keys.is_empty()))
             .then(|| crate::model_proxy::ModelProxy::new(&cfg.model_providers))
             .transpose()?;
