@@ -48,7 +48,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aishell_protocol::agent::{AgentEvent, AgentInfo, AgentInput, TokenUsage};
+use aishell_protocol::agent::{AgentEvent, AgentInput, TokenUsage};
 use aishell_protocol::codes::ErrorCode;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -282,17 +282,10 @@ impl Claude {
                 self.settings.apply(&settings);
                 eprintln!("claude agent: settings {:?}", self.settings);
                 self.out
-                    .send(AgentEvent::Init(AgentInfo {
-                        agent: Some("claude".to_string()),
-                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                        capabilities: vec![
-                            "tools".to_string(),
-                            "streaming".to_string(),
-                            "abort".to_string(),
-                            "restore".to_string(),
-                            "resume_handle".to_string(),
-                        ],
-                    }))
+                    .send(crate::wire::init_answer(
+                        "claude",
+                        &["tools", "streaming", "abort", "restore", "resume_handle"],
+                    ))
                     .await;
             }
             AgentInput::Message {
@@ -305,12 +298,7 @@ impl Claude {
             }
             AgentInput::AnswerQuestion { request_id, .. } => {
                 self.out
-                    .send(AgentEvent::Info {
-                        message: format!(
-                            "the claude agent asks no questions; ignoring the answer to {}",
-                            shorten(&request_id)
-                        ),
-                    })
+                    .send(crate::wire::no_questions("claude", &request_id))
                     .await;
             }
             AgentInput::ResetConversation { conversation_id } => {

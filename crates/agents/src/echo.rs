@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use aishell_protocol::agent::{AgentEvent, AgentInfo, AgentInput, TokenUsage};
+use aishell_protocol::agent::{AgentEvent, AgentInput, TokenUsage};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
@@ -90,15 +90,10 @@ impl Echo {
         match input {
             AgentInput::Init { .. } => {
                 self.out
-                    .send(AgentEvent::Init(AgentInfo {
-                        agent: Some("echo".to_string()),
-                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                        capabilities: vec![
-                            "streaming".to_string(),
-                            "ask_question".to_string(),
-                            "abort".to_string(),
-                        ],
-                    }))
+                    .send(crate::wire::init_answer(
+                        "echo",
+                        &["streaming", "ask_question", "abort"],
+                    ))
                     .await;
             }
             AgentInput::Message {

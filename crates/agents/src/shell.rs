@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aishell_protocol::agent::{AgentEvent, AgentInfo, AgentInput, TokenUsage};
+use aishell_protocol::agent::{AgentEvent, AgentInput, TokenUsage};
 use aishell_protocol::codes::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -219,16 +219,10 @@ impl Shell {
                     );
                 }
                 self.out
-                    .send(AgentEvent::Init(AgentInfo {
-                        agent: Some("shell".to_string()),
-                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                        capabilities: vec![
-                            "tools".to_string(),
-                            "streaming".to_string(),
-                            "abort".to_string(),
-                            "restore".to_string(),
-                        ],
-                    }))
+                    .send(crate::wire::init_answer(
+                        "shell",
+                        &["tools", "streaming", "abort", "restore"],
+                    ))
                     .await;
             }
             AgentInput::Message {
@@ -241,12 +235,7 @@ impl Shell {
             }
             AgentInput::AnswerQuestion { request_id, .. } => {
                 self.out
-                    .send(AgentEvent::Info {
-                        message: format!(
-                            "the shell agent never asks questions; ignoring the answer to {}",
-                            shorten(&request_id)
-                        ),
-                    })
+                    .send(crate::wire::no_questions("shell", &request_id))
                     .await;
             }
             AgentInput::ResetConversation { conversation_id } => {

@@ -225,6 +225,26 @@ pub(crate) fn parse_input(line: Line<'_>) -> Result<Option<AgentInput>, String> 
 }
 
 /// The `error` frame for an undecodable input line.
+/// The agent's answer to `init`: its name, this build's version and what it
+/// can do.
+pub(crate) fn init_answer(agent: &str, capabilities: &[&str]) -> AgentEvent {
+    AgentEvent::Init(aishell_protocol::agent::AgentInfo {
+        agent: Some(agent.to_string()),
+        version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+    })
+}
+
+/// The answer to `answer_question` from an agent that never asks any.
+pub(crate) fn no_questions(agent: &str, request_id: &str) -> AgentEvent {
+    AgentEvent::Info {
+        message: format!(
+            "the {agent} agent asks no questions; ignoring the answer to {}",
+            crate::shell::shorten(request_id)
+        ),
+    }
+}
+
 pub(crate) fn bad_frame(message: impl Into<String>) -> AgentEvent {
     error_event(None, ErrorCode::BadFrame.as_str(), message)
 }

@@ -517,7 +517,7 @@ async fn answer_question_gets_an_info() {
         })
         .await;
     match agent.next().await {
-        AgentEvent::Info { message } => assert!(message.contains("never asks"), "{message}"),
+        AgentEvent::Info { message } => assert!(message.contains("asks no questions"), "{message}"),
         other => panic!("expected info, got {other:?}"),
     }
 }

@@ -43,7 +43,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aishell_protocol::agent::{AgentEvent, AgentInfo, AgentInput, TokenUsage};
+use aishell_protocol::agent::{AgentEvent, AgentInput, TokenUsage};
 use aishell_protocol::codes::ErrorCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -164,16 +164,10 @@ impl Llm {
                 self.settings.apply(&settings);
                 eprintln!("llm agent: settings {:?}", self.settings);
                 self.out
-                    .send(AgentEvent::Init(AgentInfo {
-                        agent: Some("llm".to_string()),
-                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                        capabilities: vec![
-                            "tools".to_string(),
-                            "streaming".to_string(),
-                            "abort".to_string(),
-                            "restore".to_string(),
-                        ],
-                    }))
+                    .send(crate::wire::init_answer(
+                        "llm",
+                        &["tools", "streaming", "abort", "restore"],
+                    ))
                     .await;
             }
             AgentInput::Message {
@@ -186,12 +180,7 @@ impl Llm {
             }
             AgentInput::AnswerQuestion { request_id, .. } => {
                 self.out
-                    .send(AgentEvent::Info {
-                        message: format!(
-                            "the llm agent never asks questions; ignoring the answer to {}",
-                            shorten(&request_id)
-                        ),
-                    })
+                    .send(crate::wire::no_questions("llm", &request_id))
                     .await;
             }
             AgentInput::ResetConversation { conversation_id } => {
