@@ -197,18 +197,7 @@ table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #cc
         ],
     ));
     out.push_str("<h2>Sessions</h2><table><tr><th></th><th>today</th><th>compare</th></tr>");
-    for (name, key) in [
-        ("sessions created", "sessions_created"),
-        ("task starts", "task_starts"),
-        ("of which restarts", "restarts"),
-        ("restarts OK", "restarts_ok"),
-        ("connected OK %", "connected_ok_pct"),
-        ("connect failures", "connect_failures"),
-        ("unique users", "unique_users"),
-        ("idle timeouts", "idle_timeouts"),
-        ("warm hit %", "warm_hit_pct"),
-        ("user messages", "user_messages"),
-    ] {
+    for (name, key) in crate::SESSION_ROWS {
         let _ = write!(
             out,
             "<tr><th>{name}</th><td>{}</td><td>{}</td></tr>",

@@ -474,6 +474,20 @@ pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value
     }))
 }
 
+/// The "Sessions" table of every format: (label, field of a day).
+pub(crate) const SESSION_ROWS: &[(&str, &str)] = &[
+    ("sessions created", "sessions_created"),
+    ("task starts", "task_starts"),
+    ("of which restarts", "restarts"),
+    ("restarts OK", "restarts_ok"),
+    ("connected OK %", "connected_ok_pct"),
+    ("connect failures", "connect_failures"),
+    ("unique users", "unique_users"),
+    ("idle timeouts", "idle_timeouts"),
+    ("warm hit %", "warm_hit_pct"),
+    ("user messages", "user_messages"),
+];
+
 /// Markdown rendering of [`build`]'s document.
 pub fn markdown(r: &Value) -> String {
     use std::fmt::Write;
@@ -521,18 +535,7 @@ pub fn markdown(r: &Value) -> String {
         );
     };
     let _ = writeln!(out, "## Sessions\n\n| | today | compare |\n|---|---|---|");
-    for (name, key) in [
-        ("sessions created", "sessions_created"),
-        ("task starts", "task_starts"),
-        ("of which restarts", "restarts"),
-        ("restarts OK", "restarts_ok"),
-        ("connected OK %", "connected_ok_pct"),
-        ("connect failures", "connect_failures"),
-        ("unique users", "unique_users"),
-        ("idle timeouts", "idle_timeouts"),
-        ("warm hit %", "warm_hit_pct"),
-        ("user messages", "user_messages"),
-    ] {
+    for (name, key) in SESSION_ROWS {
         row(&mut out, name, key);
     }
     let _ = writeln!(
