@@ -58,8 +58,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::shell::{shorten, valid_id};
 use crate::wire::{self, ABORTED, AbortSignal, Aborts, Line, LineReader, Out, Turn};
+use crate::wire::{shorten, valid_id};
 
 pub(crate) const ENV_COMMAND: &str = "AISHELL_CLAUDE_COMMAND";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -74,7 +74,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (out, writer) = wire::spawn_writer(output);
-    let mut agent = Claude {
+    let agent = Claude {
         ctx: Arc::new(Ctx {
             state_dir: workspace.join(".aishell").join("claude"),
             workspace,
@@ -86,25 +86,7 @@ where
         handles: HashMap::new(),
         retired: Vec::new(),
     };
-    let mut lines = LineReader::new(input);
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                eprintln!("claude agent: cannot read stdin ({e}); stopping");
-                break;
-            }
-        };
-        match wire::parse_input(line) {
-            Ok(Some(input)) => agent.handle(input).await,
-            Ok(None) => {}
-            Err(message) => agent.out.send(wire::bad_frame(message)).await,
-        }
-    }
-    agent.shutdown().await;
-    drop(agent);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer).await;
+    wire::serve_lines("claude", input, agent, writer, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -365,31 +347,11 @@ impl Claude {
     }
 
     async fn check_id(&self, conversation_id: &str) -> bool {
-        if valid_id(conversation_id) {
-            return true;
-        }
-        self.out
-            .error(
-                None,
-                ErrorCode::BadFrame.as_str(),
-                format!(
-                    "invalid conversation id {:?}: use 1 to 128 of [A-Za-z0-9_-]",
-                    shorten(conversation_id)
-                ),
-            )
-            .await;
-        false
+        wire::check_conversation_id(&self.out, conversation_id, false).await
     }
 
     async fn message(&mut self, conversation_id: String, content: String) {
-        if !valid_id(&conversation_id) {
-            let message = format!(
-                "invalid conversation id {:?}: use 1 to 128 of [A-Za-z0-9_-]",
-                shorten(&conversation_id)
-            );
-            self.out
-                .error(Some(conversation_id), ErrorCode::BadFrame.as_str(), message)
-                .await;
+        if !wire::check_conversation_id(&self.out, &conversation_id, true).await {
             return;
         }
         let mut job = Job::Message {
@@ -1038,6 +1000,20 @@ fn result_error(v: &Value, subtype: &str) -> String {
             "Claude Code ended the turn with {subtype}: {}",
             detail.join("; ")
         )
+    }
+}
+
+impl wire::LineAgent for Claude {
+    fn out(&self) -> &Out {
+        &self.out
+    }
+
+    async fn handle(&mut self, input: AgentInput) {
+        Claude::handle(self, input).await
+    }
+
+    async fn shutdown(&mut self) {
+        Claude::shutdown(self).await
     }
 }
 

@@ -27,7 +27,7 @@ use aishell_protocol::agent::{AgentEvent, AgentInput, TokenUsage};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
-use crate::wire::{self, ABORTED, Aborts, LineReader, Out, Turn, words};
+use crate::wire::{self, ABORTED, Aborts, Out, Turn, words};
 
 /// Upper bound for `/stream N` (keeps a typo from streaming forever).
 const MAX_STREAM: u64 = 10_000_000;
@@ -40,34 +40,14 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (out, writer) = wire::spawn_writer(output);
-    let mut agent = Echo {
+    let agent = Echo {
         out,
         aborts: Aborts::default(),
         pending: HashMap::new(),
         restored: HashSet::new(),
         tasks: JoinSet::new(),
     };
-    let mut lines = LineReader::new(input);
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                eprintln!("echo agent: cannot read stdin ({e}); stopping");
-                break;
-            }
-        };
-        match wire::parse_input(line) {
-            Ok(Some(input)) => agent.handle(input).await,
-            Ok(None) => {}
-            Err(message) => agent.out.send(wire::bad_frame(message)).await,
-        }
-        while agent.tasks.try_join_next().is_some() {}
-    }
-    agent.shutdown().await;
-    // The writer ends (and closes stdout) once the last `Out` is gone.
-    drop(agent);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer).await;
+    wire::serve_lines("echo", input, agent, writer, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -289,5 +269,23 @@ fn hook<'a>(text: &'a str, cmd: &str) -> Option<&'a str> {
         Some(rest.trim())
     } else {
         None
+    }
+}
+
+impl wire::LineAgent for Echo {
+    fn out(&self) -> &Out {
+        &self.out
+    }
+
+    async fn handle(&mut self, input: AgentInput) {
+        Echo::handle(self, input).await
+    }
+
+    fn after_line(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    async fn shutdown(&mut self) {
+        Echo::shutdown(self).await
     }
 }

@@ -47,14 +47,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::process::{self, End, Limits};
-use crate::wire::{self, ABORTED, AbortSignal, Aborts, LineReader, Out, Turn};
+use crate::wire::{self, ABORTED, AbortSignal, Aborts, Out, Turn, shorten, valid_id};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_OUTPUT_LIMIT: usize = 1024 * 1024;
 /// How long shutdown waits for running commands to be killed and reported.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const MAX_TITLE_CHARS: usize = 60;
-const MAX_ID_LEN: usize = 128;
 
 pub(crate) async fn run<R, W>(input: R, output: W, workspace: PathBuf) -> anyhow::Result<()>
 where
@@ -62,27 +61,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (out, writer) = wire::spawn_writer(output);
-    let mut agent = Shell::new(out, workspace);
-    let mut lines = LineReader::new(input);
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                eprintln!("shell agent: cannot read stdin ({e}); stopping");
-                break;
-            }
-        };
-        match wire::parse_input(line) {
-            Ok(Some(input)) => agent.handle(input).await,
-            Ok(None) => {}
-            Err(message) => agent.out.send(wire::bad_frame(message)).await,
-        }
-    }
-    agent.shutdown().await;
-    // The writer ends (and closes stdout) once the last `Out` is gone.
-    drop(agent);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer).await;
+    let agent = Shell::new(out, workspace);
+    wire::serve_lines("shell", input, agent, writer, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -322,31 +302,11 @@ impl Shell {
     /// `false` (after a `BAD_FRAME` error without conversation) for an id that
     /// cannot name a file.
     async fn check_id(&self, conversation_id: &str) -> bool {
-        if valid_id(conversation_id) {
-            return true;
-        }
-        self.out
-            .error(
-                None,
-                ErrorCode::BadFrame.as_str(),
-                format!(
-                    "invalid conversation id {:?}: use 1 to {MAX_ID_LEN} of [A-Za-z0-9_-]",
-                    shorten(conversation_id)
-                ),
-            )
-            .await;
-        false
+        wire::check_conversation_id(&self.out, conversation_id, false).await
     }
 
     async fn message(&mut self, conversation_id: String, command: String) {
-        if !valid_id(&conversation_id) {
-            let message = format!(
-                "invalid conversation id {:?}: use 1 to {MAX_ID_LEN} of [A-Za-z0-9_-]",
-                shorten(&conversation_id)
-            );
-            self.out
-                .error(Some(conversation_id), ErrorCode::BadFrame.as_str(), message)
-                .await;
+        if !wire::check_conversation_id(&self.out, &conversation_id, true).await {
             return;
         }
         if !self.known.contains(&conversation_id) {
@@ -537,25 +497,6 @@ fn append_history(history: &Mutex<History>, entry: &HistoryEntry) {
     }
 }
 
-pub(crate) fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// An untrusted string, cut for an error message.
-pub(crate) fn shorten(s: &str) -> String {
-    if s.chars().count() <= MAX_ID_LEN {
-        s.to_string()
-    } else {
-        let mut cut: String = s.chars().take(MAX_ID_LEN).collect();
-        cut.push('…');
-        cut
-    }
-}
-
 fn fmt_secs(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         d.as_secs().to_string()
@@ -568,6 +509,20 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+impl wire::LineAgent for Shell {
+    fn out(&self) -> &Out {
+        &self.out
+    }
+
+    async fn handle(&mut self, input: AgentInput) {
+        Shell::handle(self, input).await
+    }
+
+    async fn shutdown(&mut self) {
+        Shell::shutdown(self).await
+    }
 }
 
 #[cfg(test)]

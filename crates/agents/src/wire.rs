@@ -225,6 +225,90 @@ pub(crate) fn parse_input(line: Line<'_>) -> Result<Option<AgentInput>, String> 
 }
 
 /// The `error` frame for an undecodable input line.
+/// Longest conversation id (ids name history files).
+pub(crate) const MAX_ID_LEN: usize = 128;
+
+pub(crate) fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// An untrusted string, cut for an error message.
+pub(crate) fn shorten(s: &str) -> String {
+    if s.chars().count() <= MAX_ID_LEN {
+        s.to_string()
+    } else {
+        let mut cut: String = s.chars().take(MAX_ID_LEN).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// `true` for a conversation id that can name a file; otherwise sends
+/// `BAD_FRAME` — naming the conversation when `in_turn`, so that message's
+/// turn ends — and returns `false`.
+pub(crate) async fn check_conversation_id(out: &Out, conversation_id: &str, in_turn: bool) -> bool {
+    if valid_id(conversation_id) {
+        return true;
+    }
+    let message = format!(
+        "invalid conversation id {:?}: use 1 to {MAX_ID_LEN} of [A-Za-z0-9_-]",
+        shorten(conversation_id)
+    );
+    let named = in_turn.then(|| conversation_id.to_string());
+    out.error(named, ErrorCode::BadFrame.as_str(), message)
+        .await;
+    false
+}
+
+/// The input side every built-in agent shares.
+pub(crate) trait LineAgent {
+    fn out(&self) -> &Out;
+    async fn handle(&mut self, input: AgentInput);
+    /// Called after each input line (e.g. to reap finished tasks).
+    fn after_line(&mut self) {}
+    /// End of input: end what is in flight, each with its terminal frame.
+    async fn shutdown(&mut self);
+}
+
+/// Feed `input`'s lines to `agent` until end of input (malformed lines get
+/// `BAD_FRAME`, the agent goes on), shut it down, and give the writer
+/// `grace` to flush (it ends, closing stdout, once the last `Out` is gone).
+pub(crate) async fn serve_lines<R, A>(
+    name: &str,
+    input: R,
+    mut agent: A,
+    writer: JoinHandle<()>,
+    grace: std::time::Duration,
+) where
+    R: AsyncRead + Unpin,
+    A: LineAgent,
+{
+    let mut lines = LineReader::new(input);
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!("{name} agent: cannot read stdin ({e}); stopping");
+                break;
+            }
+        };
+        match parse_input(line) {
+            Ok(Some(input)) => agent.handle(input).await,
+            Ok(None) => {}
+            Err(message) => agent.out().send(bad_frame(message)).await,
+        }
+        agent.after_line();
+    }
+    agent.shutdown().await;
+    drop(agent);
+    let _ = tokio::time::timeout(grace, writer).await;
+}
+
 /// The agent's answer to `init`: its name, this build's version and what it
 /// can do.
 pub(crate) fn init_answer(agent: &str, capabilities: &[&str]) -> AgentEvent {
@@ -240,7 +324,7 @@ pub(crate) fn no_questions(agent: &str, request_id: &str) -> AgentEvent {
     AgentEvent::Info {
         message: format!(
             "the {agent} agent asks no questions; ignoring the answer to {}",
-            crate::shell::shorten(request_id)
+            shorten(request_id)
         ),
     }
 }

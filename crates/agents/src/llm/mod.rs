@@ -54,8 +54,8 @@ use self::client::{Client, Failure};
 use self::history::{History, SharedStore};
 use self::settings::Settings;
 use self::tools::Workspace;
-use crate::shell::{shorten, valid_id};
-use crate::wire::{self, ABORTED, AbortSignal, Aborts, LineReader, Out, Turn};
+use crate::wire::{self, ABORTED, AbortSignal, Aborts, Out, Turn};
+use crate::wire::{shorten, valid_id};
 
 /// Model calls per message before the turn gives up.
 pub(crate) const MAX_MODEL_CALLS: usize = 50;
@@ -89,7 +89,7 @@ where
     })?;
     let client = Client::new()?;
     let (out, writer) = wire::spawn_writer(output);
-    let mut agent = Llm {
+    let agent = Llm {
         state_dir: ws.root().join(".aishell").join("llm"),
         ctx: Arc::new(Ctx { ws, client }),
         out,
@@ -98,25 +98,7 @@ where
         convs: HashMap::new(),
         retired: Vec::new(),
     };
-    let mut lines = LineReader::new(input);
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                eprintln!("llm agent: cannot read stdin ({e}); stopping");
-                break;
-            }
-        };
-        match wire::parse_input(line) {
-            Ok(Some(input)) => agent.handle(input).await,
-            Ok(None) => {}
-            Err(message) => agent.out.send(wire::bad_frame(message)).await,
-        }
-    }
-    agent.shutdown().await;
-    drop(agent);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer).await;
+    wire::serve_lines("llm", input, agent, writer, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -263,20 +245,7 @@ impl Llm {
     }
 
     async fn check_id(&self, conversation_id: &str) -> bool {
-        if valid_id(conversation_id) {
-            return true;
-        }
-        self.out
-            .error(
-                None,
-                ErrorCode::BadFrame.as_str(),
-                format!(
-                    "invalid conversation id {:?}: use 1 to 128 of [A-Za-z0-9_-]",
-                    shorten(conversation_id)
-                ),
-            )
-            .await;
-        false
+        wire::check_conversation_id(&self.out, conversation_id, false).await
     }
 
     fn spawn_worker(&mut self, conversation_id: &str, preloaded: Option<Vec<Value>>) {
@@ -288,14 +257,7 @@ impl Llm {
     }
 
     async fn message(&mut self, conversation_id: String, content: String) {
-        if !valid_id(&conversation_id) {
-            let message = format!(
-                "invalid conversation id {:?}: use 1 to 128 of [A-Za-z0-9_-]",
-                shorten(&conversation_id)
-            );
-            self.out
-                .error(Some(conversation_id), ErrorCode::BadFrame.as_str(), message)
-                .await;
+        if !wire::check_conversation_id(&self.out, &conversation_id, true).await {
             return;
         }
         let mut job = Job::Message {
@@ -561,4 +523,18 @@ async fn run_turn(
         format!("stopped after {MAX_MODEL_CALLS} model calls without a final answer"),
     )
     .await;
+}
+
+impl wire::LineAgent for Llm {
+    fn out(&self) -> &Out {
+        &self.out
+    }
+
+    async fn handle(&mut self, input: AgentInput) {
+        Llm::handle(self, input).await
+    }
+
+    async fn shutdown(&mut self) {
+        Llm::shutdown(self).await
+    }
 }
