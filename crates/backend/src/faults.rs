@@ -25,6 +25,8 @@ pub struct FaultyBackend {
 enum Fault {
     Error(String),
     Delay(Duration),
+    /// Wait, then do the call (for `launch`: before the task exists).
+    Slow(Duration),
     Hang,
 }
 
@@ -46,11 +48,17 @@ impl FaultyBackend {
         if rule == "hang" {
             return Some(Fault::Hang);
         }
-        if let Some(ms) = rule.strip_prefix("delay:") {
-            return ms
+        let ms = |prefix: &str| -> Option<Duration> {
+            rule.strip_prefix(prefix)?
                 .parse()
                 .ok()
-                .map(|ms| Fault::Delay(Duration::from_millis(ms)));
+                .map(Duration::from_millis)
+        };
+        if let Some(d) = ms("delay:") {
+            return Some(Fault::Delay(d));
+        }
+        if let Some(d) = ms("slow:") {
+            return Some(Fault::Slow(d));
         }
         rule.strip_prefix("error:")
             .map(|r| Fault::Error(r.to_string()))
@@ -60,7 +68,7 @@ impl FaultyBackend {
     async fn inject(&self, op: &'static str) -> Result<(), BackendError> {
         match self.fault(op) {
             None => Ok(()),
-            Some(Fault::Delay(d)) => {
+            Some(Fault::Delay(d) | Fault::Slow(d)) => {
                 tokio::time::sleep(d).await;
                 Ok(())
             }
@@ -90,13 +98,6 @@ impl Backend for FaultyBackend {
             self.inner.launch(spec).await?;
             tokio::time::sleep(d).await;
             return Ok(());
-        }
-        if let Some(ms) = self
-            .rule("launch")
-            .and_then(|r| r.strip_prefix("slow:").and_then(|ms| ms.parse().ok()))
-        {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            return self.inner.launch(spec).await;
         }
         self.inject("launch").await?;
         self.inner.launch(spec).await

@@ -442,40 +442,39 @@ impl WarmPool {
     }
 
     async fn launch_and_settle(self: &Arc<Self>, task_id: String) {
-        let pool = self;
         {
-            let _slot = pool.launch_slots.clone().acquire_owned().await;
+            let _slot = self.launch_slots.clone().acquire_owned().await;
             let spec = LaunchSpec {
-                credential: pool
+                credential: self
                     .credentials
-                    .mint(&task_id, "warm", None, pool.credential_ttl),
+                    .mint(&task_id, "warm", None, self.credential_ttl),
                 task_id: task_id.clone(),
                 mode: "warm".into(),
                 session_id: None,
-                gateway_url: pool.runner_url.clone(),
+                gateway_url: self.runner_url.clone(),
                 env: Default::default(),
             };
-            pool.counters.launch.fetch_add(1, Ordering::Relaxed);
+            self.counters.launch.fetch_add(1, Ordering::Relaxed);
             tracing::info!(event = "task_lifecycle", phase = "warm_pool", action = "launch", taskId = %task_id, "launching warm task");
-            if let Err(e) = pool.backend.launch(spec).await {
+            if let Err(e) = self.backend.launch(spec).await {
                 tracing::error!(event = "task_lifecycle", phase = "warm_pool", action = "fail", taskId = %task_id, reason = %e, "warm launch failed");
-                let mut st = pool.state.lock().expect("pool state");
+                let mut st = self.state.lock().expect("pool state");
                 st.remove(&task_id);
-                pool.note_failure(&mut st, Instant::now());
+                self.note_failure(&mut st, Instant::now());
                 drop(st);
-                pool.wake.notify_one();
+                self.wake.notify_one();
                 return;
             }
         }
         // Drained or evicted while the launch call ran: the stop issued then
         // found nothing to stop, so stop the task now that it exists.
-        let removed = pool
+        let removed = self
             .state
             .lock()
             .expect("pool state")
             .evicted
             .contains(&task_id);
-        if removed && let Err(e) = pool.backend.stop(&task_id).await {
+        if removed && let Err(e) = self.backend.stop(&task_id).await {
             tracing::error!(event = "task_stop_failed", taskId = %task_id, error = %e, "could not stop a warm task removed while launching");
         }
     }
