@@ -20,7 +20,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use serde_json::json;
 
 use crate::Shared;
 
@@ -168,7 +167,7 @@ fn refuse(status: StatusCode, code: &str, message: String) -> Response {
     crate::metrics::error(code);
     (
         status,
-        axum::Json(json!({"error": {"code": code, "type": code, "message": message}})),
+        axum::Json(aishell_protocol::runner::model_error_body(code, &message)),
     )
         .into_response()
 }
@@ -288,13 +287,7 @@ fn relay(response: reqwest::Response) -> Response {
     let status = response.status();
     let mut out = Response::builder().status(status.as_u16());
     for (name, value) in response.headers() {
-        let n = name.as_str();
-        if matches!(
-            n,
-            "content-type" | "retry-after" | "request-id" | "x-request-id"
-        ) || n.starts_with("x-ratelimit-")
-            || n.starts_with("anthropic-ratelimit-")
-        {
+        if aishell_protocol::runner::model_response_header_forwarded(name.as_str()) {
             out = out.header(name, value);
         }
     }

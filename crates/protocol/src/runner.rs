@@ -97,6 +97,22 @@ pub fn model_request_header_forwarded(name: &str) -> bool {
         || name.starts_with("x-stainless-")
 }
 
+/// Response headers the model proxy passes back: content type, rate-limit
+/// and request-id headers the agent's client reads; nothing hop-by-hop.
+pub fn model_response_header_forwarded(name: &str) -> bool {
+    matches!(
+        name,
+        "content-type" | "retry-after" | "request-id" | "x-request-id"
+    ) || name.starts_with("x-ratelimit-")
+        || name.starts_with("anthropic-ratelimit-")
+}
+
+/// The body of an error the model proxy itself answers, shaped like the
+/// providers' own (`error.message`, `error.type`) plus aishell's `code`.
+pub fn model_error_body(code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({"error": {"code": code, "type": code, "message": message}})
+}
+
 /// The mechanism that keeps one user's agent out of other workspaces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

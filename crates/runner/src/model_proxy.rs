@@ -17,7 +17,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use serde_json::json;
 
 struct ProxyState {
     gateway_http: String,
@@ -115,7 +114,7 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     (
         status,
-        axum::Json(json!({"error": {"code": code, "type": code, "message": message}})),
+        axum::Json(aishell_protocol::runner::model_error_body(code, &message)),
     )
         .into_response()
 }
@@ -152,11 +151,7 @@ async fn forward(
         Ok(response) => {
             let mut out = Response::builder().status(response.status().as_u16());
             for (name, value) in response.headers() {
-                let n = name.as_str();
-                if !matches!(
-                    n,
-                    "content-length" | "transfer-encoding" | "connection" | "date"
-                ) {
+                if aishell_protocol::runner::model_response_header_forwarded(name.as_str()) {
                     out = out.header(name, value);
                 }
             }
