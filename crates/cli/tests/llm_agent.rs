@@ -325,18 +325,7 @@ async fn exhausted_keys_and_unknown_providers_are_clear_errors() {
     .await;
     let gw = gateway(&server, &["--warm-pool-target-size", "1"]);
     gw.wait_pool_ready(1, WAIT).await;
-    let credential = sandbox_processes()
-        .iter()
-        .find_map(|(_, env, cmd)| {
-            // This gateway's runner (other tests run theirs in parallel).
-            (cmd.contains(" runner") && env.contains(&format!("127.0.0.1:{}", gw.port)))
-                .then_some(())?;
-            env.split(' ')
-                .find_map(|kv| kv.strip_prefix("AISHELL_TASK_CREDENTIAL="))
-                .map(str::to_string)
-        })
-        .expect("a warm runner's credential");
-    let bearer = format!("Bearer {credential}");
+    let bearer = format!("Bearer {}", runner_credential(&gw));
     let route = gw.http_url("/internal/model/openai");
     let (status, body) = raw_post(&route, "chat/completions", Some(&bearer));
     assert_eq!(status, 429, "{body}");
@@ -360,4 +349,52 @@ async fn exhausted_keys_and_unknown_providers_are_clear_errors() {
         body.contains("MODEL_PROVIDER_UNKNOWN") && body.contains("openai"),
         "{body}"
     );
+}
+
+/// The credential of one of `gw`'s warm runners (as only a runner has it).
+fn runner_credential(gw: &Gateway) -> String {
+    sandbox_processes()
+        .iter()
+        .find_map(|(_, env, cmd)| {
+            // This gateway's runner (other tests run theirs in parallel).
+            (cmd.contains(" runner") && env.contains(&format!("127.0.0.1:{}", gw.port)))
+                .then_some(())?;
+            env.split(' ')
+                .find_map(|kv| kv.strip_prefix("AISHELL_TASK_CREDENTIAL="))
+                .map(str::to_string)
+        })
+        .expect("a warm runner's credential")
+}
+
+/// An upstream that refuses connections is a 502 naming the provider, and
+/// no key is rested for it.
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_clear_bad_gateway() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = Gateway::start_with_env(
+        &["--agent", "llm", "--warm-pool-target-size", "1"],
+        &[
+            (
+                "AISHELL_LLM_BASE_URL",
+                &format!("http://127.0.0.1:{closed}/v1"),
+            ),
+            ("AISHELL_LLM_MODEL", "test-model"),
+            ("AISHELL_LLM_API_KEYS", KEY_A),
+        ],
+    );
+    gw.wait_pool_ready(1, WAIT).await;
+    let bearer = format!("Bearer {}", runner_credential(&gw));
+    let route = gw.http_url("/internal/model/openai");
+    for _ in 0..2 {
+        let (status, body) = raw_post(&route, "chat/completions", Some(&bearer));
+        assert_eq!(status, 502, "{body}");
+        assert!(
+            body.contains("MODEL_UPSTREAM_UNREACHABLE") && body.contains("openai"),
+            "{body}"
+        );
+    }
 }
