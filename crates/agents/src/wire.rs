@@ -298,7 +298,16 @@ pub(crate) async fn serve_lines<R, A>(
             }
         };
         match parse_input(line) {
-            Ok(Some(input)) => agent.handle(input).await,
+            Ok(Some(input)) => {
+                if let AgentInput::Init {
+                    workspace: Some(ws),
+                    ..
+                } = &input
+                {
+                    reenter_workspace(ws);
+                }
+                agent.handle(input).await
+            }
             Ok(None) => {}
             Err(message) => agent.out().send(bad_frame(message)).await,
         }
@@ -307,6 +316,19 @@ pub(crate) async fn serve_lines<R, A>(
     agent.shutdown().await;
     drop(agent);
     let _ = tokio::time::timeout(grace, writer).await;
+}
+
+/// A pre-started agent's workspace is mounted over its working directory
+/// after it started (the runner's `prepare`): entering the same path again
+/// makes the cwd the mounted workspace. Only when `init` names the cwd, so an
+/// agent embedded with another workspace never moves its process.
+fn reenter_workspace(ws: &str) {
+    let same = std::env::current_dir()
+        .map(|cwd| cwd == std::path::Path::new(ws))
+        .unwrap_or(false);
+    if same && let Err(e) = std::env::set_current_dir(ws) {
+        eprintln!("agent: cannot enter the workspace {ws}: {e}");
+    }
 }
 
 /// The agent's answer to `init`: its name, this build's version and what it

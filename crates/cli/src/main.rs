@@ -51,6 +51,13 @@ fn main() -> std::process::ExitCode {
     // One rustls crypto provider for every HTTPS client in the process
     // (model endpoints); chosen explicitly so no dependency can make it ambiguous.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // A warm runner's mount namespace must be entered while this process
+    // still has one thread (mount namespaces are per thread).
+    let workspace_slot = matches!(cli.command, Command::Runner)
+        .then(|| std::env::var("AISHELL_TASK_MODE").ok())
+        .flatten()
+        .filter(|mode| mode == "warm")
+        .map(|_| aishell_runner::prestart::WorkspaceSlot::enter_private_namespace());
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
         Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()
@@ -72,7 +79,14 @@ fn main() -> std::process::ExitCode {
             Command::Image(args) => image::run(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);
-                let cfg = aishell_runner::RunnerConfig::from_env()?;
+                let mut cfg = aishell_runner::RunnerConfig::from_env()?;
+                match workspace_slot {
+                    Some(Ok(slot)) => cfg.workspace_slot = Some(slot),
+                    Some(Err(reason)) => {
+                        tracing::info!(event = "agent_prestart_unavailable", taskId = %cfg.task_id, reason = %reason, "agents start at claim time")
+                    }
+                    None => {}
+                }
                 aishell_runner::run(cfg).await.map_err(anyhow::Error::from)
             }
             Command::Agent { kind } => {

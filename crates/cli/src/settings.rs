@@ -102,6 +102,9 @@ pub struct ServeSettings {
     /// Replace ready sandboxes older than this [default: 3600s].
     #[arg(long, env = "WARM_POOL_READY_TTL")]
     pub warm_pool_ready_ttl: Option<String>,
+    /// Warm sandboxes start their agent before the claim, which then only binds the user's workspace (root runners under bubblewrap) [default: true].
+    #[arg(long, env = "WARM_POOL_PRESTART_AGENTS")]
+    pub warm_pool_prestart_agents: Option<bool>,
     /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
     #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
     pub max_concurrent_launches: Option<usize>,
@@ -258,6 +261,7 @@ impl ServeSettings {
             warm_pool_target_size,
             warm_pool_max_size,
             warm_pool_ready_ttl,
+            warm_pool_prestart_agents,
             max_concurrent_launches,
             log_file,
             agent_settings,
@@ -536,6 +540,9 @@ impl ServeSettings {
             "WARM_POOL_READY_TTL",
         )?;
         p.launch_deadline = cfg.deadlines.launch + cfg.deadlines.connect;
+        if let Some(on) = self.warm_pool_prestart_agents {
+            p.prestart_agents = on;
+        }
         if let Some(n) = self.max_concurrent_launches {
             cfg.max_concurrent_launches = n.max(1);
         }

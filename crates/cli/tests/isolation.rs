@@ -19,6 +19,53 @@ async fn run(c: &mut Client, id: &str, command: &str) -> Vec<serde_json::Value> 
 #[tokio::test]
 async fn another_users_agent_cannot_read_or_write_a_workspace_that_is_not_its_own() {
     let gw = Gateway::start(&["--enable-warm-pool", "false"]);
+    attack_battery(&gw).await;
+    let ready = gw.logs();
+    let ready: Vec<_> = ready
+        .iter()
+        .filter(|l| l["phase"] == "task_ready")
+        .collect();
+    assert!(!ready.is_empty());
+    assert!(ready.iter().all(|l| l["agentPrestarted"] == false));
+}
+
+/// The same attacks on warm sandboxes whose agent started before the claim
+/// (`prepare`): the user's workspace is mounted into the running sandbox at
+/// claim time, and nothing else ever is.
+#[tokio::test]
+async fn a_prestarted_warm_agent_sees_only_the_workspace_bound_at_its_claim() {
+    let gw = Gateway::start(&["--warm-pool-target-size", "3"]);
+    gw.wait_pool_ready(3, WAIT).await;
+    gw.wait_log(
+        "agent_prestarted",
+        |l| l["event"] == "agent_prestarted",
+        WAIT,
+    )
+    .await;
+    attack_battery(&gw).await;
+    let logs = gw.logs();
+    let ready: Vec<_> = logs.iter().filter(|l| l["phase"] == "task_ready").collect();
+    assert!(
+        ready
+            .iter()
+            .any(|l| l["source"] == "warm" && l["agentPrestarted"] == true),
+        "no warm session used a pre-started agent: {ready:?}"
+    );
+    // The bind mounts live in the runners' own mount namespaces only.
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mounts.contains("aishell-slot"),
+        "a workspace slot leaked into the host's mounts"
+    );
+    assert!(
+        !host_mounts.contains(&gw.workspace("alice").to_string_lossy().to_string()),
+        "alice's workspace is mounted on the host"
+    );
+}
+
+/// Alice keeps a busy agent holding a secret; Bob's shell agent tries every
+/// way we know to reach it, then uses his own workspace.
+async fn attack_battery(gw: &Gateway) {
     let alice = gw.create_token("alice");
     let bob = gw.create_token("bob");
     let secret = format!("s3cr3t-{}", std::process::id());

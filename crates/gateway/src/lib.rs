@@ -71,6 +71,23 @@ impl TaskOwner {
 }
 
 impl Shared {
+    /// What a runner is told to run for a user (`init_user`), and what warm
+    /// runners pre-start (`prepare`). Per-user settings will come in here;
+    /// a pre-started agent is used only when they equal the pool's.
+    pub fn runner_settings(&self) -> aishell_protocol::runner::RunnerSettings {
+        aishell_protocol::runner::RunnerSettings {
+            agent: self.cfg.agent.clone(),
+            env: Default::default(),
+            agent_settings: self.cfg.agent_settings.clone(),
+            sandbox: self.cfg.sandbox.clone(),
+            model_proxy: self
+                .model_proxy
+                .as_ref()
+                .map(|p| p.provider_names())
+                .unwrap_or_default(),
+        }
+    }
+
     /// (tasks, warm tasks) a user runs right now.
     pub fn tasks_of(&self, user_id: &str) -> (usize, usize) {
         let tasks = self.tasks.lock().expect("task map");

@@ -38,6 +38,8 @@ pub struct PoolConfig {
     pub breaker_threshold: u32,
     /// How long the breaker stays open.
     pub breaker_cooldown: Duration,
+    /// Ask warm runners to start the agent before the claim (`prepare`).
+    pub prestart_agents: bool,
 }
 
 impl Default for PoolConfig {
@@ -50,6 +52,7 @@ impl Default for PoolConfig {
             launch_deadline: Duration::from_secs(90),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(30),
+            prestart_agents: true,
         }
     }
 }

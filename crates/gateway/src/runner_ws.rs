@@ -194,14 +194,21 @@ async fn connection(
             }
             tokio::sync::watch::channel(Some(handle)).1
         }
-        None => match shared.pool.register(&task_id, generation, tx) {
-            Ok(route) => route,
-            Err(reason) => {
-                tracing::warn!(event = "runner_rejected", taskId = %task_id, reason = %reason, "warm runner not accepted");
-                refuse(socket, 4409, &reason).await;
-                return;
+        None => {
+            if shared.cfg.pool.prestart_agents {
+                let _ = tx.send(GatewayToRunner::Prepare {
+                    settings: shared.runner_settings(),
+                });
             }
-        },
+            match shared.pool.register(&task_id, generation, tx) {
+                Ok(route) => route,
+                Err(reason) => {
+                    tracing::warn!(event = "runner_rejected", taskId = %task_id, reason = %reason, "warm runner not accepted");
+                    refuse(socket, 4409, &reason).await;
+                    return;
+                }
+            }
+        }
     };
     tracing::info!(event = "runner_connected", taskId = %task_id, runner_version = %runner_version, protocol, "runner attached");
     crate::metrics::runners(1.0);

@@ -159,6 +159,10 @@ pub enum RunnerToGateway {
         /// `task_ready` breakdown).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent_start_ms: Option<u64>,
+        /// The agent was started before the claim (`prepare`); only its
+        /// workspace binding and `init` happened at claim time.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prestarted: bool,
     },
     /// One agent output frame. `seq` counts agent frames of this task so a
     /// re-dialled runner can resend what the gateway did not acknowledge.
@@ -213,6 +217,14 @@ impl RunnerToGateway {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GatewayToRunner {
+    /// Warm tasks only, before any claim: start the agent these settings
+    /// describe now, in an empty workspace, and do not `init` it yet. An
+    /// `init_user` with the same settings then only binds the user's workspace
+    /// and sends the agent its `init`; other settings replace the agent.
+    /// Optional (added within v1): a runner that does not know it ignores it.
+    Prepare {
+        settings: RunnerSettings,
+    },
     /// Bind the task to a user and session; prepare workspace, start agent.
     InitUser {
         user_id: String,
@@ -243,6 +255,7 @@ pub enum GatewayToRunner {
 
 impl GatewayToRunner {
     pub const TYPES: &'static [&'static str] = &[
+        "prepare",
         "init_user",
         "agent",
         "restore_conversations",

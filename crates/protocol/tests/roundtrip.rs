@@ -202,10 +202,13 @@ fn runner_to_gateway() -> impl Strategy<Value = RunnerToGateway> {
                 }
             }
         ),
-        agent_info().prop_map(|agent| RunnerToGateway::Ready {
-            agent,
-            agent_start_ms: None
-        }),
+        (agent_info(), option::of(any::<u64>()), any::<bool>()).prop_map(
+            |(agent, agent_start_ms, prestarted)| RunnerToGateway::Ready {
+                agent,
+                agent_start_ms,
+                prestarted,
+            }
+        ),
         (any::<u64>(), agent_event())
             .prop_map(|(seq, frame)| RunnerToGateway::Agent { seq, frame }),
         any::<u32>().prop_map(|count| RunnerToGateway::Restored { count }),
@@ -256,6 +259,7 @@ fn gateway_to_runner() -> impl Strategy<Value = GatewayToRunner> {
                 settings,
             }
         ),
+        runner_settings().prop_map(|settings| GatewayToRunner::Prepare { settings }),
         agent_input().prop_map(|frame| GatewayToRunner::Agent { frame }),
         vec(conversation_ref(), 0..4)
             .prop_map(|conversations| GatewayToRunner::RestoreConversations { conversations }),

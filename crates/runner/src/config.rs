@@ -22,6 +22,9 @@ pub struct RunnerConfig {
     /// Wait this long before the first dial (`AISHELL_RUNNER_DIAL_DELAY_MS`;
     /// set only by the test fault injector).
     pub dial_delay: Option<Duration>,
+    /// Where a pre-started sandbox's workspace is bound (warm root runners;
+    /// set by [`crate::prestart::WorkspaceSlot::enter_private_namespace`]).
+    pub workspace_slot: Option<crate::prestart::WorkspaceSlot>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,7 @@ impl RunnerConfig {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            workspace_slot: None,
         })
     }
 

@@ -11,6 +11,7 @@ mod agent_proc;
 mod config;
 mod model_proxy;
 mod outbox;
+pub mod prestart;
 pub mod sandbox;
 
 use std::time::Duration;
@@ -75,6 +76,11 @@ struct Runner {
     exit_reported: Option<RunnerToGateway>,
     /// Serves the agent's model calls once the gateway offers a key pool.
     model_proxy: Option<model_proxy::ModelProxy>,
+    /// Settings of the agent started before any claim (`prepare`); cleared
+    /// when the claim uses or replaces it.
+    prepared: Option<RunnerSettings>,
+    /// The bound agent was pre-started (reported in `ready`).
+    prestarted: bool,
 }
 
 /// Run until shut down, the agent exits, or the gateway is gone for good.
@@ -92,6 +98,8 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         restore_counter: 0,
         exit_reported: None,
         model_proxy: None,
+        prepared: None,
+        prestarted: false,
     };
     runner.run().await
 }
@@ -212,6 +220,7 @@ impl Runner {
                         .map(|a| a.info.clone())
                         .unwrap_or_default(),
                     agent_start_ms: None,
+                    prestarted: self.prestarted,
                 },
             )
             .await?;
@@ -327,14 +336,38 @@ impl Runner {
                     session_id: session_id.clone(),
                     trace_id: trace_id.clone(),
                 });
-                if let Err(message) = self
-                    .start_agent(&workspace, &session_id, trace_id.as_deref(), settings)
-                    .await
-                {
+                let started = match self.prepared.take() {
+                    Some(prepared) if prepared == settings && self.agent.is_some() => {
+                        match self.bind_prestarted(&workspace, &session_id, &settings) {
+                            Ok(()) => Ok(()),
+                            Err(e) => {
+                                tracing::warn!(event = "agent_prestart_unused", sessionId = %session_id, reason = %e, "starting a new agent instead");
+                                self.kill_agent().await;
+                                self.start_agent(
+                                    &workspace,
+                                    &session_id,
+                                    trace_id.as_deref(),
+                                    settings,
+                                )
+                                .await
+                            }
+                        }
+                    }
+                    prepared => {
+                        if prepared.is_some() {
+                            tracing::info!(event = "agent_prestart_unused", sessionId = %session_id, reason = "the claim asks for other settings", "starting a new agent instead");
+                        }
+                        self.kill_agent().await;
+                        self.start_agent(&workspace, &session_id, trace_id.as_deref(), settings)
+                            .await
+                    }
+                };
+                if let Err(message) = started {
                     tracing::error!(event = "agent_start_failed", sessionId = %session_id, error = %message, "could not start agent");
                     send(ws, &RunnerToGateway::StartFailed { message }).await?;
                 }
             }
+            GatewayToRunner::Prepare { settings } => self.prepare(settings).await,
             GatewayToRunner::Agent { frame } => self.send_to_agent(frame),
             GatewayToRunner::RestoreConversations { conversations } => {
                 let count = conversations.len() as u32;
@@ -356,6 +389,71 @@ impl Runner {
         Ok(false)
     }
 
+    /// Warm and unclaimed: start the agent `settings` describe in the empty
+    /// workspace slot, without `init` (see [`prestart`]). Only built-in
+    /// agents under bubblewrap qualify, and only with a slot; otherwise the
+    /// agent starts at claim time.
+    async fn prepare(&mut self, settings: RunnerSettings) {
+        if self.binding.is_some()
+            || (self.agent.is_some() && self.prepared.as_ref() == Some(&settings))
+        {
+            return;
+        }
+        self.kill_agent().await;
+        self.prepared = None;
+        let bwrap = settings
+            .sandbox
+            .as_ref()
+            .is_some_and(|s| s.isolation == Isolation::Bwrap);
+        let Some(slot) = self.cfg.workspace_slot.clone() else {
+            return;
+        };
+        if !bwrap || settings.agent.command.is_some() {
+            return;
+        }
+        match self.spawn_agent(slot.path(), None, &settings).await {
+            Ok(agent) => {
+                tracing::info!(event = "agent_prestarted", taskId = %self.cfg.task_id, agent = %settings.agent.kind, "agent started ahead of its claim");
+                self.agent = Some(agent);
+                self.prepared = Some(settings);
+            }
+            Err(e) => {
+                tracing::warn!(event = "agent_prestart_failed", taskId = %self.cfg.task_id, error = %e, "agent will start at claim time")
+            }
+        }
+    }
+
+    /// The claim of a pre-started agent: the user's workspace onto the slot,
+    /// then the agent's `init`.
+    fn bind_prestarted(
+        &mut self,
+        workspace: &str,
+        session_id: &str,
+        settings: &RunnerSettings,
+    ) -> Result<(), String> {
+        let slot = self
+            .cfg
+            .workspace_slot
+            .as_ref()
+            .ok_or("no workspace slot")?;
+        std::fs::create_dir_all(workspace)
+            .map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
+        slot.bind(std::path::Path::new(workspace))?;
+        if let Some(proxy) = &self.model_proxy {
+            proxy.set_session(session_id);
+        }
+        self.prestarted = true;
+        self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
+        self.init_deadline_set_at = Some(Instant::now());
+        self.send_to_agent(AgentInput::Init {
+            workspace: Some(prestart::SANDBOX_WORKSPACE.to_string()),
+            settings: settings.agent_settings.clone(),
+        });
+        Ok(())
+    }
+
+    /// Claim time without a usable pre-started agent: prepare the workspace,
+    /// spawn the agent and send its `init`.
     async fn start_agent(
         &mut self,
         workspace: &str,
@@ -365,10 +463,47 @@ impl Runner {
     ) -> Result<(), String> {
         std::fs::create_dir_all(workspace)
             .map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
+        let spawned_at = Instant::now();
+        let agent = self
+            .spawn_agent(
+                std::path::Path::new(workspace),
+                Some((session_id, trace_id)),
+                &settings,
+            )
+            .await?;
+        if let Some(proxy) = &self.model_proxy {
+            proxy.set_session(session_id);
+        }
+        self.agent = Some(agent);
+        self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
+        self.init_deadline_set_at = Some(spawned_at);
+        // Under bubblewrap the agent sees its workspace at a fixed path.
+        let seen = if self.sandboxed {
+            prestart::SANDBOX_WORKSPACE.to_string()
+        } else {
+            workspace.to_string()
+        };
+        self.send_to_agent(AgentInput::Init {
+            workspace: Some(seen),
+            settings: settings.agent_settings,
+        });
+        Ok(())
+    }
+
+    /// Spawn the agent for `settings` with `workspace` as its workspace;
+    /// `session` (id, trace id) is known unless the agent is pre-started.
+    async fn spawn_agent(
+        &mut self,
+        workspace: &std::path::Path,
+        session: Option<(&str, Option<&str>)>,
+        settings: &RunnerSettings,
+    ) -> Result<AgentProcess, String> {
         let mut env = settings.env.clone();
-        env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
-        if let Some(t) = trace_id {
-            env.insert("AISHELL_TRACE_ID".into(), t.to_string());
+        if let Some((session_id, trace_id)) = session {
+            env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
+            if let Some(t) = trace_id {
+                env.insert("AISHELL_TRACE_ID".into(), t.to_string());
+            }
         }
         if !settings.model_proxy.is_empty() {
             if self.model_proxy.is_none() {
@@ -379,18 +514,22 @@ impl Runner {
                 self.model_proxy = Some(proxy);
             }
             let proxy = self.model_proxy.as_ref().expect("just started");
-            proxy.set_session(session_id);
             env.extend(proxy.agent_env(&settings.model_proxy));
         }
         let mut command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
         let confined = match settings.sandbox.as_ref() {
             None => None,
             Some(s) if s.isolation == Isolation::Uid => {
-                let uid = sandbox::prepare_uid_workspace(std::path::Path::new(workspace))?;
-                tracing::info!(event = "agent_uid", sessionId = %session_id, uid = uid, "agent runs under its user's own uid");
+                let uid = sandbox::prepare_uid_workspace(workspace)?;
+                tracing::info!(
+                    event = "agent_uid",
+                    sessionId = session.map_or("", |s| s.0),
+                    uid = uid,
+                    "agent runs under its user's own uid"
+                );
                 env.entry("PATH".into())
                     .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
-                env.insert("HOME".into(), workspace.to_string());
+                env.insert("HOME".into(), workspace.to_string_lossy().into_owned());
                 env.insert("TMPDIR".into(), "/tmp".into());
                 Some(sandbox::Limits {
                     run_as: Some(uid),
@@ -398,29 +537,20 @@ impl Runner {
                 })
             }
             Some(s) => {
-                command = sandbox::wrap(&command, std::path::Path::new(workspace), &env, s);
+                command = sandbox::wrap(&command, workspace, &env, s);
                 command[0] = sandbox::bwrap_path();
                 Some(sandbox::Limits::from_settings(s))
             }
         };
         // Only bwrap reports a killed agent as exit 128+N.
         self.sandboxed = confined.is_some_and(|l| l.run_as.is_none());
-        let spawned_at = Instant::now();
-        let agent = AgentProcess::spawn(&command, workspace, &env, confined).map_err(|e| {
+        AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined).map_err(|e| {
             if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {
                 "bubblewrap (bwrap) is not installed in this sandbox image; install the bubblewrap package or run serve with --insecure-no-sandbox".to_string()
             } else {
                 format!("cannot start agent {:?}: {e}", command.last())
             }
-        })?;
-        self.agent = Some(agent);
-        self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
-        self.init_deadline_set_at = Some(spawned_at);
-        self.send_to_agent(AgentInput::Init {
-            workspace: Some(workspace.to_string()),
-            settings: settings.agent_settings,
-        });
-        Ok(())
+        })
     }
 
     fn send_to_agent(&mut self, input: AgentInput) {
@@ -454,6 +584,7 @@ impl Runner {
                 Some(RunnerToGateway::Ready {
                     agent: info,
                     agent_start_ms,
+                    prestarted: self.prestarted,
                 })
             }
             AgentOutput::Event(AgentEvent::Pong { id }) if self.is_restore_barrier(&id) => {
@@ -472,6 +603,14 @@ impl Runner {
             AgentOutput::Stderr(line) => {
                 tracing::info!(event = "agent_stderr", sessionId = %session_id, traceId = %trace_id, line = %line, "agent stderr");
                 Some(RunnerToGateway::AgentStderr { line })
+            }
+            AgentOutput::Exited { .. } if self.binding.is_none() && self.prepared.is_some() => {
+                // A pre-started agent died before any claim: nobody to tell;
+                // the claim will start a new one.
+                tracing::warn!(event = "agent_prestart_exit", taskId = %self.cfg.task_id, "pre-started agent exited before its claim");
+                self.agent = None;
+                self.prepared = None;
+                None
             }
             AgentOutput::Exited {
                 code,

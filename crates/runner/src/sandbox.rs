@@ -14,6 +14,8 @@ use std::process::Command;
 
 use aishell_protocol::runner::SandboxSettings;
 
+use crate::prestart::SANDBOX_WORKSPACE;
+
 /// Read-only system directories an agent needs (binaries, libraries).
 const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"];
 /// The parts of /etc programs need; not all of /etc (no shadow, no keys).
@@ -67,7 +69,9 @@ pub fn bwrap_available() -> Result<(), String> {
     }
 }
 
-/// The bwrap command line that runs `command` confined to `workspace`.
+/// The bwrap command line that runs `command` confined to `workspace`,
+/// which the agent sees at [`SANDBOX_WORKSPACE`] (the same path whichever
+/// user it serves, so a sandbox can start before its user is known).
 /// `env` is the agent's whole environment (bwrap starts from a clean one).
 pub fn wrap(
     command: &[String],
@@ -110,11 +114,17 @@ pub fn wrap(
         push(&["--ro-bind", program, program]);
     }
     let ws = workspace.to_string_lossy();
-    push(&["--bind", &ws, &ws, "--chdir", &ws]);
+    push(&[
+        "--bind",
+        &ws,
+        SANDBOX_WORKSPACE,
+        "--chdir",
+        SANDBOX_WORKSPACE,
+    ]);
     let mut env = env.clone();
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
-    env.insert("HOME".into(), ws.to_string());
+    env.insert("HOME".into(), SANDBOX_WORKSPACE.to_string());
     env.insert("TMPDIR".into(), "/tmp".into());
     for (k, v) in &env {
         push(&["--setenv", k, v]);
@@ -352,12 +362,18 @@ mod tests {
             &BTreeMap::new(),
             &settings,
         );
-        let binds: Vec<&String> = args
-            .windows(2)
+        let binds: Vec<(&String, &String)> = args
+            .windows(3)
             .filter(|w| w[0] == "--bind")
-            .map(|w| &w[1])
+            .map(|w| (&w[1], &w[2]))
             .collect();
-        assert_eq!(binds, ["/data/workspaces/alice"]);
+        assert_eq!(
+            binds,
+            [(
+                &"/data/workspaces/alice".to_string(),
+                &"/workspace".to_string()
+            )]
+        );
         assert!(
             !args
                 .iter()

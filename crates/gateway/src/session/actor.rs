@@ -14,7 +14,6 @@ use std::time::Duration;
 use aishell_backend::{LaunchSpec, TaskStatus};
 use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::client::{ConversationSummary, TaskPhase, TaskSource};
-use aishell_protocol::runner::RunnerSettings;
 use aishell_protocol::{
     AgentEvent, AgentInput, ClientFrame, ConversationRef, ErrorCode, GatewayToRunner,
     RunnerToGateway, ServerEvent, ServerFrame,
@@ -173,6 +172,8 @@ struct Task {
     runner: Option<RunnerLink>,
     runner_lost_at: Option<Instant>,
     agent: AgentInfo,
+    /// The runner started the agent before the claim (warm `prepare`).
+    agent_prestarted: bool,
     /// Stops the status poller.
     watch: CancellationToken,
 }
@@ -819,6 +820,7 @@ impl SessionActor {
             runner: None,
             runner_lost_at: None,
             agent: AgentInfo::default(),
+            agent_prestarted: false,
             watch: CancellationToken::new(),
         });
         let owner = crate::TaskOwner::new(&self.id, &self.user_id, source == TaskSource::Warm);
@@ -1102,6 +1104,7 @@ impl SessionActor {
             }),
             runner_lost_at: None,
             agent: AgentInfo::default(),
+            agent_prestarted: false,
             watch: CancellationToken::new(),
         });
         self.session_started_at.get_or_insert(now);
@@ -1111,24 +1114,12 @@ impl SessionActor {
         let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) else {
             return;
         };
-        let cfg = &self.shared.cfg;
         let _ = link.tx.send(GatewayToRunner::InitUser {
             user_id: self.user_id.clone(),
             session_id: self.id.clone(),
             workspace: self.shared.backend.workspace_path(&self.user_id),
             trace_id: Some(self.trace_id.clone()),
-            settings: RunnerSettings {
-                agent: cfg.agent.clone(),
-                env: Default::default(),
-                agent_settings: cfg.agent_settings.clone(),
-                sandbox: cfg.sandbox.clone(),
-                model_proxy: self
-                    .shared
-                    .model_proxy
-                    .as_ref()
-                    .map(|p| p.provider_names())
-                    .unwrap_or_default(),
-            },
+            settings: self.shared.runner_settings(),
         });
     }
 
@@ -1138,7 +1129,8 @@ impl SessionActor {
             RunnerToGateway::Ready {
                 agent,
                 agent_start_ms,
-            } => self.on_agent_ready(agent, agent_start_ms).await,
+                prestarted,
+            } => self.on_agent_ready(agent, agent_start_ms, prestarted).await,
             RunnerToGateway::Restored { count } => {
                 if let Some(task) = self.task.as_mut().filter(|t| t.phase == Phase::Restoring) {
                     task.breakdown
@@ -1182,7 +1174,12 @@ impl SessionActor {
         }
     }
 
-    async fn on_agent_ready(&mut self, agent: AgentInfo, agent_start_ms: Option<u64>) {
+    async fn on_agent_ready(
+        &mut self,
+        agent: AgentInfo,
+        agent_start_ms: Option<u64>,
+        prestarted: bool,
+    ) {
         let restore = match self.task.as_ref() {
             // Only a replacement task needs the session's conversations; a
             // first start has nothing to restore, an adopted one kept its state.
@@ -1219,6 +1216,7 @@ impl SessionActor {
         task.breakdown.push(("init", activating - agent_ms));
         task.breakdown.push(("agent_ready", agent_ms));
         task.agent = agent;
+        task.agent_prestarted = prestarted;
         if conversations.is_empty() {
             self.become_ready(None);
         } else {
@@ -1284,15 +1282,16 @@ impl SessionActor {
                 .collect::<serde_json::Map<_, _>>(),
         )
         .unwrap_or_default();
-        let (task_id, source, is_restart, adopted, agent) = (
+        let (task_id, source, is_restart, adopted, agent, prestarted) = (
             task.id.clone(),
             task.source,
             task.is_restart,
             task.adopted,
             task.agent.clone(),
+            task.agent_prestarted,
         );
         if !adopted {
-            lifecycle!(self, "task_ready", taskId = %task_id, duration_ms = ms(total), source = source.as_str(), breakdown = %breakdown, "task ready");
+            lifecycle!(self, "task_ready", taskId = %task_id, duration_ms = ms(total), source = source.as_str(), breakdown = %breakdown, agentPrestarted = prestarted, "task ready");
             crate::metrics::phase("task_ready", Some(source.as_str()), total);
             if is_restart {
                 lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(total), success = true, "task restarted");
