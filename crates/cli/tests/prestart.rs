@@ -1,0 +1,322 @@
+//! The runner's pre-started agent (issue 3), driven frame by frame from a
+//! scripted gateway on 127.0.0.1: `prepare` starts the agent before any
+//! claim; a claim with the same settings binds the user's workspace into the
+//! running sandbox; other settings, or a pre-started agent that died, start
+//! a new agent at claim time as before. Real `aishell runner`, real bwrap.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aishell_protocol::agent::AgentInput;
+use aishell_protocol::runner::{AgentSpec, RunnerSettings, SandboxSettings};
+use aishell_protocol::{AgentEvent, GatewayToRunner, RunnerToGateway};
+use common::BIN;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn settings(kind: &str) -> RunnerSettings {
+    RunnerSettings {
+        agent: AgentSpec {
+            kind: kind.into(),
+            command: None,
+        },
+        env: Default::default(),
+        agent_settings: Default::default(),
+        sandbox: Some(SandboxSettings {
+            isolation: Default::default(),
+            network: false,
+            memory_bytes: None,
+            max_files: None,
+            max_processes: None,
+            cpu_seconds: None,
+        }),
+        model_proxy: Vec::new(),
+    }
+}
+
+/// One warm `aishell runner` child dialled into a scripted gateway.
+struct WarmRunner {
+    child: Child,
+    ws: WebSocketStream<TcpStream>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl WarmRunner {
+    async fn start() -> WarmRunner {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut child = Command::new(BIN)
+            .arg("runner")
+            .env("AISHELL_GATEWAY_URL", format!("ws://127.0.0.1:{port}"))
+            .env("AISHELL_TASK_ID", format!("t-prestart-{port}"))
+            .env("AISHELL_TASK_MODE", "warm")
+            .env("AISHELL_TASK_CREDENTIAL", "scripted")
+            .env("AISHELL_RUNNER_RECONNECT_DEADLINE_SECS", "2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+            .await
+            .expect("runner dials")
+            .unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        match next_frame(&mut ws).await {
+            RunnerToGateway::Hello { session_id, .. } => assert_eq!(session_id, None),
+            other => panic!("expected hello, got {other:?}"),
+        }
+        WarmRunner { child, ws, logs }
+    }
+
+    async fn send(&mut self, frame: GatewayToRunner) {
+        let text = serde_json::to_string(&frame).unwrap();
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    async fn wait_log(&self, event: &str) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.logged(event) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "runner never logged {event}:\n{}",
+            self.logs.lock().unwrap().join("\n")
+        );
+    }
+
+    fn logged(&self, event: &str) -> bool {
+        let needle = format!("\"event\":\"{event}\"");
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(&needle))
+    }
+
+    async fn claim(&mut self, workspace: &Path, settings: RunnerSettings) -> (bool, String) {
+        self.send(GatewayToRunner::InitUser {
+            user_id: "alice".into(),
+            session_id: "s-prestart".into(),
+            workspace: workspace.to_string_lossy().into_owned(),
+            trace_id: None,
+            settings,
+        })
+        .await;
+        loop {
+            match next_frame(&mut self.ws).await {
+                RunnerToGateway::Ready {
+                    agent, prestarted, ..
+                } => return (prestarted, agent.agent.unwrap_or_default()),
+                RunnerToGateway::StartFailed { message } => panic!("start failed: {message}"),
+                RunnerToGateway::AgentExit { stderr_tail, .. } => {
+                    panic!("agent exited: {stderr_tail}")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Send one message and collect the agent's text until its `finish`.
+    async fn turn(&mut self, content: &str) -> String {
+        self.send(GatewayToRunner::Agent {
+            frame: AgentInput::Message {
+                conversation_id: "c1".into(),
+                content: content.into(),
+                message_id: None,
+            },
+        })
+        .await;
+        let mut text = String::new();
+        loop {
+            if let RunnerToGateway::Agent { frame, .. } = next_frame(&mut self.ws).await {
+                text.push_str(&serde_json::to_string(&frame).unwrap());
+                if matches!(frame, AgentEvent::Finish { .. } | AgentEvent::Error { .. }) {
+                    return text;
+                }
+            }
+        }
+    }
+
+    /// Pids of the runner's descendants whose command line contains `needle`.
+    fn descendants_running(&self, needle: &str) -> Vec<i32> {
+        let parent_of = |pid: i32| -> Option<i32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let root = self.child.id() as i32;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .split(|b| *b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut p = pid;
+            let mut is_descendant = false;
+            while let Some(pp) = parent_of(p) {
+                if pp == root {
+                    is_descendant = true;
+                    break;
+                }
+                if pp <= 1 {
+                    break;
+                }
+                p = pp;
+            }
+            if is_descendant && cmdline.contains(needle) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+}
+
+impl Drop for WarmRunner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn next_frame(ws: &mut WebSocketStream<TcpStream>) -> RunnerToGateway {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("runner frame in time")
+            .expect("runner socket open")
+            .unwrap();
+        if let Message::Text(t) = msg {
+            return RunnerToGateway::decode(&t).unwrap();
+        }
+    }
+}
+
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { nix::libc::geteuid() } == 0;
+    if !root {
+        eprintln!("not root: agents are pre-started only by root runners; skipped");
+    }
+    root
+}
+
+#[tokio::test]
+async fn a_claim_binds_the_workspace_into_the_prestarted_sandbox() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = tmp.path().join("alice");
+    std::fs::create_dir(&alice).unwrap();
+    std::fs::write(alice.join("note.txt"), "alice-note").unwrap();
+    let mut runner = WarmRunner::start().await;
+    runner
+        .send(GatewayToRunner::Prepare {
+            settings: settings("shell"),
+        })
+        .await;
+    runner.wait_log("agent_prestarted").await;
+    // Before the claim the sandbox is running, and shows no workspace.
+    assert!(!runner.descendants_running("agent shell").is_empty());
+
+    let (prestarted, agent) = runner.claim(&alice, settings("shell")).await;
+    assert!(prestarted, "the claim used the pre-started agent");
+    assert_eq!(agent, "shell");
+    let out = runner
+        .turn("pwd; cat note.txt; echo written > new.txt")
+        .await;
+    assert!(out.contains("alice-note"), "{out}");
+    assert!(out.contains("/workspace"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(alice.join("new.txt")).unwrap(),
+        "written\n"
+    );
+    // The bind exists only inside the runner's own mount namespace.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host.contains(&alice.to_string_lossy().to_string()));
+}
+
+#[tokio::test]
+async fn a_claim_with_other_settings_replaces_the_prestarted_agent() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runner = WarmRunner::start().await;
+    runner
+        .send(GatewayToRunner::Prepare {
+            settings: settings("shell"),
+        })
+        .await;
+    runner.wait_log("agent_prestarted").await;
+    let (prestarted, agent) = runner.claim(tmp.path(), settings("echo")).await;
+    assert!(!prestarted);
+    assert_eq!(
+        agent, "echo",
+        "the claim's agent runs, not the prepared one"
+    );
+    assert!(runner.logged("agent_prestart_unused"));
+    assert!(
+        runner.descendants_running("agent shell").is_empty(),
+        "the unused agent was stopped"
+    );
+    let out = runner.turn("hello there").await;
+    assert!(out.contains("hello there"), "{out}");
+}
+
+#[tokio::test]
+async fn a_prestarted_agent_that_dies_before_its_claim_is_replaced_at_the_claim() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runner = WarmRunner::start().await;
+    runner
+        .send(GatewayToRunner::Prepare {
+            settings: settings("shell"),
+        })
+        .await;
+    runner.wait_log("agent_prestarted").await;
+    for pid in runner.descendants_running("agent shell") {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    runner.wait_log("agent_prestart_exit").await;
+    let (prestarted, agent) = runner.claim(tmp.path(), settings("shell")).await;
+    assert!(!prestarted);
+    assert_eq!(agent, "shell");
+    let out = runner.turn("echo still-here > f && cat f").await;
+    assert!(out.contains("still-here"), "{out}");
+}
