@@ -188,6 +188,7 @@ impl Shell {
             AgentInput::Init {
                 workspace,
                 settings,
+                ..
             } => {
                 self.settings.apply(&settings);
                 if let Some(ws) = workspace

@@ -299,12 +299,11 @@ pub(crate) async fn serve_lines<R, A>(
         };
         match parse_input(line) {
             Ok(Some(input)) => {
-                if let AgentInput::Init {
-                    workspace: Some(ws),
-                    ..
-                } = &input
-                {
-                    reenter_workspace(ws);
+                if let AgentInput::Init { workspace, env, .. } = &input {
+                    if let Some(ws) = workspace {
+                        reenter_workspace(ws);
+                    }
+                    export_session_env(env);
                 }
                 agent.handle(input).await
             }
@@ -328,6 +327,19 @@ fn reenter_workspace(ws: &str) {
         .unwrap_or(false);
     if same && let Err(e) = std::env::set_current_dir(ws) {
         eprintln!("agent: cannot enter the workspace {ws}: {e}");
+    }
+}
+
+/// Put the session's variables from `init` into the environment every
+/// command the agent runs inherits (a pre-started agent was spawned before
+/// its session existed). Only `AISHELL_` names: `init` cannot change PATH or
+/// anything else the agent relies on.
+fn export_session_env(env: &std::collections::BTreeMap<String, String>) {
+    for (k, v) in env.iter().filter(|(k, _)| k.starts_with("AISHELL_")) {
+        // SAFETY: called on the agent's input loop while it handles `init`;
+        // the agent's own code reads the environment only through std, which
+        // serialises access, and no foreign code runs on other threads here.
+        unsafe { std::env::set_var(k, v) };
     }
 }
 

@@ -245,7 +245,8 @@ fn crash_hook_exits_with_code_3_and_says_why() {
             "{}{}",
             AgentInput::Init {
                 workspace: None,
-                settings: Default::default()
+                settings: Default::default(),
+                env: Default::default(),
             }
             .to_line(),
             AgentInput::Message {

@@ -391,10 +391,7 @@ async fn killing_the_agent_mid_turn_reports_agent_crashed_and_the_next_message_w
         WAIT,
     )
     .await;
-    let agents = pids_with_env(
-        &format!("AISHELL_SESSION_ID={}", c.session_id),
-        "agent shell",
-    );
+    let agents = agent_pids_of_session(&gw, &c.session_id, "shell").await;
     assert_eq!(
         agents.len(),
         1,

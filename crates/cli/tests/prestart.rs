@@ -159,44 +159,11 @@ impl WarmRunner {
 
     /// Pids of the runner's descendants whose command line contains `needle`.
     fn descendants_running(&self, needle: &str) -> Vec<i32> {
-        let parent_of = |pid: i32| -> Option<i32> {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat.rsplit(')')
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        };
-        let root = self.child.id() as i32;
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .unwrap_or_default()
-                .split(|b| *b == 0)
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ");
-            let mut p = pid;
-            let mut is_descendant = false;
-            while let Some(pp) = parent_of(p) {
-                if pp == root {
-                    is_descendant = true;
-                    break;
-                }
-                if pp <= 1 {
-                    break;
-                }
-                p = pp;
-            }
-            if is_descendant && cmdline.contains(needle) {
-                found.push(pid);
-            }
-        }
-        found
+        common::descendants(self.child.id() as i32)
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(needle))
+            .map(|(pid, _)| pid)
+            .collect()
     }
 }
 
@@ -252,9 +219,13 @@ async fn a_claim_binds_the_workspace_into_the_prestarted_sandbox() {
     assert!(prestarted, "the claim used the pre-started agent");
     assert_eq!(agent, "shell");
     let out = runner
-        .turn("pwd; cat note.txt; echo written > new.txt")
+        .turn("pwd; cat note.txt; echo written > new.txt; echo sid=$AISHELL_SESSION_ID")
         .await;
     assert!(out.contains("alice-note"), "{out}");
+    assert!(
+        out.contains("sid=s-prestart"),
+        "the session's variables reach the agent's commands: {out}"
+    );
     assert!(out.contains("/workspace"), "{out}");
     assert_eq!(
         std::fs::read_to_string(alice.join("new.txt")).unwrap(),

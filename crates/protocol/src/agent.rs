@@ -43,6 +43,11 @@ pub enum AgentInput {
         workspace: Option<String>,
         #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
         settings: serde_json::Map<String, serde_json::Value>,
+        /// The session's variables (`AISHELL_SESSION_ID`, `AISHELL_TRACE_ID`)
+        /// for whatever the agent runs: an agent started before its claim
+        /// could not get them in its environment.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        env: std::collections::BTreeMap<String, String>,
     },
     Message {
         conversation_id: String,

@@ -85,9 +85,12 @@ fn error_body() -> impl Strategy<Value = ErrorBody> {
 
 fn agent_input() -> impl Strategy<Value = AgentInput> {
     prop_oneof![
-        (os(), json_map()).prop_map(|(workspace, settings)| AgentInput::Init {
-            workspace,
-            settings
+        (os(), json_map(), vec((s(), s()), 0..3)).prop_map(|(workspace, settings, env)| {
+            AgentInput::Init {
+                workspace,
+                settings,
+                env: env.into_iter().collect(),
+            }
         }),
         (s(), s(), os()).prop_map(|(conversation_id, content, message_id)| {
             AgentInput::Message {

@@ -448,6 +448,7 @@ impl Runner {
         self.send_to_agent(AgentInput::Init {
             workspace: Some(prestart::SANDBOX_WORKSPACE.to_string()),
             settings: settings.agent_settings.clone(),
+            env: session_env(session_id, self.trace_id()),
         });
         Ok(())
     }
@@ -486,6 +487,7 @@ impl Runner {
         self.send_to_agent(AgentInput::Init {
             workspace: Some(seen),
             settings: settings.agent_settings,
+            env: session_env(session_id, trace_id.unwrap_or("")),
         });
         Ok(())
     }
@@ -500,10 +502,8 @@ impl Runner {
     ) -> Result<AgentProcess, String> {
         let mut env = settings.env.clone();
         if let Some((session_id, trace_id)) = session {
-            env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
-            if let Some(t) = trace_id {
-                env.insert("AISHELL_TRACE_ID".into(), t.to_string());
-            }
+            // Also in `init`; here for agents that never read it there.
+            env.extend(session_env(session_id, trace_id.unwrap_or("")));
         }
         if !settings.model_proxy.is_empty() {
             if self.model_proxy.is_none() {
@@ -666,6 +666,16 @@ impl Runner {
             agent.kill().await;
         }
     }
+}
+
+/// The variables that tell an agent's commands which session they serve.
+fn session_env(session_id: &str, trace_id: &str) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::new();
+    env.insert("AISHELL_SESSION_ID".into(), session_id.to_string());
+    if !trace_id.is_empty() {
+        env.insert("AISHELL_TRACE_ID".into(), trace_id.to_string());
+    }
+    env
 }
 
 async fn next_agent_output(agent: &mut Option<AgentProcess>) -> AgentOutput {

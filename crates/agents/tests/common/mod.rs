@@ -40,6 +40,7 @@ impl Agent {
             .send(&AgentInput::Init {
                 workspace: Some(workspace.display().to_string()),
                 settings: settings.as_object().cloned().unwrap_or_default(),
+                env: Default::default(),
             })
             .await;
         match agent.next().await {

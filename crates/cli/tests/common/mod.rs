@@ -457,6 +457,60 @@ pub fn pids_with_env(needle: &str, cmd_contains: &str) -> Vec<i32> {
     out
 }
 
+/// Descendants of `root` (pid, command line with spaces for NULs).
+pub fn descendants(root: i32) -> Vec<(i32, String)> {
+    let parent_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let mut p = pid;
+        while let Some(pp) = parent_of(p) {
+            if pp == root {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+                break;
+            }
+            if pp <= 1 {
+                break;
+            }
+            p = pp;
+        }
+    }
+    found
+}
+
+/// The agent process (not its bwrap) of `kind` serving `session_id`,
+/// found through the task its `task_ready` line names (a warm agent was
+/// spawned before its session existed, so its environment cannot tell).
+pub async fn agent_pids_of_session(gw: &Gateway, session_id: &str, kind: &str) -> Vec<i32> {
+    let ready = gw
+        .wait_log(
+            "task_ready",
+            |l| l["phase"] == "task_ready" && l["sessionId"] == session_id,
+            Duration::from_secs(20),
+        )
+        .await;
+    let task = ready["taskId"].as_str().unwrap().to_string();
+    let runners = pids_with_env(&format!("AISHELL_TASK_ID={task}"), " runner");
+    let needle = format!("agent {kind}");
+    runners
+        .into_iter()
+        .flat_map(|r| descendants(r))
+        .filter(|(_, cmd)| cmd.contains(&needle) && !cmd.contains("bwrap"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
