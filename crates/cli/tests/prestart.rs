@@ -90,6 +90,16 @@ impl WarmRunner {
         self.ws.send(Message::Text(text.into())).await.unwrap();
     }
 
+    /// `prepare`, answered by `prepared` (its `prestarted` returned).
+    async fn prepare(&mut self, settings: RunnerSettings) -> bool {
+        self.send(GatewayToRunner::Prepare { settings }).await;
+        loop {
+            if let RunnerToGateway::Prepared { prestarted } = next_frame(&mut self.ws).await {
+                return prestarted;
+            }
+        }
+    }
+
     async fn wait_log(&self, event: &str) {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
@@ -206,11 +216,7 @@ async fn a_claim_binds_the_workspace_into_the_prestarted_sandbox() {
     std::fs::create_dir(&alice).unwrap();
     std::fs::write(alice.join("note.txt"), "alice-note").unwrap();
     let mut runner = WarmRunner::start().await;
-    runner
-        .send(GatewayToRunner::Prepare {
-            settings: settings("shell"),
-        })
-        .await;
+    assert!(runner.prepare(settings("shell")).await, "prepared");
     runner.wait_log("agent_prestarted").await;
     // Before the claim the sandbox is running, and shows no workspace.
     assert!(!runner.descendants_running("agent shell").is_empty());
@@ -243,11 +249,7 @@ async fn a_claim_with_other_settings_replaces_the_prestarted_agent() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut runner = WarmRunner::start().await;
-    runner
-        .send(GatewayToRunner::Prepare {
-            settings: settings("shell"),
-        })
-        .await;
+    assert!(runner.prepare(settings("shell")).await, "prepared");
     runner.wait_log("agent_prestarted").await;
     let (prestarted, agent) = runner.claim(tmp.path(), settings("echo")).await;
     assert!(!prestarted);
@@ -271,11 +273,7 @@ async fn a_prestarted_agent_that_dies_before_its_claim_is_replaced_at_the_claim(
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut runner = WarmRunner::start().await;
-    runner
-        .send(GatewayToRunner::Prepare {
-            settings: settings("shell"),
-        })
-        .await;
+    assert!(runner.prepare(settings("shell")).await, "prepared");
     runner.wait_log("agent_prestarted").await;
     for pid in runner.descendants_running("agent shell") {
         nix::sys::signal::kill(

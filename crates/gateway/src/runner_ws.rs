@@ -23,6 +23,8 @@ use crate::session::{RunnerAttach, SessionCmd, SessionHandle, SessionManager};
 /// A runner that says nothing (not even a heartbeat) this long is gone.
 const RUNNER_SILENCE: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A warm runner answers `prepare` once its agent started (or will not).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn cold(
     State(shared): State<Arc<Shared>>,
@@ -195,10 +197,10 @@ async fn connection(
             tokio::sync::watch::channel(Some(handle)).1
         }
         None => {
-            if shared.cfg.pool.prestart_agents {
-                let _ = tx.send(GatewayToRunner::Prepare {
-                    settings: shared.runner_settings(),
-                });
+            if shared.cfg.pool.prestart_agents
+                && !await_prepared(&shared, &task_id, &mut socket).await
+            {
+                return;
             }
             match shared.pool.register(&task_id, generation, tx) {
                 Ok(route) => route,
@@ -264,6 +266,37 @@ async fn connection(
                 .await;
         }
         None => shared.pool.disconnected(&task_id, generation),
+    }
+}
+
+/// Send `prepare` to a new warm runner and wait for its `prepared`, so the
+/// pool counts the task ready only once its agent is up (or known to start
+/// at claim). False when the socket closed meanwhile.
+async fn await_prepared(shared: &Shared, task_id: &str, socket: &mut WebSocket) -> bool {
+    let prepare = GatewayToRunner::Prepare {
+        settings: shared.runner_settings(),
+    };
+    let json = serde_json::to_string(&prepare).expect("gateway frame serialises");
+    if socket.send(Message::Text(json.into())).await.is_err() {
+        return false;
+    }
+    let deadline = tokio::time::Instant::now() + PREPARE_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => {
+                // An older runner ignores `prepare`: register it anyway.
+                tracing::warn!(event = "runner_prepare_timeout", taskId = %task_id, "warm runner did not answer prepare; registering it");
+                return true;
+            }
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let Ok(RunnerToGateway::Prepared { prestarted }) = RunnerToGateway::decode(&t) {
+                    tracing::debug!(event = "runner_prepared", taskId = %task_id, prestarted, "warm runner prepared");
+                    return true;
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => return false,
+            Ok(Some(Ok(_))) => {}
+        }
     }
 }
 

@@ -186,6 +186,11 @@ pub enum RunnerToGateway {
     AgentStderr {
         line: String,
     },
+    /// Answer to `prepare`: the agent is started (`prestarted`), or will
+    /// start at claim time. The pool counts a warm task ready only then.
+    Prepared {
+        prestarted: bool,
+    },
     /// The runner could not prepare the workspace or start the agent.
     StartFailed {
         message: String,
@@ -203,6 +208,7 @@ impl RunnerToGateway {
         "agent_stderr",
         "start_failed",
         "heartbeat",
+        "prepared",
     ];
 
     pub fn decode(text: &str) -> Result<Self, crate::DecodeError> {

@@ -215,6 +215,7 @@ fn runner_to_gateway() -> impl Strategy<Value = RunnerToGateway> {
         (any::<u64>(), agent_event())
             .prop_map(|(seq, frame)| RunnerToGateway::Agent { seq, frame }),
         any::<u32>().prop_map(|count| RunnerToGateway::Restored { count }),
+        any::<bool>().prop_map(|prestarted| RunnerToGateway::Prepared { prestarted }),
         (option::of(any::<i32>()), option::of(any::<i32>()), s()).prop_map(
             |(code, signal, stderr_tail)| RunnerToGateway::AgentExit {
                 code,

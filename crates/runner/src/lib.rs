@@ -367,7 +367,10 @@ impl Runner {
                     send(ws, &RunnerToGateway::StartFailed { message }).await?;
                 }
             }
-            GatewayToRunner::Prepare { settings } => self.prepare(settings).await,
+            GatewayToRunner::Prepare { settings } => {
+                let prestarted = self.prepare(settings).await;
+                send(ws, &RunnerToGateway::Prepared { prestarted }).await?;
+            }
             GatewayToRunner::Agent { frame } => self.send_to_agent(frame),
             GatewayToRunner::RestoreConversations { conversations } => {
                 let count = conversations.len() as u32;
@@ -392,12 +395,13 @@ impl Runner {
     /// Warm and unclaimed: start the agent `settings` describe in the empty
     /// workspace slot, without `init` (see [`prestart`]). Only built-in
     /// agents under bubblewrap qualify, and only with a slot; otherwise the
-    /// agent starts at claim time.
-    async fn prepare(&mut self, settings: RunnerSettings) {
-        if self.binding.is_some()
-            || (self.agent.is_some() && self.prepared.as_ref() == Some(&settings))
-        {
-            return;
+    /// agent starts at claim time. True when an agent is pre-started.
+    async fn prepare(&mut self, settings: RunnerSettings) -> bool {
+        if self.binding.is_some() {
+            return false;
+        }
+        if self.agent.is_some() && self.prepared.as_ref() == Some(&settings) {
+            return true;
         }
         self.kill_agent().await;
         self.prepared = None;
@@ -406,19 +410,21 @@ impl Runner {
             .as_ref()
             .is_some_and(|s| s.isolation == Isolation::Bwrap);
         let Some(slot) = self.cfg.workspace_slot.clone() else {
-            return;
+            return false;
         };
         if !bwrap || settings.agent.command.is_some() {
-            return;
+            return false;
         }
         match self.spawn_agent(slot.path(), None, &settings).await {
             Ok(agent) => {
                 tracing::info!(event = "agent_prestarted", taskId = %self.cfg.task_id, agent = %settings.agent.kind, "agent started ahead of its claim");
                 self.agent = Some(agent);
                 self.prepared = Some(settings);
+                true
             }
             Err(e) => {
-                tracing::warn!(event = "agent_prestart_failed", taskId = %self.cfg.task_id, error = %e, "agent will start at claim time")
+                tracing::warn!(event = "agent_prestart_failed", taskId = %self.cfg.task_id, error = %e, "agent will start at claim time");
+                false
             }
         }
     }

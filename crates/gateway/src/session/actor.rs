@@ -1125,7 +1125,9 @@ impl SessionActor {
 
     async fn on_runner_frame(&mut self, frame: RunnerToGateway) {
         match frame {
-            RunnerToGateway::Hello { .. } | RunnerToGateway::Heartbeat => {}
+            RunnerToGateway::Hello { .. }
+            | RunnerToGateway::Heartbeat
+            | RunnerToGateway::Prepared { .. } => {}
             RunnerToGateway::Ready {
                 agent,
                 agent_start_ms,
