@@ -505,7 +505,7 @@ pub async fn agent_pids_of_session(gw: &Gateway, session_id: &str, kind: &str) -
     let needle = format!("agent {kind}");
     runners
         .into_iter()
-        .flat_map(|r| descendants(r))
+        .flat_map(descendants)
         .filter(|(_, cmd)| cmd.contains(&needle) && !cmd.contains("bwrap"))
         .map(|(pid, _)| pid)
         .collect()
