@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+mod group_commit;
 mod sqlite;
 pub mod token;
 
@@ -25,6 +26,8 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("invalid stored data: {0}")]
     Corrupt(String),
+    #[error("database write failed: {0}")]
+    Write(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -5,11 +5,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Connection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use time::OffsetDateTime;
 
+use crate::group_commit::WriteQueue;
 use crate::{
     ConversationRecord, MessageRecord, Result, SessionRecord, Store, StoreError, StoredEvent,
     TokenRecord, token,
@@ -28,6 +30,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Every write goes through here (group commit).
+    writes: WriteQueue,
 }
 
 impl SqliteStore {
@@ -72,7 +76,8 @@ impl SqliteStore {
 
         MIGRATOR.run(&pool).await?;
         tracing::debug!(in_memory, "sqlite store opened");
-        Ok(Self { pool })
+        let writes = WriteQueue::start(pool.clone());
+        Ok(Self { pool, writes })
     }
 
     /// Close every connection (flushing the WAL); further calls fail.
@@ -220,12 +225,19 @@ impl Store for SqliteStore {
     }
 
     async fn ensure_user(&self, user_id: &str) -> Result<()> {
-        sqlx::query("INSERT INTO users (id, is_admin, created_at) VALUES (?, 0, ?) ON CONFLICT(id) DO NOTHING")
-            .bind(user_id)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let user_id = user_id.to_string();
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO users (id, is_admin, created_at) VALUES (?, 0, ?) ON CONFLICT(id) DO NOTHING")
+                        .bind(user_id)
+                        .bind(now_ms())
+                        .execute(&mut *c)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn create_token(
@@ -240,19 +252,32 @@ impl Store for SqliteStore {
         let created_ms = now_ms();
         let expires_ms = expires_at.map(to_ms);
         let id = token::generate_id();
-        sqlx::query(
-            "INSERT INTO tokens (id, user_id, name, token_hash, is_admin, created_at, expires_at, revoked_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-        )
-        .bind(&id)
-        .bind(user_id)
-        .bind(name)
-        .bind(token::hash(&plaintext))
-        .bind(is_admin)
-        .bind(created_ms)
-        .bind(expires_ms)
-        .execute(&self.pool)
-        .await?;
+        let (row_id, row_user, row_name, hash) = (
+            id.clone(),
+            user_id.to_string(),
+            name.to_string(),
+            token::hash(&plaintext),
+        );
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO tokens (id, user_id, name, token_hash, is_admin, created_at, expires_at, revoked_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                    )
+                    .bind(row_id)
+                    .bind(row_user)
+                    .bind(row_name)
+                    .bind(hash)
+                    .bind(is_admin)
+                    .bind(created_ms)
+                    .bind(expires_ms)
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await?;
         let record = TokenRecord {
             id,
             user_id: user_id.to_string(),
@@ -294,31 +319,47 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, token_id: &str) -> Result<bool> {
-        let done =
-            sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-                .bind(now_ms())
-                .bind(token_id)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() > 0)
+        let token_id = token_id.to_string();
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                    )
+                    .bind(now_ms())
+                    .bind(token_id)
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            })
+            .await
     }
 
     async fn create_session(&self, session: &SessionRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&session.id)
-        .bind(&session.user_id)
-        .bind(&session.state)
-        .bind(to_ms(session.created_at))
-        .bind(to_ms(session.updated_at))
-        .bind(seq_to_db(session.last_seq)?)
-        .bind(&session.trace_id)
-        .bind(&session.agent)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let session = session.clone();
+        let last_seq = seq_to_db(session.last_seq)?;
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&session.id)
+                    .bind(&session.user_id)
+                    .bind(&session.state)
+                    .bind(to_ms(session.created_at))
+                    .bind(to_ms(session.updated_at))
+                    .bind(last_seq)
+                    .bind(&session.trace_id)
+                    .bind(&session.agent)
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>> {
@@ -332,13 +373,23 @@ impl Store for SqliteStore {
     }
 
     async fn update_session_state(&self, session_id: &str, state: &str) -> Result<()> {
-        let done = sqlx::query("UPDATE sessions SET state = ?, updated_at = ? WHERE id = ?")
-            .bind(state)
-            .bind(now_ms())
-            .bind(session_id)
-            .execute(&self.pool)
+        let (id, new_state) = (session_id.to_string(), state.to_string());
+        let updated = self
+            .writes
+            .write(move |c| {
+                Box::pin(async move {
+                    let done =
+                        sqlx::query("UPDATE sessions SET state = ?, updated_at = ? WHERE id = ?")
+                            .bind(new_state)
+                            .bind(now_ms())
+                            .bind(id)
+                            .execute(&mut *c)
+                            .await?;
+                    Ok(done.rows_affected())
+                })
+            })
             .await?;
-        if done.rows_affected() == 0 {
+        if updated == 0 {
             tracing::debug!(
                 session_id,
                 state,
@@ -370,23 +421,31 @@ impl Store for SqliteStore {
         resume_handle: Option<&str>,
     ) -> Result<()> {
         let now = now_ms();
-        sqlx::query(
-            "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT(session_id, id) DO UPDATE SET \
-                 title = COALESCE(excluded.title, title), \
-                 resume_handle = COALESCE(excluded.resume_handle, resume_handle), \
-                 updated_at = excluded.updated_at",
-        )
-        .bind(conversation_id)
-        .bind(session_id)
-        .bind(title)
-        .bind(resume_handle)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let (conversation_id, session_id) = (conversation_id.to_string(), session_id.to_string());
+        let (title, resume_handle) = (title.map(str::to_string), resume_handle.map(str::to_string));
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+                         VALUES (?, ?, ?, ?, ?, ?) \
+                         ON CONFLICT(session_id, id) DO UPDATE SET \
+                             title = COALESCE(excluded.title, title), \
+                             resume_handle = COALESCE(excluded.resume_handle, resume_handle), \
+                             updated_at = excluded.updated_at",
+                    )
+                    .bind(conversation_id)
+                    .bind(session_id)
+                    .bind(title)
+                    .bind(resume_handle)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn list_conversations(&self, session_id: &str) -> Result<Vec<ConversationRecord>> {
@@ -403,36 +462,53 @@ impl Store for SqliteStore {
     }
 
     async fn delete_conversation(&self, session_id: &str, conversation_id: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM messages WHERE session_id = ? AND conversation_id = ?")
-            .bind(session_id)
-            .bind(conversation_id)
-            .execute(&mut *tx)
-            .await?;
-        let done = sqlx::query("DELETE FROM conversations WHERE session_id = ? AND id = ?")
-            .bind(session_id)
-            .bind(conversation_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() > 0)
+        let (session_id, conversation_id) = (session_id.to_string(), conversation_id.to_string());
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    sqlx::query(
+                        "DELETE FROM messages WHERE session_id = ? AND conversation_id = ?",
+                    )
+                    .bind(&session_id)
+                    .bind(&conversation_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    let done =
+                        sqlx::query("DELETE FROM conversations WHERE session_id = ? AND id = ?")
+                            .bind(&session_id)
+                            .bind(&conversation_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    tx.commit().await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            })
+            .await
     }
 
     async fn insert_message(&self, message: &MessageRecord) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT(session_id, client_msg_id) DO NOTHING",
-        )
-        .bind(&message.session_id)
-        .bind(&message.conversation_id)
-        .bind(&message.client_msg_id)
-        .bind(&message.role)
-        .bind(&message.content)
-        .bind(to_ms(message.created_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let message = message.clone();
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
+                         VALUES (?, ?, ?, ?, ?, ?) \
+                         ON CONFLICT(session_id, client_msg_id) DO NOTHING",
+                    )
+                    .bind(&message.session_id)
+                    .bind(&message.conversation_id)
+                    .bind(&message.client_msg_id)
+                    .bind(&message.role)
+                    .bind(&message.content)
+                    .bind(to_ms(message.created_at))
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            })
+            .await
     }
 
     async fn list_messages(
@@ -454,26 +530,46 @@ impl Store for SqliteStore {
     }
 
     async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT(task_id) DO NOTHING",
-        )
-        .bind(task_id)
-        .bind(session_id)
-        .bind(user_id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let (task_id, session_id, user_id) = (
+            task_id.to_string(),
+            session_id.to_string(),
+            user_id.to_string(),
+        );
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES (?, ?, ?, ?) \
+                         ON CONFLICT(task_id) DO NOTHING",
+                    )
+                    .bind(task_id)
+                    .bind(session_id)
+                    .bind(user_id)
+                    .bind(now_ms())
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn usage_end(&self, task_id: &str) -> Result<()> {
-        sqlx::query("UPDATE usage SET ended_at = ? WHERE task_id = ? AND ended_at IS NULL")
-            .bind(now_ms())
-            .bind(task_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let task_id = task_id.to_string();
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE usage SET ended_at = ? WHERE task_id = ? AND ended_at IS NULL",
+                    )
+                    .bind(now_ms())
+                    .bind(task_id)
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn usage_since(
@@ -505,13 +601,22 @@ impl Store for SqliteStore {
     }
 
     async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?")
-            .bind(task_id)
-            .bind(now_ms())
-            .bind(session_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let (session_id, task_id) = (session_id.to_string(), task_id.map(str::to_string));
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?",
+                    )
+                    .bind(task_id)
+                    .bind(now_ms())
+                    .bind(session_id)
+                    .execute(&mut *c)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn append_events(
@@ -525,33 +630,44 @@ impl Store for SqliteStore {
         };
         let max_seq = seq_to_db(max_seq)?;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        for event in events {
-            // Same SQL text every time: sqlx prepares it once per connection
-            // and reuses the cached statement.
-            sqlx::query(
-                "INSERT OR IGNORE INTO session_events (session_id, seq, json, created_at) \
-                 VALUES (?, ?, ?, ?)",
-            )
-            .bind(session_id)
-            .bind(seq_to_db(event.seq)?)
-            .bind(&event.json)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let rows = events
+            .iter()
+            .map(|e| Ok((seq_to_db(e.seq)?, e.json.clone())))
+            .collect::<Result<Vec<_>>>()?;
         let runner_seq = runner_seq.map(seq_to_db).transpose()?;
-        sqlx::query(
-            "UPDATE sessions SET last_seq = MAX(last_seq, ?), runner_seq = COALESCE(?, runner_seq) \
-             WHERE id = ?",
-        )
-        .bind(max_seq)
-        .bind(runner_seq)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let session_id = session_id.to_string();
+        self.writes
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    for (seq, json) in rows {
+                        // Same SQL text every time: sqlx prepares it once per
+                        // connection and reuses the cached statement.
+                        sqlx::query(
+                            "INSERT OR IGNORE INTO session_events (session_id, seq, json, created_at) \
+                             VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(&session_id)
+                        .bind(seq)
+                        .bind(json)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    sqlx::query(
+                        "UPDATE sessions SET last_seq = MAX(last_seq, ?), runner_seq = COALESCE(?, runner_seq) \
+                         WHERE id = ?",
+                    )
+                    .bind(max_seq)
+                    .bind(runner_seq)
+                    .bind(&session_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn events_after(
@@ -966,6 +1082,52 @@ mod tests {
         both!(|s| {
             let err = s.upsert_conversation("missing", "c1", None, None).await;
             assert!(matches!(err, Err(StoreError::Database(_))), "{err:?}");
+        });
+    }
+
+    /// Concurrent writes share transactions (group commit): an operation
+    /// that fails rolls back alone, and every other one is committed and
+    /// readable when its caller hears "done".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_commit_together_and_a_failing_one_alone() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            let s = std::sync::Arc::new(s);
+            let mut handles = Vec::new();
+            for i in 0..200 {
+                let s = s.clone();
+                handles.push(tokio::spawn(async move {
+                    // Every third one names a session that does not exist.
+                    let session = if i % 3 == 0 { "missing" } else { "s1" };
+                    let result = s
+                        .upsert_conversation(session, &format!("c{i}"), None, None)
+                        .await;
+                    if result.is_ok() {
+                        // Durable before the caller is told.
+                        let listed = s.list_conversations("s1").await.unwrap();
+                        assert!(listed.iter().any(|c| c.id == format!("c{i}")));
+                    }
+                    (i, result.is_ok())
+                }));
+            }
+            for h in handles {
+                let (i, ok) = h.await.unwrap();
+                assert_eq!(ok, i % 3 != 0, "write {i}");
+            }
+            let ids: std::collections::HashSet<String> = s
+                .list_conversations("s1")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            let expected: std::collections::HashSet<String> = (0..200)
+                .filter(|i| i % 3 != 0)
+                .map(|i| format!("c{i}"))
+                .collect();
+            assert_eq!(ids, expected);
         });
     }
 
