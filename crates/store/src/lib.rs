@@ -141,8 +141,10 @@ pub trait Store: Send + Sync + 'static {
     /// Delete a conversation and its messages; false if it did not exist.
     async fn delete_conversation(&self, session_id: &str, conversation_id: &str) -> Result<bool>;
 
-    /// Store a message. Returns false (and stores nothing) when a message with
-    /// the same `client_msg_id` already exists in the session.
+    /// Store a message, creating its conversation first if needed (one
+    /// write: a new session's first message waits for no other). Returns
+    /// false (and stores no message) when a message with the same
+    /// `client_msg_id` already exists in the session.
     async fn insert_message(&self, message: &MessageRecord) -> Result<bool>;
     /// Messages of one conversation, oldest first.
     async fn list_messages(

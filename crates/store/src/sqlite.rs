@@ -492,6 +492,19 @@ impl Store for SqliteStore {
         self.writes
             .write(move |c| {
                 Box::pin(async move {
+                    let mut tx = c.begin().await?;
+                    let now = now_ms();
+                    sqlx::query(
+                        "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+                         VALUES (?, ?, NULL, NULL, ?, ?) \
+                         ON CONFLICT(session_id, id) DO UPDATE SET updated_at = excluded.updated_at",
+                    )
+                    .bind(&message.conversation_id)
+                    .bind(&message.session_id)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
                     let done = sqlx::query(
                         "INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
                          VALUES (?, ?, ?, ?, ?, ?) \
@@ -503,8 +516,9 @@ impl Store for SqliteStore {
                     .bind(&message.role)
                     .bind(&message.content)
                     .bind(to_ms(message.created_at))
-                    .execute(&mut *c)
+                    .execute(&mut *tx)
                     .await?;
+                    tx.commit().await?;
                     Ok(done.rows_affected() > 0)
                 })
             })
@@ -965,6 +979,9 @@ mod tests {
             let listed = s.list_messages("s1", "c1").await.unwrap();
             assert_eq!(listed, vec![first]);
             // The same client id in another session is a different message.
+            s.create_session(&session("s2", "alice", 1_000))
+                .await
+                .unwrap();
             assert!(
                 s.insert_message(&message("s2", "c1", Some("m-1"), "x"))
                     .await
@@ -976,6 +993,9 @@ mod tests {
     #[tokio::test]
     async fn messages_without_client_id_never_collide() {
         both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
             for i in 0..3 {
                 let mut m = message("s1", "c1", None, &format!("reply {i}"));
                 m.role = "assistant".to_string();
@@ -1082,6 +1102,33 @@ mod tests {
         both!(|s| {
             let err = s.upsert_conversation("missing", "c1", None, None).await;
             assert!(matches!(err, Err(StoreError::Database(_))), "{err:?}");
+        });
+    }
+
+    #[tokio::test]
+    async fn a_message_creates_its_conversation_in_the_same_write() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            assert!(
+                s.insert_message(&message("s1", "new-conv", Some("m1"), "hi"))
+                    .await
+                    .unwrap()
+            );
+            let convs = s.list_conversations("s1").await.unwrap();
+            assert_eq!(
+                convs.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+                ["new-conv"]
+            );
+            assert_eq!(s.list_messages("s1", "new-conv").await.unwrap().len(), 1);
+            // A session that does not exist stores neither.
+            assert!(
+                s.insert_message(&message("nope", "c", Some("m2"), "x"))
+                    .await
+                    .is_err()
+            );
+            assert!(s.list_conversations("nope").await.unwrap().is_empty());
         });
     }
 

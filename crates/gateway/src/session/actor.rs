@@ -616,21 +616,7 @@ impl SessionActor {
             self.reply_duplicate(conn_id, mid);
             return;
         }
-        if let Err(e) = self
-            .shared
-            .store
-            .upsert_conversation(&self.id, &conversation_id, None, None)
-            .await
-        {
-            self.reply(
-                conn_id,
-                ServerEvent::error(
-                    ErrorCode::Internal,
-                    format!("could not save your message: {e}"),
-                ),
-            );
-            return;
-        }
+        // One write stores the conversation (if new) and the message.
         let record = MessageRecord {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
