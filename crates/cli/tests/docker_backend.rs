@@ -59,6 +59,25 @@ fn docker_ready() -> bool {
     true
 }
 
+/// `docker args`, which must succeed: a busy engine's transient failure is
+/// retried, a lasting one fails the test with the CLI's own words (an
+/// ignored failure would read as "no containers").
+fn docker_ok(args: &[&str]) -> String {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let out = Command::new("docker")
+            .args(args)
+            .output()
+            .expect("the docker CLI (used by the tests only)");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("docker {args:?} failed: {last}");
+}
+
 fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
@@ -109,7 +128,7 @@ impl DockerGateway {
             extra = format!("label={l}");
             args.extend(["--filter", &extra]);
         }
-        docker(&args)
+        docker_ok(&args)
             .lines()
             .filter(|l| !l.is_empty())
             .map(str::to_string)
@@ -426,8 +445,11 @@ async fn after_a_gateway_sigkill_running_containers_are_adopted_and_strays_remov
     assert!(text_of(&frames).contains("before-crash"));
     let session = c.session_id.clone();
     let label = format!("aishell.session={session}");
-    let adopted = dgw.containers(true, Some(&label));
-    assert_eq!(adopted.len(), 1);
+    let adopted = dgw
+        .wait_containers("the session's container", true, Some(&label), |c| {
+            c.len() == 1
+        })
+        .await;
 
     // A labelled container of this instance whose runner never dials back.
     // Named as the backend names a task's container.
