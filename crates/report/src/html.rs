@@ -206,13 +206,9 @@ table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #cc
         );
     }
     out.push_str("</table><h2>Latency (ms)</h2><table><tr><th></th><th>n</th><th>P50</th><th>P90</th><th>P99</th><th>max</th></tr>");
-    lat_row(&mut out, "start (all)", &day["start_ms"]);
-    lat_row(&mut out, "start (warm)", &day["start_warm_ms"]);
-    lat_row(&mut out, "start (cold)", &day["start_cold_ms"]);
-    for (step, v) in day["breakdown_ms"].as_object().into_iter().flatten() {
-        lat_row(&mut out, &format!("· step {step}"), v);
+    for (name, v) in crate::latency_rows(&day) {
+        lat_row(&mut out, &name, v);
     }
-    lat_row(&mut out, "first event", &day["first_event_ms"]);
     let _ = write!(
         out,
         "</table><p>Starts over 10 s: {}, over 30 s: {}</p><h2>Errors by code</h2><ul>",

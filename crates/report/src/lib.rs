@@ -488,6 +488,20 @@ pub(crate) const SESSION_ROWS: &[(&str, &str)] = &[
     ("user messages", "user_messages"),
 ];
 
+/// The "Latency" table of every format: (label, distribution of a day).
+pub(crate) fn latency_rows(day: &Value) -> Vec<(String, &Value)> {
+    let mut rows = vec![
+        ("start (all)".to_string(), &day["start_ms"]),
+        ("start (warm)".to_string(), &day["start_warm_ms"]),
+        ("start (cold)".to_string(), &day["start_cold_ms"]),
+    ];
+    for (step, v) in day["breakdown_ms"].as_object().into_iter().flatten() {
+        rows.push((format!("· step {step}"), v));
+    }
+    rows.push(("first event".to_string(), &day["first_event_ms"]));
+    rows
+}
+
 /// Markdown rendering of [`build`]'s document.
 pub fn markdown(r: &Value) -> String {
     use std::fmt::Write;
@@ -553,13 +567,9 @@ pub fn markdown(r: &Value) -> String {
             show(&v["max"])
         );
     };
-    lat_row(&mut out, "start (all)", &day["start_ms"]);
-    lat_row(&mut out, "start (warm)", &day["start_warm_ms"]);
-    lat_row(&mut out, "start (cold)", &day["start_cold_ms"]);
-    for (step, v) in day["breakdown_ms"].as_object().into_iter().flatten() {
-        lat_row(&mut out, &format!("· step {step}"), v);
+    for (name, v) in latency_rows(&day) {
+        lat_row(&mut out, &name, v);
     }
-    lat_row(&mut out, "first event", &day["first_event_ms"]);
     let _ = writeln!(
         out,
         "\nStarts over 10 s: {}, over 30 s: {}",
