@@ -53,11 +53,10 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // A warm runner's mount namespace must be entered while this process
     // still has one thread (mount namespaces are per thread).
-    let workspace_slot = matches!(cli.command, Command::Runner)
-        .then(|| std::env::var("AISHELL_TASK_MODE").ok())
-        .flatten()
-        .filter(|mode| mode == "warm")
-        .map(|_| aishell_runner::prestart::WorkspaceSlot::enter_private_namespace());
+    let warm_runner = matches!(cli.command, Command::Runner)
+        && std::env::var("AISHELL_TASK_MODE").as_deref() == Ok("warm");
+    let workspace_slot =
+        warm_runner.then(aishell_runner::prestart::WorkspaceSlot::enter_private_namespace);
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
         Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()

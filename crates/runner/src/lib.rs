@@ -336,32 +336,9 @@ impl Runner {
                     session_id: session_id.clone(),
                     trace_id: trace_id.clone(),
                 });
-                let started = match self.prepared.take() {
-                    Some(prepared) if prepared == settings && self.agent.is_some() => {
-                        match self.bind_prestarted(&workspace, &session_id, &settings) {
-                            Ok(()) => Ok(()),
-                            Err(e) => {
-                                tracing::warn!(event = "agent_prestart_unused", sessionId = %session_id, reason = %e, "starting a new agent instead");
-                                self.kill_agent().await;
-                                self.start_agent(
-                                    &workspace,
-                                    &session_id,
-                                    trace_id.as_deref(),
-                                    settings,
-                                )
-                                .await
-                            }
-                        }
-                    }
-                    prepared => {
-                        if prepared.is_some() {
-                            tracing::info!(event = "agent_prestart_unused", sessionId = %session_id, reason = "the claim asks for other settings", "starting a new agent instead");
-                        }
-                        self.kill_agent().await;
-                        self.start_agent(&workspace, &session_id, trace_id.as_deref(), settings)
-                            .await
-                    }
-                };
+                let started = self
+                    .start_agent(&workspace, &session_id, trace_id.as_deref(), settings)
+                    .await;
                 if let Err(message) = started {
                     tracing::error!(event = "agent_start_failed", sessionId = %session_id, error = %message, "could not start agent");
                     send(ws, &RunnerToGateway::StartFailed { message }).await?;
@@ -429,38 +406,9 @@ impl Runner {
         }
     }
 
-    /// The claim of a pre-started agent: the user's workspace onto the slot,
-    /// then the agent's `init`.
-    fn bind_prestarted(
-        &mut self,
-        workspace: &str,
-        session_id: &str,
-        settings: &RunnerSettings,
-    ) -> Result<(), String> {
-        let slot = self
-            .cfg
-            .workspace_slot
-            .as_ref()
-            .ok_or("no workspace slot")?;
-        std::fs::create_dir_all(workspace)
-            .map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
-        slot.bind(std::path::Path::new(workspace))?;
-        if let Some(proxy) = &self.model_proxy {
-            proxy.set_session(session_id);
-        }
-        self.prestarted = true;
-        self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
-        self.init_deadline_set_at = Some(Instant::now());
-        self.send_to_agent(AgentInput::Init {
-            workspace: Some(prestart::SANDBOX_WORKSPACE.to_string()),
-            settings: settings.agent_settings.clone(),
-            env: session_env(session_id, self.trace_id()),
-        });
-        Ok(())
-    }
-
-    /// Claim time without a usable pre-started agent: prepare the workspace,
-    /// spawn the agent and send its `init`.
+    /// Claim time: the pre-started agent when it was started for these
+    /// settings and the workspace binds onto its slot, else a new agent;
+    /// then its `init`.
     async fn start_agent(
         &mut self,
         workspace: &str,
@@ -470,20 +418,39 @@ impl Runner {
     ) -> Result<(), String> {
         std::fs::create_dir_all(workspace)
             .map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
-        let spawned_at = Instant::now();
-        let agent = self
-            .spawn_agent(
-                std::path::Path::new(workspace),
-                Some((session_id, trace_id)),
-                &settings,
-            )
-            .await?;
+        let started_at = Instant::now();
+        self.prestarted = match self.prepared.take() {
+            Some(prepared) if prepared == settings && self.agent.is_some() => {
+                match self.bind_prestarted(workspace) {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        tracing::warn!(event = "agent_prestart_unused", sessionId = %session_id, reason = %reason, "starting a new agent instead");
+                        false
+                    }
+                }
+            }
+            Some(_) => {
+                tracing::info!(event = "agent_prestart_unused", sessionId = %session_id, reason = "the claim asks for other settings", "starting a new agent instead");
+                false
+            }
+            None => false,
+        };
+        if !self.prestarted {
+            self.kill_agent().await;
+            let agent = self
+                .spawn_agent(
+                    std::path::Path::new(workspace),
+                    Some((session_id, trace_id)),
+                    &settings,
+                )
+                .await?;
+            self.agent = Some(agent);
+        }
         if let Some(proxy) = &self.model_proxy {
             proxy.set_session(session_id);
         }
-        self.agent = Some(agent);
         self.init_deadline = Some(Instant::now() + AGENT_INIT_TIMEOUT);
-        self.init_deadline_set_at = Some(spawned_at);
+        self.init_deadline_set_at = Some(started_at);
         // Under bubblewrap the agent sees its workspace at a fixed path.
         let seen = if self.sandboxed {
             prestart::SANDBOX_WORKSPACE.to_string()
@@ -496,6 +463,15 @@ impl Runner {
             env: session_env(session_id, trace_id.unwrap_or("")),
         });
         Ok(())
+    }
+
+    /// Put the user's workspace onto the pre-started sandbox's slot.
+    fn bind_prestarted(&self, workspace: &str) -> Result<(), String> {
+        self.cfg
+            .workspace_slot
+            .as_ref()
+            .ok_or("no workspace slot")?
+            .bind(std::path::Path::new(workspace))
     }
 
     /// Spawn the agent for `settings` with `workspace` as its workspace;
