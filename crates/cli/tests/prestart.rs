@@ -32,12 +32,8 @@ fn settings(kind: &str) -> RunnerSettings {
         env: Default::default(),
         agent_settings: Default::default(),
         sandbox: Some(SandboxSettings {
-            isolation: Default::default(),
             network: false,
-            memory_bytes: None,
-            max_files: None,
-            max_processes: None,
-            cpu_seconds: None,
+            ..Default::default()
         }),
         model_proxy: Vec::new(),
     }
@@ -88,6 +84,20 @@ impl WarmRunner {
     async fn send(&mut self, frame: GatewayToRunner) {
         let text = serde_json::to_string(&frame).unwrap();
         self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// A warm runner whose shell agent is pre-started (`None`, said on
+    /// stderr, when not root: only root runners pre-start agents).
+    async fn with_prestarted_shell() -> Option<WarmRunner> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { nix::libc::geteuid() } != 0 {
+            eprintln!("not root: agents are pre-started only by root runners; skipped");
+            return None;
+        }
+        let mut runner = WarmRunner::start().await;
+        assert!(runner.prepare(settings("shell")).await, "prepared");
+        runner.wait_log("agent_prestarted").await;
+        Some(runner)
     }
 
     /// `prepare`, answered by `prepared` (its `prestarted` returned).
@@ -197,28 +207,16 @@ async fn next_frame(ws: &mut WebSocketStream<TcpStream>) -> RunnerToGateway {
     }
 }
 
-fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { nix::libc::geteuid() } == 0;
-    if !root {
-        eprintln!("not root: agents are pre-started only by root runners; skipped");
-    }
-    root
-}
-
 #[tokio::test]
 async fn a_claim_binds_the_workspace_into_the_prestarted_sandbox() {
-    if !root_or_skip() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let alice = tmp.path().join("alice");
     std::fs::create_dir(&alice).unwrap();
     std::fs::write(alice.join("note.txt"), "alice-note").unwrap();
-    let mut runner = WarmRunner::start().await;
-    assert!(runner.prepare(settings("shell")).await, "prepared");
-    runner.wait_log("agent_prestarted").await;
-    // Before the claim the sandbox is running, and shows no workspace.
+    let Some(mut runner) = WarmRunner::with_prestarted_shell().await else {
+        return;
+    };
+    // Before the claim the sandbox is already running.
     assert!(!runner.descendants_running("agent shell").is_empty());
 
     let (prestarted, agent) = runner.claim(&alice, settings("shell")).await;
@@ -244,13 +242,10 @@ async fn a_claim_binds_the_workspace_into_the_prestarted_sandbox() {
 
 #[tokio::test]
 async fn a_claim_with_other_settings_replaces_the_prestarted_agent() {
-    if !root_or_skip() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let mut runner = WarmRunner::start().await;
-    assert!(runner.prepare(settings("shell")).await, "prepared");
-    runner.wait_log("agent_prestarted").await;
+    let Some(mut runner) = WarmRunner::with_prestarted_shell().await else {
+        return;
+    };
     let (prestarted, agent) = runner.claim(tmp.path(), settings("echo")).await;
     assert!(!prestarted);
     assert_eq!(
@@ -268,13 +263,10 @@ async fn a_claim_with_other_settings_replaces_the_prestarted_agent() {
 
 #[tokio::test]
 async fn a_prestarted_agent_that_dies_before_its_claim_is_replaced_at_the_claim() {
-    if !root_or_skip() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let mut runner = WarmRunner::start().await;
-    assert!(runner.prepare(settings("shell")).await, "prepared");
-    runner.wait_log("agent_prestarted").await;
+    let Some(mut runner) = WarmRunner::with_prestarted_shell().await else {
+        return;
+    };
     for pid in runner.descendants_running("agent shell") {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),

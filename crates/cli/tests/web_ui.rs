@@ -301,42 +301,6 @@ fn login_url(gw: &Gateway, path: &str, token: &str) -> String {
     gw.http_url(&format!("{path}?token={token}"))
 }
 
-/// `GET path` with a chosen token (or none): (status, JSON body).
-fn http_get_as(gw: &Gateway, path: &str, token: Option<&str>) -> (u16, Value) {
-    http_request(gw, "GET", path, token, None)
-}
-
-fn http_request(
-    gw: &Gateway,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
 /// JavaScript: the page is connected (its `session` frame arrived).
 const CONNECTED: &str = "document.querySelector('#status').classList.contains('status-ok') && window.aishell && window.aishell.state.sessionId";
 /// JavaScript: the latest turn on screen has finished.
@@ -742,8 +706,7 @@ async fn chat_page_answers_an_agent_question_and_explains_starts_and_restores() 
     // An admin stops the sandbox; the page says so; the next message restarts it.
     let sid = b.js("return window.aishell.state.sessionId").await;
     let sid = sid.as_str().unwrap().to_string();
-    let (status, body) = http_request(
-        &gw,
+    let (status, body) = gw.http(
         "POST",
         &format!("/api/admin/sessions/{sid}/stop"),
         Some(&gw.token),
@@ -929,19 +892,21 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
     let bob = gw.create_token("bob");
 
     // API: 401 without a token, 403 for a non-admin, 200 for the admin.
-    assert_eq!(http_get_as(&gw, "/api/admin/overview", None).0, 401);
-    let (status, body) = http_get_as(&gw, "/api/admin/overview", Some(&bob));
+    assert_eq!(gw.http("GET", "/api/admin/overview", None, None).0, 401);
+    let (status, body) = gw.http("GET", "/api/admin/overview", Some(&bob), None);
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "FORBIDDEN");
-    let (status, _) = http_request(
-        &gw,
+    let (status, _) = gw.http(
         "POST",
         "/api/admin/pool",
         Some(&bob),
         Some(r#"{"action":"drain"}"#),
     );
     assert_eq!(status, 403);
-    assert_eq!(http_get_as(&gw, "/api/me", Some(&bob)).1["admin"], false);
+    assert_eq!(
+        gw.http("GET", "/api/me", Some(&bob), None).1["admin"],
+        false
+    );
 
     // A session with a turn, from the chat page (a warm claim).
     gw.wait_pool_ready(2, WAIT).await;
@@ -1073,7 +1038,7 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
     // machine; seen once past WAIT in CI with Chromium and cargo running.
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
-        let (_, list) = http_get_as(&gw, "/api/sessions", Some(&gw.token));
+        let (_, list) = gw.http("GET", "/api/sessions", Some(&gw.token), None);
         let state = list["sessions"]
             .as_array()
             .and_then(|l| l.iter().find(|s| s["session_id"] == sid.as_str()))

@@ -88,6 +88,20 @@ pub struct SandboxSettings {
     pub cpu_seconds: Option<u64>,
 }
 
+/// bubblewrap, network on, no limits: what an absent field decodes to.
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            isolation: Isolation::Bwrap,
+            network: true,
+            memory_bytes: None,
+            max_files: None,
+            max_processes: None,
+            cpu_seconds: None,
+        }
+    }
+}
+
 /// Request headers the model proxy passes on (content negotiation and
 /// provider options); credentials and hop-by-hop headers never are.
 pub fn model_request_header_forwarded(name: &str) -> bool {

@@ -621,3 +621,9 @@ fn error_kinds_for_hand_written_garbage() {
         Err(DecodeError::NotJson(_))
     ));
 }
+
+#[test]
+fn sandbox_settings_default_is_what_an_empty_object_decodes_to() {
+    let decoded: aishell_protocol::runner::SandboxSettings = serde_json::from_str("{}").unwrap();
+    assert_eq!(decoded, Default::default());
+}

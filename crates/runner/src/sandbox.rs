@@ -344,12 +344,8 @@ mod tests {
     #[test]
     fn only_the_workspace_is_bound_writable_and_no_other_user_path_appears() {
         let settings = SandboxSettings {
-            isolation: Default::default(),
             network: false,
-            memory_bytes: None,
-            max_files: None,
-            max_processes: None,
-            cpu_seconds: None,
+            ..Default::default()
         };
         let cmd = vec![
             "/opt/aishell/bin/aishell".to_string(),

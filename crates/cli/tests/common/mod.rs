@@ -191,15 +191,31 @@ impl Gateway {
         Client::connect(&self.ws_url(), token, resume).await
     }
 
-    /// `GET path` on the gateway: (status, JSON body).
+    /// `GET path` on the gateway with its token: (status, JSON body).
     pub fn http_get(&self, path: &str) -> (u16, Value) {
+        self.http("GET", path, Some(&self.token), None)
+    }
+
+    /// One HTTP/1.0 request with a chosen token (or none) and JSON body:
+    /// (status, JSON body, `Null` when it is not JSON).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect http");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let body = body.unwrap_or("");
         write!(
             s,
-            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n",
-            self.token
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         )
         .unwrap();
         let mut raw = String::new();
