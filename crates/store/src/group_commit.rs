@@ -81,7 +81,9 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Operation>) {
         let mut conn = match pool.acquire().await {
             Ok(conn) => conn,
             Err(e) => {
-                // The pool is closed or broken: every caller hears why.
+                // The pool is closed or broken: the operations are dropped
+                // unrun, so every caller gets a `Write` error; the cause is
+                // logged here.
                 let message = e.to_string();
                 tracing::error!(event = "store_error", error = %message, "no database connection for a batch of writes");
                 batch.clear();

@@ -1132,6 +1132,22 @@ mod tests {
         });
     }
 
+    /// With no connection to be had, a write fails with a clear error
+    /// instead of waiting forever on the writer.
+    #[tokio::test]
+    async fn a_write_after_close_fails_instead_of_hanging() {
+        both!(|s| {
+            s.close().await;
+            let result = tokio::time::timeout(Duration::from_secs(5), s.ensure_user("alice")).await;
+            match result {
+                Ok(Err(StoreError::Write(message))) => {
+                    assert!(message.contains("could not run"), "{message}")
+                }
+                other => panic!("expected a Write error, got {other:?}"),
+            }
+        });
+    }
+
     /// Concurrent writes share transactions (group commit): an operation
     /// that fails rolls back alone, and every other one is committed and
     /// readable when its caller hears "done".
