@@ -20,6 +20,9 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A write failed (writes run through rusqlite: see `group_commit`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported DATABASE_URL `{0}`: expected sqlite://PATH")]
@@ -157,14 +160,18 @@ pub trait Store: Send + Sync + 'static {
     async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()>;
 
     /// Append events (ascending seq) in one transaction and raise the
-    /// session's `last_seq`; with `runner_seq`, record in the same transaction
-    /// the last agent frame of the current task that these events include.
-    /// Re-appending an existing seq is a no-op.
+    /// session's `last_seq`. With `runner_ack = (task_id, seq)`, also raise
+    /// in the same transaction the session's `runner_seq` (the last agent
+    /// frame these events include) — only while `task_id` is still the
+    /// session's bound task, and never lowering it: a batch written late
+    /// (retried, or overtaken by a pipelined later one) cannot regress it or
+    /// leak one task's frame count onto the next. Re-appending an existing
+    /// seq is a no-op.
     async fn append_events(
         &self,
         session_id: &str,
         events: &[StoredEvent],
-        runner_seq: Option<u64>,
+        runner_ack: Option<(&str, u64)>,
     ) -> Result<()>;
     /// A task started serving a session (usage accounting).
     async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()>;

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::Connection;
+use rusqlite::params;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -228,14 +228,11 @@ impl Store for SqliteStore {
         let user_id = user_id.to_string();
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query("INSERT INTO users (id, is_admin, created_at) VALUES (?, 0, ?) ON CONFLICT(id) DO NOTHING")
-                        .bind(user_id)
-                        .bind(now_ms())
-                        .execute(&mut *c)
-                        .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "INSERT INTO users (id, is_admin, created_at) VALUES (?, 0, ?) ON CONFLICT(id) DO NOTHING",
+                )?
+                .execute(params![user_id, now_ms()])?;
+                Ok(())
             })
             .await
     }
@@ -260,22 +257,12 @@ impl Store for SqliteStore {
         );
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO tokens (id, user_id, name, token_hash, is_admin, created_at, expires_at, revoked_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                    )
-                    .bind(row_id)
-                    .bind(row_user)
-                    .bind(row_name)
-                    .bind(hash)
-                    .bind(is_admin)
-                    .bind(created_ms)
-                    .bind(expires_ms)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "INSERT INTO tokens (id, user_id, name, token_hash, is_admin, created_at, expires_at, revoked_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                )?
+                .execute(params![row_id, row_user, row_name, hash, is_admin, created_ms, expires_ms])?;
+                Ok(())
             })
             .await?;
         let record = TokenRecord {
@@ -322,16 +309,12 @@ impl Store for SqliteStore {
         let token_id = token_id.to_string();
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    let done = sqlx::query(
+                let changed = c
+                    .prepare_cached(
                         "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
-                    )
-                    .bind(now_ms())
-                    .bind(token_id)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(done.rows_affected() > 0)
-                })
+                    )?
+                    .execute(params![now_ms(), token_id])?;
+                Ok(changed > 0)
             })
             .await
     }
@@ -341,23 +324,21 @@ impl Store for SqliteStore {
         let last_seq = seq_to_db(session.last_seq)?;
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&session.id)
-                    .bind(&session.user_id)
-                    .bind(&session.state)
-                    .bind(to_ms(session.created_at))
-                    .bind(to_ms(session.updated_at))
-                    .bind(last_seq)
-                    .bind(&session.trace_id)
-                    .bind(&session.agent)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                )?
+                .execute(params![
+                    session.id,
+                    session.user_id,
+                    session.state,
+                    to_ms(session.created_at),
+                    to_ms(session.updated_at),
+                    last_seq,
+                    session.trace_id,
+                    session.agent,
+                ])?;
+                Ok(())
             })
             .await
     }
@@ -377,16 +358,10 @@ impl Store for SqliteStore {
         let updated = self
             .writes
             .write(move |c| {
-                Box::pin(async move {
-                    let done =
-                        sqlx::query("UPDATE sessions SET state = ?, updated_at = ? WHERE id = ?")
-                            .bind(new_state)
-                            .bind(now_ms())
-                            .bind(id)
-                            .execute(&mut *c)
-                            .await?;
-                    Ok(done.rows_affected())
-                })
+                let changed = c
+                    .prepare_cached("UPDATE sessions SET state = ?, updated_at = ? WHERE id = ?")?
+                    .execute(params![new_state, now_ms(), id])?;
+                Ok(changed)
             })
             .await?;
         if updated == 0 {
@@ -425,25 +400,16 @@ impl Store for SqliteStore {
         let (title, resume_handle) = (title.map(str::to_string), resume_handle.map(str::to_string));
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?) \
-                         ON CONFLICT(session_id, id) DO UPDATE SET \
-                             title = COALESCE(excluded.title, title), \
-                             resume_handle = COALESCE(excluded.resume_handle, resume_handle), \
-                             updated_at = excluded.updated_at",
-                    )
-                    .bind(conversation_id)
-                    .bind(session_id)
-                    .bind(title)
-                    .bind(resume_handle)
-                    .bind(now)
-                    .bind(now)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+                     VALUES (?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT(session_id, id) DO UPDATE SET \
+                         title = COALESCE(excluded.title, title), \
+                         resume_handle = COALESCE(excluded.resume_handle, resume_handle), \
+                         updated_at = excluded.updated_at",
+                )?
+                .execute(params![conversation_id, session_id, title, resume_handle, now, now])?;
+                Ok(())
             })
             .await
     }
@@ -465,24 +431,15 @@ impl Store for SqliteStore {
         let (session_id, conversation_id) = (session_id.to_string(), conversation_id.to_string());
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    let mut tx = c.begin().await?;
-                    sqlx::query(
-                        "DELETE FROM messages WHERE session_id = ? AND conversation_id = ?",
-                    )
-                    .bind(&session_id)
-                    .bind(&conversation_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    let done =
-                        sqlx::query("DELETE FROM conversations WHERE session_id = ? AND id = ?")
-                            .bind(&session_id)
-                            .bind(&conversation_id)
-                            .execute(&mut *tx)
-                            .await?;
-                    tx.commit().await?;
-                    Ok(done.rows_affected() > 0)
-                })
+                // One operation, one savepoint: both deletes or neither.
+                c.prepare_cached(
+                    "DELETE FROM messages WHERE session_id = ? AND conversation_id = ?",
+                )?
+                .execute(params![session_id, conversation_id])?;
+                let deleted = c
+                    .prepare_cached("DELETE FROM conversations WHERE session_id = ? AND id = ?")?
+                    .execute(params![session_id, conversation_id])?;
+                Ok(deleted > 0)
             })
             .await
     }
@@ -491,36 +448,30 @@ impl Store for SqliteStore {
         let message = message.clone();
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    let mut tx = c.begin().await?;
-                    let now = now_ms();
-                    sqlx::query(
-                        "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
-                         VALUES (?, ?, NULL, NULL, ?, ?) \
-                         ON CONFLICT(session_id, id) DO UPDATE SET updated_at = excluded.updated_at",
-                    )
-                    .bind(&message.conversation_id)
-                    .bind(&message.session_id)
-                    .bind(now)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    let done = sqlx::query(
+                // One operation, one savepoint: the conversation and its
+                // message together.
+                let now = now_ms();
+                c.prepare_cached(
+                    "INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+                     VALUES (?, ?, NULL, NULL, ?, ?) \
+                     ON CONFLICT(session_id, id) DO UPDATE SET updated_at = excluded.updated_at",
+                )?
+                .execute(params![message.conversation_id, message.session_id, now, now])?;
+                let inserted = c
+                    .prepare_cached(
                         "INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
                          VALUES (?, ?, ?, ?, ?, ?) \
                          ON CONFLICT(session_id, client_msg_id) DO NOTHING",
-                    )
-                    .bind(&message.session_id)
-                    .bind(&message.conversation_id)
-                    .bind(&message.client_msg_id)
-                    .bind(&message.role)
-                    .bind(&message.content)
-                    .bind(to_ms(message.created_at))
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    Ok(done.rows_affected() > 0)
-                })
+                    )?
+                    .execute(params![
+                        message.session_id,
+                        message.conversation_id,
+                        message.client_msg_id,
+                        message.role,
+                        message.content,
+                        to_ms(message.created_at),
+                    ])?;
+                Ok(inserted > 0)
             })
             .await
     }
@@ -551,19 +502,12 @@ impl Store for SqliteStore {
         );
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES (?, ?, ?, ?) \
-                         ON CONFLICT(task_id) DO NOTHING",
-                    )
-                    .bind(task_id)
-                    .bind(session_id)
-                    .bind(user_id)
-                    .bind(now_ms())
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT(task_id) DO NOTHING",
+                )?
+                .execute(params![task_id, session_id, user_id, now_ms()])?;
+                Ok(())
             })
             .await
     }
@@ -572,16 +516,11 @@ impl Store for SqliteStore {
         let task_id = task_id.to_string();
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "UPDATE usage SET ended_at = ? WHERE task_id = ? AND ended_at IS NULL",
-                    )
-                    .bind(now_ms())
-                    .bind(task_id)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "UPDATE usage SET ended_at = ? WHERE task_id = ? AND ended_at IS NULL",
+                )?
+                .execute(params![now_ms(), task_id])?;
+                Ok(())
             })
             .await
     }
@@ -618,17 +557,11 @@ impl Store for SqliteStore {
         let (session_id, task_id) = (session_id.to_string(), task_id.map(str::to_string));
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?",
-                    )
-                    .bind(task_id)
-                    .bind(now_ms())
-                    .bind(session_id)
-                    .execute(&mut *c)
-                    .await?;
-                    Ok(())
-                })
+                c.prepare_cached(
+                    "UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?",
+                )?
+                .execute(params![task_id, now_ms(), session_id])?;
+                Ok(())
             })
             .await
     }
@@ -637,7 +570,7 @@ impl Store for SqliteStore {
         &self,
         session_id: &str,
         events: &[StoredEvent],
-        runner_seq: Option<u64>,
+        runner_ack: Option<(&str, u64)>,
     ) -> Result<()> {
         let Some(max_seq) = events.iter().map(|e| e.seq).max() else {
             return Ok(());
@@ -648,38 +581,30 @@ impl Store for SqliteStore {
             .iter()
             .map(|e| Ok((seq_to_db(e.seq)?, e.json.clone())))
             .collect::<Result<Vec<_>>>()?;
-        let runner_seq = runner_seq.map(seq_to_db).transpose()?;
+        let (ack_task, ack_seq) = match runner_ack {
+            Some((task, seq)) => (Some(task.to_string()), Some(seq_to_db(seq)?)),
+            None => (None, None),
+        };
         let session_id = session_id.to_string();
         self.writes
             .write(move |c| {
-                Box::pin(async move {
-                    let mut tx = c.begin().await?;
-                    for (seq, json) in rows {
-                        // Same SQL text every time: sqlx prepares it once per
-                        // connection and reuses the cached statement.
-                        sqlx::query(
-                            "INSERT OR IGNORE INTO session_events (session_id, seq, json, created_at) \
-                             VALUES (?, ?, ?, ?)",
-                        )
-                        .bind(&session_id)
-                        .bind(seq)
-                        .bind(json)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    sqlx::query(
-                        "UPDATE sessions SET last_seq = MAX(last_seq, ?), runner_seq = COALESCE(?, runner_seq) \
-                         WHERE id = ?",
-                    )
-                    .bind(max_seq)
-                    .bind(runner_seq)
-                    .bind(&session_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    Ok(())
-                })
+                // One operation, one savepoint: the events and the
+                // session's counters together.
+                let mut insert = c.prepare_cached(
+                    "INSERT OR IGNORE INTO session_events (session_id, seq, json, created_at) \
+                     VALUES (?, ?, ?, ?)",
+                )?;
+                for (seq, json) in rows {
+                    insert.execute(params![session_id, seq, json, now])?;
+                }
+                c.prepare_cached(
+                    "UPDATE sessions SET last_seq = MAX(last_seq, ?1), \
+                     runner_seq = CASE WHEN ?2 IS NOT NULL AND task_id IS ?3 \
+                     THEN MAX(runner_seq, ?2) ELSE runner_seq END \
+                     WHERE id = ?4",
+                )?
+                .execute(params![max_seq, ack_seq, ack_task, session_id])?;
+                Ok(())
             })
             .await
     }
@@ -1101,7 +1026,7 @@ mod tests {
     async fn conversation_needs_its_session() {
         both!(|s| {
             let err = s.upsert_conversation("missing", "c1", None, None).await;
-            assert!(matches!(err, Err(StoreError::Database(_))), "{err:?}");
+            assert!(matches!(err, Err(StoreError::Sqlite(_))), "{err:?}");
         });
     }
 
@@ -1353,7 +1278,7 @@ mod task_binding_tests {
             json: format!("{{\"seq\":{seq}}}"),
         };
         store
-            .append_events("s1", &[ev(1), ev(2)], Some(7))
+            .append_events("s1", &[ev(1), ev(2)], Some(("t-1", 7)))
             .await
             .unwrap();
         store.append_events("s1", &[ev(3)], None).await.unwrap();
@@ -1362,9 +1287,35 @@ mod task_binding_tests {
             (got.task_id.as_deref(), got.runner_seq, got.last_seq),
             (Some("t-1"), 7, 3)
         );
+        // A batch written late (a retry overtaken by a later one) never
+        // lowers the count.
+        store
+            .append_events("s1", &[ev(2)], Some(("t-1", 5)))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_session("s1").await.unwrap().unwrap().runner_seq,
+            7
+        );
         store.set_session_task("s1", Some("t-2")).await.unwrap();
         let got = store.get_session("s1").await.unwrap().unwrap();
         assert_eq!((got.task_id.as_deref(), got.runner_seq), (Some("t-2"), 0));
+        // The old task's late batch is stored but does not count for the
+        // new task's frames.
+        store
+            .append_events("s1", &[ev(4)], Some(("t-1", 9)))
+            .await
+            .unwrap();
+        let got = store.get_session("s1").await.unwrap().unwrap();
+        assert_eq!((got.runner_seq, got.last_seq), (0, 4));
+        store
+            .append_events("s1", &[ev(5)], Some(("t-2", 2)))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_session("s1").await.unwrap().unwrap().runner_seq,
+            2
+        );
         store.set_session_task("s1", None).await.unwrap();
         assert_eq!(
             store.get_session("s1").await.unwrap().unwrap().task_id,

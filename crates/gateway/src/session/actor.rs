@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::persister::{self, PersistItem};
 use super::replay::ReplayBuffer;
 use crate::Shared;
 use crate::auth::validate_conversation_id;
@@ -214,16 +215,6 @@ struct Turn {
     reply: String,
 }
 
-/// Work for the persister, applied strictly in order.
-enum PersistItem {
-    Event {
-        event: StoredEvent,
-        runner_seq: Option<u64>,
-    },
-    /// Bind the session to a task (or none); resets the stored runner seq.
-    BindTask(Option<String>),
-}
-
 pub fn spawn(
     shared: Arc<Shared>,
     record: SessionRecord,
@@ -231,7 +222,7 @@ pub fn spawn(
     self_tx: mpsc::Sender<SessionCmd>,
     rx: mpsc::Receiver<SessionCmd>,
 ) {
-    let persist_tx = spawn_persister(
+    let persist_tx = persister::spawn(
         shared.clone(),
         record.id.clone(),
         record.task_id.clone(),
@@ -616,6 +607,18 @@ impl SessionActor {
             self.reply_duplicate(conn_id, mid);
             return;
         }
+        // A new task is claimed (or launched) before the message's write
+        // commits, so the two overlap; the message is queued for the task
+        // only once stored. A write that fails leaves a started task idle
+        // (the idle timer stops it), never a message lost.
+        let quota_message = if self.task.is_none() {
+            self.weekly_quota_exceeded().await
+        } else {
+            None
+        };
+        if self.task.is_none() && quota_message.is_none() && self.stopping.is_none() {
+            self.start_task();
+        }
         // One write stores the conversation (if new) and the message.
         let record = MessageRecord {
             session_id: self.id.clone(),
@@ -656,27 +659,19 @@ impl SessionActor {
             received_at,
             crashes: 0,
         };
-        let ready = self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready);
-        if !ready
-            && self.task.is_none()
-            && let Some(message) = self.weekly_quota_exceeded().await
-        {
+        if let Some(message) = quota_message {
             // Nothing was started; the message is kept and runs once allowed.
             self.queue.push_back(msg);
             self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
             return;
         }
-        if ready {
+        if self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready) {
             self.dispatch(msg);
         } else {
             self.queue.push_back(msg);
-            if self.task.is_none() {
-                if self.stopping.is_some() {
-                    // Class 3: never bind to the dying task; start once it is gone.
-                    self.start_after_stop = true;
-                } else {
-                    self.start_task();
-                }
+            if self.task.is_none() && self.stopping.is_some() {
+                // Class 3: never bind to the dying task; start once it is gone.
+                self.start_after_stop = true;
             }
         }
     }
@@ -1864,105 +1859,6 @@ impl SessionActor {
         if let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
             let _ = c.tx.try_send(Outbound::Frame(None, json));
         }
-    }
-}
-
-/// Writes a session's events to the store in batches, in order, and reports
-/// back what is stored: clients then get those events, and the runner learns
-/// which of its frames are safe so it can forget them.
-fn spawn_persister(
-    shared: Arc<Shared>,
-    session_id: String,
-    bound_task: Option<String>,
-    tx: mpsc::Sender<SessionCmd>,
-) -> mpsc::UnboundedSender<PersistItem> {
-    let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
-    tokio::spawn(async move {
-        let mut writer = EventWriter {
-            shared,
-            session_id,
-            task: bound_task,
-            tx,
-            events: Vec::new(),
-            runner_seq: None,
-        };
-        let mut pending = Vec::new();
-        while let Some(first) = rx.recv().await {
-            pending.push(first);
-            while pending.len() < 512 {
-                match rx.try_recv() {
-                    Ok(item) => pending.push(item),
-                    Err(_) => break,
-                }
-            }
-            for item in pending.drain(..) {
-                match item {
-                    PersistItem::Event { event, runner_seq } => {
-                        writer.events.push(event);
-                        writer.runner_seq = runner_seq.or(writer.runner_seq);
-                    }
-                    PersistItem::BindTask(task) => {
-                        writer.flush().await;
-                        writer.bind(task).await;
-                    }
-                }
-            }
-            writer.flush().await;
-        }
-    });
-    persist_tx
-}
-
-struct EventWriter {
-    shared: Arc<Shared>,
-    session_id: String,
-    task: Option<String>,
-    tx: mpsc::Sender<SessionCmd>,
-    events: Vec<StoredEvent>,
-    runner_seq: Option<u64>,
-}
-
-impl EventWriter {
-    async fn flush(&mut self) {
-        let Some(seq) = self.events.last().map(|e| e.seq) else {
-            return;
-        };
-        let mut delay = Duration::from_millis(50);
-        while let Err(e) = self
-            .shared
-            .store
-            .append_events(&self.session_id, &self.events, self.runner_seq)
-            .await
-        {
-            tracing::error!(event = "store_error", sessionId = %self.session_id, error = %e, "could not persist events; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-        let runner_seq = self
-            .runner_seq
-            .take()
-            .zip(self.task.clone())
-            .map(|(s, t)| (t, s));
-        self.events.clear();
-        let _ = self
-            .tx
-            .send(SessionCmd::Persisted { seq, runner_seq })
-            .await;
-    }
-
-    async fn bind(&mut self, task: Option<String>) {
-        let mut delay = Duration::from_millis(50);
-        while let Err(e) = self
-            .shared
-            .store
-            .set_session_task(&self.session_id, task.as_deref())
-            .await
-        {
-            tracing::error!(event = "store_error", sessionId = %self.session_id, error = %e, "could not record the session's task; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-        self.task = task;
     }
 }
 

@@ -2,6 +2,7 @@
 //! session's state machine, task, replay buffer and attached clients.
 
 mod actor;
+mod persister;
 mod replay;
 
 use std::collections::HashMap;
