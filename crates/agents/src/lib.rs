@@ -33,8 +33,32 @@ mod wire;
 pub const BUILTIN_KINDS: &[&str] = &["echo", "shell", "llm", "claude"];
 
 /// Run a built-in agent over this process's stdin/stdout until stdin closes.
+///
+/// When they are pipes (as a runner gives them), they are read and written
+/// on the runtime's own thread. tokio's `stdin()`/`stdout()` hand every read
+/// and write to a blocking-pool thread instead: a context switch each way
+/// per line, and a pre-started agent created that thread in the middle of
+/// its first reply. A terminal or file falls back to those.
 pub async fn run_stdio(kind: &str) -> anyhow::Result<()> {
-    run(kind, tokio::io::stdin(), tokio::io::stdout()).await
+    use std::os::fd::AsFd;
+    use tokio::net::unix::pipe;
+    let input: Box<dyn AsyncRead + Unpin + Send> = match std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(pipe::Receiver::from_owned_fd)
+    {
+        Ok(pipe) => Box::new(pipe),
+        Err(_) => Box::new(tokio::io::stdin()),
+    };
+    let output: Box<dyn AsyncWrite + Unpin + Send> = match std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(pipe::Sender::from_owned_fd)
+    {
+        Ok(pipe) => Box::new(pipe),
+        Err(_) => Box::new(tokio::io::stdout()),
+    };
+    run(kind, input, output).await
 }
 
 /// Run a built-in agent over any reader/writer, in the current directory as

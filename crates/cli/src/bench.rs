@@ -87,6 +87,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.rounds {
             // Let the pool refill between rounds, as between bursts of users.
             wait_for_pool(&url, n).await;
+            perf_control("enable");
             let tasks: Vec<_> = (0..n)
                 .map(|_| tokio::spawn(new_session(url.clone(), token.clone(), timeout)))
                 .collect();
@@ -97,6 +98,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 samples.push(s);
             }
+            perf_control("disable");
         }
         levels.push(level_json(n, args.rounds, &samples));
     }
@@ -306,7 +308,7 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
     Ok(
-        tokio_tungstenite::connect_async_with_config(req, None, true)
+        tokio_tungstenite::connect_async_with_config(req, Some(crate::chat::ws_config()), true)
             .await?
             .0,
     )
@@ -436,6 +438,17 @@ fn rss_mib(pid: u32) -> (Option<f64>, Option<f64>) {
             .map(|kib| (kib / 1024.0 * 10.0).round() / 10.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Profile only the bursts: with `AISHELL_BENCH_PERF_CTL` naming the control
+/// fifo of `perf record -D -1 --control=fifo:...`, recording is switched on
+/// as each round's sessions start and off when the last has its answer.
+fn perf_control(command: &str) {
+    if let Some(fifo) = std::env::var_os("AISHELL_BENCH_PERF_CTL")
+        && let Err(e) = std::fs::write(&fifo, format!("{command}\n"))
+    {
+        eprintln!("AISHELL_BENCH_PERF_CTL: {e}");
+    }
 }
 
 /// A gateway started for the benchmark on a free loopback port.

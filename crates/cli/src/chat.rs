@@ -101,7 +101,9 @@ impl Chat {
             format!("Bearer {}", self.args.token).parse()?,
         );
         let (mut ws, _) =
-            match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+            match tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true)
+                .await
+            {
                 Ok(ok) => ok,
                 Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                     let body = resp
@@ -307,4 +309,10 @@ fn error_message(event: &ServerEvent) -> String {
 
 fn uuid_like() -> String {
     uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The WebSocket settings of aishell's client ends (terminal, bench).
+pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
 }

@@ -26,13 +26,6 @@ fn set_faults(file: &PathBuf, rules: &str) {
     std::fs::write(file, rules).unwrap();
 }
 
-fn first_error(frames: &[serde_json::Value]) -> &serde_json::Value {
-    of_type(frames, "error")
-        .first()
-        .copied()
-        .unwrap_or_else(|| panic!("no error frame: {}", pretty(frames)))
-}
-
 /// Class 1: the original's ECS role lacked DescribeTasks. A failing status
 /// call must reach the client with the backend's reason within 1 s.
 #[tokio::test]

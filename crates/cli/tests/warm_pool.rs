@@ -292,3 +292,58 @@ async fn stopping_the_gateway_during_warm_launches_leaves_no_runner() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// On a first start, messages go to the runner right behind `init_user`
+/// (early dispatch). If that start then fails before `ready`, the message
+/// is not lost: it goes back to the queue and runs, in order, on the next
+/// task.
+#[tokio::test]
+async fn a_message_sent_ahead_of_ready_survives_a_failed_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("agent-fails-once.sh");
+    // The first agent reads its `init` and dies without answering; every
+    // later one echoes each message back. The marker lives in the user's
+    // workspace (the agent's working directory), which outlives tasks.
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+read line
+if [ ! -e failed-once ]; then : > failed-once; exit 3; fi
+echo '{"type":"init","agent":"once"}'
+while read line; do
+  conv=$(printf '%s' "$line" | sed -n 's/.*"conversation_id":"\([^"]*\)".*/\1/p')
+  text=$(printf '%s' "$line" | sed -n 's/.*"content":"\([^"]*\)".*/\1/p')
+  echo "{\"type\":\"text_delta\",\"conversation_id\":\"$conv\",\"delta\":\"$text\"}"
+  echo "{\"type\":\"finish\",\"conversation_id\":\"$conv\"}"
+done
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let gw = Gateway::start(&[
+        "--agent-command",
+        script.to_str().unwrap(),
+        "--warm-pool-target-size",
+        "2",
+    ]);
+    gw.wait_pool_ready(2, WAIT).await;
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    let frames = c.until(|v| is_type(v, "error"), WAIT).await;
+    let status = of_type(&frames, "status");
+    assert_eq!(status[0]["source"], "warm", "{}", pretty(&frames));
+    assert_eq!(
+        first_error(&frames)["error"]["code"],
+        "TASK_START_FAILED",
+        "{}",
+        pretty(&frames)
+    );
+    assert!(
+        gw.workspace("local").join("failed-once").exists(),
+        "the failing agent ran"
+    );
+    // The next message starts a new task; the first one runs before it.
+    c.message("m2", "second").await;
+    assert_eq!(text_of(&c.turn().await), "first");
+    assert_eq!(text_of(&c.turn().await), "second");
+}

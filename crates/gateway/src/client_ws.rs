@@ -81,6 +81,7 @@ pub async fn handler(
     let hard_cap = max.saturating_mul(2).max(max + 1024);
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
+        .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             connection(shared, identity, session_id, last_seq, socket).await;
             drop(slot);

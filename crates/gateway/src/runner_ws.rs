@@ -66,6 +66,7 @@ pub async fn cold(
         }
     };
     ws.max_message_size(64 << 20)
+        .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| connection(shared, claims, Some(handle), socket))
 }
 
@@ -88,6 +89,7 @@ pub async fn warm(
             .into_response();
     }
     ws.max_message_size(64 << 20)
+        .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| connection(shared, claims, None, socket))
 }
 

@@ -30,6 +30,13 @@ pub const MIN_RUNNER_PROTOCOL_VERSION: u32 = 1;
 /// Default limit on one client frame (SPEC §4): larger frames close with 1009.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 
+/// Read buffer of every WebSocket end aishell opens (gateway, runner,
+/// terminal client, bench). tungstenite zero-fills its whole read buffer
+/// before every socket read: at its 128 KiB default that memset was a fifth
+/// of the gateway's CPU in a burst of new sessions. Frames are mostly a few
+/// hundred bytes; larger ones just take more reads.
+pub const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Why a frame could not be decoded; always turned into `BAD_FRAME` for clients.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {

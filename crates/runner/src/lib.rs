@@ -176,6 +176,7 @@ impl Runner {
             .map_err(|_| ConnectError::Refused("credential is not a valid header".into()))?;
         request.headers_mut().insert("authorization", bearer);
         let ws_config = WebSocketConfig::default()
+            .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);

@@ -442,6 +442,14 @@ pub fn text_of(frames: &[Value]) -> String {
         .collect()
 }
 
+/// The first `error` frame among `frames` (panics, showing them, if none).
+pub fn first_error(frames: &[Value]) -> &Value {
+    of_type(frames, "error")
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no error frame: {}", pretty(frames)))
+}
+
 pub fn pretty(frames: &[Value]) -> String {
     frames
         .iter()

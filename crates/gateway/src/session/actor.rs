@@ -665,7 +665,7 @@ impl SessionActor {
             self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
             return;
         }
-        if self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready) {
+        if self.accepts_messages() {
             self.dispatch(msg);
         } else {
             self.queue.push_back(msg);
@@ -691,11 +691,54 @@ impl SessionActor {
                 first_event_seen: false,
                 reply: String::new(),
             });
-        self.send_to_agent(AgentInput::Message {
-            conversation_id: msg.conversation_id,
-            content: msg.content,
-            message_id: msg.message_id,
-        });
+        if let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) {
+            let _ = link.tx.send(GatewayToRunner::Agent {
+                frame: AgentInput::Message {
+                    conversation_id: msg.conversation_id,
+                    content: msg.content,
+                    message_id: msg.message_id,
+                },
+            });
+        }
+    }
+
+    /// Whether a message may go to the task now. Once it is ready, yes. On
+    /// a first start, also while the agent is activating: the runner writes
+    /// messages to the agent right behind its `init`, so the agent begins as
+    /// soon as it is up instead of after a round trip through the gateway
+    /// (its `ready` still reaches us first). A restart waits for `ready`,
+    /// because the conversations must be restored before any message.
+    fn accepts_messages(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| match t.phase {
+            Phase::Ready => true,
+            Phase::Activating => !t.is_restart && t.runner.is_some(),
+            _ => false,
+        })
+    }
+
+    /// Send the queued messages, in order, if the task takes them now.
+    fn dispatch_queued(&mut self) {
+        while self.accepts_messages()
+            && let Some(msg) = self.queue.pop_front()
+        {
+            self.dispatch(msg);
+        }
+    }
+
+    /// Before `ready` no agent has begun a message: put the ones sent
+    /// ahead of it back at the front of the queue, in order, for the next
+    /// task (or the same one, re-initialised).
+    fn requeue_early_turns(&mut self) {
+        let mut turns: Vec<QueuedMessage> = self
+            .turns
+            .drain()
+            .flat_map(|(_, t)| t)
+            .map(|t| t.message)
+            .collect();
+        turns.sort_by_key(|m| m.received_at);
+        for msg in turns.into_iter().rev() {
+            self.queue.push_front(msg);
+        }
     }
 
     fn send_to_agent(&self, frame: AgentInput) {
@@ -831,6 +874,7 @@ impl SessionActor {
                 task.runner = Some(link);
             }
             self.send_init_user();
+            self.dispatch_queued();
             return;
         }
         let spec = LaunchSpec {
@@ -1042,6 +1086,7 @@ impl SessionActor {
                 lifecycle!(self, "task_connect", taskId = %attach.task_id, duration_ms = ms(took), "runner connected");
                 crate::metrics::phase("task_connect", None, took);
                 self.send_init_user();
+                self.dispatch_queued();
             }
             _ => {
                 // A re-dial (network blip, gateway restart): swap the socket;
@@ -1050,7 +1095,10 @@ impl SessionActor {
                 task.runner_lost_at = None;
                 tracing::info!(event = "runner_reattached", sessionId = %self.id, taskId = %attach.task_id, "runner re-attached");
                 if !attach.agent_running && task.phase == Phase::Activating {
+                    // It never ran `init_user`, so not the messages behind it.
+                    self.requeue_early_turns();
                     self.send_init_user();
+                    self.dispatch_queued();
                 }
             }
         }
@@ -1301,9 +1349,7 @@ impl SessionActor {
         } else if is_restart && !adopted {
             self.emit(ServerEvent::SessionRecovered { restored: 0 });
         }
-        while let Some(msg) = self.queue.pop_front() {
-            self.dispatch(msg);
-        }
+        self.dispatch_queued();
     }
 
     // ---- agent output --------------------------------------------------
@@ -1422,6 +1468,7 @@ impl SessionActor {
             task.requested_at.elapsed(),
         );
         tracing::error!(event = "task_start_failed", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, taskId = %task_id, code = code.as_str(), duration_ms = ms(took), reason = %message, "task start failed");
+        self.requeue_early_turns();
         if is_restart {
             lifecycle!(self, "task_restart", taskId = %task_id, duration_ms = ms(took), success = false, "task restart failed");
             crate::metrics::phase("task_restart", Some("failure"), took);
