@@ -59,13 +59,18 @@ fn main() -> std::process::ExitCode {
         warm_runner.then(aishell_runner::prestart::WorkspaceSlot::enter_private_namespace);
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
-        // Their stdio goes through tokio's blocking pool, whose threads
-        // exit after 10 s idle by default: a warm agent claimed after a
-        // minute in the pool then paid for new threads (clone, stack
-        // faults) on its first reply. Keep them for the task's life.
+        // Blocking-pool threads (a terminal's stdio, tools) otherwise exit
+        // after 10 s idle, and a warm agent claimed after a minute in the
+        // pool would pay for new threads in the middle of its first reply.
         Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_keep_alive(std::time::Duration::from_secs(24 * 3600))
+            .build(),
+        // The load generator shares the machine with the gateway it
+        // measures: one thread keeps its own cost (and cross-thread
+        // wake-ups) out of the figures as far as possible.
+        Command::Bench(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build(),
         _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -224,8 +224,31 @@ async fn connection(
             out = rx.recv() => match out {
                 Some(Outbound::Frame(seq, json)) => {
                     sent_seq = seq.unwrap_or(sent_seq);
-                    if sink.send(Message::Text(Utf8Bytes::from(&*json))).await.is_err() {
+                    // Frames already queued behind it leave in the same
+                    // write (a session's start-up events usually come as a
+                    // batch): one syscall and one wake-up of the client.
+                    let mut sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
+                    let mut next = None;
+                    while sent.is_ok() {
+                        match rx.try_recv() {
+                            Ok(Outbound::Frame(seq, json)) => {
+                                sent_seq = seq.unwrap_or(sent_seq);
+                                sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
+                            }
+                            Ok(close) => {
+                                next = Some(close);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if sent.is_err() || sink.flush().await.is_err() {
                         reason = "send failed".into();
+                        break;
+                    }
+                    if let Some(Outbound::Close(code, why)) = next {
+                        let _ = sink.send(close(code, &why)).await;
+                        reason = why;
                         break;
                     }
                 }

@@ -249,8 +249,16 @@ async fn connection(
             }
             out = rx.recv() => {
                 let Some(frame) = out else { break };
-                let json = serde_json::to_string(&frame).expect("gateway frame serialises");
-                if sink.send(Message::Text(json.into())).await.is_err() {
+                // Frames queued behind it (`init_user` and the first
+                // message, on an early dispatch) leave in one write.
+                let mut frame = Some(frame);
+                let mut sent = Ok(());
+                while let Some(f) = frame.take().filter(|_| sent.is_ok()) {
+                    let json = serde_json::to_string(&f).expect("gateway frame serialises");
+                    sent = sink.feed(Message::Text(json.into())).await;
+                    frame = rx.try_recv().ok();
+                }
+                if sent.is_err() || sink.flush().await.is_err() {
                     break;
                 }
             }

@@ -109,24 +109,28 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Operation>) {
                 }
             }
         };
-        // A batch is CPU work of bounded size, but a lock held by another
-        // process (busy timeout) could stall it: keep the runtime's other
-        // tasks moving where the runtime allows.
-        let result = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
-            _ => run(),
-        };
+        // Inline on this worker: a batch is CPU work of bounded size (no
+        // fsync per commit under WAL + synchronous=NORMAL), and handing it
+        // to another thread (block_in_place) cost more than it saved. Only a
+        // CLI process writing the same file (`aishell token`) can make it
+        // wait, for that one short transaction.
+        let result = run();
         if let Err(message) = result {
             tracing::error!(event = "store_error", error = %message, "group commit failed");
         }
     }
 }
 
+/// Run one fixed statement, prepared once per batch's connection wrapper.
+fn exec(db: &Connection, sql: &str) -> rusqlite::Result<()> {
+    db.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 /// One transaction, a savepoint per operation. Err: the batch did not
 /// commit (every caller that ran was told; operations not run see their
 /// channel close).
 fn run_batch(db: &Connection, batch: &mut Vec<Operation>) -> std::result::Result<(), String> {
-    if let Err(e) = db.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = exec(db, "BEGIN IMMEDIATE") {
         batch.clear();
         return Err(e.to_string());
     }
@@ -139,16 +143,16 @@ fn run_batch(db: &Connection, batch: &mut Vec<Operation>) -> std::result::Result
             aborted.get_or_insert_with(|| "the transaction was rolled back".to_string());
             continue; // dropped unrun
         }
-        if let Err(e) = db.execute_batch("SAVEPOINT op") {
+        if let Err(e) = exec(db, "SAVEPOINT op") {
             aborted = Some(e.to_string());
             continue;
         }
         let (ok, deliver) = op(db);
         deliveries.push(deliver);
         let end = if ok {
-            db.execute_batch("RELEASE op")
+            exec(db, "RELEASE op")
         } else {
-            db.execute_batch("ROLLBACK TO op; RELEASE op")
+            exec(db, "ROLLBACK TO op").and_then(|()| exec(db, "RELEASE op"))
         };
         if let Err(e) = end {
             aborted = Some(e.to_string());
@@ -156,10 +160,10 @@ fn run_batch(db: &Connection, batch: &mut Vec<Operation>) -> std::result::Result
     }
     let outcome = match aborted {
         Some(e) => Err(e),
-        None => db.execute_batch("COMMIT").map_err(|e| e.to_string()),
+        None => exec(db, "COMMIT").map_err(|e| e.to_string()),
     };
     if outcome.is_err() && !db.is_autocommit() {
-        let _ = db.execute_batch("ROLLBACK");
+        let _ = exec(db, "ROLLBACK");
     }
     for deliver in deliveries {
         deliver(outcome.as_ref().err().cloned());

@@ -35,6 +35,38 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What one [`Store::write_session`] stores.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionWrite<'a> {
+    pub events: &'a [StoredEvent],
+    /// `(task_id, seq)`: the last agent frame of that task among `events`.
+    pub runner_ack: Option<(&'a str, u64)>,
+    pub state: Option<&'a str>,
+}
+
+impl<'a> SessionWrite<'a> {
+    pub fn events(events: &'a [StoredEvent]) -> Self {
+        SessionWrite {
+            events,
+            ..Default::default()
+        }
+    }
+
+    pub fn state(state: &'a str) -> Self {
+        SessionWrite {
+            state: Some(state),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_ack(self, task_id: &'a str, seq: u64) -> Self {
+        SessionWrite {
+            runner_ack: Some((task_id, seq)),
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     /// Public id (for `token list` / `token revoke`); not the secret.
@@ -127,7 +159,6 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_session(&self, session: &SessionRecord) -> Result<()>;
     async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>>;
-    async fn update_session_state(&self, session_id: &str, state: &str) -> Result<()>;
     /// Sessions of one user, or of everyone, newest first.
     async fn list_sessions(&self, user_id: Option<&str>) -> Result<Vec<SessionRecord>>;
 
@@ -159,20 +190,16 @@ pub trait Store: Send + Sync + 'static {
     /// Bind the session to a task (or to none), resetting its `runner_seq`.
     async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()>;
 
-    /// Append events (ascending seq) in one transaction and raise the
-    /// session's `last_seq`. With `runner_ack = (task_id, seq)`, also raise
-    /// in the same transaction the session's `runner_seq` (the last agent
+    /// One write of a session's ordered persister, in one transaction:
+    /// append `events` (ascending seq; re-appending an existing seq is a
+    /// no-op) and raise the session's `last_seq`; with `runner_ack =
+    /// (task_id, seq)`, raise the session's `runner_seq` (the last agent
     /// frame these events include) — only while `task_id` is still the
-    /// session's bound task, and never lowering it: a batch written late
+    /// session's bound task, and never lowering it, so a batch written late
     /// (retried, or overtaken by a pipelined later one) cannot regress it or
-    /// leak one task's frame count onto the next. Re-appending an existing
-    /// seq is a no-op.
-    async fn append_events(
-        &self,
-        session_id: &str,
-        events: &[StoredEvent],
-        runner_ack: Option<(&str, u64)>,
-    ) -> Result<()>;
+    /// leak one task's frame count onto the next; with `state`, set the
+    /// session's state.
+    async fn write_session(&self, session_id: &str, write: SessionWrite<'_>) -> Result<()>;
     /// A task started serving a session (usage accounting).
     async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()>;
     /// The task stopped; idempotent.

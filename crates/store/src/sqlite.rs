@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 
 use crate::group_commit::WriteQueue;
 use crate::{
-    ConversationRecord, MessageRecord, Result, SessionRecord, Store, StoreError, StoredEvent,
-    TokenRecord, token,
+    ConversationRecord, MessageRecord, Result, SessionRecord, SessionWrite, Store, StoreError,
+    StoredEvent, TokenRecord, token,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -353,27 +353,6 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn update_session_state(&self, session_id: &str, state: &str) -> Result<()> {
-        let (id, new_state) = (session_id.to_string(), state.to_string());
-        let updated = self
-            .writes
-            .write(move |c| {
-                let changed = c
-                    .prepare_cached("UPDATE sessions SET state = ?, updated_at = ? WHERE id = ?")?
-                    .execute(params![new_state, now_ms(), id])?;
-                Ok(changed)
-            })
-            .await?;
-        if updated == 0 {
-            tracing::debug!(
-                session_id,
-                state,
-                "state update for unknown session ignored"
-            );
-        }
-        Ok(())
-    }
-
     async fn list_sessions(&self, user_id: Option<&str>) -> Result<Vec<SessionRecord>> {
         let sql = format!(
             "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR user_id = ?1) \
@@ -566,30 +545,33 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn append_events(
-        &self,
-        session_id: &str,
-        events: &[StoredEvent],
-        runner_ack: Option<(&str, u64)>,
-    ) -> Result<()> {
-        let Some(max_seq) = events.iter().map(|e| e.seq).max() else {
+    async fn write_session(&self, session_id: &str, write: SessionWrite<'_>) -> Result<()> {
+        let max_seq = write
+            .events
+            .iter()
+            .map(|e| e.seq)
+            .max()
+            .map(seq_to_db)
+            .transpose()?;
+        if max_seq.is_none() && write.state.is_none() {
             return Ok(());
-        };
-        let max_seq = seq_to_db(max_seq)?;
+        }
         let now = now_ms();
-        let rows = events
+        let rows = write
+            .events
             .iter()
             .map(|e| Ok((seq_to_db(e.seq)?, e.json.clone())))
             .collect::<Result<Vec<_>>>()?;
-        let (ack_task, ack_seq) = match runner_ack {
+        let (ack_task, ack_seq) = match write.runner_ack {
             Some((task, seq)) => (Some(task.to_string()), Some(seq_to_db(seq)?)),
             None => (None, None),
         };
+        let state = write.state.map(str::to_string);
         let session_id = session_id.to_string();
         self.writes
             .write(move |c| {
                 // One operation, one savepoint: the events and the
-                // session's counters together.
+                // session's counters and state together.
                 let mut insert = c.prepare_cached(
                     "INSERT OR IGNORE INTO session_events (session_id, seq, json, created_at) \
                      VALUES (?, ?, ?, ?)",
@@ -598,12 +580,14 @@ impl Store for SqliteStore {
                     insert.execute(params![session_id, seq, json, now])?;
                 }
                 c.prepare_cached(
-                    "UPDATE sessions SET last_seq = MAX(last_seq, ?1), \
+                    "UPDATE sessions SET last_seq = MAX(last_seq, COALESCE(?1, last_seq)), \
                      runner_seq = CASE WHEN ?2 IS NOT NULL AND task_id IS ?3 \
-                     THEN MAX(runner_seq, ?2) ELSE runner_seq END \
+                     THEN MAX(runner_seq, ?2) ELSE runner_seq END, \
+                     state = COALESCE(?5, state), \
+                     updated_at = CASE WHEN ?5 IS NULL THEN updated_at ELSE ?6 END \
                      WHERE id = ?4",
                 )?
-                .execute(params![max_seq, ack_seq, ack_task, session_id])?;
+                .execute(params![max_seq, ack_seq, ack_task, session_id, state, now])?;
                 Ok(())
             })
             .await
@@ -884,7 +868,9 @@ mod tests {
                 .collect();
             assert_eq!(alice, ["s3", "s1"]);
 
-            s.update_session_state("s1", "STOPPED").await.unwrap();
+            s.write_session("s1", SessionWrite::state("STOPPED"))
+                .await
+                .unwrap();
             let s1 = s.get_session("s1").await.unwrap().unwrap();
             assert_eq!(s1.state, "STOPPED");
             assert!(s1.updated_at > s1.created_at);
@@ -939,12 +925,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn append_events_is_idempotent_and_ordered() {
+    async fn session_events_are_idempotent_and_ordered() {
         both!(|s| {
             s.create_session(&session("s1", "alice", 1_000))
                 .await
                 .unwrap();
-            s.append_events("s1", &events(1..=5), None).await.unwrap();
+            s.write_session("s1", SessionWrite::events(&events(1..=5)))
+                .await
+                .unwrap();
             assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 5);
 
             // Re-appending overlapping seqs keeps the original payloads.
@@ -954,15 +942,21 @@ mod tests {
                     e.json = "CHANGED".to_string();
                 }
             }
-            s.append_events("s1", &replay, None).await.unwrap();
+            s.write_session("s1", SessionWrite::events(&replay))
+                .await
+                .unwrap();
             let all = s.events_after("s1", 0, 100).await.unwrap();
             assert_eq!(all, events(1..=7));
             assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 7);
 
             // A stale batch never lowers last_seq.
-            s.append_events("s1", &events(1..=2), None).await.unwrap();
+            s.write_session("s1", SessionWrite::events(&events(1..=2)))
+                .await
+                .unwrap();
             assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 7);
-            s.append_events("s1", &[], None).await.unwrap();
+            s.write_session("s1", SessionWrite::events(&[]))
+                .await
+                .unwrap();
 
             let page = s.events_after("s1", 2, 3).await.unwrap();
             assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
@@ -973,14 +967,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn append_events_handles_large_batches() {
+    async fn a_session_write_sets_state_with_or_without_events() {
+        both!(|s| {
+            s.create_session(&session("s1", "alice", 1_000))
+                .await
+                .unwrap();
+            let first_two = events(1..=2);
+            let with_events = SessionWrite {
+                state: Some("RUNNING"),
+                ..SessionWrite::events(&first_two)
+            };
+            s.write_session("s1", with_events).await.unwrap();
+            let got = s.get_session("s1").await.unwrap().unwrap();
+            assert_eq!((got.state.as_str(), got.last_seq), ("RUNNING", 2));
+            // State alone leaves the events and their counter as they are.
+            s.write_session("s1", SessionWrite::state("IDLE"))
+                .await
+                .unwrap();
+            let got = s.get_session("s1").await.unwrap().unwrap();
+            assert_eq!((got.state.as_str(), got.last_seq), ("IDLE", 2));
+            assert_eq!(s.events_after("s1", 0, 10).await.unwrap(), events(1..=2));
+        });
+    }
+
+    #[tokio::test]
+    async fn session_writes_handle_large_batches() {
         both!(|s| {
             s.create_session(&session("s1", "alice", 1_000))
                 .await
                 .unwrap();
             let started = std::time::Instant::now();
             for chunk in events(1..=2_000).chunks(500) {
-                s.append_events("s1", chunk, None).await.unwrap();
+                s.write_session("s1", SessionWrite::events(chunk))
+                    .await
+                    .unwrap();
             }
             let elapsed = started.elapsed();
             assert!(
@@ -1164,7 +1184,9 @@ mod tests {
             s.insert_message(&message("s1", "c1", Some("m"), "hi"))
                 .await
                 .unwrap();
-            s.append_events("s1", &events(1..=3), None).await.unwrap();
+            s.write_session("s1", SessionWrite::events(&events(1..=3)))
+                .await
+                .unwrap();
             s.close().await;
             plain
         };
@@ -1278,10 +1300,16 @@ mod task_binding_tests {
             json: format!("{{\"seq\":{seq}}}"),
         };
         store
-            .append_events("s1", &[ev(1), ev(2)], Some(("t-1", 7)))
+            .write_session(
+                "s1",
+                SessionWrite::events(&[ev(1), ev(2)]).with_ack("t-1", 7),
+            )
             .await
             .unwrap();
-        store.append_events("s1", &[ev(3)], None).await.unwrap();
+        store
+            .write_session("s1", SessionWrite::events(&[ev(3)]))
+            .await
+            .unwrap();
         let got = store.get_session("s1").await.unwrap().unwrap();
         assert_eq!(
             (got.task_id.as_deref(), got.runner_seq, got.last_seq),
@@ -1290,7 +1318,7 @@ mod task_binding_tests {
         // A batch written late (a retry overtaken by a later one) never
         // lowers the count.
         store
-            .append_events("s1", &[ev(2)], Some(("t-1", 5)))
+            .write_session("s1", SessionWrite::events(&[ev(2)]).with_ack("t-1", 5))
             .await
             .unwrap();
         assert_eq!(
@@ -1303,13 +1331,13 @@ mod task_binding_tests {
         // The old task's late batch is stored but does not count for the
         // new task's frames.
         store
-            .append_events("s1", &[ev(4)], Some(("t-1", 9)))
+            .write_session("s1", SessionWrite::events(&[ev(4)]).with_ack("t-1", 9))
             .await
             .unwrap();
         let got = store.get_session("s1").await.unwrap().unwrap();
         assert_eq!((got.runner_seq, got.last_seq), (0, 4));
         store
-            .append_events("s1", &[ev(5)], Some(("t-2", 2)))
+            .write_session("s1", SessionWrite::events(&[ev(5)]).with_ack("t-2", 2))
             .await
             .unwrap();
         assert_eq!(

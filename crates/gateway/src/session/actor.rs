@@ -1808,13 +1808,8 @@ impl SessionActor {
         if state != self.last_state {
             crate::metrics::session_state(Some(&self.last_state), Some(&state));
             self.last_state = state.clone();
-            let store = self.shared.store.clone();
-            let id = self.id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.update_session_state(&id, &state).await {
-                    tracing::error!(event = "store_error", sessionId = %id, error = %e, "could not save session state");
-                }
-            });
+            // In order with the events, in the same write when they meet.
+            let _ = self.persist_tx.send(PersistItem::State(state));
         }
     }
 

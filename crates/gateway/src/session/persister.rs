@@ -1,5 +1,5 @@
-//! A session's event persister: writes its events to the store in order and
-//! reports back what is stored. Clients get an event only once it is stored
+//! A session's event persister: writes its events (with its task binding and
+//! state) to the store in order and reports back what is stored. Clients get an event only once it is stored
 //! (a restarted gateway never contradicts what a client saw), and the runner
 //! learns which of its frames it may forget.
 //!
@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aishell_store::StoredEvent;
+use aishell_store::{SessionWrite, StoredEvent};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
@@ -37,6 +37,8 @@ pub(super) enum PersistItem {
     },
     /// Bind the session to a task (or none); resets the stored runner seq.
     BindTask(Option<String>),
+    /// The session's state (SPEC §3.1) changed; only the latest is written.
+    State(String),
 }
 
 /// Most items taken from the queue for one round of writes.
@@ -44,11 +46,12 @@ const MAX_ITEMS: usize = 512;
 
 /// One write, kept so it can be run again.
 enum Unit {
-    /// Store events; `ack` is the runner seq of the last agent frame among
-    /// them, with the task it came from.
-    Events {
+    /// Store events and the latest state; `ack` is the runner seq of the
+    /// last agent frame among the events, with the task it came from.
+    Session {
         events: Vec<StoredEvent>,
         ack: Option<(String, u64)>,
+        state: Option<String>,
     },
     /// Record the session's task.
     Bind(Option<String>),
@@ -98,26 +101,35 @@ pub(super) fn spawn(
                     }
                     let mut events = Vec::new();
                     let mut runner_seq = None;
+                    let mut state = None;
                     for item in items.drain(..) {
                         match item {
                             PersistItem::Event { event, runner_seq: r } => {
                                 events.push(event);
                                 runner_seq = r.or(runner_seq);
                             }
+                            PersistItem::State(s) => state = Some(s),
                             PersistItem::BindTask(next) => {
-                                if !events.is_empty() {
-                                    let ack = task.clone().zip(runner_seq.take());
-                                    let events = std::mem::take(&mut events);
-                                    in_flight.push_back(write_once(&shared, &session_id, Unit::Events { events, ack }));
+                                if !events.is_empty() || state.is_some() {
+                                    let unit = Unit::Session {
+                                        events: std::mem::take(&mut events),
+                                        ack: task.clone().zip(runner_seq.take()),
+                                        state: state.take(),
+                                    };
+                                    in_flight.push_back(write_once(&shared, &session_id, unit));
                                 }
                                 task.clone_from(&next);
                                 in_flight.push_back(write_once(&shared, &session_id, Unit::Bind(next)));
                             }
                         }
                     }
-                    if !events.is_empty() {
-                        let ack = task.clone().zip(runner_seq.take());
-                        in_flight.push_back(write_once(&shared, &session_id, Unit::Events { events, ack }));
+                    if !events.is_empty() || state.is_some() {
+                        let unit = Unit::Session {
+                            events,
+                            ack: task.clone().zip(runner_seq.take()),
+                            state,
+                        };
+                        in_flight.push_back(write_once(&shared, &session_id, unit));
                     }
                 }
             }
@@ -129,27 +141,29 @@ pub(super) fn spawn(
 /// Tell the actor what a stored write allows; false if the actor has gone.
 async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
     match unit {
-        Unit::Events { events, ack } => {
-            let seq = events.last().map_or(0, |e| e.seq);
-            tx.send(SessionCmd::Persisted {
-                seq,
-                runner_seq: ack,
-            })
-            .await
-            .is_ok()
-        }
+        Unit::Session { events, ack, .. } => match events.last() {
+            Some(last) => tx
+                .send(SessionCmd::Persisted {
+                    seq: last.seq,
+                    runner_seq: ack,
+                })
+                .await
+                .is_ok(),
+            None => true,
+        },
         Unit::Bind(_) => true,
     }
 }
 
 async fn try_write(shared: &Shared, session_id: &str, unit: &Unit) -> bool {
     let result = match unit {
-        Unit::Events { events, ack } => {
-            let runner_ack = ack.as_ref().map(|(t, s)| (t.as_str(), *s));
-            shared
-                .store
-                .append_events(session_id, events, runner_ack)
-                .await
+        Unit::Session { events, ack, state } => {
+            let write = SessionWrite {
+                events,
+                runner_ack: ack.as_ref().map(|(t, s)| (t.as_str(), *s)),
+                state: state.as_deref(),
+            };
+            shared.store.write_session(session_id, write).await
         }
         Unit::Bind(task) => {
             shared
