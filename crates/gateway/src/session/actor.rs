@@ -223,7 +223,7 @@ pub fn spawn(
     rx: mpsc::Receiver<SessionCmd>,
 ) {
     let persist_tx = persister::spawn(
-        shared.clone(),
+        shared.store.clone(),
         record.id.clone(),
         record.task_id.clone(),
         self_tx.clone(),

@@ -19,14 +19,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aishell_store::{SessionWrite, StoredEvent};
+use aishell_store::{SessionWrite, Store, StoredEvent};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
 use super::actor::SessionCmd;
-use crate::Shared;
 
 /// Work for the persister, applied strictly in order.
 pub(super) enum PersistItem {
@@ -60,7 +59,7 @@ enum Unit {
 type Write = BoxFuture<'static, (Unit, bool)>;
 
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
     session_id: String,
     bound_task: Option<String>,
     tx: mpsc::Sender<SessionCmd>,
@@ -85,7 +84,7 @@ pub(super) fn spawn(
                             done.push(unit);
                         }
                         for unit in &done {
-                            write_until_stored(&shared, &session_id, unit).await;
+                            write_until_stored(store.as_ref(), &session_id, unit).await;
                         }
                     }
                     for unit in done {
@@ -116,10 +115,10 @@ pub(super) fn spawn(
                                         ack: task.clone().zip(runner_seq.take()),
                                         state: state.take(),
                                     };
-                                    in_flight.push_back(write_once(&shared, &session_id, unit));
+                                    in_flight.push_back(write_once(&store, &session_id, unit));
                                 }
                                 task.clone_from(&next);
-                                in_flight.push_back(write_once(&shared, &session_id, Unit::Bind(next)));
+                                in_flight.push_back(write_once(&store, &session_id, Unit::Bind(next)));
                             }
                         }
                     }
@@ -129,7 +128,7 @@ pub(super) fn spawn(
                             ack: task.clone().zip(runner_seq.take()),
                             state,
                         };
-                        in_flight.push_back(write_once(&shared, &session_id, unit));
+                        in_flight.push_back(write_once(&store, &session_id, unit));
                     }
                 }
             }
@@ -155,7 +154,7 @@ async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
     }
 }
 
-async fn try_write(shared: &Shared, session_id: &str, unit: &Unit) -> bool {
+async fn try_write(store: &dyn Store, session_id: &str, unit: &Unit) -> bool {
     let result = match unit {
         Unit::Session { events, ack, state } => {
             let write = SessionWrite {
@@ -163,14 +162,9 @@ async fn try_write(shared: &Shared, session_id: &str, unit: &Unit) -> bool {
                 runner_ack: ack.as_ref().map(|(t, s)| (t.as_str(), *s)),
                 state: state.as_deref(),
             };
-            shared.store.write_session(session_id, write).await
+            store.write_session(session_id, write).await
         }
-        Unit::Bind(task) => {
-            shared
-                .store
-                .set_session_task(session_id, task.as_deref())
-                .await
-        }
+        Unit::Bind(task) => store.set_session_task(session_id, task.as_deref()).await,
     };
     match result {
         Ok(()) => true,
@@ -182,19 +176,229 @@ async fn try_write(shared: &Shared, session_id: &str, unit: &Unit) -> bool {
 }
 
 /// One attempt, handed to the store now; the unit comes back with the outcome.
-fn write_once(shared: &Arc<Shared>, session_id: &Arc<str>, unit: Unit) -> Write {
-    let (shared, session_id) = (shared.clone(), session_id.clone());
+fn write_once(store: &Arc<dyn Store>, session_id: &Arc<str>, unit: Unit) -> Write {
+    let (store, session_id) = (store.clone(), session_id.clone());
     Box::pin(async move {
-        let ok = try_write(&shared, &session_id, &unit).await;
+        let ok = try_write(store.as_ref(), &session_id, &unit).await;
         (unit, ok)
     })
 }
 
 /// Retry with backoff until the store takes it.
-async fn write_until_stored(shared: &Shared, session_id: &str, unit: &Unit) {
+async fn write_until_stored(store: &dyn Store, session_id: &str, unit: &Unit) {
     let mut delay = Duration::from_millis(50);
-    while !try_write(shared, session_id, unit).await {
+    while !try_write(store, session_id, unit).await {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use aishell_store::{
+        ConversationRecord, MessageRecord, Result, SessionRecord, StoreError, TokenRecord,
+        UsageSummary,
+    };
+    use async_trait::async_trait;
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    /// A real in-memory store whose session write carrying `fail_seq`
+    /// fails once, as a full disk or an I/O error would.
+    struct FailsOnce {
+        inner: Arc<dyn Store>,
+        fail_seq: Mutex<Option<u64>>,
+    }
+
+    #[async_trait]
+    impl Store for FailsOnce {
+        async fn write_session(&self, session_id: &str, write: SessionWrite<'_>) -> Result<()> {
+            let fail = {
+                let mut fail = self.fail_seq.lock().unwrap();
+                let hit = fail.is_some_and(|seq| write.events.iter().any(|e| e.seq == seq));
+                if hit {
+                    *fail = None;
+                }
+                hit
+            };
+            if fail {
+                return Err(StoreError::Write("injected failure".into()));
+            }
+            self.inner.write_session(session_id, write).await
+        }
+        async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
+            self.inner.set_session_task(session_id, task_id).await
+        }
+        async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>> {
+            self.inner.get_session(session_id).await
+        }
+        async fn events_after(&self, s: &str, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
+            self.inner.events_after(s, after, limit).await
+        }
+        // The persister uses nothing else.
+        async fn ping(&self) -> Result<()> {
+            unimplemented!()
+        }
+        async fn ensure_user(&self, _: &str) -> Result<()> {
+            unimplemented!()
+        }
+        async fn create_token(
+            &self,
+            _: &str,
+            _: &str,
+            _: bool,
+            _: Option<OffsetDateTime>,
+        ) -> Result<(TokenRecord, String)> {
+            unimplemented!()
+        }
+        async fn verify_token(&self, _: &str) -> Result<Option<TokenRecord>> {
+            unimplemented!()
+        }
+        async fn list_tokens(&self, _: Option<&str>) -> Result<Vec<TokenRecord>> {
+            unimplemented!()
+        }
+        async fn revoke_token(&self, _: &str) -> Result<bool> {
+            unimplemented!()
+        }
+        async fn create_session(&self, _: &SessionRecord) -> Result<()> {
+            unimplemented!()
+        }
+        async fn list_sessions(&self, _: Option<&str>) -> Result<Vec<SessionRecord>> {
+            unimplemented!()
+        }
+        async fn upsert_conversation(
+            &self,
+            _: &str,
+            _: &str,
+            _: Option<&str>,
+            _: Option<&str>,
+        ) -> Result<()> {
+            unimplemented!()
+        }
+        async fn list_conversations(&self, _: &str) -> Result<Vec<ConversationRecord>> {
+            unimplemented!()
+        }
+        async fn delete_conversation(&self, _: &str, _: &str) -> Result<bool> {
+            unimplemented!()
+        }
+        async fn insert_message(&self, _: &MessageRecord) -> Result<bool> {
+            unimplemented!()
+        }
+        async fn list_messages(&self, _: &str, _: &str) -> Result<Vec<MessageRecord>> {
+            unimplemented!()
+        }
+        async fn usage_start(&self, _: &str, _: &str, _: &str) -> Result<()> {
+            unimplemented!()
+        }
+        async fn usage_end(&self, _: &str) -> Result<()> {
+            unimplemented!()
+        }
+        async fn usage_since(
+            &self,
+            _: OffsetDateTime,
+            _: Option<&str>,
+        ) -> Result<Vec<UsageSummary>> {
+            unimplemented!()
+        }
+    }
+
+    fn event(seq: u64) -> PersistItem {
+        PersistItem::Event {
+            event: StoredEvent {
+                seq,
+                json: format!("{{\"seq\":{seq}}}"),
+            },
+            runner_seq: Some(seq),
+        }
+    }
+
+    /// A write that fails while later ones are already in flight (or
+    /// stored) is redone in order: clients hear every seq once, in order,
+    /// and the store ends as the sequential order leaves it — including the
+    /// frame count of the task bound in between.
+    #[tokio::test]
+    async fn a_failed_write_is_redone_in_order_and_the_store_ends_as_if_sequential() {
+        let inner = aishell_store::open("sqlite::memory:").await.unwrap();
+        let now = OffsetDateTime::now_utc();
+        inner
+            .create_session(&SessionRecord {
+                id: "s1".into(),
+                user_id: "u".into(),
+                state: "STOPPED".into(),
+                created_at: now,
+                updated_at: now,
+                last_seq: 0,
+                trace_id: "t".into(),
+                agent: "echo".into(),
+                task_id: None,
+                runner_seq: 0,
+            })
+            .await
+            .unwrap();
+        let flaky = Arc::new(FailsOnce {
+            inner: inner.clone(),
+            fail_seq: Mutex::new(Some(3)),
+        });
+        let (tx, mut rx) = mpsc::channel(64);
+        let persist = spawn(flaky.clone(), "s1".into(), Some("t-old".into()), tx);
+        // One item per round, so each is its own pipelined write.
+        let items = [
+            event(1),
+            PersistItem::BindTask(Some("t-new".into())),
+            event(2),
+            event(3),
+            PersistItem::State("RUNNING".into()),
+            event(4),
+        ];
+        for item in items {
+            persist.send(item).unwrap();
+            tokio::task::yield_now().await;
+        }
+        let mut heard = Vec::new();
+        while heard.len() < 4 {
+            let cmd = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("every seq is reported")
+                .expect("persister alive");
+            if let SessionCmd::Persisted { seq, runner_seq } = cmd {
+                heard.push((seq, runner_seq));
+            }
+        }
+        let ack = |task: &str, seq| Some((task.to_string(), seq));
+        assert_eq!(
+            heard,
+            [
+                (1, ack("t-old", 1)),
+                (2, ack("t-new", 2)),
+                (3, ack("t-new", 3)),
+                (4, ack("t-new", 4)),
+            ]
+        );
+        drop(persist);
+        assert!(
+            flaky.fail_seq.lock().unwrap().is_none(),
+            "the injected failure happened"
+        );
+        let session = inner.get_session("s1").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                session.task_id.as_deref(),
+                session.runner_seq,
+                session.last_seq,
+                session.state.as_str()
+            ),
+            (Some("t-new"), 4, 4, "RUNNING")
+        );
+        let seqs: Vec<u64> = inner
+            .events_after("s1", 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
     }
 }
