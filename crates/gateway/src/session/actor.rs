@@ -609,8 +609,9 @@ impl SessionActor {
         }
         // A new task is claimed (or launched) before the message's write
         // commits, so the two overlap; the message is queued for the task
-        // only once stored. A write that fails leaves a started task idle
-        // (the idle timer stops it), never a message lost.
+        // only once stored. A write that fails (or finds the message stored
+        // already, after a gateway restart) leaves a started task idle (the
+        // idle timer stops it), never a message lost or run twice.
         let quota_message = if self.task.is_none() {
             self.weekly_quota_exceeded().await
         } else {
