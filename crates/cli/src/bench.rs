@@ -373,7 +373,7 @@ fn print_table(r: &Value) {
     );
     println!();
     println!(
-        "{:>5} {:>7} {:>5} {:>5} | {:>29} | {:>29}",
+        "{:>5} {:>7} {:>5} {:>5} | {:>38} | {:>38}",
         "conc",
         "source",
         "n",
@@ -393,12 +393,13 @@ fn print_table(r: &Value) {
             if g.is_null() {
                 continue;
             }
+            // `Value`'s Display ignores widths: pad strings.
             println!(
-                "{:>5} {:>7} {:>5} {:>5} | {:>34} | {:>38}",
-                level["concurrency"],
+                "{:>5} {:>7} {:>5} {:>5} | {:>38} | {:>38}",
+                level["concurrency"].to_string(),
                 source,
-                g["n"],
-                g["failures"],
+                g["n"].to_string(),
+                g["failures"].to_string(),
                 cell(&g["connect_ms"]),
                 cell(&g["first_event_ms"])
             );
