@@ -452,6 +452,19 @@ fn perf_control(command: &str) {
     }
 }
 
+fn show_startup_warning(log_line: &str) {
+    let Ok(v) = serde_json::from_str::<Value>(log_line) else {
+        return;
+    };
+    if matches!(v["level"].as_str(), Some("warn" | "error")) {
+        eprintln!(
+            "gateway warning: {} ({})",
+            v["message"].as_str().unwrap_or_default(),
+            v["event"].as_str().unwrap_or_default()
+        );
+    }
+}
+
 /// A gateway started for the benchmark on a free loopback port.
 struct SpawnedGateway {
     child: Child,
@@ -494,9 +507,15 @@ impl SpawnedGateway {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             // Keep draining so the gateway never blocks on a full pipe.
+            let mut ready = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if line.starts_with("aishell is ready:") {
+                    ready = true;
                     let _ = tx.send(line);
+                } else if !ready {
+                    // Start-up warnings change what is measured (no
+                    // bubblewrap: agents unconfined, none pre-started).
+                    show_startup_warning(&line);
                 }
             }
         });
