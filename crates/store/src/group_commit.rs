@@ -96,25 +96,22 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Operation>) {
             }
         };
         let raw = handle.as_raw_handle();
-        let mut run = || {
-            // SAFETY: `handle` keeps sqlx's worker thread off this
-            // connection until it is dropped, after this returns;
-            // `from_handle` borrows the connection without taking ownership
-            // (it is not closed when `db` drops).
-            match unsafe { Connection::from_handle(raw.as_ptr()) } {
-                Ok(db) => run_batch(&db, &mut batch),
-                Err(e) => {
-                    batch.clear();
-                    Err(e.to_string())
-                }
-            }
-        };
         // Inline on this worker: a batch is CPU work of bounded size (no
         // fsync per commit under WAL + synchronous=NORMAL), and handing it
         // to another thread (block_in_place) cost more than it saved. Only a
         // CLI process writing the same file (`aishell token`) can make it
         // wait, for that one short transaction.
-        let result = run();
+        //
+        // SAFETY: `handle` keeps sqlx's worker thread off this connection
+        // until it drops, after the batch; `from_handle` borrows the
+        // connection without taking ownership (not closed when `db` drops).
+        let result = match unsafe { Connection::from_handle(raw.as_ptr()) } {
+            Ok(db) => run_batch(&db, &mut batch),
+            Err(e) => {
+                batch.clear();
+                Err(e.to_string())
+            }
+        };
         if let Err(message) = result {
             tracing::error!(event = "store_error", error = %message, "group commit failed");
         }
