@@ -99,6 +99,26 @@ pub struct SessionRecord {
     pub runner_seq: u64,
 }
 
+impl SessionRecord {
+    /// A session as it starts: created now, STOPPED (no task yet), nothing
+    /// stored.
+    pub fn new(id: &str, user_id: &str, trace_id: &str, agent: &str) -> Self {
+        let now = OffsetDateTime::now_utc();
+        SessionRecord {
+            id: id.to_string(),
+            user_id: user_id.to_string(),
+            state: "STOPPED".into(),
+            created_at: now,
+            updated_at: now,
+            last_seq: 0,
+            trace_id: trace_id.to_string(),
+            agent: agent.to_string(),
+            task_id: None,
+            runner_seq: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationRecord {
     pub id: String,

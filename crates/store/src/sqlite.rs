@@ -666,16 +666,10 @@ mod tests {
     fn session(id: &str, user: &str, created_ms: i64) -> SessionRecord {
         let t = from_ms(created_ms).unwrap();
         SessionRecord {
-            id: id.to_string(),
-            user_id: user.to_string(),
             state: "RUNNING".to_string(),
             created_at: t,
             updated_at: t,
-            last_seq: 0,
-            trace_id: format!("trace-{id}"),
-            agent: "echo".to_string(),
-            task_id: None,
-            runner_seq: 0,
+            ..SessionRecord::new(id, user, &format!("trace-{id}"), "echo")
         }
     }
 
@@ -1280,20 +1274,10 @@ mod task_binding_tests {
     #[tokio::test]
     async fn runner_seq_is_stored_with_events_and_reset_on_a_new_task() {
         let store = SqliteStore::open("sqlite::memory:").await.unwrap();
-        let now = time::OffsetDateTime::now_utc();
-        let record = SessionRecord {
-            id: "s1".into(),
-            user_id: "u".into(),
-            state: "STOPPED".into(),
-            created_at: now,
-            updated_at: now,
-            last_seq: 0,
-            trace_id: "t".into(),
-            agent: "echo".into(),
-            task_id: None,
-            runner_seq: 0,
-        };
-        store.create_session(&record).await.unwrap();
+        store
+            .create_session(&SessionRecord::new("s1", "u", "t", "echo"))
+            .await
+            .unwrap();
         store.set_session_task("s1", Some("t-1")).await.unwrap();
         let ev = |seq| StoredEvent {
             seq,

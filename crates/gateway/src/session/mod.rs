@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aishell_store::{SessionRecord, StoreError};
-use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use actor::{AttachReply, CatchUpBatch, Lagging, Outbound, RunnerAttach, SessionCmd};
@@ -73,19 +72,12 @@ impl SessionManager {
 
     /// Create a new session for a user and start its actor.
     pub async fn create(shared: &Arc<Shared>, user_id: &str) -> Result<SessionHandle, StoreError> {
-        let now = OffsetDateTime::now_utc();
-        let record = SessionRecord {
-            id: format!("s-{}", uuid::Uuid::new_v4().simple()),
-            user_id: user_id.to_string(),
-            state: "STOPPED".into(),
-            created_at: now,
-            updated_at: now,
-            last_seq: 0,
-            trace_id: uuid::Uuid::new_v4().simple().to_string(),
-            agent: shared.cfg.agent.kind.clone(),
-            task_id: None,
-            runner_seq: 0,
-        };
+        let record = SessionRecord::new(
+            &format!("s-{}", uuid::Uuid::new_v4().simple()),
+            user_id,
+            &uuid::Uuid::new_v4().simple().to_string(),
+            &shared.cfg.agent.kind,
+        );
         shared.store.create_session(&record).await?;
         Ok(Self::start_actor(shared, record, true))
     }

@@ -322,20 +322,8 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_is_redone_in_order_and_the_store_ends_as_if_sequential() {
         let inner = aishell_store::open("sqlite::memory:").await.unwrap();
-        let now = OffsetDateTime::now_utc();
         inner
-            .create_session(&SessionRecord {
-                id: "s1".into(),
-                user_id: "u".into(),
-                state: "STOPPED".into(),
-                created_at: now,
-                updated_at: now,
-                last_seq: 0,
-                trace_id: "t".into(),
-                agent: "echo".into(),
-                task_id: None,
-                runner_seq: 0,
-            })
+            .create_session(&SessionRecord::new("s1", "u", "t", "echo"))
             .await
             .unwrap();
         let flaky = Arc::new(FailsOnce {
