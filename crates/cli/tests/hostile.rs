@@ -73,10 +73,10 @@ async fn a_client_that_stops_reading_costs_bounded_memory_and_catches_up_without
 #[tokio::test]
 async fn an_agent_writing_garbage_and_huge_lines_fails_cleanly_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("bad-agent.sh");
     // Speaks just enough protocol to start, then misbehaves on every message.
-    std::fs::write(
-        &script,
+    let script = agent_script(
+        dir.path(),
+        "bad-agent.sh",
         r#"#!/bin/sh
 read line
 echo '{"type":"init","agent":"bad"}'
@@ -88,9 +88,7 @@ while read line; do
   echo '{"type":"finish","conversation_id":"c1","token_usage":{"input_tokens":1,"output_tokens":1}}'
 done
 "#,
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let gw = Gateway::start(&[
         "--agent-command",
         script.to_str().unwrap(),

@@ -300,12 +300,12 @@ async fn stopping_the_gateway_during_warm_launches_leaves_no_runner() {
 #[tokio::test]
 async fn a_message_sent_ahead_of_ready_survives_a_failed_start() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("agent-fails-once.sh");
     // The first agent reads its `init` and dies without answering; every
     // later one echoes each message back. The marker lives in the user's
     // workspace (the agent's working directory), which outlives tasks.
-    std::fs::write(
-        &script,
+    let script = agent_script(
+        dir.path(),
+        "agent-fails-once.sh",
         r#"#!/bin/sh
 read line
 if [ ! -e failed-once ]; then : > failed-once; exit 3; fi
@@ -317,9 +317,7 @@ while read line; do
   echo "{\"type\":\"finish\",\"conversation_id\":\"$conv\"}"
 done
 "#,
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let gw = Gateway::start(&[
         "--agent-command",
         script.to_str().unwrap(),

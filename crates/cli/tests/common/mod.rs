@@ -442,6 +442,14 @@ pub fn text_of(frames: &[Value]) -> String {
         .collect()
 }
 
+/// An executable `/bin/sh` agent at `dir/name` (for `--agent-command`).
+pub fn agent_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let script = dir.join(name);
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
 /// The first `error` frame among `frames` (panics, showing them, if none).
 pub fn first_error(frames: &[Value]) -> &Value {
     of_type(frames, "error")
