@@ -222,40 +222,32 @@ async fn connection(
                 }
             }
             out = rx.recv() => match out {
-                Some(Outbound::Frame(seq, json)) => {
-                    sent_seq = seq.unwrap_or(sent_seq);
+                Some(first) => {
                     // Frames already queued behind it leave in the same
                     // write (a session's start-up events usually come as a
                     // batch): one syscall and one wake-up of the client.
-                    let mut sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
-                    let mut next = None;
-                    while sent.is_ok() {
-                        match rx.try_recv() {
-                            Ok(Outbound::Frame(seq, json)) => {
+                    let (mut next, mut sent, mut closing) = (Some(first), Ok(()), None);
+                    while let Some(out) = next.take() {
+                        match out {
+                            Outbound::Frame(seq, json) => {
                                 sent_seq = seq.unwrap_or(sent_seq);
                                 sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
+                                if sent.is_ok() {
+                                    next = rx.try_recv().ok();
+                                }
                             }
-                            Ok(close) => {
-                                next = Some(close);
-                                break;
-                            }
-                            Err(_) => break,
+                            Outbound::Close(code, why) => closing = Some((code, why)),
                         }
                     }
                     if sent.is_err() || sink.flush().await.is_err() {
                         reason = "send failed".into();
                         break;
                     }
-                    if let Some(Outbound::Close(code, why)) = next {
+                    if let Some((code, why)) = closing {
                         let _ = sink.send(close(code, &why)).await;
                         reason = why;
                         break;
                     }
-                }
-                Some(Outbound::Close(code, why)) => {
-                    let _ = sink.send(close(code, &why)).await;
-                    reason = why;
-                    break;
                 }
                 None => {
                     let _ = sink.send(close(CLOSE_TOO_SLOW, "client too slow; reconnect with last_seq")).await;

@@ -251,12 +251,13 @@ async fn connection(
                 let Some(frame) = out else { break };
                 // Frames queued behind it (`init_user` and the first
                 // message, on an early dispatch) leave in one write.
-                let mut frame = Some(frame);
-                let mut sent = Ok(());
-                while let Some(f) = frame.take().filter(|_| sent.is_ok()) {
-                    let json = serde_json::to_string(&f).expect("gateway frame serialises");
+                let (mut next, mut sent) = (Some(frame), Ok(()));
+                while let Some(frame) = next.take() {
+                    let json = serde_json::to_string(&frame).expect("gateway frame serialises");
                     sent = sink.feed(Message::Text(json.into())).await;
-                    frame = rx.try_recv().ok();
+                    if sent.is_ok() {
+                        next = rx.try_recv().ok();
+                    }
                 }
                 if sent.is_err() || sink.flush().await.is_err() {
                     break;
