@@ -692,15 +692,14 @@ impl SessionActor {
                 first_event_seen: false,
                 reply: String::new(),
             });
-        if let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) {
-            let _ = link.tx.send(GatewayToRunner::Agent {
-                frame: AgentInput::Message {
-                    conversation_id: msg.conversation_id,
-                    content: msg.content,
-                    message_id: msg.message_id,
-                },
-            });
-        }
+        // `accepts_messages` was checked: possibly before `ready`.
+        self.send_to_runner(GatewayToRunner::Agent {
+            frame: AgentInput::Message {
+                conversation_id: msg.conversation_id,
+                content: msg.content,
+                message_id: msg.message_id,
+            },
+        });
     }
 
     /// Whether a message may go to the task now. Once it is ready, yes. On
@@ -730,26 +729,34 @@ impl SessionActor {
     /// ahead of it back at the front of the queue, in order, for the next
     /// task (or the same one, re-initialised).
     fn requeue_early_turns(&mut self) {
-        let mut turns: Vec<QueuedMessage> = self
-            .turns
-            .drain()
-            .flat_map(|(_, t)| t)
-            .map(|t| t.message)
-            .collect();
-        turns.sort_by_key(|m| m.received_at);
-        for msg in turns.into_iter().rev() {
+        let messages = self.take_turns().into_iter().map(|t| t.message).collect();
+        self.requeue_front(messages);
+    }
+
+    /// Every turn in flight, oldest first; `turns` is left empty.
+    fn take_turns(&mut self) -> Vec<Turn> {
+        let mut turns: Vec<Turn> = self.turns.drain().flat_map(|(_, t)| t).collect();
+        turns.sort_by_key(|t| t.message.received_at);
+        turns
+    }
+
+    /// Put `messages` (oldest first) back at the front of the queue.
+    fn requeue_front(&mut self, messages: Vec<QueuedMessage>) {
+        for msg in messages.into_iter().rev() {
             self.queue.push_front(msg);
         }
     }
 
+    /// Agent input other than messages goes to a ready task only.
     fn send_to_agent(&self, frame: AgentInput) {
-        if let Some(link) = self
-            .task
-            .as_ref()
-            .filter(|t| t.phase == Phase::Ready)
-            .and_then(|t| t.runner.as_ref())
-        {
-            let _ = link.tx.send(GatewayToRunner::Agent { frame });
+        if self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready) {
+            self.send_to_runner(GatewayToRunner::Agent { frame });
+        }
+    }
+
+    fn send_to_runner(&self, frame: GatewayToRunner) {
+        if let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) {
+            let _ = link.tx.send(frame);
         }
     }
 
@@ -1141,10 +1148,7 @@ impl SessionActor {
     }
 
     fn send_init_user(&self) {
-        let Some(link) = self.task.as_ref().and_then(|t| t.runner.as_ref()) else {
-            return;
-        };
-        let _ = link.tx.send(GatewayToRunner::InitUser {
+        self.send_to_runner(GatewayToRunner::InitUser {
             user_id: self.user_id.clone(),
             session_id: self.id.clone(),
             workspace: self.shared.backend.workspace_path(&self.user_id),
@@ -1522,10 +1526,8 @@ impl SessionActor {
     /// `requeue_unstarted`, turns that produced no agent event yet go back to
     /// the front of the queue instead (the agent never began them).
     fn end_turns(&mut self, code: ErrorCode, message: &str, requeue_unstarted: bool) {
-        let mut turns: Vec<Turn> = self.turns.drain().flat_map(|(_, t)| t).collect();
-        turns.sort_by_key(|t| t.message.received_at);
         let mut requeue = Vec::new();
-        for mut turn in turns {
+        for mut turn in self.take_turns() {
             if requeue_unstarted && !turn.first_event_seen && turn.message.crashes == 0 {
                 turn.message.crashes += 1;
                 requeue.push(turn.message);
@@ -1543,9 +1545,7 @@ impl SessionActor {
                 error: aishell_protocol::ErrorBody::new(code, &message),
             }));
         }
-        for msg in requeue.into_iter().rev() {
-            self.queue.push_front(msg);
-        }
+        self.requeue_front(requeue);
         self.questions.clear();
         self.idle_since = Instant::now();
     }
