@@ -134,10 +134,10 @@ fn run_batch(db: &Connection, batch: &mut Vec<Operation>) -> std::result::Result
     let mut deliveries = Vec::with_capacity(batch.len());
     let mut aborted = None;
     for op in batch.drain(..) {
-        // Some errors (a full disk, I/O) roll the whole transaction back;
-        // nothing after that may run, or it would commit on its own.
-        if aborted.is_some() || db.is_autocommit() {
-            aborted.get_or_insert_with(|| "the transaction was rolled back".to_string());
+        // Some errors (a full disk, I/O) roll the whole transaction back.
+        // The operation's savepoint goes with it, so ending it fails: from
+        // then on nothing may run, or it would commit on its own.
+        if aborted.is_some() {
             continue; // dropped unrun
         }
         if let Err(e) = exec(db, "SAVEPOINT op") {

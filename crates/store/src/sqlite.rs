@@ -1071,6 +1071,44 @@ mod tests {
         });
     }
 
+    /// When the batch's transaction ends under it (here an operation that
+    /// rolls it back, as a full disk or an I/O error would), nothing queued
+    /// behind runs on its own and nothing in the batch commits: every
+    /// caller hears a `Write` error.
+    #[tokio::test]
+    async fn a_batch_whose_transaction_is_rolled_back_commits_nothing() {
+        both!(|s| {
+            let insert = |id: &'static str| {
+                move |c: &rusqlite::Connection| -> Result<()> {
+                    c.execute(
+                        "INSERT INTO users (id, is_admin, created_at) VALUES (?, 0, 0)",
+                        [id],
+                    )?;
+                    Ok(())
+                }
+            };
+            // Queued together, so they share one batch.
+            let (before, breaker, after) = tokio::join!(
+                s.writes.write(insert("before")),
+                s.writes.write(|c: &rusqlite::Connection| -> Result<()> {
+                    c.execute_batch("ROLLBACK")?;
+                    Ok(())
+                }),
+                s.writes.write(insert("after")),
+            );
+            for result in [before, breaker, after] {
+                assert!(matches!(result, Err(StoreError::Write(_))), "{result:?}");
+            }
+            let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+            assert_eq!(users, 0);
+            // The writer goes on with the next batch.
+            s.ensure_user("alice").await.unwrap();
+        });
+    }
+
     /// With no connection to be had, a write fails with a clear error
     /// instead of waiting forever on the writer.
     #[tokio::test]
