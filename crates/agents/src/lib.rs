@@ -22,12 +22,15 @@ use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+mod await_init;
 mod claude;
 mod echo;
 mod llm;
 mod process;
 mod shell;
 mod wire;
+
+pub use await_init::await_init;
 
 /// The kinds [`run`] and [`run_stdio`] accept.
 pub const BUILTIN_KINDS: &[&str] = &["echo", "shell", "llm", "claude"];
@@ -39,10 +42,14 @@ pub const BUILTIN_KINDS: &[&str] = &["echo", "shell", "llm", "claude"];
 /// and write to a blocking-pool thread instead: a context switch each way
 /// per line, and a pre-started agent created that thread in the middle of
 /// its first reply. A terminal or file falls back to those.
-pub async fn run_stdio(kind: &str) -> anyhow::Result<()> {
+///
+/// `already_read` is input read before the agent started (see
+/// [`await_init`]); the agent handles it first.
+pub async fn run_stdio(kind: &str, already_read: Vec<u8>) -> anyhow::Result<()> {
     use std::os::fd::AsFd;
+    use tokio::io::AsyncReadExt;
     use tokio::net::unix::pipe;
-    let input: Box<dyn AsyncRead + Unpin + Send> = match std::io::stdin()
+    let stdin: Box<dyn AsyncRead + Unpin + Send> = match std::io::stdin()
         .as_fd()
         .try_clone_to_owned()
         .and_then(pipe::Receiver::from_owned_fd)
@@ -50,6 +57,7 @@ pub async fn run_stdio(kind: &str) -> anyhow::Result<()> {
         Ok(pipe) => Box::new(pipe),
         Err(_) => Box::new(tokio::io::stdin()),
     };
+    let input = std::io::Cursor::new(already_read).chain(stdin);
     let output: Box<dyn AsyncWrite + Unpin + Send> = match std::io::stdout()
         .as_fd()
         .try_clone_to_owned()

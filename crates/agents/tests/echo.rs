@@ -247,6 +247,7 @@ fn crash_hook_exits_with_code_3_and_says_why() {
                 workspace: None,
                 settings: Default::default(),
                 env: Default::default(),
+                run_as: None,
             }
             .to_line(),
             AgentInput::Message {

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod image;
 mod logging;
+mod prefault;
 mod serve;
 mod settings;
 mod token;
@@ -43,6 +44,10 @@ enum Command {
     Agent {
         /// Agent kind: echo, shell, llm or claude.
         kind: String,
+        /// Started ahead of its claim: wait for `init`, take the user's
+        /// identity (`run_as`) and workspace it names, then start.
+        #[arg(long)]
+        await_init: bool,
     },
 }
 
@@ -57,6 +62,9 @@ fn main() -> std::process::ExitCode {
         && std::env::var("AISHELL_TASK_MODE").as_deref() == Ok("warm");
     let workspace_slot =
         warm_runner.then(aishell_runner::prestart::WorkspaceSlot::enter_private_namespace);
+    if warm_runner {
+        prefault::populate_executable();
+    }
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
         // Blocking-pool threads (a terminal's stdio, tools) otherwise exit
@@ -77,6 +85,35 @@ fn main() -> std::process::ExitCode {
             .build(),
     }
     .expect("tokio runtime");
+    // An agent started ahead of its claim waits for `init` here, with its
+    // runtime and logging already set up (so the claim does not pay for
+    // them) and still on one thread (a current-thread runtime starts none
+    // until used): the identity change must be the whole process's.
+    if matches!(cli.command, Command::Agent { .. }) {
+        logging::init("aishell-agent", logging::Target::Stderr);
+    }
+    let already_read = match &cli.command {
+        Command::Agent {
+            kind,
+            await_init: true,
+        } => {
+            if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str()) {
+                eprintln!("aishell: unknown agent kind `{kind}`");
+                return std::process::ExitCode::FAILURE;
+            }
+            prefault::populate_executable();
+            match aishell_agents::await_init() {
+                Ok(Some(bytes)) => bytes,
+                // Stopped before any claim.
+                Ok(None) => return std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("aishell: {e:#}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await,
@@ -92,16 +129,13 @@ fn main() -> std::process::ExitCode {
                 match workspace_slot {
                     Some(Ok(slot)) => cfg.workspace_slot = Some(slot),
                     Some(Err(reason)) => {
-                        tracing::info!(event = "agent_prestart_unavailable", taskId = %cfg.task_id, reason = %reason, "agents start at claim time")
+                        tracing::info!(event = "agent_prestart_unavailable", taskId = %cfg.task_id, reason = %reason, "agents under bubblewrap start at claim time")
                     }
                     None => {}
                 }
                 aishell_runner::run(cfg).await.map_err(anyhow::Error::from)
             }
-            Command::Agent { kind } => {
-                logging::init("aishell-agent", logging::Target::Stderr);
-                aishell_agents::run_stdio(&kind).await
-            }
+            Command::Agent { kind, .. } => aishell_agents::run_stdio(&kind, already_read).await,
         }
     });
     match result {

@@ -573,6 +573,37 @@ async fn another_users_agent_cannot_read_or_write_a_workspace_in_its_container()
         return;
     }
     let dgw = DockerGateway::start(&["--enable-warm-pool", "false"]);
+    users_cannot_reach_each_others_workspaces(&dgw).await;
+}
+
+/// The same with agents started before their claim, as root in their pool
+/// containers: each takes its user's UID on `init`, and nothing of the other
+/// user is reachable from it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prestarted_agents_take_their_users_uid_and_cannot_reach_another_workspace() {
+    if !docker_ready() {
+        return;
+    }
+    let dgw = DockerGateway::start(&["--warm-pool-target-size", "2"]);
+    dgw.wait_pool_ready(2, Duration::from_secs(60)).await;
+    users_cannot_reach_each_others_workspaces(&dgw).await;
+    let ready: Vec<_> = dgw
+        .logs()
+        .into_iter()
+        .filter(|l| l["phase"] == "task_ready")
+        .collect();
+    assert!(
+        ready.len() >= 2
+            && ready
+                .iter()
+                .all(|l| l["source"] == "warm" && l["agentPrestarted"] == true),
+        "both sessions used pre-started agents: {ready:?}"
+    );
+}
+
+/// Alice writes a secret and an uploaded file; bob's agent tries every way
+/// to reach them and fails; each runs under a UID of their own.
+async fn users_cannot_reach_each_others_workspaces(dgw: &DockerGateway) {
     let alice = dgw.create_token("alice");
     let bob = dgw.create_token("bob");
     let secret = format!("s3cr3t-{}", std::process::id());
@@ -587,7 +618,7 @@ async fn another_users_agent_cannot_read_or_write_a_workspace_in_its_container()
 
     // A file uploaded through the files API belongs to alice's agent too.
     assert_eq!(
-        http_put(&dgw, "/api/files/docs/uploaded.txt", &alice, b"uploaded\n"),
+        http_put(dgw, "/api/files/docs/uploaded.txt", &alice, b"uploaded\n"),
         201
     );
     let frames = say(

@@ -281,3 +281,86 @@ async fn a_prestarted_agent_that_dies_before_its_claim_is_replaced_at_the_claim(
     let out = runner.turn("echo still-here > f && cat f").await;
     assert!(out.contains("still-here"), "{out}");
 }
+
+/// The credentials line `name` (`Uid:`, `Gid:`, `Groups:`) of a process.
+fn proc_ids(pid: i32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test]
+async fn under_uid_isolation_the_prestarted_agent_takes_its_users_uid_on_init() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { nix::libc::geteuid() } != 0 {
+        eprintln!("not root: uid isolation needs a root runner; skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = tmp.path().join("alice");
+    std::fs::create_dir(&alice).unwrap();
+    std::fs::write(alice.join("note.txt"), "alice-note").unwrap();
+    // Another user's private workspace, owned by a UID the runner never hands out here.
+    let bob = tmp.path().join("bob");
+    std::fs::create_dir(&bob).unwrap();
+    std::fs::write(bob.join("secret.txt"), "bob-secret").unwrap();
+    std::os::unix::fs::chown(&bob, Some(199_999), Some(199_999)).unwrap();
+    std::fs::set_permissions(&bob, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let mut uid_settings = settings("shell");
+    uid_settings.sandbox = Some(SandboxSettings {
+        isolation: aishell_protocol::runner::Isolation::Uid,
+        ..Default::default()
+    });
+    let mut runner = WarmRunner::start().await;
+    assert!(runner.prepare(uid_settings.clone()).await, "prepared");
+    runner.wait_log("agent_prestarted").await;
+    let waiting = runner.descendants_running("--await-init");
+    assert_eq!(waiting.len(), 1, "one agent waits for its init");
+    assert_eq!(
+        proc_ids(waiting[0], "Uid:").split_whitespace().next(),
+        Some("0"),
+        "before the claim it is root, with nothing to work on"
+    );
+
+    let (prestarted, agent) = runner.claim(&alice, uid_settings).await;
+    assert!(prestarted, "the claim used the pre-started agent");
+    assert_eq!(agent, "shell");
+    let uids = proc_ids(waiting[0], "Uid:");
+    let uid: u32 = uids.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uid >= 100_000, "a user uid: {uids}");
+    assert_eq!(
+        uids,
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
+        "real, effective, saved and fs uid"
+    );
+    assert_eq!(proc_ids(waiting[0], "Gid:"), uids, "gid likewise");
+    assert_eq!(
+        proc_ids(waiting[0], "Groups:"),
+        "",
+        "no supplementary groups"
+    );
+
+    let out = runner
+        .turn("id -u; pwd; echo home=$HOME; cat note.txt; echo mine > new.txt; cat ../bob/secret.txt; echo sid=$AISHELL_SESSION_ID")
+        .await;
+    assert!(
+        out.contains(&format!("{uid}\\n")),
+        "commands run as the user: {out}"
+    );
+    assert!(out.contains(&alice.to_string_lossy().to_string()), "{out}");
+    assert!(out.contains(&format!("home={}", alice.display())), "{out}");
+    assert!(out.contains("alice-note"), "{out}");
+    assert!(out.contains("sid=s-prestart"), "{out}");
+    assert!(
+        !out.contains("bob-secret"),
+        "another user's files stay closed: {out}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(alice.join("new.txt")).unwrap().uid(), uid);
+}

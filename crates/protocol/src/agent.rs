@@ -33,6 +33,13 @@ pub struct ConversationRef {
     pub resume_handle: Option<String>,
 }
 
+/// The user and group a pre-started agent switches to on `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// Runner → agent (stdin).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -48,6 +55,11 @@ pub enum AgentInput {
         /// could not get them in its environment.
         #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         env: std::collections::BTreeMap<String, String>,
+        /// Only to a built-in agent started before its claim with
+        /// `--await-init` under per-user UID isolation: the identity it must
+        /// take, for good, before it does anything for the session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_as: Option<RunAs>,
     },
     Message {
         conversation_id: String,

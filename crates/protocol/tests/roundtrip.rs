@@ -85,13 +85,20 @@ fn error_body() -> impl Strategy<Value = ErrorBody> {
 
 fn agent_input() -> impl Strategy<Value = AgentInput> {
     prop_oneof![
-        (os(), json_map(), vec((s(), s()), 0..3)).prop_map(|(workspace, settings, env)| {
-            AgentInput::Init {
-                workspace,
-                settings,
-                env: env.into_iter().collect(),
-            }
-        }),
+        (
+            os(),
+            json_map(),
+            vec((s(), s()), 0..3),
+            proptest::option::of((any::<u32>(), any::<u32>()))
+        )
+            .prop_map(|(workspace, settings, env, run_as)| {
+                AgentInput::Init {
+                    workspace,
+                    settings,
+                    env: env.into_iter().collect(),
+                    run_as: run_as.map(|(uid, gid)| aishell_protocol::agent::RunAs { uid, gid }),
+                }
+            }),
         (s(), s(), os()).prop_map(|(conversation_id, content, message_id)| {
             AgentInput::Message {
                 conversation_id,

@@ -38,6 +38,8 @@ pub struct AgentProcess {
     output: mpsc::Receiver<AgentOutput>,
     kill: Option<oneshot::Sender<()>>,
     pub info: AgentInfo,
+    /// The child's process id (for checking its credentials).
+    pub pid: Option<u32>,
 }
 
 /// The command line for an agent spec: an explicit command, or a built-in
@@ -72,7 +74,7 @@ impl AgentProcess {
             Some(limits) => {
                 // Not even the runner's credential reaches a confined agent.
                 cmd.env_clear();
-                if limits.run_as.is_some() {
+                if limits.uid_isolated() {
                     // UID isolation has no bwrap line to carry the environment.
                     cmd.envs(env);
                 }
@@ -89,6 +91,7 @@ impl AgentProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        let pid = child.id();
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -166,6 +169,7 @@ impl AgentProcess {
             output: out_rx,
             kill: Some(kill_tx),
             info: AgentInfo::default(),
+            pid,
         })
     }
 
@@ -180,10 +184,15 @@ impl AgentProcess {
         }
     }
 
-    pub async fn kill(mut self) {
+    /// Kill the agent without waiting; its exit arrives as [`AgentOutput::Exited`].
+    pub fn start_kill(&mut self) {
         if let Some(kill) = self.kill.take() {
             let _ = kill.send(());
         }
+    }
+
+    pub async fn kill(mut self) {
+        self.start_kill();
         // Let the waiter reap it so no zombie is left behind.
         while let Some(out) = self.output.recv().await {
             if matches!(out, AgentOutput::Exited { .. }) {

@@ -16,6 +16,7 @@ pub mod sandbox;
 
 use std::time::Duration;
 
+use aishell_protocol::agent::RunAs;
 use aishell_protocol::runner::{Isolation, RunnerSettings};
 use aishell_protocol::{
     AgentEvent, AgentInput, GatewayToRunner, RUNNER_PROTOCOL_VERSION, RunnerToGateway,
@@ -81,6 +82,9 @@ struct Runner {
     prepared: Option<RunnerSettings>,
     /// The bound agent was pre-started (reported in `ready`).
     prestarted: bool,
+    /// UID isolation: the UID the agent must run as, checked in `/proc`
+    /// before the agent is reported ready.
+    agent_uid: Option<u32>,
 }
 
 /// Run until shut down, the agent exits, or the gateway is gone for good.
@@ -100,6 +104,7 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         model_proxy: None,
         prepared: None,
         prestarted: false,
+        agent_uid: None,
     };
     runner.run().await
 }
@@ -370,10 +375,12 @@ impl Runner {
         Ok(false)
     }
 
-    /// Warm and unclaimed: start the agent `settings` describe in the empty
-    /// workspace slot, without `init` (see [`prestart`]). Only built-in
-    /// agents under bubblewrap qualify, and only with a slot; otherwise the
-    /// agent starts at claim time. True when an agent is pre-started.
+    /// Warm and unclaimed: start the agent `settings` describe before its
+    /// user is known, without `init`. Only built-in agents qualify, under
+    /// bubblewrap with a workspace slot (see [`prestart`]) or under UID
+    /// isolation as a root runner (the agent takes its user's UID on `init`,
+    /// `aishell agent --await-init`); otherwise the agent starts at claim
+    /// time. True when an agent is pre-started.
     async fn prepare(&mut self, settings: RunnerSettings) -> bool {
         if self.binding.is_some() {
             return false;
@@ -383,17 +390,20 @@ impl Runner {
         }
         self.kill_agent().await;
         self.prepared = None;
-        let bwrap = settings
-            .sandbox
-            .as_ref()
-            .is_some_and(|s| s.isolation == Isolation::Bwrap);
-        let Some(slot) = self.cfg.workspace_slot.clone() else {
-            return false;
-        };
-        if !bwrap || settings.agent.command.is_some() {
+        if settings.agent.command.is_some() {
             return false;
         }
-        match self.spawn_agent(slot.path(), None, &settings).await {
+        let holding_dir = match settings.sandbox.as_ref().map(|s| s.isolation) {
+            Some(Isolation::Bwrap) => match &self.cfg.workspace_slot {
+                Some(slot) => slot.path().to_path_buf(),
+                None => return false,
+            },
+            // Root owns `/`: the agent can do nothing there before `init`.
+            // SAFETY: geteuid has no preconditions.
+            Some(Isolation::Uid) if unsafe { libc::geteuid() } == 0 => "/".into(),
+            _ => return false,
+        };
+        match self.spawn_agent(&holding_dir, None, &settings).await {
             Ok(agent) => {
                 tracing::info!(event = "agent_prestarted", taskId = %self.cfg.task_id, agent = %settings.agent.kind, "agent started ahead of its claim");
                 self.agent = Some(agent);
@@ -420,10 +430,14 @@ impl Runner {
         std::fs::create_dir_all(workspace)
             .map_err(|e| format!("cannot prepare workspace {workspace}: {e}"))?;
         let started_at = Instant::now();
+        let mut run_as = None;
         self.prestarted = match self.prepared.take() {
             Some(prepared) if prepared == settings && self.agent.is_some() => {
-                match self.bind_prestarted(workspace) {
-                    Ok(()) => true,
+                match self.claim_prestarted(workspace, &settings) {
+                    Ok(identity) => {
+                        run_as = identity;
+                        true
+                    }
                     Err(reason) => {
                         tracing::warn!(event = "agent_prestart_unused", sessionId = %session_id, reason = %reason, "starting a new agent instead");
                         false
@@ -438,6 +452,7 @@ impl Runner {
         };
         if !self.prestarted {
             self.kill_agent().await;
+            self.agent_uid = None;
             let agent = self
                 .spawn_agent(
                     std::path::Path::new(workspace),
@@ -462,17 +477,31 @@ impl Runner {
             workspace: Some(seen),
             settings: settings.agent_settings,
             env: session_env(session_id, trace_id.unwrap_or("")),
+            run_as,
         });
         Ok(())
     }
 
-    /// Put the user's workspace onto the pre-started sandbox's slot.
-    fn bind_prestarted(&self, workspace: &str) -> Result<(), String> {
+    /// Give the pre-started agent its user: under bubblewrap, put the
+    /// workspace onto the sandbox's slot; under UID isolation, the user's
+    /// UID, which the agent takes on `init` (returned for it).
+    fn claim_prestarted(
+        &mut self,
+        workspace: &str,
+        settings: &RunnerSettings,
+    ) -> Result<Option<RunAs>, String> {
+        let workspace = std::path::Path::new(workspace);
+        if settings.sandbox.as_ref().map(|s| s.isolation) == Some(Isolation::Uid) {
+            let uid = sandbox::prepare_uid_workspace(workspace)?;
+            self.agent_uid = Some(uid);
+            return Ok(Some(RunAs { uid, gid: uid }));
+        }
         self.cfg
             .workspace_slot
             .as_ref()
             .ok_or("no workspace slot")?
-            .bind(std::path::Path::new(workspace))
+            .bind(workspace)?;
+        Ok(None)
     }
 
     /// Spawn the agent for `settings` with `workspace` as its workspace;
@@ -503,21 +532,32 @@ impl Runner {
         let confined = match settings.sandbox.as_ref() {
             None => None,
             Some(s) if s.isolation == Isolation::Uid => {
-                let uid = sandbox::prepare_uid_workspace(workspace)?;
-                tracing::info!(
-                    event = "agent_uid",
-                    sessionId = session.map_or("", |s| s.0),
-                    uid = uid,
-                    "agent runs under its user's own uid"
-                );
                 env.entry("PATH".into())
                     .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
-                env.insert("HOME".into(), workspace.to_string_lossy().into_owned());
                 env.insert("TMPDIR".into(), "/tmp".into());
-                Some(sandbox::Limits {
-                    run_as: Some(uid),
-                    ..sandbox::Limits::from_settings(s)
-                })
+                let limits = sandbox::Limits::from_settings(s);
+                if session.is_none() {
+                    // Pre-started: root until `init` names the user.
+                    command.push("--await-init".into());
+                    Some(sandbox::Limits {
+                        user_at_init: true,
+                        ..limits
+                    })
+                } else {
+                    let uid = sandbox::prepare_uid_workspace(workspace)?;
+                    tracing::info!(
+                        event = "agent_uid",
+                        sessionId = session.map_or("", |s| s.0),
+                        uid = uid,
+                        "agent runs under its user's own uid"
+                    );
+                    self.agent_uid = Some(uid);
+                    env.insert("HOME".into(), workspace.to_string_lossy().into_owned());
+                    Some(sandbox::Limits {
+                        run_as: Some(uid),
+                        ..limits
+                    })
+                }
             }
             Some(s) => {
                 command = sandbox::wrap(&command, workspace, &env, s);
@@ -526,7 +566,7 @@ impl Runner {
             }
         };
         // Only bwrap reports a killed agent as exit 128+N.
-        self.sandboxed = confined.is_some_and(|l| l.run_as.is_none());
+        self.sandboxed = confined.is_some_and(|l| !l.uid_isolated());
         AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined).map_err(|e| {
             if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {
                 "bubblewrap (bwrap) is not installed in this sandbox image; install the bubblewrap package or run serve with --insecure-no-sandbox".to_string()
@@ -554,6 +594,9 @@ impl Runner {
         };
         match out {
             AgentOutput::Event(AgentEvent::Init(info)) => {
+                if let Some(refusal) = self.refuse_wrong_identity() {
+                    return Some(refusal);
+                }
                 self.init_deadline = None;
 
                 self.agent_ready = true;
@@ -619,6 +662,24 @@ impl Runner {
                 Some(frame)
             }
         }
+    }
+
+    /// UID isolation: an agent that answers `init` under any identity but
+    /// its user's is stopped before anything reaches it (its exit then fails
+    /// the start), with the reason for the gateway.
+    fn refuse_wrong_identity(&mut self) -> Option<RunnerToGateway> {
+        let uid = self.agent_uid?;
+        let agent = self.agent.as_mut()?;
+        let checked = match agent.pid {
+            Some(pid) => sandbox::check_runs_as(pid, uid),
+            None => Err("the agent's process id is unknown".into()),
+        };
+        let reason = checked.err()?;
+        tracing::error!(event = "agent_identity_refused", taskId = %self.cfg.task_id, uid = uid, reason = %reason, "stopping the agent");
+        agent.start_kill();
+        Some(RunnerToGateway::AgentStderr {
+            line: format!("aishell runner: {reason}; the agent was stopped"),
+        })
     }
 
     fn is_restore_barrier(&self, id: &serde_json::Value) -> bool {

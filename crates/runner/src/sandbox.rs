@@ -144,6 +144,9 @@ pub struct Limits {
     /// Per-user UID isolation: the agent runs as this UID (and GID), with
     /// no supplementary groups and no new privileges.
     pub run_as: Option<u32>,
+    /// Per-user UID isolation, pre-started: the agent starts as root and
+    /// takes its user's UID itself on `init` (`aishell agent --await-init`).
+    pub user_at_init: bool,
 }
 
 impl Limits {
@@ -154,7 +157,14 @@ impl Limits {
             max_processes: s.max_processes,
             cpu_seconds: s.cpu_seconds,
             run_as: None,
+            user_at_init: false,
         }
+    }
+
+    /// The agent runs under a per-user UID (now or from `init` on), not
+    /// under bubblewrap.
+    pub fn uid_isolated(&self) -> bool {
+        self.run_as.is_some() || self.user_at_init
     }
 
     /// Install the limits on `cmd`'s child process.
@@ -187,8 +197,10 @@ impl Limits {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // As root, NPROC counts every root process on the machine.
-                if libc::getuid() != 0 {
+                // As root, NPROC counts every root process on the machine
+                // (root itself is exempt from it); an agent that becomes its
+                // user on `init` takes the limit along.
+                if libc::getuid() != 0 || self.user_at_init {
                     set(libc::RLIMIT_NPROC, self.max_processes)?;
                 }
                 Ok(())
@@ -284,6 +296,38 @@ pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
     Ok(uid)
 }
 
+/// Check that every thread of process `pid` runs as `uid`/`uid` (real,
+/// effective, saved and filesystem IDs) with no supplementary groups: how
+/// the runner makes sure an agent that changed its own identity did.
+pub fn check_runs_as(pid: u32, uid: u32) -> Result<(), String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("cannot read the agent's threads: {e}"))?;
+    let want = format!("{uid}\t{uid}\t{uid}\t{uid}");
+    for task in tasks {
+        let path = task
+            .map_err(|e| format!("cannot read the agent's threads: {e}"))?
+            .path()
+            .join("status");
+        let status = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("?")
+                .to_string()
+        };
+        let (uids, gids, groups) = (field("Uid:"), field("Gid:"), field("Groups:"));
+        if uids != want || gids != want || !groups.is_empty() {
+            return Err(format!(
+                "the agent does not run as uid {uid} (uids {uids}, gids {gids}, groups [{groups}])"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `lchown` to `uid` every entry under (and including) `dir` that root owns;
 /// never follows symlinks.
 fn hand_root_entries_to(dir: &Path, uid: u32) -> std::io::Result<()> {
@@ -339,6 +383,24 @@ mod tests {
             a
         );
         assert_eq!(std::fs::metadata(&alice).unwrap().uid(), a);
+    }
+
+    #[test]
+    fn the_credential_check_reads_every_id_of_a_live_process() {
+        let me = std::process::id();
+        let uid = unsafe { libc::getuid() };
+        let gid = unsafe { libc::getgid() };
+        let groups = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        let result = check_runs_as(me, uid);
+        if uid == gid && groups == 0 {
+            result.unwrap();
+        }
+        let err = check_runs_as(me, uid + 4242).unwrap_err();
+        assert!(
+            err.contains(&format!("does not run as uid {}", uid + 4242)),
+            "{err}"
+        );
+        assert!(check_runs_as(u32::MAX - 1, uid).is_err(), "no such process");
     }
 
     #[test]

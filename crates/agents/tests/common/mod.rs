@@ -41,6 +41,7 @@ impl Agent {
                 workspace: Some(workspace.display().to_string()),
                 settings: settings.as_object().cloned().unwrap_or_default(),
                 env: Default::default(),
+                run_as: None,
             })
             .await;
         match agent.next().await {
