@@ -1,16 +1,18 @@
-//! `aishell agent KIND --await-init`: an agent started before its claim
-//! under per-user UID isolation (the docker backend).
+//! `aishell agent KIND --await-init`: an agent started before its claim.
 //!
-//! Starting the agent's process (exec, dynamic linking, runtime) is most of
-//! a warm claim's cost in a container, so the runner starts it ahead of the
-//! claim, as root, with nothing to work on. The process blocks reading its
-//! stdin until `init`, which names the user's workspace and the UID the
-//! runner gave that user: only then does it drop to that identity for good
-//! (no supplementary groups, real = effective = saved IDs, no new
-//! privileges), enter the workspace and start the agent proper, which sees
-//! every line read so far. Nothing of any user is touched while it is root,
-//! and the runner checks the agent's credentials in `/proc` before it
-//! reports the agent ready.
+//! Starting the agent's process (exec, dynamic linking, runtime, sandbox) is
+//! most of a warm claim's cost, so the runner starts it ahead of the claim
+//! with nothing to work on. The process blocks reading its stdin until
+//! `init`, which names the user's workspace: under bubblewrap the fixed
+//! `/workspace`, onto which the runner has just mounted the user's directory
+//! (entering it again makes the cwd the mounted one); under per-user UID
+//! isolation (docker), where it started as root, the user's own directory
+//! and the UID the runner gave that user. Only then does it drop to that
+//! identity for good (no supplementary groups, real = effective = saved
+//! IDs, no new privileges), enter the workspace and start the agent proper,
+//! which sees every line read so far. Nothing of any user is touched while
+//! it is root, and the runner checks the agent's credentials in `/proc`
+//! before it reports the agent ready.
 //!
 //! All of this runs before the async runtime exists: one thread, so the
 //! credential change and the environment are the process's own, with no

@@ -299,10 +299,7 @@ pub(crate) async fn serve_lines<R, A>(
         };
         match parse_input(line) {
             Ok(Some(input)) => {
-                if let AgentInput::Init { workspace, env, .. } = &input {
-                    if let Some(ws) = workspace {
-                        reenter_workspace(ws);
-                    }
+                if let AgentInput::Init { env, .. } = &input {
                     export_session_env(env);
                 }
                 agent.handle(input).await
@@ -315,19 +312,6 @@ pub(crate) async fn serve_lines<R, A>(
     agent.shutdown().await;
     drop(agent);
     let _ = tokio::time::timeout(grace, writer).await;
-}
-
-/// A pre-started agent's workspace is mounted over its working directory
-/// after it started (the runner's `prepare`): entering the same path again
-/// makes the cwd the mounted workspace. Only when `init` names the cwd, so an
-/// agent embedded with another workspace never moves its process.
-fn reenter_workspace(ws: &str) {
-    let same = std::env::current_dir()
-        .map(|cwd| cwd == std::path::Path::new(ws))
-        .unwrap_or(false);
-    if same && let Err(e) = std::env::set_current_dir(ws) {
-        eprintln!("agent: cannot enter the workspace {ws}: {e}");
-    }
 }
 
 /// Put the session's variables from `init` into the environment every

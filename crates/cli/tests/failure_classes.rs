@@ -479,3 +479,85 @@ async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
         "garbage was logged"
     );
 }
+
+/// A message written into a runner socket that then dies is not lost: the
+/// runner re-dials, says which inputs it handled, and the gateway sends the
+/// rest again (the user would otherwise wait for an answer forever).
+#[tokio::test]
+async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_redial() {
+    use futures_util::{SinkExt, StreamExt};
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    assert_eq!(text_of(&c.turn().await), "first");
+    let ready = gw
+        .wait_log(
+            "ready",
+            |l| l["phase"] == "task_ready" && l["sessionId"] == c.session_id.as_str(),
+            WAIT,
+        )
+        .await;
+    let task = ready["taskId"].as_str().unwrap().to_string();
+    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
+    assert_eq!(runners.len(), 1, "one runner: {runners:?}");
+    let runner = Pid::from_raw(runners[0]);
+    // Frozen, the real runner cannot re-dial while a stand-in holds its place.
+    kill(runner, Signal::SIGSTOP).unwrap();
+
+    // A stand-in with the task's credential takes the runner's socket and
+    // swallows whatever the gateway sends it.
+    let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
+    let cred = aishell_gateway::credential::CredentialSigner::new(key).mint(
+        &task,
+        "cold",
+        Some(&c.session_id),
+        Duration::from_secs(60),
+    );
+    let mut req = format!("ws://127.0.0.1:{}/internal/task/{}", gw.port, c.session_id)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = json!({"type": "hello", "protocol": 1, "task_id": task, "runner_version": "stand-in",
+        "session_id": c.session_id, "agent_running": true});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+    c.message("m2", "swallowed").await;
+    let swallowed = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Text(t) = msg
+                && t.contains("swallowed")
+            {
+                return t.to_string();
+            }
+        }
+        panic!("the stand-in's socket closed before the message reached it");
+    })
+    .await
+    .expect("the message went to the stand-in");
+    assert!(
+        swallowed.contains("\"seq\""),
+        "inputs are numbered: {swallowed}"
+    );
+    drop(ws);
+
+    // The real runner wakes, finds its socket gone, re-dials: the message
+    // it never saw reaches its agent, and the user gets the answer.
+    kill(runner, Signal::SIGCONT).unwrap();
+    assert_eq!(text_of(&c.turn().await), "swallowed");
+    assert!(
+        gw.logs()
+            .iter()
+            .any(|l| l["event"] == "runner_inputs_resent" && l["taskId"] == task.as_str()),
+        "the gateway said it sent inputs again"
+    );
+    // Exactly once: the next message is answered once, in order.
+    c.message("m3", "after").await;
+    assert_eq!(text_of(&c.turn().await), "after");
+}

@@ -159,6 +159,7 @@ impl WarmRunner {
     /// Send one message and collect the agent's text until its `finish`.
     async fn turn(&mut self, content: &str) -> String {
         self.send(GatewayToRunner::Agent {
+            seq: 0,
             frame: AgentInput::Message {
                 conversation_id: "c1".into(),
                 content: content.into(),

@@ -129,6 +129,7 @@ async fn connection(
         session_id,
         agent_running,
         runner_version,
+        inputs_received,
     }) = hello
     else {
         refuse(socket, 4400, "expected hello").await;
@@ -180,6 +181,7 @@ async fn connection(
                 tx,
                 session_hint: session_id,
                 agent_running,
+                inputs_received,
             };
             match handle
                 .request(|reply| SessionCmd::RunnerConnected { attach, reply })

@@ -146,6 +146,10 @@ impl Isolation {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn yes() -> bool {
     true
 }
@@ -165,6 +169,10 @@ pub enum RunnerToGateway {
         /// True when the agent is up (a re-dial after a gateway restart).
         #[serde(default)]
         agent_running: bool,
+        /// Highest `agent.seq` from the gateway this runner has handled: a
+        /// re-dial gets every later input again (lost in the old socket).
+        #[serde(default)]
+        inputs_received: u64,
     },
     /// The agent answered its own `init`.
     Ready {
@@ -180,14 +188,9 @@ pub enum RunnerToGateway {
     },
     /// One agent output frame. `seq` counts agent frames of this task so a
     /// re-dialled runner can resend what the gateway did not acknowledge.
-    Agent {
-        seq: u64,
-        frame: AgentEvent,
-    },
+    Agent { seq: u64, frame: AgentEvent },
     /// Conversations restored (answer to `restore_conversations`).
-    Restored {
-        count: u32,
-    },
+    Restored { count: u32 },
     /// The agent process ended.
     AgentExit {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,19 +200,18 @@ pub enum RunnerToGateway {
         stderr_tail: String,
     },
     /// One line the agent wrote to stderr.
-    AgentStderr {
-        line: String,
-    },
+    AgentStderr { line: String },
     /// Answer to `prepare`: the agent is started (`prestarted`), or will
     /// start at claim time. The pool counts a warm task ready only then.
-    Prepared {
-        prestarted: bool,
-    },
+    Prepared { prestarted: bool },
     /// The runner could not prepare the workspace or start the agent.
-    StartFailed {
-        message: String,
+    StartFailed { message: String },
+    /// Liveness, and the highest gateway `agent.seq` handled so far (the
+    /// gateway may forget the inputs up to it).
+    Heartbeat {
+        #[serde(default)]
+        inputs_received: u64,
     },
-    Heartbeat,
 }
 
 impl RunnerToGateway {
@@ -255,8 +257,12 @@ pub enum GatewayToRunner {
         trace_id: Option<String>,
         settings: RunnerSettings,
     },
-    /// One agent input frame, written to the agent's stdin.
+    /// One agent input frame, written to the agent's stdin. `seq` counts
+    /// agent inputs to this task from 1 (0: unnumbered); the runner hands
+    /// each number to its agent once, so a resent input is not doubled.
     Agent {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        seq: u64,
         frame: AgentInput,
     },
     RestoreConversations {

@@ -201,14 +201,15 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
 
 fn runner_to_gateway() -> impl Strategy<Value = RunnerToGateway> {
     prop_oneof![
-        (any::<u32>(), s(), s(), os(), any::<bool>()).prop_map(
-            |(protocol, task_id, runner_version, session_id, agent_running)| {
+        (any::<u32>(), s(), s(), os(), any::<bool>(), any::<u64>()).prop_map(
+            |(protocol, task_id, runner_version, session_id, agent_running, inputs_received)| {
                 RunnerToGateway::Hello {
                     protocol,
                     task_id,
                     runner_version,
                     session_id,
                     agent_running,
+                    inputs_received,
                 }
             }
         ),
@@ -232,7 +233,7 @@ fn runner_to_gateway() -> impl Strategy<Value = RunnerToGateway> {
         ),
         s().prop_map(|line| RunnerToGateway::AgentStderr { line }),
         s().prop_map(|message| RunnerToGateway::StartFailed { message }),
-        Just(RunnerToGateway::Heartbeat),
+        any::<u64>().prop_map(|inputs_received| RunnerToGateway::Heartbeat { inputs_received }),
     ]
 }
 
@@ -271,7 +272,8 @@ fn gateway_to_runner() -> impl Strategy<Value = GatewayToRunner> {
             }
         ),
         runner_settings().prop_map(|settings| GatewayToRunner::Prepare { settings }),
-        agent_input().prop_map(|frame| GatewayToRunner::Agent { frame }),
+        (any::<u64>(), agent_input())
+            .prop_map(|(seq, frame)| GatewayToRunner::Agent { seq, frame }),
         vec(conversation_ref(), 0..4)
             .prop_map(|conversations| GatewayToRunner::RestoreConversations { conversations }),
         any::<u64>().prop_map(|seq| GatewayToRunner::Ack { seq }),

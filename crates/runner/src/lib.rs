@@ -85,6 +85,9 @@ struct Runner {
     /// UID isolation: the UID the agent must run as, checked in `/proc`
     /// before the agent is reported ready.
     agent_uid: Option<u32>,
+    /// Highest gateway input `seq` handed to the agent (a resent input at
+    /// or below it is dropped; hello and heartbeats report it).
+    inputs_received: u64,
 }
 
 /// Run until shut down, the agent exits, or the gateway is gone for good.
@@ -105,6 +108,7 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         prepared: None,
         prestarted: false,
         agent_uid: None,
+        inputs_received: 0,
     };
     runner.run().await
 }
@@ -214,6 +218,7 @@ impl Runner {
             runner_version: env!("CARGO_PKG_VERSION").to_string(),
             session_id: self.binding.as_ref().map(|b| b.session_id.clone()),
             agent_running: self.agent.is_some(),
+            inputs_received: self.inputs_received,
         };
         send(&mut ws, &hello).await?;
         if self.agent_ready {
@@ -282,7 +287,7 @@ impl Runner {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    send(&mut ws, &RunnerToGateway::Heartbeat).await?;
+                    send(&mut ws, &self.heartbeat()).await?;
                 }
                 _ = sleep_until_opt(init_deadline) => {
                     self.init_deadline = None;
@@ -354,7 +359,15 @@ impl Runner {
                 let prestarted = self.prepare(settings).await;
                 send(ws, &RunnerToGateway::Prepared { prestarted }).await?;
             }
-            GatewayToRunner::Agent { frame } => self.send_to_agent(frame),
+            GatewayToRunner::Agent { seq, frame } => {
+                // Unnumbered (0) inputs come from older gateways.
+                if seq == 0 || seq > self.inputs_received {
+                    self.inputs_received = self.inputs_received.max(seq);
+                    self.send_to_agent(frame);
+                } else {
+                    tracing::debug!(event = "runner_input_duplicate", taskId = %self.cfg.task_id, seq, "input already handled");
+                }
+            }
             GatewayToRunner::RestoreConversations { conversations } => {
                 let count = conversations.len() as u32;
                 self.restore_counter += 1;
@@ -366,13 +379,19 @@ impl Runner {
                 self.restore_barriers.push((id, count));
             }
             GatewayToRunner::Ack { seq } => self.outbox.ack(seq),
-            GatewayToRunner::Ping => send(ws, &RunnerToGateway::Heartbeat).await?,
+            GatewayToRunner::Ping => send(ws, &self.heartbeat()).await?,
             GatewayToRunner::Shutdown { reason } => {
                 tracing::info!(event = "runner_shutdown", taskId = %self.cfg.task_id, traceId = self.trace_id(), reason = %reason, "gateway asked to shut down");
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    fn heartbeat(&self) -> RunnerToGateway {
+        RunnerToGateway::Heartbeat {
+            inputs_received: self.inputs_received,
+        }
     }
 
     /// Warm and unclaimed: start the agent `settings` describe before its
@@ -529,6 +548,11 @@ impl Runner {
             env.extend(proxy.agent_env(&settings.model_proxy));
         }
         let mut command = agent_proc::agent_command(&self.cfg.agent_program, &settings.agent);
+        if session.is_none() {
+            // Pre-started (built-in only): it waits for `init` to learn its
+            // workspace (and, under UID isolation, its user).
+            command.push("--await-init".into());
+        }
         let confined = match settings.sandbox.as_ref() {
             None => None,
             Some(s) if s.isolation == Isolation::Uid => {
@@ -538,7 +562,6 @@ impl Runner {
                 let limits = sandbox::Limits::from_settings(s);
                 if session.is_none() {
                     // Pre-started: root until `init` names the user.
-                    command.push("--await-init".into());
                     Some(sandbox::Limits {
                         user_at_init: true,
                         ..limits

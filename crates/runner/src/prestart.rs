@@ -16,8 +16,8 @@
 //! else: the runner's namespace is private, and ends with its processes.
 //!
 //! The agent sees nothing of any user before the claim (an empty tmpfs),
-//! then exactly one workspace; it re-enters `/workspace` on `init` so its
-//! working directory is the bound one. Needs root (CAP_SYS_ADMIN) for the
+//! then exactly one workspace; it waits for `init` (`--await-init`) and
+//! enters `/workspace` again then, so its working directory is the bound one. Needs root (CAP_SYS_ADMIN) for the
 //! runner; elsewhere warm tasks start their agent at claim time as before.
 
 use std::ffi::CString;

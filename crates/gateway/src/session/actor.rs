@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::inputs::InputLog;
 use super::persister::{self, PersistItem};
 use super::replay::ReplayBuffer;
 use crate::Shared;
@@ -80,6 +81,8 @@ pub struct RunnerAttach {
     pub tx: mpsc::UnboundedSender<GatewayToRunner>,
     pub session_hint: Option<String>,
     pub agent_running: bool,
+    /// Highest agent input `seq` the runner handled (its `hello`).
+    pub inputs_received: u64,
 }
 
 pub enum SessionCmd {
@@ -175,6 +178,8 @@ struct Task {
     agent: AgentInfo,
     /// The runner started the agent before the claim (warm `prepare`).
     agent_prestarted: bool,
+    /// Agent inputs sent and not yet acknowledged by the runner.
+    inputs: InputLog,
     /// Stops the status poller.
     watch: CancellationToken,
 }
@@ -693,12 +698,10 @@ impl SessionActor {
                 reply: String::new(),
             });
         // `accepts_messages` was checked: possibly before `ready`.
-        self.send_to_runner(GatewayToRunner::Agent {
-            frame: AgentInput::Message {
-                conversation_id: msg.conversation_id,
-                content: msg.content,
-                message_id: msg.message_id,
-            },
+        self.send_agent_input(AgentInput::Message {
+            conversation_id: msg.conversation_id,
+            content: msg.content,
+            message_id: msg.message_id,
         });
     }
 
@@ -748,9 +751,20 @@ impl SessionActor {
     }
 
     /// Agent input other than messages goes to a ready task only.
-    fn send_to_agent(&self, frame: AgentInput) {
+    fn send_to_agent(&mut self, frame: AgentInput) {
         if self.task.as_ref().is_some_and(|t| t.phase == Phase::Ready) {
-            self.send_to_runner(GatewayToRunner::Agent { frame });
+            self.send_agent_input(frame);
+        }
+    }
+
+    /// Number and keep an agent input, and send it if the runner is
+    /// connected (else it goes out when the runner re-dials).
+    fn send_agent_input(&mut self, frame: AgentInput) {
+        if let Some(task) = self.task.as_mut() {
+            let numbered = task.inputs.record(frame);
+            if let Some(link) = &task.runner {
+                let _ = link.tx.send(numbered);
+            }
         }
     }
 
@@ -853,6 +867,7 @@ impl SessionActor {
             runner_lost_at: None,
             agent: AgentInfo::default(),
             agent_prestarted: false,
+            inputs: InputLog::default(),
             watch: CancellationToken::new(),
         });
         let owner = crate::TaskOwner::new(&self.id, &self.user_id, source == TaskSource::Warm);
@@ -1102,7 +1117,17 @@ impl SessionActor {
                 task.runner = Some(link);
                 task.runner_lost_at = None;
                 tracing::info!(event = "runner_reattached", sessionId = %self.id, taskId = %attach.task_id, "runner re-attached");
-                if !attach.agent_running && task.phase == Phase::Activating {
+                if attach.agent_running {
+                    // What the old socket (or none) swallowed goes again.
+                    let resend = task.inputs.resend_after(attach.inputs_received);
+                    if !resend.is_empty() {
+                        tracing::info!(event = "runner_inputs_resent", sessionId = %self.id, taskId = %attach.task_id, count = resend.len(), "agent inputs sent again after a re-dial");
+                    }
+                    for frame in resend {
+                        self.send_to_runner(frame);
+                    }
+                } else if task.phase == Phase::Activating {
+                    task.inputs.clear();
                     // It never ran `init_user`, so not the messages behind it.
                     self.requeue_early_turns();
                     self.send_init_user();
@@ -1142,6 +1167,7 @@ impl SessionActor {
             runner_lost_at: None,
             agent: AgentInfo::default(),
             agent_prestarted: false,
+            inputs: InputLog::continuing_from(attach.inputs_received),
             watch: CancellationToken::new(),
         });
         self.session_started_at.get_or_insert(now);
@@ -1159,9 +1185,12 @@ impl SessionActor {
 
     async fn on_runner_frame(&mut self, frame: RunnerToGateway) {
         match frame {
-            RunnerToGateway::Hello { .. }
-            | RunnerToGateway::Heartbeat
-            | RunnerToGateway::Prepared { .. } => {}
+            RunnerToGateway::Heartbeat { inputs_received } => {
+                if let Some(task) = self.task.as_mut() {
+                    task.inputs.acknowledge(inputs_received);
+                }
+            }
+            RunnerToGateway::Hello { .. } | RunnerToGateway::Prepared { .. } => {}
             RunnerToGateway::Ready {
                 agent,
                 agent_start_ms,
