@@ -44,10 +44,14 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
 
+        // No liveness ping on acquire: a SQLite connection is an in-process
+        // handle to a local file, and the ping was a round trip to sqlx's
+        // connection thread before every batch of writes and every read.
+        let pool_options = || SqlitePoolOptions::new().test_before_acquire(false);
         let pool = if in_memory {
             // Every connection to `:memory:` would otherwise risk seeing a
             // different (or vanished) database: keep exactly one, forever.
-            SqlitePoolOptions::new()
+            pool_options()
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
@@ -68,7 +72,7 @@ impl SqliteStore {
                     )))
                 })?;
             }
-            SqlitePoolOptions::new()
+            pool_options()
                 .max_connections(FILE_POOL_SIZE)
                 .connect_with(options)
                 .await?
