@@ -1260,6 +1260,17 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fk, 1);
+        // Writes enforce them too (they run on a pooled connection's
+        // handle): a message for a session that does not exist is refused.
+        let orphan = s
+            .insert_message(&message("no-such-session", "c1", Some("m"), "hi"))
+            .await;
+        assert!(matches!(orphan, Err(StoreError::Sqlite(_))), "{orphan:?}");
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, 0);
     }
 
     #[tokio::test]
