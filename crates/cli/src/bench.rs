@@ -5,11 +5,15 @@
 //! agent event (`text_delta`, `content`, `tool_call`, `thinking`, `finish`,
 //! `error`), split by where the task came from (`status.source`: warm/cold).
 //! Then echo round-trips (sent → `finish`) on established sessions, and the
-//! gateway's RSS. Figures are printed, never asserted.
+//! gateway's RSS. With the gateway's pid (spawned, or `--gateway-pid`), also
+//! the gateway's CPU time during the bursts per new session: a steadier
+//! figure than latency on a noisy machine for comparing two builds.
+//! Figures are printed, never asserted.
 //!
 //! JSON (`--format json`): `{ "levels": [ { "concurrency", "rounds",
 //! "warm"|"cold": { "n", "failures", "connect_ms": {p50,p90,p99,max},
-//! "first_event_ms": {p50,p90,p99,max} } } ], "roundtrip": { "n",
+//! "first_event_ms": {p50,p90,p99,max} }, "gateway_cpu_ms_per_session" } ],
+//! "roundtrip": { "n",
 //! "per_second", "p50_ms", "p99_ms" }, "gateway_rss_mib", "gateway_hwm_mib",
 //! "first_error" }`.
 
@@ -84,9 +88,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut first_error: Option<String> = None;
     for &n in &args.concurrency {
         let mut samples = Vec::new();
+        let mut burst_cpu_ns = Some(0u64);
         for _ in 0..args.rounds {
             // Let the pool refill between rounds, as between bursts of users.
             wait_for_pool(&url, n).await;
+            let cpu_before = pid.and_then(cpu_ns);
             perf_control("enable");
             let tasks: Vec<_> = (0..n)
                 .map(|_| tokio::spawn(new_session(url.clone(), token.clone(), timeout)))
@@ -99,8 +105,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 samples.push(s);
             }
             perf_control("disable");
+            burst_cpu_ns = match (burst_cpu_ns, cpu_before, pid.and_then(cpu_ns)) {
+                (Some(total), Some(before), Some(after)) => {
+                    Some(total + after.saturating_sub(before))
+                }
+                _ => None,
+            };
         }
-        levels.push(level_json(n, args.rounds, &samples));
+        let mut level = level_json(n, args.rounds, &samples);
+        level["gateway_cpu_ms_per_session"] = json!(burst_cpu_ns.map(|ns| {
+            let per = ns as f64 / 1e6 / samples.len().max(1) as f64;
+            (per * 100.0).round() / 100.0
+        }));
+        levels.push(level);
     }
     let roundtrip = echo_roundtrips(
         &url,
@@ -387,7 +404,11 @@ fn print_table(r: &Value) {
         }
         format!("{}/{}/{}/{}", v["p50"], v["p90"], v["p99"], v["max"])
     };
+    let mut cpu_lines = Vec::new();
     for level in r["levels"].as_array().into_iter().flatten() {
+        if let Some(ms) = level["gateway_cpu_ms_per_session"].as_f64() {
+            cpu_lines.push(format!("{} concurrent: {ms} ms", level["concurrency"]));
+        }
         for source in ["warm", "cold", "unknown"] {
             let g = &level[source];
             if g.is_null() {
@@ -404,6 +425,13 @@ fn print_table(r: &Value) {
                 cell(&g["first_event_ms"])
             );
         }
+    }
+    if !cpu_lines.is_empty() {
+        println!();
+        println!(
+            "gateway CPU during the bursts, per new session: {}",
+            cpu_lines.join(", ")
+        );
     }
     let rt = &r["roundtrip"];
     if !rt.is_null() {
@@ -426,6 +454,17 @@ fn print_table(r: &Value) {
     if let Some(e) = r["first_error"].as_str() {
         println!("first error: {e}");
     }
+}
+
+/// CPU time (ns) process `pid` has used so far, summed over its live
+/// threads (`/proc/<pid>/task/*/schedstat`); None where unreadable.
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 fn rss_mib(pid: u32) -> (Option<f64>, Option<f64>) {
@@ -555,5 +594,41 @@ impl Drop for SpawnedGateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This thread's CPU time, ns.
+    fn thread_cpu_ns() -> u64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec for the call to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    }
+
+    #[test]
+    fn a_process_cpu_time_grows_by_the_work_it_does() {
+        let me = std::process::id();
+        let before = cpu_ns(me).expect("schedstat readable here");
+        // Spin until this thread has used 20 ms of CPU, however loaded the
+        // machine is.
+        let start = thread_cpu_ns();
+        let mut x = 0u64;
+        while thread_cpu_ns() - start < 20_000_000 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let spent = cpu_ns(me).unwrap() - before;
+        // schedstat may lag the running thread by a scheduler tick.
+        assert!(
+            spent >= 10_000_000,
+            "20 ms of spinning counted as {spent} ns"
+        );
+        assert_eq!(cpu_ns(u32::MAX - 1), None, "no such process");
     }
 }
