@@ -49,24 +49,26 @@ pub async fn run_stdio(kind: &str, already_read: Vec<u8>) -> anyhow::Result<()> 
     use std::os::fd::AsFd;
     use tokio::io::AsyncReadExt;
     use tokio::net::unix::pipe;
-    let stdin: Box<dyn AsyncRead + Unpin + Send> = match std::io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .and_then(pipe::Receiver::from_owned_fd)
-    {
-        Ok(pipe) => Box::new(pipe),
-        Err(_) => Box::new(tokio::io::stdin()),
-    };
+    let stdin: Box<dyn AsyncRead + Unpin + Send> =
+        match on_pipe(std::io::stdin().as_fd(), pipe::Receiver::from_owned_fd) {
+            Some(pipe) => Box::new(pipe),
+            None => Box::new(tokio::io::stdin()),
+        };
     let input = std::io::Cursor::new(already_read).chain(stdin);
-    let output: Box<dyn AsyncWrite + Unpin + Send> = match std::io::stdout()
-        .as_fd()
-        .try_clone_to_owned()
-        .and_then(pipe::Sender::from_owned_fd)
-    {
-        Ok(pipe) => Box::new(pipe),
-        Err(_) => Box::new(tokio::io::stdout()),
-    };
+    let output: Box<dyn AsyncWrite + Unpin + Send> =
+        match on_pipe(std::io::stdout().as_fd(), pipe::Sender::from_owned_fd) {
+            Some(pipe) => Box::new(pipe),
+            None => Box::new(tokio::io::stdout()),
+        };
     run(kind, input, output).await
+}
+
+/// `fd` as a tokio pipe end, when it is a pipe.
+fn on_pipe<P>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    open: fn(std::os::fd::OwnedFd) -> std::io::Result<P>,
+) -> Option<P> {
+    fd.try_clone_to_owned().and_then(open).ok()
 }
 
 /// Run a built-in agent over any reader/writer, in the current directory as
@@ -103,7 +105,8 @@ where
     }
 }
 
-fn check_kind(kind: &str) -> anyhow::Result<()> {
+/// Is `kind` a built-in agent? The error names the kinds there are.
+pub fn check_kind(kind: &str) -> anyhow::Result<()> {
     if BUILTIN_KINDS.contains(&kind) {
         Ok(())
     } else {

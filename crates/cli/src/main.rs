@@ -97,8 +97,8 @@ fn main() -> std::process::ExitCode {
             kind,
             await_init: true,
         } => {
-            if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str()) {
-                eprintln!("aishell: unknown agent kind `{kind}`");
+            if let Err(e) = aishell_agents::check_kind(kind) {
+                eprintln!("aishell: {e}");
                 return std::process::ExitCode::FAILURE;
             }
             prefault::populate_executable();

@@ -563,7 +563,7 @@ impl Runner {
                 if session.is_none() {
                     // Pre-started: root until `init` names the user.
                     Some(sandbox::Limits {
-                        user_at_init: true,
+                        identity: sandbox::AgentIdentity::UserAtInit,
                         ..limits
                     })
                 } else {
@@ -577,7 +577,7 @@ impl Runner {
                     self.agent_uid = Some(uid);
                     env.insert("HOME".into(), workspace.to_string_lossy().into_owned());
                     Some(sandbox::Limits {
-                        run_as: Some(uid),
+                        identity: sandbox::AgentIdentity::User(uid),
                         ..limits
                     })
                 }

@@ -141,12 +141,21 @@ pub struct Limits {
     pub max_files: Option<u64>,
     pub max_processes: Option<u64>,
     pub cpu_seconds: Option<u64>,
-    /// Per-user UID isolation: the agent runs as this UID (and GID), with
-    /// no supplementary groups and no new privileges.
-    pub run_as: Option<u32>,
+    pub identity: AgentIdentity,
+}
+
+/// Whose identity the agent process runs under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentIdentity {
+    /// The runner's (under bubblewrap: its namespaces confine the agent).
+    #[default]
+    Runner,
+    /// Per-user UID isolation: this UID (and GID), with no supplementary
+    /// groups and no new privileges.
+    User(u32),
     /// Per-user UID isolation, pre-started: the agent starts as root and
     /// takes its user's UID itself on `init` (`aishell agent --await-init`).
-    pub user_at_init: bool,
+    UserAtInit,
 }
 
 impl Limits {
@@ -156,20 +165,19 @@ impl Limits {
             max_files: s.max_files,
             max_processes: s.max_processes,
             cpu_seconds: s.cpu_seconds,
-            run_as: None,
-            user_at_init: false,
+            identity: AgentIdentity::Runner,
         }
     }
 
     /// The agent runs under a per-user UID (now or from `init` on), not
     /// under bubblewrap.
     pub fn uid_isolated(&self) -> bool {
-        self.run_as.is_some() || self.user_at_init
+        self.identity != AgentIdentity::Runner
     }
 
     /// Install the limits on `cmd`'s child process.
     pub fn apply(self, cmd: &mut tokio::process::Command) {
-        if let Some(uid) = self.run_as {
+        if let AgentIdentity::User(uid) = self.identity {
             // std drops the supplementary groups when root switches UID.
             cmd.uid(uid).gid(uid);
         }
@@ -193,14 +201,15 @@ impl Limits {
                 set(libc::RLIMIT_NOFILE, self.max_files)?;
                 set(libc::RLIMIT_CPU, self.cpu_seconds)?;
                 // Runs after the UID switch: no set-uid binary can undo it.
-                if self.run_as.is_some() && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                if matches!(self.identity, AgentIdentity::User(_))
+                    && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // As root, NPROC counts every root process on the machine
                 // (root itself is exempt from it); an agent that becomes its
                 // user on `init` takes the limit along.
-                if libc::getuid() != 0 || self.user_at_init {
+                if libc::getuid() != 0 || self.identity == AgentIdentity::UserAtInit {
                     set(libc::RLIMIT_NPROC, self.max_processes)?;
                 }
                 Ok(())

@@ -762,9 +762,7 @@ impl SessionActor {
     fn send_agent_input(&mut self, frame: AgentInput) {
         if let Some(task) = self.task.as_mut() {
             let numbered = task.inputs.record(frame);
-            if let Some(link) = &task.runner {
-                let _ = link.tx.send(numbered);
-            }
+            self.send_to_runner(numbered);
         }
     }
 

@@ -98,36 +98,7 @@ pub(super) fn spawn(
                         open = false;
                         continue;
                     }
-                    let mut events = Vec::new();
-                    let mut runner_seq = None;
-                    let mut state = None;
-                    for item in items.drain(..) {
-                        match item {
-                            PersistItem::Event { event, runner_seq: r } => {
-                                events.push(event);
-                                runner_seq = r.or(runner_seq);
-                            }
-                            PersistItem::State(s) => state = Some(s),
-                            PersistItem::BindTask(next) => {
-                                if !events.is_empty() || state.is_some() {
-                                    let unit = Unit::Session {
-                                        events: std::mem::take(&mut events),
-                                        ack: task.clone().zip(runner_seq.take()),
-                                        state: state.take(),
-                                    };
-                                    in_flight.push_back(write_once(&store, &session_id, unit));
-                                }
-                                task.clone_from(&next);
-                                in_flight.push_back(write_once(&store, &session_id, Unit::Bind(next)));
-                            }
-                        }
-                    }
-                    if !events.is_empty() || state.is_some() {
-                        let unit = Unit::Session {
-                            events,
-                            ack: task.clone().zip(runner_seq.take()),
-                            state,
-                        };
+                    for unit in units(items.drain(..), &mut task) {
                         in_flight.push_back(write_once(&store, &session_id, unit));
                     }
                 }
@@ -135,6 +106,55 @@ pub(super) fn spawn(
         }
     });
     persist_tx
+}
+
+/// The writes for one round of queued items, in order: events and state
+/// gathered into one session write, cut wherever the task binding changes
+/// (each event's runner seq belongs to the task bound when it was sent).
+/// `task` follows the bindings.
+fn units(items: impl Iterator<Item = PersistItem>, task: &mut Option<String>) -> Vec<Unit> {
+    let mut units = Vec::new();
+    let mut gathered = Gathered::default();
+    for item in items {
+        match item {
+            PersistItem::Event { event, runner_seq } => {
+                gathered.events.push(event);
+                gathered.runner_seq = runner_seq.or(gathered.runner_seq);
+            }
+            PersistItem::State(state) => gathered.state = Some(state),
+            PersistItem::BindTask(next) => {
+                units.extend(gathered.take(task));
+                task.clone_from(&next);
+                units.push(Unit::Bind(next));
+            }
+        }
+    }
+    units.extend(gathered.take(task));
+    units
+}
+
+/// Events and state gathered for one session write.
+#[derive(Default)]
+struct Gathered {
+    events: Vec<StoredEvent>,
+    /// The runner seq of the last agent frame among `events`.
+    runner_seq: Option<u64>,
+    state: Option<String>,
+}
+
+impl Gathered {
+    /// The session write for what was gathered, acknowledging the frames of
+    /// `task`; none when nothing was.
+    fn take(&mut self, task: &Option<String>) -> Option<Unit> {
+        if self.events.is_empty() && self.state.is_none() {
+            return None;
+        }
+        Some(Unit::Session {
+            events: std::mem::take(&mut self.events),
+            ack: task.clone().zip(self.runner_seq.take()),
+            state: self.state.take(),
+        })
+    }
 }
 
 /// Tell the actor what a stored write allows; false if the actor has gone.
