@@ -26,6 +26,38 @@ fn set_faults(file: &PathBuf, rules: &str) {
     std::fs::write(file, rules).unwrap();
 }
 
+/// A runner socket other than the real runner's, holding the credential of
+/// `session_id`'s task `task`: it says `hello` (agent running), so the
+/// gateway takes it for a re-dial and routes the task's frames to it.
+async fn stand_in_runner(
+    gw: &Gateway,
+    task: &str,
+    session_id: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
+    let cred = aishell_gateway::credential::CredentialSigner::new(key).mint(
+        task,
+        "cold",
+        Some(session_id),
+        Duration::from_secs(60),
+    );
+    let mut req = format!("ws://127.0.0.1:{}/internal/task/{session_id}", gw.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = json!({"type": "hello", "protocol": 1, "task_id": task, "runner_version": "stand-in",
+        "session_id": session_id, "agent_running": true});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+    ws
+}
+
 /// Class 1: the original's ECS role lacked DescribeTasks. A failing status
 /// call must reach the client with the backend's reason within 1 s.
 #[tokio::test]
@@ -410,7 +442,6 @@ async fn a_start_burst_queues_then_overflows_with_overloaded() {
 async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
     let mut victim = gw.connect().await;
     victim.message("m1", "hello").await;
@@ -427,26 +458,7 @@ async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
         .await;
     let task = ready["taskId"].as_str().unwrap().to_string();
     // A hostile runner holding that task's credential.
-    let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
-    let cred = aishell_gateway::credential::CredentialSigner::new(key).mint(
-        &task,
-        "cold",
-        Some(&victim.session_id),
-        Duration::from_secs(60),
-    );
-    let mut req = format!(
-        "ws://127.0.0.1:{}/internal/task/{}",
-        gw.port, victim.session_id
-    )
-    .into_client_request()
-    .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let hello = json!({"type": "hello", "protocol": 1, "task_id": task, "runner_version": "evil", "agent_running": true});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .unwrap();
+    let mut ws = stand_in_runner(&gw, &task, &victim.session_id).await;
     for garbage in [
         "not json",
         "{\"type\":\"nope\"}",
@@ -485,11 +497,10 @@ async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
 /// rest again (the user would otherwise wait for an answer forever).
 #[tokio::test]
 async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_redial() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
     let mut c = gw.connect().await;
     c.message("m1", "first").await;
@@ -510,24 +521,7 @@ async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_re
 
     // A stand-in with the task's credential takes the runner's socket and
     // swallows whatever the gateway sends it.
-    let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
-    let cred = aishell_gateway::credential::CredentialSigner::new(key).mint(
-        &task,
-        "cold",
-        Some(&c.session_id),
-        Duration::from_secs(60),
-    );
-    let mut req = format!("ws://127.0.0.1:{}/internal/task/{}", gw.port, c.session_id)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {cred}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let hello = json!({"type": "hello", "protocol": 1, "task_id": task, "runner_version": "stand-in",
-        "session_id": c.session_id, "agent_running": true});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .unwrap();
+    let mut ws = stand_in_runner(&gw, &task, &c.session_id).await;
     c.message("m2", "swallowed").await;
     let swallowed = tokio::time::timeout(WAIT, async {
         while let Some(Ok(msg)) = ws.next().await {

@@ -39,6 +39,17 @@ fn settings(kind: &str) -> RunnerSettings {
     }
 }
 
+/// `settings(kind)` under per-user UID isolation (the docker backend's).
+fn uid_settings(kind: &str) -> RunnerSettings {
+    RunnerSettings {
+        sandbox: Some(SandboxSettings {
+            isolation: aishell_protocol::runner::Isolation::Uid,
+            ..Default::default()
+        }),
+        ..settings(kind)
+    }
+}
+
 /// One warm `aishell runner` child dialled into a scripted gateway.
 struct WarmRunner {
     child: Child,
@@ -48,10 +59,15 @@ struct WarmRunner {
 
 impl WarmRunner {
     async fn start() -> WarmRunner {
+        Self::start_with_env(&[]).await
+    }
+
+    async fn start_with_env(env: &[(&str, &str)]) -> WarmRunner {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mut child = Command::new(BIN)
             .arg("runner")
+            .envs(env.iter().copied())
             .env("AISHELL_GATEWAY_URL", format!("ws://127.0.0.1:{port}"))
             .env("AISHELL_TASK_ID", format!("t-prestart-{port}"))
             .env("AISHELL_TASK_MODE", "warm")
@@ -133,7 +149,8 @@ impl WarmRunner {
             .any(|l| l.contains(&needle))
     }
 
-    async fn claim(&mut self, workspace: &Path, settings: RunnerSettings) -> (bool, String) {
+    /// Bind the runner to alice's session in `workspace`.
+    async fn send_init_user(&mut self, workspace: &Path, settings: RunnerSettings) {
         self.send(GatewayToRunner::InitUser {
             user_id: "alice".into(),
             session_id: "s-prestart".into(),
@@ -142,6 +159,10 @@ impl WarmRunner {
             settings,
         })
         .await;
+    }
+
+    async fn claim(&mut self, workspace: &Path, settings: RunnerSettings) -> (bool, String) {
+        self.send_init_user(workspace, settings).await;
         loop {
             match next_frame(&mut self.ws).await {
                 RunnerToGateway::Ready {
@@ -313,13 +334,8 @@ async fn under_uid_isolation_the_prestarted_agent_takes_its_users_uid_on_init() 
     std::os::unix::fs::chown(&bob, Some(199_999), Some(199_999)).unwrap();
     std::fs::set_permissions(&bob, std::fs::Permissions::from_mode(0o700)).unwrap();
 
-    let mut uid_settings = settings("shell");
-    uid_settings.sandbox = Some(SandboxSettings {
-        isolation: aishell_protocol::runner::Isolation::Uid,
-        ..Default::default()
-    });
     let mut runner = WarmRunner::start().await;
-    assert!(runner.prepare(uid_settings.clone()).await, "prepared");
+    assert!(runner.prepare(uid_settings("shell")).await, "prepared");
     runner.wait_log("agent_prestarted").await;
     let waiting = runner.descendants_running("--await-init");
     assert_eq!(waiting.len(), 1, "one agent waits for its init");
@@ -329,7 +345,7 @@ async fn under_uid_isolation_the_prestarted_agent_takes_its_users_uid_on_init() 
         "before the claim it is root, with nothing to work on"
     );
 
-    let (prestarted, agent) = runner.claim(&alice, uid_settings).await;
+    let (prestarted, agent) = runner.claim(&alice, uid_settings("shell")).await;
     assert!(prestarted, "the claim used the pre-started agent");
     assert_eq!(agent, "shell");
     let uids = proc_ids(waiting[0], "Uid:");
@@ -364,4 +380,89 @@ async fn under_uid_isolation_the_prestarted_agent_takes_its_users_uid_on_init() 
     );
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(alice.join("new.txt")).unwrap().uid(), uid);
+}
+
+/// The runner does not take a pre-started agent's word that it became its
+/// user: one that answers `init` still as root is stopped before the
+/// runner reports it ready, and the reason reaches the gateway.
+#[tokio::test]
+async fn an_agent_that_stays_root_after_init_is_stopped_before_it_is_ready() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { nix::libc::geteuid() } != 0 {
+        eprintln!("not root: uid isolation needs a root runner; skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Stands in for `aishell agent shell --await-init`, ignoring `run_as`.
+    let stays_root = common::agent_script(
+        tmp.path(),
+        "stays-root.sh",
+        "#!/bin/sh\nread line\necho '{\"type\":\"init\",\"agent\":\"stays-root\"}'\nwhile read line; do :; done\n",
+    );
+    let alice = tmp.path().join("alice");
+    let mut runner = WarmRunner::start_with_env(&[(
+        "AISHELL_RUNNER_AGENT_PROGRAM",
+        stays_root.to_str().unwrap(),
+    )])
+    .await;
+    assert!(runner.prepare(uid_settings("shell")).await, "prepared");
+    runner.send_init_user(&alice, uid_settings("shell")).await;
+    let mut refusal = None;
+    loop {
+        match next_frame(&mut runner.ws).await {
+            RunnerToGateway::Ready { .. } => panic!("an agent that kept root was reported ready"),
+            RunnerToGateway::AgentStderr { line } if line.contains("does not run as uid") => {
+                refusal = Some(line)
+            }
+            RunnerToGateway::AgentExit { .. } => break,
+            _ => {}
+        }
+    }
+    let refusal = refusal.expect("the runner said why it stopped the agent");
+    assert!(refusal.contains("uids 0\t0\t0\t0"), "{refusal}");
+    assert!(runner.logged("agent_identity_refused"));
+}
+
+/// A runner hands each numbered input to its agent once: one sent again
+/// after a re-dial (the gateway resends what it has no acknowledgement
+/// for) is dropped, and heartbeats report the highest number handled.
+#[tokio::test]
+async fn an_input_sent_twice_reaches_the_agent_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runner = WarmRunner::start().await;
+    runner.claim(tmp.path(), settings("echo")).await;
+    for (seq, content) in [(1, "once"), (1, "once"), (2, "two")] {
+        runner
+            .send(GatewayToRunner::Agent {
+                seq,
+                frame: AgentInput::Message {
+                    conversation_id: "c1".into(),
+                    content: content.into(),
+                    message_id: None,
+                },
+            })
+            .await;
+    }
+    let (mut text, mut finished) = (String::new(), 0);
+    while finished < 2 {
+        if let RunnerToGateway::Agent { frame, .. } = next_frame(&mut runner.ws).await {
+            match frame {
+                // The whole reply (echo also streams it as deltas).
+                AgentEvent::Content { content, .. } => text.push_str(&content),
+                AgentEvent::Finish { .. } => {
+                    finished += 1;
+                    text.push('|');
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(text, "once|two|");
+    runner.send(GatewayToRunner::Ping).await;
+    loop {
+        if let RunnerToGateway::Heartbeat { inputs_received } = next_frame(&mut runner.ws).await {
+            assert_eq!(inputs_received, 2);
+            break;
+        }
+    }
 }

@@ -15,7 +15,9 @@ pub struct RunnerConfig {
     pub session_id: Option<String>,
     /// Per-task credential minted by the gateway.
     pub credential: String,
-    /// Program that runs built-in agents (`<program> agent <kind>`).
+    /// Program that runs built-in agents (`<program> agent <kind>`): this
+    /// executable, or `AISHELL_RUNNER_AGENT_PROGRAM` (set only by tests, to
+    /// stand in a misbehaving agent).
     pub agent_program: PathBuf,
     /// How long to keep re-dialling a lost gateway before giving up.
     pub reconnect_deadline: Duration,
@@ -61,10 +63,13 @@ impl RunnerConfig {
             })?),
             Err(_) => Duration::from_secs(600),
         };
-        let agent_program = std::env::current_exe().map_err(|e| ConfigError::Invalid {
-            name: "current_exe",
-            reason: e.to_string(),
-        })?;
+        let agent_program = match std::env::var_os("AISHELL_RUNNER_AGENT_PROGRAM") {
+            Some(program) => PathBuf::from(program),
+            None => std::env::current_exe().map_err(|e| ConfigError::Invalid {
+                name: "current_exe",
+                reason: e.to_string(),
+            })?,
+        };
         Ok(RunnerConfig {
             gateway_url: get("AISHELL_GATEWAY_URL")?
                 .trim_end_matches('/')

@@ -632,6 +632,14 @@ mod tests {
     use super::*;
     use time::Duration as TimeDuration;
 
+    /// Rows in `table`, read through the pool (what a reader sees).
+    async fn rows(s: &SqliteStore, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&s.pool)
+            .await
+            .unwrap()
+    }
+
     async fn memory() -> SqliteStore {
         SqliteStore::open("sqlite::memory:")
             .await
@@ -1103,11 +1111,7 @@ mod tests {
             for result in [before, breaker, after] {
                 assert!(matches!(result, Err(StoreError::Write(_))), "{result:?}");
             }
-            let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-                .fetch_one(&s.pool)
-                .await
-                .unwrap();
-            assert_eq!(users, 0);
+            assert_eq!(rows(&s, "users").await, 0);
             // The writer goes on with the next batch.
             s.ensure_user("alice").await.unwrap();
         });
@@ -1266,11 +1270,7 @@ mod tests {
             .insert_message(&message("no-such-session", "c1", Some("m"), "hi"))
             .await;
         assert!(matches!(orphan, Err(StoreError::Sqlite(_))), "{orphan:?}");
-        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
-            .fetch_one(&s.pool)
-            .await
-            .unwrap();
-        assert_eq!(stored, 0);
+        assert_eq!(rows(&s, "messages").await, 0);
     }
 
     #[tokio::test]
@@ -1279,19 +1279,11 @@ mod tests {
         s.ensure_user("alice").await.unwrap();
         // Many sequential pool checkouts all see the same database.
         for _ in 0..20 {
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-                .fetch_one(&s.pool)
-                .await
-                .unwrap();
-            assert_eq!(n, 1);
+            assert_eq!(rows(&s, "users").await, 1);
         }
         // Two in-memory stores are independent.
         let other = memory().await;
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&other.pool)
-            .await
-            .unwrap();
-        assert_eq!(n, 0);
+        assert_eq!(rows(&other, "users").await, 0);
     }
 
     #[tokio::test]
