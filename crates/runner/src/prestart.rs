@@ -17,8 +17,9 @@
 //!
 //! The agent sees nothing of any user before the claim (an empty tmpfs),
 //! then exactly one workspace; it waits for `init` (`--await-init`) and
-//! enters `/workspace` again then, so its working directory is the bound one. Needs root (CAP_SYS_ADMIN) for the
-//! runner; elsewhere warm tasks start their agent at claim time as before.
+//! enters `/workspace` again then, so its working directory is the bound
+//! one. Needs root (CAP_SYS_ADMIN) for the runner; elsewhere warm tasks under
+//! bubblewrap start their agent at claim time.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
