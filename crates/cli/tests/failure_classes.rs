@@ -26,6 +26,18 @@ fn set_faults(file: &PathBuf, rules: &str) {
     std::fs::write(file, rules).unwrap();
 }
 
+/// The task that became ready for `session_id`.
+async fn ready_task(gw: &Gateway, session_id: &str) -> String {
+    let ready = gw
+        .wait_log(
+            "task_ready",
+            |l| l["phase"] == "task_ready" && l["sessionId"] == session_id,
+            WAIT,
+        )
+        .await;
+    ready["taskId"].as_str().unwrap().to_string()
+}
+
 /// A runner socket other than the real runner's, holding the credential of
 /// `session_id`'s task `task`: it says `hello` (agent running), so the
 /// gateway takes it for a re-dial and routes the task's frames to it.
@@ -449,14 +461,7 @@ async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
     let mut bystander = gw.connect().await;
     bystander.message("m1", "bystander").await;
     bystander.turn().await;
-    let ready = gw
-        .wait_log(
-            "victim ready",
-            |l| l["phase"] == "task_ready" && l["sessionId"] == victim.session_id.as_str(),
-            WAIT,
-        )
-        .await;
-    let task = ready["taskId"].as_str().unwrap().to_string();
+    let task = ready_task(&gw, &victim.session_id).await;
     // A hostile runner holding that task's credential.
     let mut ws = stand_in_runner(&gw, &task, &victim.session_id).await;
     for garbage in [
@@ -505,14 +510,7 @@ async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_re
     let mut c = gw.connect().await;
     c.message("m1", "first").await;
     assert_eq!(text_of(&c.turn().await), "first");
-    let ready = gw
-        .wait_log(
-            "ready",
-            |l| l["phase"] == "task_ready" && l["sessionId"] == c.session_id.as_str(),
-            WAIT,
-        )
-        .await;
-    let task = ready["taskId"].as_str().unwrap().to_string();
+    let task = ready_task(&gw, &c.session_id).await;
     let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
     assert_eq!(runners.len(), 1, "one runner: {runners:?}");
     let runner = Pid::from_raw(runners[0]);
