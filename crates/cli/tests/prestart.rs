@@ -39,6 +39,16 @@ fn settings(kind: &str) -> RunnerSettings {
     }
 }
 
+/// True when running as root; otherwise says on stderr why the test skips.
+fn root_or_skip(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { nix::libc::geteuid() } == 0;
+    if !root {
+        eprintln!("not root: {why}; skipped");
+    }
+    root
+}
+
 /// `settings(kind)` under per-user UID isolation (the docker backend's).
 fn uid_settings(kind: &str) -> RunnerSettings {
     RunnerSettings {
@@ -105,9 +115,7 @@ impl WarmRunner {
     /// A warm runner whose shell agent is pre-started (`None`, said on
     /// stderr, when not root: only root runners pre-start agents).
     async fn with_prestarted_shell() -> Option<WarmRunner> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { nix::libc::geteuid() } != 0 {
-            eprintln!("not root: agents are pre-started only by root runners; skipped");
+        if !root_or_skip("agents are pre-started only by root runners") {
             return None;
         }
         let mut runner = WarmRunner::start().await;
@@ -318,9 +326,7 @@ fn proc_ids(pid: i32, name: &str) -> String {
 #[tokio::test]
 async fn under_uid_isolation_the_prestarted_agent_takes_its_users_uid_on_init() {
     use std::os::unix::fs::PermissionsExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { nix::libc::geteuid() } != 0 {
-        eprintln!("not root: uid isolation needs a root runner; skipped");
+    if !root_or_skip("uid isolation needs a root runner") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -387,9 +393,7 @@ async fn under_uid_isolation_the_prestarted_agent_takes_its_users_uid_on_init() 
 /// runner reports it ready, and the reason reaches the gateway.
 #[tokio::test]
 async fn an_agent_that_stays_root_after_init_is_stopped_before_it_is_ready() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { nix::libc::geteuid() } != 0 {
-        eprintln!("not root: uid isolation needs a root runner; skipped");
+    if !root_or_skip("uid isolation needs a root runner") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
