@@ -312,13 +312,24 @@ pub fn check_runs_as(pid: u32, uid: u32) -> Result<(), String> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map_err(|e| format!("cannot read the agent's threads: {e}"))?;
     let want = format!("{uid}\t{uid}\t{uid}\t{uid}");
+    let mut checked = 0;
     for task in tasks {
         let path = task
             .map_err(|e| format!("cannot read the agent's threads: {e}"))?
             .path()
             .join("status");
-        let status = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let status = match std::fs::read_to_string(&path) {
+            Ok(status) => status,
+            // A thread that exited since the listing runs nothing any more.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        checked += 1;
         let field = |name: &str| {
             status
                 .lines()
@@ -333,6 +344,9 @@ pub fn check_runs_as(pid: u32, uid: u32) -> Result<(), String> {
                 "the agent does not run as uid {uid} (uids {uids}, gids {gids}, groups [{groups}])"
             ));
         }
+    }
+    if checked == 0 {
+        return Err(format!("the agent (pid {pid}) has exited"));
     }
     Ok(())
 }
@@ -410,6 +424,35 @@ mod tests {
             "{err}"
         );
         assert!(check_runs_as(u32::MAX - 1, uid).is_err(), "no such process");
+    }
+
+    #[test]
+    fn threads_that_exit_during_the_credential_check_do_not_fail_it() {
+        let me = std::process::id();
+        let uid = unsafe { libc::getuid() };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let short: Vec<_> = (0..8)
+                        .map(|_| {
+                            std::thread::spawn(|| {
+                                std::thread::sleep(std::time::Duration::from_micros(200))
+                            })
+                        })
+                        .collect();
+                    short.into_iter().for_each(|t| t.join().unwrap());
+                }
+            })
+        };
+        for _ in 0..300 {
+            if let Err(e) = check_runs_as(me, uid) {
+                assert!(e.contains("does not run as"), "{e}");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().unwrap();
     }
 
     #[test]
