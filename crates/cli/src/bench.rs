@@ -460,11 +460,16 @@ fn print_table(r: &Value) {
 /// threads (`/proc/<pid>/task/*/schedstat`); None where unreadable.
 fn cpu_ns(pid: u32) -> Option<u64> {
     let mut total = 0;
+    let mut counted = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        // A thread that exited since the listing is skipped, not an error.
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
+            continue;
+        };
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        counted += 1;
     }
-    Some(total)
+    (counted > 0).then_some(total)
 }
 
 fn rss_mib(pid: u32) -> (Option<f64>, Option<f64>) {
