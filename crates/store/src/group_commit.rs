@@ -21,7 +21,9 @@
 
 use rusqlite::Connection;
 use sqlx::SqlitePool;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{Result, StoreError};
 
@@ -38,13 +40,39 @@ type Operation = Box<dyn FnOnce(&Connection) -> (bool, Deliver) + Send>;
 #[derive(Debug, Clone)]
 pub(crate) struct WriteQueue {
     tx: mpsc::UnboundedSender<Operation>,
+    /// Set once by `close`; the writer stops and closes its connection.
+    closing: Arc<watch::Sender<bool>>,
+}
+
+/// The connection batches run on.
+pub(crate) enum WriterConnection {
+    /// The writer's own connection to a database file, open for the
+    /// gateway's lifetime (statements stay prepared across batches).
+    Own(Connection),
+    /// Borrowed from the pool per batch: `:memory:` has one connection only.
+    Pooled(SqlitePool),
 }
 
 impl WriteQueue {
-    pub(crate) fn start(pool: SqlitePool) -> Self {
+    pub(crate) fn start(connection: WriterConnection) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(pool, rx));
-        WriteQueue { tx }
+        let (closing, closed) = watch::channel(false);
+        let queue = Queue { rx, closed };
+        match connection {
+            WriterConnection::Own(db) => tokio::spawn(own_writer(db, queue)),
+            WriterConnection::Pooled(pool) => tokio::spawn(pooled_writer(pool, queue)),
+        };
+        WriteQueue {
+            tx,
+            closing: Arc::new(closing),
+        }
+    }
+
+    /// Stop the writer and wait until its connection is closed. Writes
+    /// queued but not yet run, and any made later, fail (`Write`).
+    pub(crate) async fn close(&self) {
+        self.closing.send_replace(true);
+        self.tx.closed().await;
     }
 
     /// Run `op` in the next batch's transaction and return its result after
@@ -73,9 +101,42 @@ impl WriteQueue {
     }
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Operation>) {
+/// Batches on the writer's own connection. Taking a pooled connection and
+/// locking it away from sqlx's worker thread was a hand-off to that thread
+/// per batch; in a 50-session burst it waited for a CPU for up to 4 ms,
+/// and every commit (and every client event behind it) waited with it.
+async fn own_writer(db: Connection, mut queue: Queue) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while queue.next_batch(&mut batch).await {
+        // Inline on this worker: see `pooled_writer`.
+        if let Err(message) = run_batch(&db, &mut batch) {
+            tracing::error!(event = "store_error", error = %message, "group commit failed");
+        }
+    }
+    // Closed before the queue (and with it `close`'s wait) ends.
+    drop(db);
+}
+
+/// The writer's end of the queue.
+struct Queue {
+    rx: mpsc::UnboundedReceiver<Operation>,
+    closed: watch::Receiver<bool>,
+}
+
+impl Queue {
+    /// Wait for the next operations; false once the store is closing.
+    async fn next_batch(&mut self, batch: &mut Vec<Operation>) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.closed.wait_for(|closed| *closed) => false,
+            n = self.rx.recv_many(batch, MAX_BATCH) => n > 0,
+        }
+    }
+}
+
+async fn pooled_writer(pool: SqlitePool, mut queue: Queue) {
+    let mut batch = Vec::new();
+    while queue.next_batch(&mut batch).await {
         // Operations dropped unrun (on any error below) close their
         // callers' channels: each caller gets a `Write` error; the cause is
         // logged here.
@@ -118,7 +179,7 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Operation>) {
     }
 }
 
-/// Run one fixed statement, prepared once per batch's connection wrapper.
+/// Run one fixed statement (prepared once per connection wrapper).
 fn exec(db: &Connection, sql: &str) -> rusqlite::Result<()> {
     db.prepare_cached(sql)?.execute([]).map(drop)
 }

@@ -11,7 +11,7 @@ use sqlx::sqlite::{
 };
 use time::OffsetDateTime;
 
-use crate::group_commit::WriteQueue;
+use crate::group_commit::{WriteQueue, WriterConnection};
 use crate::{
     ConversationRecord, MessageRecord, Result, SessionRecord, SessionWrite, Store, StoreError,
     StoredEvent, TokenRecord, token,
@@ -48,6 +48,7 @@ impl SqliteStore {
         // handle to a local file, and the ping was a round trip to sqlx's
         // connection thread before every batch of writes and every read.
         let pool_options = || SqlitePoolOptions::new().test_before_acquire(false);
+        let path = options.get_filename().to_path_buf();
         let pool = if in_memory {
             // Every connection to `:memory:` would otherwise risk seeing a
             // different (or vanished) database: keep exactly one, forever.
@@ -63,7 +64,6 @@ impl SqliteStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal);
-            let path = options.get_filename();
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|e| {
                     StoreError::Database(sqlx::Error::Io(std::io::Error::new(
@@ -79,15 +79,36 @@ impl SqliteStore {
         };
 
         MIGRATOR.run(&pool).await?;
+        let writer = if in_memory {
+            WriterConnection::Pooled(pool.clone())
+        } else {
+            WriterConnection::Own(open_writer(&path)?)
+        };
         tracing::debug!(in_memory, "sqlite store opened");
-        let writes = WriteQueue::start(pool.clone());
+        let writes = WriteQueue::start(writer);
         Ok(Self { pool, writes })
     }
 
     /// Close every connection (flushing the WAL); further calls fail.
     pub async fn close(&self) {
+        self.writes.close().await;
         self.pool.close().await;
     }
+}
+
+/// The group-commit writer's own connection to the database file, with the
+/// pool's settings (WAL is a property of the file, set by the pool).
+fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
+    let open = || -> rusqlite::Result<rusqlite::Connection> {
+        let db = rusqlite::Connection::open(path)?;
+        db.busy_timeout(BUSY_TIMEOUT)?;
+        // Every statement the writer runs stays prepared (about twenty).
+        db.set_prepared_statement_cache_capacity(64);
+        db.pragma_update(None, "foreign_keys", true)?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(db)
+    };
+    open().map_err(|e| StoreError::Write(format!("opening {} for writes: {e}", path.display())))
 }
 
 /// Unix milliseconds of `t` (the stored form of every timestamp).
