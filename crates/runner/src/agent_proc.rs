@@ -184,6 +184,11 @@ impl AgentProcess {
         }
     }
 
+    /// The next output if one is already waiting.
+    pub fn try_next_output(&mut self) -> Option<AgentOutput> {
+        self.output.try_recv().ok()
+    }
+
     /// Kill the agent without waiting; its exit arrives as [`AgentOutput::Exited`].
     pub fn start_kill(&mut self) {
         if let Some(kill) = self.kill.take() {

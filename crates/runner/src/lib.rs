@@ -38,6 +38,8 @@ type Ws =
 
 /// Heartbeat period towards the gateway.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Most agent frames written to the gateway's socket in one go.
+const MAX_FRAMES_PER_WRITE: usize = 64;
 /// How long the agent gets to answer its `init`.
 const AGENT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Ping ids the runner uses as a barrier after `restore_conversations`.
@@ -278,13 +280,25 @@ impl Runner {
                     }
                 }
                 out = next_agent_output(&mut self.agent) => {
-                    if let Some(frame) = self.on_agent_output(out) {
-                        let is_exit = matches!(frame, RunnerToGateway::AgentExit { .. });
-                        send(&mut ws, &frame).await?;
-                        if is_exit {
-                            return self.linger_after_exit(ws).await;
+                    // Whatever the agent has written already goes out in one
+                    // socket write (an answer is often several events).
+                    let mut next = Some(out);
+                    let mut batched = 0;
+                    while let Some(out) = next.take() {
+                        if let Some(frame) = self.on_agent_output(out) {
+                            let is_exit = matches!(frame, RunnerToGateway::AgentExit { .. });
+                            feed(&mut ws, &frame).await?;
+                            if is_exit {
+                                ws.flush().await?;
+                                return self.linger_after_exit(ws).await;
+                            }
+                        }
+                        batched += 1;
+                        if batched < MAX_FRAMES_PER_WRITE {
+                            next = self.agent.as_mut().and_then(AgentProcess::try_next_output);
                         }
                     }
+                    ws.flush().await?;
                 }
                 _ = heartbeat.tick() => {
                     send(&mut ws, &self.heartbeat()).await?;
@@ -760,8 +774,15 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 async fn send(ws: &mut Ws, frame: &RunnerToGateway) -> Result<(), RunnerError> {
+    feed(ws, frame).await?;
+    ws.flush().await?;
+    Ok(())
+}
+
+/// Queue `frame` in the socket's write buffer; a `flush` sends it.
+async fn feed(ws: &mut Ws, frame: &RunnerToGateway) -> Result<(), RunnerError> {
     let text = serde_json::to_string(frame).expect("runner frame serialises");
-    ws.send(Message::Text(text.into())).await?;
+    ws.feed(Message::Text(text.into())).await?;
     Ok(())
 }
 
