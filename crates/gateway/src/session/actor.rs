@@ -38,6 +38,13 @@ const CLIENT_QUEUE: usize = 4096;
 const MAX_STORED_REPLY: usize = 1 << 20;
 /// Page size when replaying from the store.
 const REPLAY_PAGE: u32 = 1000;
+/// How long an acknowledgement to the runner may wait for later ones to
+/// join it. Acks only let the runner forget frames the store holds (a
+/// re-sent frame is recognised by its seq), and one per stored batch woke
+/// every runner in the middle of a burst of new sessions.
+const ACK_DELAY: Duration = Duration::from_millis(200);
+/// Stored batches after which an ack goes out at once (long answers).
+const ACK_EVERY: u32 = 64;
 
 /// Frames per catch-up batch for a lagging client.
 const CATCH_UP_BATCH: usize = 1000;
@@ -257,6 +264,7 @@ pub fn spawn(
         idle_since: now,
         detached_at: Some(now),
         last_runner_seq: 0,
+        pending_ack: None,
         ever_ready: false,
         session_started_at: None,
         last_state: String::new(),
@@ -300,9 +308,21 @@ struct SessionActor {
     detached_at: Option<Instant>,
     /// Highest agent frame seq received from the current task's runner.
     last_runner_seq: u64,
+    /// The acknowledgement the runner has not been sent yet.
+    pending_ack: Option<PendingAck>,
     ever_ready: bool,
     session_started_at: Option<Instant>,
     last_state: String,
+}
+
+/// An acknowledgement held back for [`ACK_DELAY`].
+struct PendingAck {
+    task_id: String,
+    /// Highest stored runner seq.
+    seq: u64,
+    /// Stored batches it covers.
+    batches: u32,
+    due: Instant,
 }
 
 impl SessionActor {
@@ -1659,6 +1679,7 @@ impl SessionActor {
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
         };
+        consider(self.pending_ack.as_ref().map(|a| a.due));
         let cfg = &self.shared.cfg;
         if let Some(task) = &self.task {
             consider(task.phase_deadline);
@@ -1690,6 +1711,9 @@ impl SessionActor {
 
     async fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.pending_ack.as_ref().is_some_and(|a| now >= a.due) {
+            self.send_pending_ack();
+        }
         let cfg = self.shared.cfg.clone();
         if let Some(s) = self
             .stopping
@@ -1905,15 +1929,41 @@ impl SessionActor {
                 }
             }
         }
-        if let Some((task_id, runner_seq)) = runner_seq {
-            let link = self
-                .task
-                .as_ref()
-                .filter(|t| t.id == task_id)
-                .and_then(|t| t.runner.as_ref());
-            if let Some(link) = link {
-                let _ = link.tx.send(GatewayToRunner::Ack { seq: runner_seq });
+        if let Some((task_id, seq)) = runner_seq {
+            let ack = match self.pending_ack.take() {
+                Some(p) if p.task_id == task_id => PendingAck {
+                    seq,
+                    batches: p.batches + 1,
+                    ..p
+                },
+                _ => PendingAck {
+                    task_id,
+                    seq,
+                    batches: 1,
+                    due: Instant::now() + ACK_DELAY,
+                },
+            };
+            let now = ack.batches >= ACK_EVERY;
+            self.pending_ack = Some(ack);
+            if now {
+                self.send_pending_ack();
             }
+        }
+    }
+
+    /// Tell the runner which of its frames are stored (if its task is
+    /// still this session's).
+    fn send_pending_ack(&mut self) {
+        let Some(ack) = self.pending_ack.take() else {
+            return;
+        };
+        let link = self
+            .task
+            .as_ref()
+            .filter(|t| t.id == ack.task_id)
+            .and_then(|t| t.runner.as_ref());
+        if let Some(link) = link {
+            let _ = link.tx.send(GatewayToRunner::Ack { seq: ack.seq });
         }
     }
 
