@@ -34,11 +34,19 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
 /// Whether `/proc/{pid}/environ` contains exactly `AISHELL_TASK_ID={task_id}`.
 /// Guards adoption against pid reuse.
 pub(crate) fn environ_has_task(pid: i32, task_id: &str) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return false;
-    };
     let want = format!("AISHELL_TASK_ID={task_id}");
-    raw.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+    // A process in the middle of an exec (a shell that execs its command)
+    // briefly shows no environment at all: look again before saying no.
+    for attempt in 0..5 {
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            return false;
+        };
+        if !raw.is_empty() {
+            return raw.split(|b| *b == 0).any(|kv| kv == want.as_bytes());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2 << attempt));
+    }
+    false
 }
 
 /// Send `sig` to the whole process group `pgid`. A group that is already gone

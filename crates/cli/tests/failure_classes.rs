@@ -553,3 +553,61 @@ async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_re
     c.message("m3", "after").await;
     assert_eq!(text_of(&c.turn().await), "after");
 }
+
+/// Acknowledgements to a runner are combined: agent frames stored in
+/// separate batches 30 ms apart are acknowledged together, once, with the
+/// highest seq (an ack per stored batch woke every runner mid-burst).
+#[tokio::test]
+async fn acknowledgements_to_a_runner_are_combined_and_cover_the_last_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    assert_eq!(text_of(&c.turn().await), "first");
+    let task = ready_task(&gw, &c.session_id).await;
+    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
+    assert_eq!(runners.len(), 1, "one runner: {runners:?}");
+    let runner = Pid::from_raw(runners[0]);
+    kill(runner, Signal::SIGSTOP).unwrap();
+
+    let mut ws = stand_in_runner(&gw, &task, &c.session_id).await;
+    // Above anything the real runner sent, so none is taken for a resend.
+    let seqs = 1000..1005u64;
+    for seq in seqs.clone() {
+        let frame = json!({"type": "agent", "seq": seq,
+            "frame": {"type": "text_delta", "conversation_id": "c-acks", "delta": format!("d{seq}")}});
+        ws.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        // Each is stored by the time the next is sent.
+        let frames = c.until(|v| is_type(v, "text_delta"), WAIT).await;
+        assert_eq!(frames.last().unwrap()["delta"], format!("d{seq}"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut acks = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Text(t) = msg {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "ack" {
+                    acks.push(v["seq"].as_u64().unwrap());
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        acks.last().copied(),
+        Some(seqs.end - 1),
+        "the last ack covers the last stored frame: {acks:?}"
+    );
+    assert!(
+        acks.len() <= 2,
+        "five stored batches, acknowledged together: {acks:?}"
+    );
+    drop(ws);
+    kill(runner, Signal::SIGCONT).unwrap();
+}
