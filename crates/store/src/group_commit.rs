@@ -22,6 +22,8 @@
 use rusqlite::Connection;
 use sqlx::SqlitePool;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -47,8 +49,12 @@ pub(crate) struct WriteQueue {
 /// The connection batches run on.
 pub(crate) enum WriterConnection {
     /// The writer's own connection to a database file, open for the
-    /// gateway's lifetime (statements stay prepared across batches).
-    Own(Connection),
+    /// gateway's lifetime (statements stay prepared across batches), with
+    /// automatic checkpoints off, and a second connection for checkpoints.
+    Own {
+        writer: Connection,
+        checkpoints: Connection,
+    },
     /// Borrowed from the pool per batch: `:memory:` has one connection only.
     Pooled(SqlitePool),
 }
@@ -59,7 +65,10 @@ impl WriteQueue {
         let (closing, closed) = watch::channel(false);
         let queue = Queue { rx, closed };
         match connection {
-            WriterConnection::Own(db) => tokio::spawn(own_writer(db, queue)),
+            WriterConnection::Own {
+                writer,
+                checkpoints,
+            } => tokio::spawn(own_writer(writer, Checkpointer::new(checkpoints), queue)),
             WriterConnection::Pooled(pool) => tokio::spawn(pooled_writer(pool, queue)),
         };
         WriteQueue {
@@ -105,16 +114,94 @@ impl WriteQueue {
 /// locking it away from sqlx's worker thread was a hand-off to that thread
 /// per batch; in a 50-session burst it waited for a CPU for up to 4 ms,
 /// and every commit (and every client event behind it) waited with it.
-async fn own_writer(db: Connection, mut queue: Queue) {
+async fn own_writer(db: Connection, checkpointer: Checkpointer, mut queue: Queue) {
     let mut batch = Vec::new();
-    while queue.next_batch(&mut batch).await {
+    // Commits since the last checkpoint started, and when it started.
+    let mut uncheckpointed = false;
+    let mut last_checkpoint = Instant::now();
+    loop {
+        let more = if uncheckpointed {
+            tokio::select! {
+                more = queue.next_batch(&mut batch) => more,
+                () = tokio::time::sleep(CHECKPOINT_WHEN_IDLE) => {
+                    checkpointer.start();
+                    (uncheckpointed, last_checkpoint) = (false, Instant::now());
+                    continue;
+                }
+            }
+        } else {
+            queue.next_batch(&mut batch).await
+        };
+        if !more {
+            break;
+        }
         // Inline on this worker: see `pooled_writer`.
         if let Err(message) = run_batch(&db, &mut batch) {
             tracing::error!(event = "store_error", error = %message, "group commit failed");
         }
+        uncheckpointed = true;
+        if last_checkpoint.elapsed() >= CHECKPOINT_AT_LEAST_EVERY {
+            // Never idle long enough: checkpoint anyway (it runs beside us).
+            checkpointer.start();
+            (uncheckpointed, last_checkpoint) = (false, Instant::now());
+        }
     }
     // Closed before the queue (and with it `close`'s wait) ends.
     drop(db);
+}
+
+/// A commit past SQLite's automatic checkpoint threshold (1000 pages) used
+/// to copy the WAL into the database and fsync it inside the commit: every
+/// write queued behind it waited, in the middle of whatever burst caused
+/// it. Checkpoints now run on a connection of their own, on a blocking
+/// thread, once the writer has been idle for a moment (or at least every
+/// few seconds under constant load). `PASSIVE` never blocks the writer, and
+/// a reader never waits for it.
+struct Checkpointer {
+    db: Arc<std::sync::Mutex<Connection>>,
+    running: Arc<AtomicBool>,
+}
+
+/// Writer idle this long: checkpoint.
+const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(100);
+/// Checkpoint at least this often while writes keep coming.
+const CHECKPOINT_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
+
+impl Checkpointer {
+    fn new(db: Connection) -> Self {
+        Checkpointer {
+            db: Arc::new(std::sync::Mutex::new(db)),
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Start a checkpoint in the background unless one is running.
+    fn start(&self) {
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (db, running) = (self.db.clone(), self.running.clone());
+        tokio::task::spawn_blocking(move || {
+            let db = db.lock().expect("checkpoint connection");
+            let result = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+            });
+            match result {
+                Ok((wal_frames, copied)) => {
+                    tracing::debug!(
+                        event = "store_checkpoint",
+                        wal_frames,
+                        copied,
+                        "WAL checkpointed"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(event = "store_checkpoint_failed", error = %e, "WAL checkpoint failed; retrying later")
+                }
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
 }
 
 /// The writer's end of the queue.

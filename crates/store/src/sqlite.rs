@@ -82,7 +82,10 @@ impl SqliteStore {
         let writer = if in_memory {
             WriterConnection::Pooled(pool.clone())
         } else {
-            WriterConnection::Own(open_writer(&path)?)
+            WriterConnection::Own {
+                writer: open_writer(&path)?,
+                checkpoints: open_writer(&path)?,
+            }
         };
         tracing::debug!(in_memory, "sqlite store opened");
         let writes = WriteQueue::start(writer);
@@ -96,8 +99,9 @@ impl SqliteStore {
     }
 }
 
-/// The group-commit writer's own connection to the database file, with the
-/// pool's settings (WAL is a property of the file, set by the pool).
+/// A connection of the group-commit writer's (its own, or its checkpoints')
+/// to the database file, with the pool's settings (WAL is a property of the
+/// file, set by the pool) and no automatic checkpoints.
 fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
     let open = || -> rusqlite::Result<rusqlite::Connection> {
         let db = rusqlite::Connection::open(path)?;
@@ -106,6 +110,8 @@ fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
         db.set_prepared_statement_cache_capacity(64);
         db.pragma_update(None, "foreign_keys", true)?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints run beside the writer, not inside its commits.
+        db.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(db)
     };
     open().map_err(|e| StoreError::Write(format!("opening {} for writes: {e}", path.display())))
@@ -1285,13 +1291,53 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fk, 1);
-        // Writes enforce them too (they run on a pooled connection's
-        // handle): a message for a session that does not exist is refused.
+        // Writes enforce them too (they run on the writer's own
+        // connection): a message for a session that does not exist is refused.
         let orphan = s
             .insert_message(&message("no-such-session", "c1", Some("m"), "hi"))
             .await;
         assert!(matches!(orphan, Err(StoreError::Sqlite(_))), "{orphan:?}");
         assert_eq!(rows(&s, "messages").await, 0);
+    }
+
+    /// Commits never checkpoint (automatic checkpoints are off on the
+    /// writer's connection); the WAL still reaches the database file, in the
+    /// background, once the writer is idle.
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_into_the_database_once_writes_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = file(&dir).await;
+        s.create_session(&session("s1", "alice", 1_000))
+            .await
+            .unwrap();
+        let db = dir.path().join("data/sub/aishell.db");
+        let before = std::fs::metadata(&db).unwrap().len();
+        let payload = "x".repeat(4000);
+        for batch in 0..50u64 {
+            let events: Vec<StoredEvent> = (0..10)
+                .map(|i| StoredEvent {
+                    seq: batch * 10 + i + 1,
+                    json: payload.clone(),
+                })
+                .collect();
+            s.write_session("s1", SessionWrite::events(&events))
+                .await
+                .unwrap();
+        }
+        // About 2 MB went to the WAL; once idle, the database file holds it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let after = loop {
+            let len = std::fs::metadata(&db).unwrap().len();
+            if len > before + 1_500_000 || std::time::Instant::now() > deadline {
+                break len;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            after > before + 1_500_000,
+            "the database file grew from {before} to only {after} bytes"
+        );
+        assert_eq!(rows(&s, "session_events").await, 500);
     }
 
     #[tokio::test]
