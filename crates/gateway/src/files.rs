@@ -137,9 +137,12 @@ fn agent_owner(workspace: &OwnedFd) -> Option<(u32, u32)> {
 
 fn give_to(fd: &OwnedFd, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {
-        // SAFETY: fchown on a descriptor we own. Best effort: the runner
-        // hands root-owned entries over at the next claim anyway.
-        unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) };
+        // SAFETY: fchown on a descriptor we own. The runner walks a
+        // workspace only when it assigns its UID, so this is the hand-over.
+        if unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) } != 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(event = "files_chown_failed", uid, error = %error, "a file written for the user's agent stays root's; the agent cannot change it");
+        }
     }
 }
 

@@ -230,8 +230,12 @@ const UID_STATE_DIR: &str = ".aishell-uids";
 ///
 /// A user keeps the UID that owns their workspace; a new user gets the next
 /// one from a counter under the root, allocated under an exclusive `flock`
-/// because runners in several containers share the directory. Entries owned
-/// by root (written through the gateway's files API) are handed to the user.
+/// because runners in several containers share the directory. When a
+/// workspace gets its UID, every entry root owns (uploaded through the
+/// gateway's files API before the user's first task) is handed to the user;
+/// later claims do not walk the workspace (81 ms per claim for 50,000 files,
+/// more with a cold cache): the files API gives what it writes into a
+/// workspace that has its UID to that UID as it writes it.
 /// Needs root (the runner is root inside the aishell image).
 pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -279,6 +283,7 @@ pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
         }
         Err(e) => return Err(err("stat", e)),
     };
+    let newly_assigned = existing.is_none();
     let uid = match existing {
         Some(uid) => uid,
         None => {
@@ -301,7 +306,9 @@ pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
         .map_err(|e| err("chmod", e))?;
     std::os::unix::fs::lchown(workspace, Some(uid), Some(uid)).map_err(|e| err("chown", e))?;
     drop(lock);
-    hand_root_entries_to(workspace, uid).map_err(|e| err("chown", e))?;
+    if newly_assigned {
+        hand_root_entries_to(workspace, uid).map_err(|e| err("chown", e))?;
+    }
     Ok(uid)
 }
 
@@ -406,6 +413,40 @@ mod tests {
             a
         );
         assert_eq!(std::fs::metadata(&alice).unwrap().uid(), a);
+    }
+
+    /// Only the claim that gives a workspace its UID walks it: a later claim
+    /// costs the same for a workspace of 50,000 files as for an empty one.
+    /// (Root writes into a workspace with a UID are the files API's, which
+    /// hands each entry over as it writes it.)
+    #[test]
+    fn only_the_claim_that_assigns_the_uid_walks_the_workspace() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: prepare_uid_workspace needs root; skipped");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let alice = root.path().join("alice");
+        std::fs::create_dir_all(alice.join("docs")).unwrap();
+        std::fs::write(alice.join("docs/before.txt"), "uploaded first").unwrap();
+        let uid = prepare_uid_workspace(&alice).unwrap();
+        assert_eq!(
+            std::fs::metadata(alice.join("docs/before.txt"))
+                .unwrap()
+                .uid(),
+            uid,
+            "the first claim hands root's entries over"
+        );
+        std::fs::write(alice.join("docs/later.txt"), "root, after").unwrap();
+        assert_eq!(prepare_uid_workspace(&alice).unwrap(), uid);
+        assert_eq!(
+            std::fs::metadata(alice.join("docs/later.txt"))
+                .unwrap()
+                .uid(),
+            0,
+            "a later claim did not walk the workspace"
+        );
     }
 
     #[test]
