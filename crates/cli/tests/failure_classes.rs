@@ -41,11 +41,7 @@ async fn ready_task(gw: &Gateway, session_id: &str) -> String {
 /// A runner socket other than the real runner's, holding the credential of
 /// `session_id`'s task `task`: it says `hello` (agent running), so the
 /// gateway takes it for a re-dial and routes the task's frames to it.
-async fn stand_in_runner(
-    gw: &Gateway,
-    task: &str,
-    session_id: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+async fn stand_in_runner(gw: &Gateway, task: &str, session_id: &str) -> StandInSocket {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -68,6 +64,29 @@ async fn stand_in_runner(
         .await
         .unwrap();
     ws
+}
+
+type StandInSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// An echo session that answered `first`, its real runner frozen (SIGSTOP:
+/// it cannot re-dial while a stand-in holds its place; SIGCONT wakes it) and
+/// a stand-in runner holding the task's socket instead. Returns the client,
+/// the task, the frozen runner and the stand-in's socket.
+async fn session_behind_a_stand_in_runner(
+    gw: &Gateway,
+) -> (Client, String, nix::unistd::Pid, StandInSocket) {
+    use nix::sys::signal::{Signal, kill};
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    assert_eq!(text_of(&c.turn().await), "first");
+    let task = ready_task(gw, &c.session_id).await;
+    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
+    assert_eq!(runners.len(), 1, "one runner: {runners:?}");
+    let runner = nix::unistd::Pid::from_raw(runners[0]);
+    kill(runner, Signal::SIGSTOP).unwrap();
+    let ws = stand_in_runner(gw, &task, &c.session_id).await;
+    (c, task, runner, ws)
 }
 
 /// Class 1: the original's ECS role lacked DescribeTasks. A failing status
@@ -504,22 +523,10 @@ async fn a_runner_sending_garbage_and_huge_frames_fails_only_its_session() {
 async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_redial() {
     use futures_util::StreamExt;
     use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
     use tokio_tungstenite::tungstenite::Message;
     let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
-    let mut c = gw.connect().await;
-    c.message("m1", "first").await;
-    assert_eq!(text_of(&c.turn().await), "first");
-    let task = ready_task(&gw, &c.session_id).await;
-    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
-    assert_eq!(runners.len(), 1, "one runner: {runners:?}");
-    let runner = Pid::from_raw(runners[0]);
-    // Frozen, the real runner cannot re-dial while a stand-in holds its place.
-    kill(runner, Signal::SIGSTOP).unwrap();
-
-    // A stand-in with the task's credential takes the runner's socket and
-    // swallows whatever the gateway sends it.
-    let mut ws = stand_in_runner(&gw, &task, &c.session_id).await;
+    // The stand-in swallows whatever the gateway sends it.
+    let (mut c, task, runner, mut ws) = session_behind_a_stand_in_runner(&gw).await;
     c.message("m2", "swallowed").await;
     let swallowed = tokio::time::timeout(WAIT, async {
         while let Some(Ok(msg)) = ws.next().await {
@@ -561,19 +568,9 @@ async fn a_message_swallowed_by_a_dying_runner_socket_is_sent_again_after_the_re
 async fn acknowledgements_to_a_runner_are_combined_and_cover_the_last_frame() {
     use futures_util::{SinkExt, StreamExt};
     use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
     use tokio_tungstenite::tungstenite::Message;
     let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
-    let mut c = gw.connect().await;
-    c.message("m1", "first").await;
-    assert_eq!(text_of(&c.turn().await), "first");
-    let task = ready_task(&gw, &c.session_id).await;
-    let runners = pids_with_env(&format!("AISHELL_SESSION_ID={}", c.session_id), " runner");
-    assert_eq!(runners.len(), 1, "one runner: {runners:?}");
-    let runner = Pid::from_raw(runners[0]);
-    kill(runner, Signal::SIGSTOP).unwrap();
-
-    let mut ws = stand_in_runner(&gw, &task, &c.session_id).await;
+    let (mut c, _task, runner, mut ws) = session_behind_a_stand_in_runner(&gw).await;
     // Above anything the real runner sent, so none is taken for a resend.
     let seqs = 1000..1005u64;
     for seq in seqs.clone() {
