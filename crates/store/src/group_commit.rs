@@ -22,7 +22,6 @@
 use rusqlite::Connection;
 use sqlx::SqlitePool;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -114,18 +113,14 @@ impl WriteQueue {
 /// locking it away from sqlx's worker thread was a hand-off to that thread
 /// per batch; in a 50-session burst it waited for a CPU for up to 4 ms,
 /// and every commit (and every client event behind it) waited with it.
-async fn own_writer(db: Connection, checkpointer: Checkpointer, mut queue: Queue) {
+async fn own_writer(db: Connection, mut checkpoints: Checkpointer, mut queue: Queue) {
     let mut batch = Vec::new();
-    // Commits since the last checkpoint started, and when it started.
-    let mut uncheckpointed = false;
-    let mut last_checkpoint = Instant::now();
     loop {
-        let more = if uncheckpointed {
+        let more = if checkpoints.owed() {
             tokio::select! {
                 more = queue.next_batch(&mut batch) => more,
                 () = tokio::time::sleep(CHECKPOINT_WHEN_IDLE) => {
-                    checkpointer.start();
-                    (uncheckpointed, last_checkpoint) = (false, Instant::now());
+                    checkpoints.start();
                     continue;
                 }
             }
@@ -139,12 +134,7 @@ async fn own_writer(db: Connection, checkpointer: Checkpointer, mut queue: Queue
         if let Err(message) = run_batch(&db, &mut batch) {
             tracing::error!(event = "store_error", error = %message, "group commit failed");
         }
-        uncheckpointed = true;
-        if last_checkpoint.elapsed() >= CHECKPOINT_AT_LEAST_EVERY {
-            // Never idle long enough: checkpoint anyway (it runs beside us).
-            checkpointer.start();
-            (uncheckpointed, last_checkpoint) = (false, Instant::now());
-        }
+        checkpoints.committed();
     }
     // Closed before the queue (and with it `close`'s wait) ends.
     drop(db);
@@ -155,11 +145,14 @@ async fn own_writer(db: Connection, checkpointer: Checkpointer, mut queue: Queue
 /// write queued behind it waited, in the middle of whatever burst caused
 /// it. Checkpoints now run on a connection of their own, on a blocking
 /// thread, once the writer has been idle for a moment (or at least every
-/// few seconds under constant load). `PASSIVE` never blocks the writer, and
-/// a reader never waits for it.
+/// second under constant load). `PASSIVE` never blocks the writer, and a
+/// reader never waits for it.
 struct Checkpointer {
-    db: Arc<std::sync::Mutex<Connection>>,
-    running: Arc<AtomicBool>,
+    /// The checkpoint connection; taken while a checkpoint runs.
+    db: Arc<std::sync::Mutex<Option<Connection>>>,
+    /// Commits since the last checkpoint started.
+    owed: bool,
+    last_started: Instant,
 }
 
 /// Writer idle this long: checkpoint.
@@ -170,19 +163,34 @@ const CHECKPOINT_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 impl Checkpointer {
     fn new(db: Connection) -> Self {
         Checkpointer {
-            db: Arc::new(std::sync::Mutex::new(db)),
-            running: Arc::new(AtomicBool::new(false)),
+            db: Arc::new(std::sync::Mutex::new(Some(db))),
+            owed: false,
+            last_started: Instant::now(),
+        }
+    }
+
+    /// Whether commits wait for a checkpoint (run once the writer idles).
+    fn owed(&self) -> bool {
+        self.owed
+    }
+
+    /// A batch committed: a checkpoint is owed, and starts now if the writer
+    /// has not been idle long enough for one in a second.
+    fn committed(&mut self) {
+        self.owed = true;
+        if self.last_started.elapsed() >= CHECKPOINT_AT_LEAST_EVERY {
+            self.start();
         }
     }
 
     /// Start a checkpoint in the background unless one is running.
-    fn start(&self) {
-        if self.running.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (db, running) = (self.db.clone(), self.running.clone());
+    fn start(&mut self) {
+        (self.owed, self.last_started) = (false, Instant::now());
+        let slot = self.db.clone();
+        let Some(db) = slot.lock().expect("checkpoint connection").take() else {
+            return; // one is running; it covers these commits too, or the next will
+        };
         tokio::task::spawn_blocking(move || {
-            let db = db.lock().expect("checkpoint connection");
             let result = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
                 Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
             });
@@ -199,7 +207,7 @@ impl Checkpointer {
                     tracing::warn!(event = "store_checkpoint_failed", error = %e, "WAL checkpoint failed; retrying later")
                 }
             }
-            running.store(false, Ordering::Release);
+            *slot.lock().expect("checkpoint connection") = Some(db);
         });
     }
 }
@@ -314,4 +322,41 @@ fn run_batch(db: &Connection, batch: &mut Vec<Operation>) -> std::result::Result
         deliver(outcome.as_ref().err().cloned());
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One checkpoint at a time: a start while one runs is skipped, and the
+    /// connection is back for the next once the first ends.
+    #[tokio::test]
+    async fn a_checkpoint_started_while_one_runs_is_skipped_and_the_next_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Connection::open(dir.path().join("c.db")).unwrap();
+        db.pragma_update(None, "journal_mode", "wal").unwrap();
+        let mut checkpoints = Checkpointer::new(db);
+        // Hold the connection as a running checkpoint would.
+        let running = checkpoints.db.lock().unwrap().take();
+        checkpoints.committed();
+        checkpoints.start();
+        assert!(
+            !checkpoints.owed(),
+            "the commits are left to the running one"
+        );
+        assert!(
+            checkpoints.db.lock().unwrap().is_none(),
+            "nothing else took it"
+        );
+        *checkpoints.db.lock().unwrap() = running;
+        checkpoints.start();
+        let back = async {
+            while checkpoints.db.lock().unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), back)
+            .await
+            .expect("the checkpoint ran and returned its connection");
+    }
 }

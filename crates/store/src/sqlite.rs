@@ -83,8 +83,8 @@ impl SqliteStore {
             WriterConnection::Pooled(pool.clone())
         } else {
             WriterConnection::Own {
-                writer: open_writer(&path)?,
-                checkpoints: open_writer(&path)?,
+                writer: open_own_connection(&path)?,
+                checkpoints: open_own_connection(&path)?,
             }
         };
         tracing::debug!(in_memory, "sqlite store opened");
@@ -102,7 +102,7 @@ impl SqliteStore {
 /// A connection of the group-commit writer's (its own, or its checkpoints')
 /// to the database file, with the pool's settings (WAL is a property of the
 /// file, set by the pool) and no automatic checkpoints.
-fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
+fn open_own_connection(path: &std::path::Path) -> Result<rusqlite::Connection> {
     let open = || -> rusqlite::Result<rusqlite::Connection> {
         let db = rusqlite::Connection::open(path)?;
         db.busy_timeout(BUSY_TIMEOUT)?;
@@ -673,12 +673,14 @@ mod tests {
             .expect("open in-memory store")
     }
 
+    /// The database file of [`file`]'s store. A nested, not-yet-existing
+    /// directory proves the parent is created.
+    fn file_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        dir.path().join("data/sub/aishell.db")
+    }
+
     fn file_url(dir: &tempfile::TempDir) -> String {
-        // A nested, not-yet-existing directory proves the parent is created.
-        format!(
-            "sqlite://{}",
-            dir.path().join("data/sub/aishell.db").display()
-        )
+        format!("sqlite://{}", file_path(dir).display())
     }
 
     async fn file(dir: &tempfile::TempDir) -> SqliteStore {
@@ -1310,7 +1312,7 @@ mod tests {
         s.create_session(&session("s1", "alice", 1_000))
             .await
             .unwrap();
-        let db = dir.path().join("data/sub/aishell.db");
+        let db = file_path(&dir);
         let before = std::fs::metadata(&db).unwrap().len();
         let payload = "x".repeat(4000);
         for batch in 0..50u64 {
