@@ -383,12 +383,25 @@ fn hand_root_entries_to(dir: &Path, uid: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// `prepare_uid_workspace` needs root; elsewhere its tests say so and skip.
+    fn root_or_skip() -> bool {
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("not root: prepare_uid_workspace needs root; skipped");
+        }
+        root
+    }
+
+    fn owner(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().uid()
+    }
 
     #[test]
     fn uid_isolation_gives_each_user_a_stable_uid_and_a_private_workspace() {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("not root: prepare_uid_workspace needs root; skipped");
+        use std::os::unix::fs::PermissionsExt;
+        if !root_or_skip() {
             return;
         }
         let root = tempfile::tempdir().unwrap();
@@ -408,11 +421,8 @@ mod tests {
         assert_eq!(mode(&alice), 0o700);
         assert_eq!(mode(root.path()), 0o711);
         assert_eq!(mode(&root.path().join(UID_STATE_DIR)), 0o700);
-        assert_eq!(
-            std::fs::metadata(alice.join("uploaded.txt")).unwrap().uid(),
-            a
-        );
-        assert_eq!(std::fs::metadata(&alice).unwrap().uid(), a);
+        assert_eq!(owner(&alice.join("uploaded.txt")), a);
+        assert_eq!(owner(&alice), a);
     }
 
     /// Only the claim that gives a workspace its UID walks it: a later claim
@@ -421,9 +431,7 @@ mod tests {
     /// hands each entry over as it writes it.)
     #[test]
     fn only_the_claim_that_assigns_the_uid_walks_the_workspace() {
-        use std::os::unix::fs::MetadataExt;
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("not root: prepare_uid_workspace needs root; skipped");
+        if !root_or_skip() {
             return;
         }
         let root = tempfile::tempdir().unwrap();
@@ -432,18 +440,14 @@ mod tests {
         std::fs::write(alice.join("docs/before.txt"), "uploaded first").unwrap();
         let uid = prepare_uid_workspace(&alice).unwrap();
         assert_eq!(
-            std::fs::metadata(alice.join("docs/before.txt"))
-                .unwrap()
-                .uid(),
+            owner(&alice.join("docs/before.txt")),
             uid,
             "the first claim hands root's entries over"
         );
         std::fs::write(alice.join("docs/later.txt"), "root, after").unwrap();
         assert_eq!(prepare_uid_workspace(&alice).unwrap(), uid);
         assert_eq!(
-            std::fs::metadata(alice.join("docs/later.txt"))
-                .unwrap()
-                .uid(),
+            owner(&alice.join("docs/later.txt")),
             0,
             "a later claim did not walk the workspace"
         );
