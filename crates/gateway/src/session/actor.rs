@@ -1943,9 +1943,9 @@ impl SessionActor {
                     due: Instant::now() + ACK_DELAY,
                 },
             };
-            let now = ack.batches >= ACK_EVERY;
+            let send_now = ack.batches >= ACK_EVERY;
             self.pending_ack = Some(ack);
-            if now {
+            if send_now {
                 self.send_pending_ack();
             }
         }
