@@ -12,12 +12,14 @@
 //! answers each caller — so "written" still means durable in the database
 //! before anyone acts on it.
 //!
-//! The batch runs synchronously, through rusqlite, on the handle of one of
-//! sqlx's pooled connections, locked away from sqlx's worker thread for the
-//! duration. Through sqlx every statement (and every savepoint) was a
-//! hand-off to that thread and back; under load each hand-off waited for a
-//! CPU, and a batch of a few hundred small writes took 15–20 ms. Run
-//! directly, a statement costs microseconds. Reads stay on sqlx.
+//! The batch runs synchronously, through rusqlite, on the writer's own
+//! connection to the database file (`:memory:`: on the handle of the pool's
+//! one connection, locked away from sqlx's worker thread for the batch).
+//! Through sqlx every statement (and every savepoint) was a hand-off to
+//! that thread and back; under load each hand-off waited for a CPU, and a
+//! batch of a few hundred small writes took 15–20 ms. Run directly, a
+//! statement costs microseconds. Reads stay on sqlx. WAL checkpoints run
+//! beside the writer ([`Checkpointer`]).
 
 use rusqlite::Connection;
 use sqlx::SqlitePool;
@@ -130,7 +132,11 @@ async fn own_writer(db: Connection, mut checkpoints: Checkpointer, mut queue: Qu
         if !more {
             break;
         }
-        // Inline on this worker: see `pooled_writer`.
+        // Inline on this worker: a batch is CPU work of bounded size (no
+        // fsync per commit under WAL + synchronous=NORMAL), and handing it
+        // to another thread (block_in_place) cost more than it saved. Only a
+        // CLI process writing the same file (`aishell token`) can make it
+        // wait, for that one short transaction.
         if let Err(message) = run_batch(&db, &mut batch) {
             tracing::error!(event = "store_error", error = %message, "group commit failed");
         }
@@ -252,11 +258,7 @@ async fn pooled_writer(pool: SqlitePool, mut queue: Queue) {
             }
         };
         let raw = handle.as_raw_handle();
-        // Inline on this worker: a batch is CPU work of bounded size (no
-        // fsync per commit under WAL + synchronous=NORMAL), and handing it
-        // to another thread (block_in_place) cost more than it saved. Only a
-        // CLI process writing the same file (`aishell token`) can make it
-        // wait, for that one short transaction.
+        // Inline on this worker, as in `own_writer`.
         //
         // SAFETY: `handle` keeps sqlx's worker thread off this connection
         // until it drops, after the batch; `from_handle` borrows the
