@@ -215,6 +215,18 @@ pub struct ServeSettings {
     /// Docker backend: processes per container [default: 1024].
     #[arg(long, env = "AISHELL_DOCKER_PIDS_LIMIT")]
     pub docker_pids_limit: Option<i64>,
+    /// A request's headers must arrive within this; slower clients are closed [default: 10s].
+    #[arg(long, env = "AISHELL_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<String>,
+    /// A WebSocket upgrade request must be answered within this [default: 15s].
+    #[arg(long, env = "AISHELL_PRE_UPGRADE_TIMEOUT")]
+    pub pre_upgrade_timeout: Option<String>,
+    /// Open connections at once, WebSockets included; more get 503 [default: 8192].
+    #[arg(long, env = "AISHELL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections per client address that have not sent a complete request yet; more get 429 [default: 64].
+    #[arg(long, env = "AISHELL_MAX_PENDING_CONNECTIONS_PER_ADDRESS")]
+    pub max_pending_connections_per_address: Option<usize>,
 }
 
 macro_rules! fill_from {
@@ -297,7 +309,11 @@ impl ServeSettings {
             docker_network,
             docker_memory,
             docker_cpus,
-            docker_pids_limit
+            docker_pids_limit,
+            header_read_timeout,
+            pre_upgrade_timeout,
+            max_connections,
+            max_pending_connections_per_address
         );
         Ok(())
     }
@@ -545,6 +561,22 @@ impl ServeSettings {
         }
         if let Some(n) = self.max_concurrent_launches {
             cfg.max_concurrent_launches = n.max(1);
+        }
+        set(
+            &mut cfg.header_read_timeout,
+            &self.header_read_timeout,
+            "header_read_timeout",
+        )?;
+        set(
+            &mut cfg.pre_upgrade_timeout,
+            &self.pre_upgrade_timeout,
+            "pre_upgrade_timeout",
+        )?;
+        if let Some(n) = self.max_connections {
+            cfg.max_connections = n.max(1);
+        }
+        if let Some(n) = self.max_pending_connections_per_address {
+            cfg.max_pending_connections_per_address = n.max(1);
         }
         self.apply_model_settings(&mut cfg)?;
         if self.jwt_secret.is_some() || self.jwt_public_key.is_some() || self.jwt_jwks.is_some() {

@@ -5,11 +5,10 @@ use std::sync::Arc;
 
 use aishell_protocol::ErrorCode;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::Shared;
@@ -18,17 +17,9 @@ pub fn routes() -> Router<Arc<Shared>> {
     Router::new().route("/api/sessions", get(sessions))
 }
 
-#[derive(Deserialize)]
-struct SessionsQuery {
-    token: Option<String>,
-}
-
-async fn sessions(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<SessionsQuery>,
-) -> Response {
-    let token = crate::auth::bearer_token(&headers, q.token.as_deref());
+async fn sessions(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    // Header only: a token in a URL ends up in proxies' logs.
+    let token = crate::auth::bearer_token(&headers, None);
     let who = match shared
         .auth
         .authenticate(shared.store.as_ref(), token.as_deref())

@@ -33,7 +33,8 @@ pub struct GatewayConfig {
     pub start_on_connect: bool,
     /// How long a session with no task and no client stays in memory.
     pub session_evict_after: Duration,
-    /// Lifetime of a runner credential (an upper bound on a task's life).
+    /// The longest a task may live (its credential expires then and the
+    /// gateway stops it); warm tasks add their launch deadline and pool TTL.
     pub runner_credential_ttl: Duration,
     pub pool: PoolConfig,
     /// JWT verification; opaque API tokens always work.
@@ -63,6 +64,15 @@ pub struct GatewayConfig {
     /// Only this user may connect (agents run unconfined because no sandbox
     /// is available); `None`: every authenticated user.
     pub only_user: Option<String>,
+    /// A request's headers must arrive within this (slow clients are closed).
+    pub header_read_timeout: Duration,
+    /// A WebSocket upgrade request must be answered within this.
+    pub pre_upgrade_timeout: Duration,
+    /// Open connections at once (WebSockets included); more are refused (503).
+    pub max_connections: usize,
+    /// Connections from one address that have not sent a complete request
+    /// (so not authenticated) yet; more are refused (429).
+    pub max_pending_connections_per_address: usize,
 }
 
 /// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
@@ -133,7 +143,7 @@ impl GatewayConfig {
             replay_buffer: 4096,
             start_on_connect: false,
             session_evict_after: Duration::from_secs(300),
-            runner_credential_ttl: Duration::from_secs(7 * 24 * 3600),
+            runner_credential_ttl: Duration::from_secs(24 * 3600),
             pool: PoolConfig::default(),
             jwt: None,
             messages_per_second: 20,
@@ -147,6 +157,10 @@ impl GatewayConfig {
             max_concurrent_launches: 16,
             model_providers: Vec::new(),
             only_user: None,
+            header_read_timeout: Duration::from_secs(10),
+            pre_upgrade_timeout: Duration::from_secs(15),
+            max_connections: 8192,
+            max_pending_connections_per_address: 64,
         }
     }
 }

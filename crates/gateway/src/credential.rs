@@ -1,8 +1,17 @@
-//! Per-task runner credentials (SPEC §6): an HMAC-SHA256-signed claim naming
-//! the task, its mode and (cold) its session, with an expiry. The key lives in
-//! the data dir so a restarted gateway still recognises its runners.
+//! Per-task runner credentials: an HMAC-SHA256-signed claim naming the task,
+//! its mode and (cold) its session, with an expiry. The key lives in the data
+//! dir so a restarted gateway still recognises its runners.
+//!
+//! A valid signature is not enough (ARCHITECTURE.md "Runner credentials"):
+//! [`CredentialSigner::accept`] also requires the task to be one this gateway
+//! launched (or adopted from `Backend::list` at start-up) and has not stopped.
+//! [`TrackingBackend`] keeps that record: every launch and stop goes through it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -29,16 +38,27 @@ pub enum CredentialError {
     BadSignature,
     #[error("credential expired")]
     Expired,
+    #[error("credential names a task this gateway did not launch or already stopped")]
+    NotLaunched,
 }
+
+/// Sentinel expiry for tasks adopted after a restart (their credential's own
+/// expiry still applies).
+const EXP_UNKNOWN: u64 = u64::MAX;
 
 #[derive(Clone)]
 pub struct CredentialSigner {
     key: Vec<u8>,
+    /// Live tasks this gateway launched or adopted: task id → credential expiry.
+    live: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl CredentialSigner {
     pub fn new(key: Vec<u8>) -> Self {
-        CredentialSigner { key }
+        CredentialSigner {
+            key,
+            live: Default::default(),
+        }
     }
 
     /// Load the signing key from `path`, creating a random one (mode 0600) if absent.
@@ -90,11 +110,107 @@ impl CredentialSigner {
         Ok(claims)
     }
 
+    /// Verify a runner's credential and that its task is live here.
+    pub fn accept(&self, token: &str) -> Result<RunnerClaims, CredentialError> {
+        let claims = self.verify(token)?;
+        if !self.is_live(&claims.task_id) {
+            return Err(CredentialError::NotLaunched);
+        }
+        Ok(claims)
+    }
+
+    /// Whether this gateway launched (or adopted) `task_id` and has not stopped it.
+    pub fn is_live(&self, task_id: &str) -> bool {
+        self.live.lock().expect("live tasks").contains_key(task_id)
+    }
+
+    /// Record a task this gateway is launching; its credential expires at `exp`.
+    fn launched(&self, task_id: &str, exp: u64) {
+        self.live
+            .lock()
+            .expect("live tasks")
+            .insert(task_id.to_string(), exp);
+    }
+
+    /// Record a task a previous gateway launched and the backend still lists
+    /// as this instance's own.
+    pub fn adopt(&self, task_id: &str) {
+        self.launched(task_id, EXP_UNKNOWN);
+    }
+
+    /// Credentials of a stopped task are refused from now on.
+    fn stopped(&self, task_id: &str) {
+        self.live.lock().expect("live tasks").remove(task_id);
+    }
+
+    /// Live tasks whose credential has expired: they outlived the longest a
+    /// task may live.
+    pub fn expired_tasks(&self) -> Vec<String> {
+        let now = now_secs();
+        let live = self.live.lock().expect("live tasks");
+        live.iter()
+            .filter(|(_, exp)| **exp != EXP_UNKNOWN && **exp <= now)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     fn sign(&self, data: &[u8]) -> Vec<u8> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
         mac.update(data);
         mac.finalize().into_bytes().to_vec()
+    }
+}
+
+/// The gateway's backend, recording which tasks it launched and stopped so
+/// that only their credentials are accepted.
+pub struct TrackingBackend {
+    inner: Arc<dyn Backend>,
+    credentials: CredentialSigner,
+}
+
+impl TrackingBackend {
+    pub fn wrap(inner: Arc<dyn Backend>, credentials: CredentialSigner) -> Arc<dyn Backend> {
+        Arc::new(TrackingBackend { inner, credentials })
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for TrackingBackend {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn launch(&self, spec: LaunchSpec) -> Result<(), BackendError> {
+        // Recorded before the call: a runner may dial back before it returns.
+        match self.credentials.verify(&spec.credential) {
+            Ok(claims) if claims.task_id == spec.task_id => {
+                self.credentials.launched(&spec.task_id, claims.exp)
+            }
+            _ => tracing::error!(event = "runner_credential_invalid", taskId = %spec.task_id, "launching a task whose credential this gateway will refuse"),
+        }
+        self.inner.launch(spec).await
+    }
+
+    async fn status(&self, task_id: &str) -> Result<TaskStatus, BackendError> {
+        self.inner.status(task_id).await
+    }
+
+    async fn stop(&self, task_id: &str) -> Result<(), BackendError> {
+        self.credentials.stopped(task_id);
+        self.inner.stop(task_id).await
+    }
+
+    async fn list(&self) -> Result<Vec<TaskInfo>, BackendError> {
+        self.inner.list().await
+    }
+
+    fn workspace_path(&self, user_id: &str) -> String {
+        self.inner.workspace_path(user_id)
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.inner.ping().await
     }
 }
 
@@ -152,6 +268,23 @@ mod tests {
             Err(CredentialError::BadSignature)
         );
         assert_eq!(s.verify("garbage"), Err(CredentialError::Malformed));
+    }
+
+    #[test]
+    fn a_valid_credential_of_a_task_not_launched_or_stopped_is_refused() {
+        let s = CredentialSigner::new(vec![7; 32]);
+        let t = s.mint("t1", "warm", None, Duration::from_secs(60));
+        assert_eq!(s.accept(&t), Err(CredentialError::NotLaunched));
+        let exp = s.verify(&t).unwrap().exp;
+        s.launched("t1", exp);
+        assert_eq!(s.accept(&t).unwrap().task_id, "t1");
+        s.stopped("t1");
+        assert_eq!(s.accept(&t), Err(CredentialError::NotLaunched));
+        s.adopt("t1");
+        assert!(s.accept(&t).is_ok());
+        assert!(s.expired_tasks().is_empty(), "adopted tasks have no known expiry");
+        s.launched("t2", 1);
+        assert_eq!(s.expired_tasks(), ["t2"]);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aishell_protocol::ErrorCode;
 use axum::Router;
@@ -27,6 +29,10 @@ use crate::auth::Identity;
 
 /// Largest upload accepted, in bytes.
 const MAX_UPLOAD: u64 = 64 << 20;
+/// Longest one blocking file operation (or one upload chunk's write) may take.
+const FILE_IO_LIMIT: Duration = Duration::from_secs(30);
+/// Prefix of an upload's temporary file (hidden, beside its target).
+const UPLOAD_TMP_PREFIX: &str = ".aishell-upload-";
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -35,27 +41,69 @@ pub fn routes() -> Router<Arc<Shared>> {
 }
 
 #[derive(Debug)]
-struct ApiError(StatusCode, ErrorCode, String);
+struct ApiError(StatusCode, &'static str, String);
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: String) -> Self {
+        ApiError(status, code.as_str(), message)
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.1.as_str(), "message": self.2 } });
+        let body = serde_json::json!({ "error": { "code": self.1, "message": self.2 } });
         (self.0, axum::Json(body)).into_response()
     }
 }
 
+/// A FIFO, socket or device: reading or writing one could block forever.
+fn not_regular(path: &str) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        "NOT_A_REGULAR_FILE",
+        format!("{path} is not a regular file (a FIFO, socket or device); the files API reads and writes only regular files"),
+    )
+}
+
+/// Run blocking file work on the blocking pool, bounded by [`FILE_IO_LIMIT`].
+async fn blocking<T: Send + 'static>(
+    what: String,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(FILE_IO_LIMIT, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("{what}: {e}"),
+        )),
+        Err(_) => Err(file_io_timeout(&what)),
+    }
+}
+
+fn file_io_timeout(what: &str) -> ApiError {
+    ApiError(
+        StatusCode::GATEWAY_TIMEOUT,
+        "FILE_IO_TIMEOUT",
+        format!(
+            "{what}: the file system did not answer within {}s",
+            FILE_IO_LIMIT.as_secs()
+        ),
+    )
+}
+
 fn bad(message: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, message.into())
+    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, message.into())
 }
 
 fn io_error(path: &str, e: std::io::Error) -> ApiError {
     match e.raw_os_error() {
-        Some(libc::ENOENT) => ApiError(
+        Some(libc::ENOENT) => ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::BadFrame,
             format!("{path}: no such file"),
         ),
-        Some(libc::EXDEV) | Some(libc::ELOOP) => ApiError(
+        Some(libc::EXDEV) | Some(libc::ELOOP) => ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
             format!("{path}: resolves outside your workspace"),
@@ -63,7 +111,7 @@ fn io_error(path: &str, e: std::io::Error) -> ApiError {
         Some(libc::EISDIR) => bad(format!("{path} is a directory")),
         Some(libc::ENOTDIR) => bad(format!("{path}: not a directory")),
         Some(libc::ENOTEMPTY) => bad(format!("{path}: directory not empty")),
-        _ => ApiError(
+        _ => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,
             format!("{path}: {e}"),
@@ -71,18 +119,16 @@ fn io_error(path: &str, e: std::io::Error) -> ApiError {
     }
 }
 
-async fn caller(
-    shared: &Shared,
-    headers: &HeaderMap,
-    query_token: Option<&str>,
-) -> Result<Identity, ApiError> {
-    let token = crate::auth::bearer_token(headers, query_token);
+/// The caller, from the `Authorization` header only (a token in a URL ends
+/// up in proxies' and browsers' logs).
+async fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let token = crate::auth::bearer_token(headers, None);
     shared
         .auth
         .authenticate(shared.store.as_ref(), token.as_deref())
         .await
         .map_err(|e| {
-            ApiError(
+            ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 e.to_string(),
@@ -113,10 +159,9 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
 /// The caller's workspace directory, opened (created if new). The gateway's
 /// own path, not `Backend::workspace_path` (the runner's view, which is
 /// `/workspaces/<user>` inside a docker task).
-fn open_workspace(shared: &Shared, user_id: &str) -> Result<OwnedFd, ApiError> {
-    let root = shared.cfg.workspaces_root.join(user_id);
-    std::fs::create_dir_all(&root).map_err(|e| io_error("workspace", e))?;
-    let dir = std::fs::File::open(&root).map_err(|e| io_error("workspace", e))?;
+fn open_workspace(root: &std::path::Path) -> Result<OwnedFd, ApiError> {
+    std::fs::create_dir_all(root).map_err(|e| io_error("workspace", e))?;
+    let dir = std::fs::File::open(root).map_err(|e| io_error("workspace", e))?;
     Ok(OwnedFd::from(dir))
 }
 
@@ -176,7 +221,11 @@ fn open_beneath(dir: RawFd, path: &str, flags: i32, mode: u32) -> std::io::Resul
 #[derive(Deserialize)]
 struct ListQuery {
     dir: Option<String>,
-    token: Option<String>,
+}
+
+/// The gateway's path of the caller's workspace.
+fn workspace_of(shared: &Shared, who: &Identity) -> PathBuf {
+    shared.cfg.workspaces_root.join(&who.user_id)
 }
 
 async fn list(
@@ -184,134 +233,259 @@ async fn list(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&shared, &headers, q.token.as_deref()).await?;
+    let who = caller(&shared, &headers).await?;
     let dir_path = q.dir.unwrap_or_default();
     let joined = components(&dir_path)?.join("/");
-    let root = open_workspace(&shared, &who.user_id)?;
-    let dir = open_beneath(
-        root.as_raw_fd(),
-        &joined,
-        libc::O_RDONLY | libc::O_DIRECTORY,
-        0,
-    )
-    .map_err(|e| io_error(&dir_path, e))?;
-    // The fd pins the directory; /proc/self/fd/N names exactly that directory.
-    let entries = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+    let workspace = workspace_of(&shared, &who);
+    let listed = joined.clone();
+    let out = blocking(dir_path.clone(), move || {
+        let root = open_workspace(&workspace)?;
+        let dir = open_beneath(
+            root.as_raw_fd(),
+            &listed,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK,
+            0,
+        )
         .map_err(|e| io_error(&dir_path, e))?;
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let Ok(meta) = entry.metadata() else { continue };
-        let kind = if meta.is_dir() {
-            "dir"
-        } else if meta.file_type().is_symlink() {
-            "symlink"
-        } else {
-            "file"
-        };
-        let modified = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_secs());
-        out.push(serde_json::json!({
-            "name": entry.file_name().to_string_lossy(),
-            "type": kind,
-            "size": meta.len(),
-            "modified": modified,
-        }));
-    }
-    out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        // The fd pins the directory; /proc/self/fd/N names exactly that directory.
+        let entries = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+            .map_err(|e| io_error(&dir_path, e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            // lstat: never opens the entry.
+            let Ok(meta) = entry.metadata() else { continue };
+            let file_type = meta.file_type();
+            let kind = if file_type.is_dir() {
+                "dir"
+            } else if file_type.is_symlink() {
+                "symlink"
+            } else if file_type.is_file() {
+                "file"
+            } else {
+                "special"
+            };
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            out.push(serde_json::json!({
+                "name": entry.file_name().to_string_lossy(),
+                "type": kind,
+                "size": meta.len(),
+                "modified": modified,
+            }));
+        }
+        out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(out)
+    })
+    .await?;
     Ok(axum::Json(serde_json::json!({ "dir": joined, "entries": out })).into_response())
-}
-
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
 }
 
 async fn read(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(path): Path<String>,
-    Query(q): Query<TokenQuery>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&shared, &headers, q.token.as_deref()).await?;
+    let who = caller(&shared, &headers).await?;
     let joined = components(&path)?.join("/");
-    let root = open_workspace(&shared, &who.user_id)?;
-    let fd = open_beneath(root.as_raw_fd(), &joined, libc::O_RDONLY, 0)
+    let workspace = workspace_of(&shared, &who);
+    let (file, len) = blocking(path.clone(), move || {
+        let root = open_workspace(&workspace)?;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer.
+        let fd = open_beneath(
+            root.as_raw_fd(),
+            &joined,
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+            0,
+        )
         .map_err(|e| io_error(&path, e))?;
-    let file = std::fs::File::from(fd);
-    let meta = file.metadata().map_err(|e| io_error(&path, e))?;
-    if meta.is_dir() {
-        return Err(bad(format!(
-            "{path} is a directory; list it with /api/files?dir="
-        )));
-    }
-    // Streamed, so large files never sit in memory whole.
+        let file = std::fs::File::from(fd);
+        let meta = file.metadata().map_err(|e| io_error(&path, e))?;
+        if meta.is_dir() {
+            return Err(bad(format!(
+                "{path} is a directory; list it with /api/files?dir="
+            )));
+        }
+        if !meta.is_file() {
+            return Err(not_regular(&path));
+        }
+        Ok((file, meta.len()))
+    })
+    .await?;
+    // Streamed, so large files never sit in memory whole; tokio's file reads
+    // run on the blocking pool.
     let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
     let headers = [
         (
             axum::http::header::CONTENT_TYPE,
             "application/octet-stream".to_string(),
         ),
-        (axum::http::header::CONTENT_LENGTH, meta.len().to_string()),
+        (axum::http::header::CONTENT_LENGTH, len.to_string()),
     ];
     Ok((headers, Body::from_stream(stream)).into_response())
+}
+
+/// An upload's temporary file: removed when dropped unless it was renamed
+/// into place, so an oversized, failed or aborted upload leaves nothing.
+struct PendingUpload {
+    dir: OwnedFd,
+    tmp: CString,
+    done: bool,
+}
+
+impl PendingUpload {
+    /// Rename the complete upload into place.
+    fn commit(mut self, name: &CString) -> std::io::Result<()> {
+        // SAFETY: valid dirfd and NUL-terminated names; renameat replaces the
+        // directory entry itself, never following what the target names.
+        let rc = unsafe {
+            libc::renameat(
+                self.dir.as_raw_fd(),
+                self.tmp.as_ptr(),
+                self.dir.as_raw_fd(),
+                name.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingUpload {
+    fn drop(&mut self) {
+        if !self.done {
+            // SAFETY: valid dirfd and NUL-terminated name; unlink does not block on the file's contents.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+        }
+    }
+}
+
+/// Prepare an upload to `name` in `dir`: refuse a target that exists and is
+/// not a regular file (symlinks included), then create the hidden temporary
+/// file beside it (`O_EXCL`).
+fn start_upload(
+    dir: OwnedFd,
+    name: &str,
+    path: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(PendingUpload, std::fs::File), ApiError> {
+    match open_beneath(
+        dir.as_raw_fd(),
+        name,
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        0,
+    ) {
+        Ok(existing) => {
+            let meta = std::fs::File::from(existing)
+                .metadata()
+                .map_err(|e| io_error(path, e))?;
+            if meta.file_type().is_symlink() {
+                // Never written through: the link could lead anywhere.
+                return Err(io_error(path, std::io::Error::from_raw_os_error(libc::ELOOP)));
+            }
+            if meta.is_dir() {
+                return Err(io_error(path, std::io::Error::from_raw_os_error(libc::EISDIR)));
+            }
+            if !meta.is_file() {
+                return Err(not_regular(path));
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(io_error(path, e)),
+    }
+    let tmp_name = format!("{UPLOAD_TMP_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let fd = open_beneath(
+        dir.as_raw_fd(),
+        &tmp_name,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        0o644,
+    )
+    .map_err(|e| io_error(path, e))?;
+    let pending = PendingUpload {
+        dir,
+        tmp: CString::new(tmp_name).expect("no NUL in a generated name"),
+        done: false,
+    };
+    give_to(&fd, owner);
+    Ok((pending, std::fs::File::from(fd)))
 }
 
 async fn write(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(path): Path<String>,
-    Query(q): Query<TokenQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let who = caller(&shared, &headers, q.token.as_deref()).await?;
-    let parts = components(&path)?;
-    let Some((name, parents)) = parts.split_last() else {
+    let who = caller(&shared, &headers).await?;
+    let parts: Vec<String> = components(&path)?
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if parts.is_empty() {
         return Err(bad("a file name is required"));
-    };
-    let root = open_workspace(&shared, &who.user_id)?;
-    let owner = agent_owner(&root);
-    // Create parent directories one component at a time, each beneath the last.
-    let mut dir = root;
-    for part in parents {
-        let c = CString::new(*part).map_err(|_| bad("bad path"))?;
-        // SAFETY: valid dirfd and NUL-terminated name.
-        let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) };
-        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-            return Err(io_error(&path, std::io::Error::last_os_error()));
-        }
-        dir = open_beneath(dir.as_raw_fd(), part, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-            .map_err(|e| io_error(&path, e))?;
-        give_to(&dir, owner);
     }
-    let fd = open_beneath(
-        dir.as_raw_fd(),
-        name,
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-        0o644,
-    )
-    .map_err(|e| io_error(&path, e))?;
-    give_to(&fd, owner);
-    let mut file = tokio::fs::File::from_std(std::fs::File::from(fd));
+    let workspace = workspace_of(&shared, &who);
+    let (for_open, shown) = (parts.clone(), path.clone());
+    let (pending, file) = blocking(path.clone(), move || {
+        let (name, parents) = for_open.split_last().expect("checked non-empty");
+        let root = open_workspace(&workspace)?;
+        let owner = agent_owner(&root);
+        // Create parent directories one component at a time, each beneath the last.
+        let mut dir = root;
+        for part in parents {
+            let c = CString::new(part.as_str()).map_err(|_| bad("bad path"))?;
+            // SAFETY: valid dirfd and NUL-terminated name.
+            let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) };
+            if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                return Err(io_error(&shown, std::io::Error::last_os_error()));
+            }
+            dir = open_beneath(
+                dir.as_raw_fd(),
+                part,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK,
+                0,
+            )
+            .map_err(|e| io_error(&shown, e))?;
+            give_to(&dir, owner);
+        }
+        start_upload(dir, name, &shown, owner)
+    })
+    .await?;
+    let mut file = tokio::fs::File::from_std(file);
     let mut written: u64 = 0;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| bad(format!("upload interrupted: {e}")))?;
         written += chunk.len() as u64;
         if written > MAX_UPLOAD {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::BadFrame,
                 format!("uploads are limited to {MAX_UPLOAD} bytes"),
             ));
         }
-        file.write_all(&chunk)
+        tokio::time::timeout(FILE_IO_LIMIT, file.write_all(&chunk))
             .await
+            .map_err(|_| file_io_timeout(&path))?
             .map_err(|e| io_error(&path, e))?;
     }
-    file.flush().await.map_err(|e| io_error(&path, e))?;
+    tokio::time::timeout(FILE_IO_LIMIT, file.flush())
+        .await
+        .map_err(|_| file_io_timeout(&path))?
+        .map_err(|e| io_error(&path, e))?;
+    drop(file.into_std().await);
+    let name = CString::new(parts.last().expect("checked non-empty").as_str())
+        .map_err(|_| bad("bad path"))?;
+    let shown = path.clone();
+    blocking(path, move || {
+        pending.commit(&name).map_err(|e| io_error(&shown, e))
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(serde_json::json!({ "path": parts.join("/"), "size": written })),
@@ -323,31 +497,39 @@ async fn remove(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(path): Path<String>,
-    Query(q): Query<TokenQuery>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&shared, &headers, q.token.as_deref()).await?;
-    let parts = components(&path)?;
-    let Some((name, parents)) = parts.split_last() else {
+    let who = caller(&shared, &headers).await?;
+    let parts: Vec<String> = components(&path)?
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if parts.is_empty() {
         return Err(bad("refusing to delete the workspace itself"));
-    };
-    let root = open_workspace(&shared, &who.user_id)?;
-    let parent = open_beneath(
-        root.as_raw_fd(),
-        &parents.join("/"),
-        libc::O_RDONLY | libc::O_DIRECTORY,
-        0,
-    )
-    .map_err(|e| io_error(&path, e))?;
-    let c = CString::new(*name).map_err(|_| bad("bad path"))?;
-    // SAFETY: valid dirfd and NUL-terminated name; unlinkat never follows
-    // the final component, so a symlink is removed, not its target.
-    let mut rc = unsafe { libc::unlinkat(parent.as_raw_fd(), c.as_ptr(), 0) };
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EISDIR) {
-        // SAFETY: as above.
-        rc = unsafe { libc::unlinkat(parent.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
     }
-    if rc != 0 {
-        return Err(io_error(&path, std::io::Error::last_os_error()));
-    }
+    let workspace = workspace_of(&shared, &who);
+    blocking(path.clone(), move || {
+        let (name, parents) = parts.split_last().expect("checked non-empty");
+        let root = open_workspace(&workspace)?;
+        let parent = open_beneath(
+            root.as_raw_fd(),
+            &parents.join("/"),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK,
+            0,
+        )
+        .map_err(|e| io_error(&path, e))?;
+        let c = CString::new(name.as_str()).map_err(|_| bad("bad path"))?;
+        // SAFETY: valid dirfd and NUL-terminated name; unlinkat never follows
+        // the final component, so a symlink is removed, not its target.
+        let mut rc = unsafe { libc::unlinkat(parent.as_raw_fd(), c.as_ptr(), 0) };
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EISDIR) {
+            // SAFETY: as above.
+            rc = unsafe { libc::unlinkat(parent.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
+        }
+        if rc != 0 {
+            return Err(io_error(&path, std::io::Error::last_os_error()));
+        }
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

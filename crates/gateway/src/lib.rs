@@ -7,6 +7,7 @@ mod client_ws;
 pub mod config;
 pub mod credential;
 mod files;
+mod http;
 mod lifecycle;
 pub mod metrics;
 pub mod model_proxy;

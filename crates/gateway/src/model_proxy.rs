@@ -189,7 +189,7 @@ async fn forward(
             "missing task credential".into(),
         );
     };
-    let claims = match shared.credentials.verify(&token) {
+    let claims = match shared.credentials.accept(&token) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(event = "model_proxy_refused", reason = %e, "model request refused");

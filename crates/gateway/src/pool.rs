@@ -229,9 +229,10 @@ impl WarmPool {
         }
     }
 
-    /// A warm runner said hello. Registers it as ready (also after a gateway
-    /// restart, when the pool did not launch it) and returns where its frames
-    /// go. Refused when the pool is full or disabled.
+    /// A warm runner said hello. Registers it as ready and returns where its
+    /// frames go. Only tasks the pool launched (or adopted after a restart,
+    /// [`adopt`](Self::adopt)) are accepted, so registrations never grow the
+    /// pool past its target.
     pub fn register(
         &self,
         task_id: &str,
@@ -244,8 +245,8 @@ impl WarmPool {
         if st.evicted.contains(task_id) {
             return Err("this warm task was evicted".into());
         }
-        if !known && (!self.cfg.enabled || st.entries.len() >= self.cfg.max) {
-            return Err("the warm pool is full or disabled".into());
+        if !known {
+            return Err("this gateway's warm pool did not launch this task".into());
         }
         let link = ReadyLink {
             generation,
@@ -282,6 +283,44 @@ impl WarmPool {
         };
         if removed {
             self.evict(task_id.to_string(), "runner disconnected");
+        }
+    }
+
+    /// After a restart: unclaimed warm tasks a previous gateway launched
+    /// (listed by the backend) count as launching, up to the target, so their
+    /// runners are registered when they re-dial and the pool launches no
+    /// replacements meanwhile. One that does not re-dial within the launch
+    /// deadline is evicted and stopped. Returns the ids adopted.
+    pub fn adopt(&self, task_ids: impl IntoIterator<Item = String>) -> Vec<String> {
+        if !self.cfg.enabled {
+            return Vec::new();
+        }
+        let target = self.target.load(Ordering::Relaxed) as usize;
+        let mut st = self.state.lock().expect("pool state");
+        let now = Instant::now();
+        let mut adopted = Vec::new();
+        for task_id in task_ids {
+            if st.entries.len() >= target {
+                break;
+            }
+            st.entries
+                .insert(task_id.clone(), Entry::Launching { since: now });
+            adopted.push(task_id);
+        }
+        adopted
+    }
+
+    /// A warm task turned out to belong to a session (a runner claimed before
+    /// a restart re-dialled naming its session): leave it to the session,
+    /// without stopping it.
+    pub fn forget(&self, task_id: &str) {
+        let removed = {
+            let mut st = self.state.lock().expect("pool state");
+            st.ready.retain(|t| t != task_id);
+            st.entries.remove(task_id).is_some()
+        };
+        if removed {
+            self.wake.notify_one();
         }
     }
 

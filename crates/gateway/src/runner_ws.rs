@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::Shared;
-use crate::credential::RunnerClaims;
+use crate::credential::{CredentialError, RunnerClaims};
 use crate::session::{RunnerAttach, SessionCmd, SessionHandle, SessionManager};
 
 /// A runner that says nothing (not even a heartbeat) this long is gone.
@@ -104,9 +104,14 @@ fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Box<Resp
             (StatusCode::UNAUTHORIZED, "missing task credential").into_response(),
         ));
     };
-    shared.credentials.verify(&token).map_err(|e| {
+    // Signature, expiry, and a task this gateway launched and has not stopped.
+    shared.credentials.accept(&token).map_err(|e| {
         tracing::warn!(event = "runner_auth_failed", reason = %e, "runner refused");
-        Box::new((StatusCode::UNAUTHORIZED, e.to_string()).into_response())
+        let status = match e {
+            CredentialError::NotLaunched => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        Box::new((status, e.to_string()).into_response())
     })
 }
 
@@ -150,7 +155,11 @@ async fn connection(
     }
     let generation = shared.next_id();
     let (tx, mut rx) = mpsc::unbounded_channel::<GatewayToRunner>();
-    // A warm runner that is already bound re-attaches to its session.
+    // A warm runner that is already bound re-attaches to its session (after
+    // a gateway restart the pool adopted it as unclaimed: it is not).
+    if session.is_none() && session_id.is_some() {
+        shared.pool.forget(&task_id);
+    }
     let session = match (session, &session_id) {
         (Some(h), _) => Some(h),
         (None, Some(sid)) => match SessionManager::open_with_grace(

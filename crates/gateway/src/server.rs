@@ -3,18 +3,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use aishell_backend::Backend;
+use aishell_backend::{Backend, TaskInfo};
 use aishell_store::Store;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::credential::CredentialSigner;
+use crate::credential::{CredentialSigner, TrackingBackend};
 use crate::session::{SessionCmd, SessionManager};
 use crate::{GatewayConfig, Shared, client_ws, runner_ws};
 
@@ -22,6 +21,8 @@ use crate::{GatewayConfig, Shared, client_ws, runner_ws};
 pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// Tasks a previous gateway left running (`Backend::list` at bind).
+    listed: Vec<TaskInfo>,
 }
 
 impl Gateway {
@@ -34,6 +35,20 @@ impl Gateway {
         std::fs::create_dir_all(&cfg.workspaces_root)?;
         let credentials =
             CredentialSigner::load_or_create(&cfg.data_dir.join("runner-credential.key"))?;
+        // Every launch and stop passes through it, so only live tasks'
+        // credentials are accepted.
+        let backend = TrackingBackend::wrap(backend, credentials.clone());
+        // Before serving: runners of a previous gateway re-dial at once.
+        let listed = match backend.list().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::error!(event = "orphan_scan_failed", error = %e, "could not list the backend's tasks; runners of a previous gateway will be refused");
+                Vec::new()
+            }
+        };
+        for task in &listed {
+            credentials.adopt(&task.task_id);
+        }
         let listener = TcpListener::bind(cfg.bind)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
@@ -46,14 +61,27 @@ impl Gateway {
         let launch_slots = Arc::new(tokio::sync::Semaphore::new(
             cfg.max_concurrent_launches.max(1),
         ));
+        // A warm task lives at most until it dials back, then its time in the
+        // pool, then a task's life once claimed.
+        let warm_credential_ttl =
+            cfg.pool.launch_deadline + cfg.pool.ready_ttl + cfg.runner_credential_ttl;
         let pool = crate::pool::WarmPool::new(
             cfg.pool.clone(),
             backend.clone(),
             credentials.clone(),
-            cfg.runner_credential_ttl,
+            warm_credential_ttl,
             runner_url.clone(),
             launch_slots.clone(),
         );
+        let adopted = pool.adopt(
+            listed
+                .iter()
+                .filter(|t| t.mode == "warm" && t.status.is_alive())
+                .map(|t| t.task_id.clone()),
+        );
+        if !adopted.is_empty() {
+            tracing::info!(event = "warm_pool_adopt", tasks = adopted.len(), "warm tasks of a previous gateway wait for their runners to re-register");
+        }
         let mut auth =
             crate::auth::Authenticator::new(cfg.jwt.clone()).map_err(|e| anyhow::anyhow!(e))?;
         auth.restrict_to(cfg.only_user.clone());
@@ -76,7 +104,11 @@ impl Gateway {
             runner_url,
             next_id: Default::default(),
         });
-        Ok(Gateway { shared, listener })
+        Ok(Gateway {
+            shared,
+            listener,
+            listed,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -91,15 +123,11 @@ impl Gateway {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let shared = self.shared.clone();
-        tokio::spawn(reap_orphans(shared.clone()));
+        tokio::spawn(reap_orphans(shared.clone(), self.listed));
+        tokio::spawn(stop_expired_tasks(shared.clone()));
         tokio::spawn(shared.pool.clone().run());
-        // Small frames must not wait for Nagle + delayed ACK (~40 ms).
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, router(shared.clone()))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let limits = crate::http::HttpLimits::from_config(&shared.cfg);
+        crate::http::serve(self.listener, router(shared.clone()), limits, shutdown).await;
         stop_all(&shared).await;
         Ok(())
     }
@@ -180,14 +208,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 /// After a restart, tasks a previous gateway launched are still listed by the
 /// backend. Their runners re-dial and are adopted by their sessions; whatever
 /// is still unclaimed after the grace period is stopped (no orphans).
-async fn reap_orphans(shared: Arc<Shared>) {
-    let listed = match shared.backend.list().await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(event = "orphan_scan_failed", error = %e, "could not list the backend's tasks");
-            return;
-        }
-    };
+async fn reap_orphans(shared: Arc<Shared>, listed: Vec<TaskInfo>) {
     if listed.is_empty() {
         return;
     }
@@ -198,15 +219,36 @@ async fn reap_orphans(shared: Arc<Shared>) {
     );
     tokio::time::sleep(shared.cfg.deadlines.orphan_grace).await;
     for task in listed {
+        // A session adopted it, or the pool did (an unclaimed warm task; the
+        // pool evicts it if its runner does not re-register in time).
         let claimed = shared
             .tasks
             .lock()
             .expect("task map")
-            .contains_key(&task.task_id);
+            .contains_key(&task.task_id)
+            || shared.pool.contains(&task.task_id);
         if !claimed {
             tracing::warn!(event = "orphan_stopped", taskId = %task.task_id, "stopping a task no session claimed");
             if let Err(e) = shared.backend.stop(&task.task_id).await {
                 tracing::error!(event = "task_stop_failed", taskId = %task.task_id, error = %e, "could not stop orphan");
+            }
+        }
+    }
+}
+
+/// How often tasks are checked against the longest a task may live.
+const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A task whose credential expired could no longer re-dial or call the model
+/// proxy: it has outlived the longest a task may live, so it is stopped (its
+/// session starts a new one when next needed).
+async fn stop_expired_tasks(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(EXPIRY_SWEEP).await;
+        for task_id in shared.credentials.expired_tasks() {
+            tracing::warn!(event = "task_max_life", taskId = %task_id, "stopping a task that outlived its credential");
+            if let Err(e) = shared.backend.stop(&task_id).await {
+                tracing::error!(event = "task_stop_failed", taskId = %task_id, error = %e, "could not stop an expired task");
             }
         }
     }

@@ -6,8 +6,9 @@
 //!
 //! Pages and assets are public (they hold no data); every API call needs a
 //! bearer token: none or a bad one is 401 `UNAUTHORIZED`, a non-admin on an
-//! admin route is 403 `FORBIDDEN`. Admin actions take the token from the
-//! `Authorization` header only (never `?token=`), so a link cannot trigger one.
+//! admin route is 403 `FORBIDDEN`. Every API call takes the token from the
+//! `Authorization` header only (never `?token=`): a link cannot trigger one,
+//! and tokens stay out of URLs and so out of proxies' logs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
@@ -181,12 +182,10 @@ fn no_store(body: serde_json::Value) -> Response {
     response
 }
 
-async fn identify(
-    shared: &Shared,
-    headers: &HeaderMap,
-    query_token: Option<&str>,
-) -> Result<Identity, Response> {
-    let token = crate::auth::bearer_token(headers, query_token);
+/// The caller, from the `Authorization` header only: a token in a URL ends
+/// up in proxies' and browsers' logs (only `/ws` accepts `?token=`).
+async fn identify(shared: &Shared, headers: &HeaderMap) -> Result<Identity, Response> {
+    let token = crate::auth::bearer_token(headers, None);
     shared
         .auth
         .authenticate(shared.store.as_ref(), token.as_deref())
@@ -205,12 +204,8 @@ async fn identify(
         })
 }
 
-async fn admin(
-    shared: &Shared,
-    headers: &HeaderMap,
-    query_token: Option<&str>,
-) -> Result<Identity, Response> {
-    let who = identify(shared, headers, query_token).await?;
+async fn admin(shared: &Shared, headers: &HeaderMap) -> Result<Identity, Response> {
+    let who = identify(shared, headers).await?;
     if !who.is_admin {
         return Err(api_error(
             StatusCode::FORBIDDEN,
@@ -224,20 +219,11 @@ async fn admin(
     Ok(who)
 }
 
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
-}
-
 /// Who the token belongs to, and which agent new sessions get (the pages use
 /// it to check a token before connecting, since a browser cannot read why a
 /// WebSocket upgrade failed).
-async fn me(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> Response {
-    match identify(&shared, &headers, q.token.as_deref()).await {
+async fn me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match identify(&shared, &headers).await {
         Ok(who) => no_store(json!({
             "user_id": who.user_id,
             "admin": who.is_admin,
@@ -256,7 +242,7 @@ async fn conversation_messages(
     headers: HeaderMap,
     Path((session_id, conversation_id)): Path<(String, String)>,
 ) -> Response {
-    let who = match identify(&shared, &headers, None).await {
+    let who = match identify(&shared, &headers).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -315,12 +301,8 @@ async fn conversation_messages(
 /// Sessions listed on the dashboard (most recently active first).
 const OVERVIEW_SESSIONS: usize = 100;
 
-async fn overview(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> Response {
-    if let Err(r) = admin(&shared, &headers, q.token.as_deref()).await {
+async fn overview(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&shared, &headers).await {
         return r;
     }
     let mut sessions = match shared.store.list_sessions(None).await {
@@ -400,7 +382,7 @@ async fn stop_session(
     headers: HeaderMap,
     Path(session_id): Path<String>,
 ) -> Response {
-    let who = match admin(&shared, &headers, None).await {
+    let who = match admin(&shared, &headers).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -441,7 +423,7 @@ async fn pool_action(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let who = match admin(&shared, &headers, None).await {
+    let who = match admin(&shared, &headers).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -504,7 +486,7 @@ async fn daily_report(
     headers: HeaderMap,
     Query(q): Query<ReportQuery>,
 ) -> Response {
-    if let Err(r) = admin(&shared, &headers, None).await {
+    if let Err(r) = admin(&shared, &headers).await {
         return r;
     }
     let dir = shared.cfg.data_dir.join("logs");

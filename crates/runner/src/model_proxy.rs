@@ -111,6 +111,13 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Constant-time: how long the check takes says nothing about how much of
+/// the token a guess got right.
+fn token_matches(presented: Option<&str>, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(token.as_bytes())))
+}
+
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     (
         status,
@@ -125,7 +132,7 @@ async fn forward(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if presented_token(&headers) != Some(state.token.as_str()) {
+    if !token_matches(presented_token(&headers), &state.token) {
         return error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
@@ -163,5 +170,20 @@ async fn forward(
             "GATEWAY_UNREACHABLE",
             format!("the aishell gateway is not reachable: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::token_matches;
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        let token = "aishell-proxy-0123456789abcdef";
+        assert!(token_matches(Some(token), token));
+        assert!(!token_matches(None, token));
+        assert!(!token_matches(Some(""), token));
+        assert!(!token_matches(Some("aishell-proxy-0123456789abcdeX"), token));
+        assert!(!token_matches(Some("aishell-proxy-0123456789abcdef0"), token));
     }
 }
