@@ -135,15 +135,15 @@ impl BwrapCommand {
         argv
     }
 
-    /// Add the seccomp filter and move every argument into a file bwrap
+    /// Add the seccomp filter and move every option into a file bwrap
     /// reads (`--args FD`): the sandbox's `/proc/1/cmdline` then shows
-    /// `bwrap --args N`, not the host's paths. Returns the command line to
+    /// `bwrap --args N -- <agent command>`, not the workspace's host path. Returns the command line to
     /// execute and the files the child must inherit.
     pub fn launch(mut self) -> std::io::Result<(Vec<String>, Vec<OwnedFd>)> {
         let filter = crate::seccomp::to_bytes(&crate::seccomp::agent_filter());
         self.pass_fd("--seccomp", memfd_with(c"aishell-seccomp", &filter)?);
         let mut args = Vec::new();
-        for a in self.argv().iter().skip(1) {
+        for a in &self.options {
             if a.contains('\0') {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
@@ -154,11 +154,14 @@ impl BwrapCommand {
             args.push(0);
         }
         let args_fd = memfd_with(c"aishell-bwrap-args", &args)?;
-        let argv = vec![
+        // bwrap reads only options from the file; the command follows.
+        let mut argv = vec![
             bwrap_path(),
             "--args".to_string(),
             args_fd.as_raw_fd().to_string(),
+            "--".to_string(),
         ];
+        argv.extend(self.command);
         self.fds.push(args_fd);
         Ok((argv, self.fds))
     }
