@@ -79,6 +79,8 @@ impl AgentProcess {
         cmd.args(args).current_dir(workspace);
         // Held until the agent exits (the cgroup is removed then).
         let mut cgroup = None;
+        // Open until the child is spawned (it inherits them), then closed.
+        let mut inherited_fds = Vec::new();
         match confined {
             Some(confinement) => {
                 // Not even the runner's credential reaches a confined agent.
@@ -98,9 +100,8 @@ impl AgentProcess {
                     .map(|fd| fd.as_raw_fd())
                     .collect();
                 confinement.limits.apply(&mut cmd, join, keep);
-                // The parent's copies of the inherited files close when
-                // `confinement` drops, after the spawn below.
                 cgroup = confinement.cgroup;
+                inherited_fds = confinement.inherited_fds;
             }
             None => {
                 // The runner's credential is its own, not the agent's.
@@ -113,6 +114,7 @@ impl AgentProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        drop(inherited_fds);
         let pid = child.id();
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
