@@ -141,6 +141,8 @@ async fn agent_uid(gw: &Gateway, c: &Client) -> u32 {
 /// owning a 0700 workspace the other cannot read from the host either.
 async fn own_uids(gw: &Gateway, alice: &mut Client, bob: &mut Client) {
     run(alice, "secret", "echo alice-secret > secret.txt").await;
+    // Bob's sandbox starts with his first message.
+    run(bob, "hello", "true").await;
     let (a, b) = (agent_uid(gw, alice).await, agent_uid(gw, bob).await);
     assert_ne!(a, 0);
     assert_ne!(b, 0);
@@ -198,19 +200,18 @@ async fn a_cold_sandbox_refuses_every_escape_and_runs_as_its_users_own_uid() {
 
     // A fork bomb stops at the sandbox's process limit (builtins only once
     // it is reached), and the sandbox and gateway carry on.
-    let text = text_of(
-        &run(
-            &mut alice,
-            "fork",
-            "p=; i=0; while [ $i -lt 300 ]; do sleep 60 2>/dev/null & p=\"$p $!\"; i=$((i+1)); done 2>/dev/null; n=0; for x in $p; do n=$((n+1)); done; kill -9 $p 2>/dev/null; echo started=$n",
-        )
-        .await,
-    );
+    let frames = run(
+        &mut alice,
+        "fork",
+        "(i=0; while [ $i -lt 300 ]; do sleep 60 & echo $! >> /tmp/pids; i=$((i+1)); echo $i > /tmp/n; done) 2>/dev/null; while read p; do kill -9 $p; done < /tmp/pids; read n < /tmp/n; echo started=$n",
+    )
+    .await;
+    let text = text_of(&frames);
     let started: usize = text
         .rsplit("started=")
         .next()
         .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{text}"));
+        .unwrap_or_else(|| panic!("{}", pretty(&frames)));
     assert!(
         started < 64,
         "{started} processes started past a limit of 64"
