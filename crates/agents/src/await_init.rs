@@ -109,6 +109,7 @@ fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
     }
     // SAFETY: plain credential syscalls on this single-threaded process.
     unsafe {
+        empty_bounding_and_ambient_sets()?;
         if libc::getuid() != uid {
             // Groups first: only root may change them.
             if libc::setgroups(0, std::ptr::null()) != 0 {
@@ -121,6 +122,9 @@ fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
                 return Err(fail("setresuid"));
             }
         }
+        // The UID change emptied the permitted and effective sets; the
+        // inheritable one stays unless emptied too.
+        clear_inheritable()?;
         // Irrevocable: no way back to root, not even through a set-uid file.
         if libc::setuid(0) == 0 {
             anyhow::bail!("cannot run as uid {uid}: root could be regained");
@@ -133,6 +137,77 @@ fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
         if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
             return Err(fail("dumpable"));
         }
+    }
+    Ok(())
+}
+
+/// Empty the bounding set (needs CAP_SETPCAP, which a root agent or one
+/// pre-started under bubblewrap holds) and the ambient set, while still
+/// privileged: after the UID change nothing could be gained back anyway,
+/// and the agent's `/proc/self/status` shows every set empty.
+fn empty_bounding_and_ambient_sets() -> anyhow::Result<()> {
+    // SAFETY: prctl on this process only.
+    unsafe {
+        for cap in 0..64 {
+            match libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) {
+                // Past the kernel's last capability.
+                -1 => break,
+                0 => continue,
+                _ => {}
+            }
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                anyhow::bail!(
+                    "cannot empty the capability bounding set: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            anyhow::bail!(
+                "cannot empty the ambient capability set: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn clear_inheritable() -> anyhow::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two 32-bit halves.
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a valid header and two data structs.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        anyhow::bail!(
+            "cannot empty the inheritable capability set: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

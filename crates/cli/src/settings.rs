@@ -191,12 +191,21 @@ pub struct ServeSettings {
     /// Open files per agent [default: 4096].
     #[arg(long, env = "AISHELL_SANDBOX_MAX_FILES")]
     pub sandbox_max_files: Option<u64>,
-    /// Processes per agent user (not applied when running as root).
+    /// Processes per agent user (RLIMIT_NPROC; applied when the agent has a UID of its own or the runner is not root).
     #[arg(long, env = "AISHELL_SANDBOX_MAX_PROCESSES")]
     pub sandbox_max_processes: Option<u64>,
     /// CPU seconds per agent [default: unlimited].
     #[arg(long, env = "AISHELL_SANDBOX_CPU_SECONDS")]
     pub sandbox_cpu_seconds: Option<u64>,
+    /// Processes and threads per sandbox, all of its agent's together (cgroup v1 pids, root runners) [default: 512].
+    #[arg(long, env = "AISHELL_SANDBOX_PIDS_MAX")]
+    pub sandbox_pids_max: Option<u64>,
+    /// Memory per sandbox, all of its agent's processes together, bytes (cgroup v1 memory, root runners) [default: 4294967296].
+    #[arg(long, env = "AISHELL_SANDBOX_CGROUP_MEMORY_BYTES")]
+    pub sandbox_cgroup_memory_bytes: Option<u64>,
+    /// Size of the sandbox's /tmp and of its /var/tmp, bytes each [default: 268435456].
+    #[arg(long, env = "AISHELL_SANDBOX_TMP_BYTES")]
+    pub sandbox_tmp_bytes: Option<u64>,
     /// Docker backend: image every task runs [default: aishell:local, built by `aishell image build`].
     #[arg(long, env = "AISHELL_DOCKER_IMAGE")]
     pub docker_image: Option<String>,
@@ -304,6 +313,9 @@ impl ServeSettings {
             sandbox_max_files,
             sandbox_max_processes,
             sandbox_cpu_seconds,
+            sandbox_pids_max,
+            sandbox_cgroup_memory_bytes,
+            sandbox_tmp_bytes,
             docker_image,
             docker_host,
             docker_network,
@@ -632,6 +644,9 @@ impl ServeSettings {
                 max_files: Some(self.sandbox_max_files.unwrap_or(4096)),
                 max_processes: self.sandbox_max_processes,
                 cpu_seconds: self.sandbox_cpu_seconds,
+                sandbox_max_processes: Some(self.sandbox_pids_max.unwrap_or(512)),
+                sandbox_memory_bytes: Some(self.sandbox_cgroup_memory_bytes.unwrap_or(4 << 30)),
+                tmp_bytes: Some(self.sandbox_tmp_bytes.unwrap_or(256 << 20)),
             }),
             _ => None,
         };

@@ -86,6 +86,18 @@ pub struct SandboxSettings {
     /// CPU seconds (RLIMIT_CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<u64>,
+    /// Processes and threads of the whole sandbox (cgroup v1 `pids.max`,
+    /// where the runner can create cgroups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_max_processes: Option<u64>,
+    /// Memory of the whole sandbox in bytes (cgroup v1
+    /// `memory.limit_in_bytes`, where the runner can create cgroups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_memory_bytes: Option<u64>,
+    /// Size of the sandbox's `/tmp` and of its `/var/tmp`, bytes each
+    /// (absent: the runner's default, 256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_bytes: Option<u64>,
 }
 
 /// bubblewrap, network on, no limits: what an absent field decodes to.
@@ -98,6 +110,9 @@ impl Default for SandboxSettings {
             max_files: None,
             max_processes: None,
             cpu_seconds: None,
+            sandbox_max_processes: None,
+            sandbox_memory_bytes: None,
+            tmp_bytes: None,
         }
     }
 }

@@ -13,6 +13,8 @@ use std::time::Duration;
 use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::runner::AgentSpec;
 use aishell_protocol::{AgentEvent, AgentInput};
+use std::os::fd::AsRawFd;
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
@@ -20,11 +22,16 @@ use tokio::sync::{mpsc, oneshot};
 /// Lines of stderr kept for `agent_exit.stderr_tail`.
 const STDERR_TAIL_LINES: usize = 20;
 /// Longest stdout line accepted from an agent (a frame), in bytes.
-const MAX_LINE_BYTES: usize = 16 << 20;
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+/// Longest stderr line forwarded; the rest of a longer one is counted and
+/// skipped, never buffered.
+const MAX_STDERR_LINE_BYTES: usize = 8 << 10;
 
 pub enum AgentOutput {
     Event(AgentEvent),
     BadLine(String),
+    /// A stdout line longer than MAX_LINE_BYTES, skipped unread: its length.
+    OversizedLine(usize),
     Stderr(String),
     Exited {
         code: Option<i32>,
@@ -63,22 +70,38 @@ impl AgentProcess {
         command: &[String],
         workspace: &str,
         env: &BTreeMap<String, String>,
-        confined: Option<crate::sandbox::Limits>,
+        confined: Option<crate::sandbox::Confinement>,
     ) -> std::io::Result<Self> {
         let (program, args) = command.split_first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty agent command")
         })?;
         let mut cmd = Command::new(program);
         cmd.args(args).current_dir(workspace);
+        // Held until the agent exits (the cgroup is removed then).
+        let mut cgroup = None;
+        // Open until the child is spawned (it inherits them), then closed.
+        let mut inherited_fds = Vec::new();
         match confined {
-            Some(limits) => {
+            Some(confinement) => {
                 // Not even the runner's credential reaches a confined agent.
                 cmd.env_clear();
-                if limits.uid_isolated() {
+                if !confinement.under_bwrap {
                     // UID isolation has no bwrap line to carry the environment.
                     cmd.envs(env);
                 }
-                limits.apply(&mut cmd);
+                let join = confinement
+                    .cgroup
+                    .as_ref()
+                    .map(|c| c.join_fds())
+                    .unwrap_or_default();
+                let keep = confinement
+                    .inherited_fds
+                    .iter()
+                    .map(|fd| fd.as_raw_fd())
+                    .collect();
+                confinement.limits.apply(&mut cmd, join, keep);
+                cgroup = confinement.cgroup;
+                inherited_fds = confinement.inherited_fds;
             }
             None => {
                 // The runner's credential is its own, not the agent's.
@@ -91,6 +114,7 @@ impl AgentProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        drop(inherited_fds);
         let pid = child.id();
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -117,8 +141,16 @@ impl AgentProcess {
             let mut line = Vec::new();
             loop {
                 line.clear();
-                match read_line_capped(&mut reader, &mut line).await {
+                match read_line_capped(&mut reader, &mut line, MAX_LINE_BYTES).await {
                     Ok(0) | Err(_) => break,
+                    Ok(n) if n > MAX_LINE_BYTES => {
+                        line.clear();
+                        line.shrink_to(64 * 1024);
+                        if stdout_tx.send(AgentOutput::OversizedLine(n)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     Ok(_) => {}
                 }
                 let text = String::from_utf8_lossy(&line);
@@ -139,8 +171,21 @@ impl AgentProcess {
         let stderr_tx = out_tx.clone();
         let stderr_tail = tail.clone();
         let stderr_task = tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut reader = BufReader::with_capacity(MAX_STDERR_LINE_BYTES, stderr);
+            let mut bytes = Vec::with_capacity(MAX_STDERR_LINE_BYTES);
+            loop {
+                bytes.clear();
+                let n = match read_line_capped(&mut reader, &mut bytes, MAX_STDERR_LINE_BYTES).await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut line = String::from_utf8_lossy(&bytes)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
+                if n > MAX_STDERR_LINE_BYTES {
+                    line.push_str(&format!("…[truncated {} bytes]", n - bytes.len()));
+                }
                 {
                     let mut t = stderr_tail.lock().expect("tail lock");
                     if t.len() == STDERR_TAIL_LINES {
@@ -157,6 +202,7 @@ impl AgentProcess {
         let (kill_tx, kill_rx) = oneshot::channel();
         tokio::spawn(wait_for_exit(
             child,
+            cgroup,
             kill_rx,
             stdout_task,
             stderr_task,
@@ -209,6 +255,7 @@ impl AgentProcess {
 
 async fn wait_for_exit(
     mut child: Child,
+    cgroup: Option<crate::cgroup::SandboxCgroup>,
     kill: oneshot::Receiver<()>,
     stdout_task: tokio::task::JoinHandle<()>,
     stderr_task: tokio::task::JoinHandle<()>,
@@ -226,6 +273,7 @@ async fn wait_for_exit(
     // report; a grandchild holding the pipes open must not block it forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), stdout_task).await;
     let _ = tokio::time::timeout(Duration::from_millis(200), stderr_task).await;
+    drop(cgroup);
     let (code, signal) = match status {
         Ok(s) => (s.code(), s.signal()),
         Err(_) => (None, None),
@@ -246,10 +294,13 @@ async fn wait_for_exit(
         .await;
 }
 
-/// Read one line, refusing to grow past MAX_LINE_BYTES (the rest is skipped).
+/// Read one line into `buf`, keeping at most `cap` bytes of it (the rest
+/// is consumed and skipped, never buffered); returns the line's whole length.
+/// A line over `cap` keeps its first `cap` bytes (see the stderr reader).
 async fn read_line_capped<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
+    cap: usize,
 ) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
@@ -262,9 +313,8 @@ async fn read_line_capped<R: tokio::io::AsyncBufRead + Unpin>(
             None => (available, false),
         };
         let n = chunk.len();
-        if buf.len() + n <= MAX_LINE_BYTES {
-            buf.extend_from_slice(chunk);
-        }
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..n.min(room)]);
         total += n;
         reader.consume(n);
         if done {

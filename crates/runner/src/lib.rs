@@ -8,16 +8,18 @@
 //! until the gateway acknowledges it, so a gateway restart loses nothing.
 
 mod agent_proc;
+pub mod cgroup;
 mod config;
 mod model_proxy;
 mod outbox;
 pub mod prestart;
 pub mod sandbox;
+pub mod seccomp;
 
 use std::time::Duration;
 
 use aishell_protocol::agent::RunAs;
-use aishell_protocol::runner::{Isolation, RunnerSettings};
+use aishell_protocol::runner::{Isolation, RunnerSettings, SandboxSettings};
 use aishell_protocol::{
     AgentEvent, AgentInput, GatewayToRunner, RUNNER_PROTOCOL_VERSION, RunnerToGateway,
 };
@@ -90,6 +92,14 @@ struct Runner {
     /// Highest gateway input `seq` handed to the agent (a resent input at
     /// or below it is dropped; hello and heartbeats report it).
     inputs_received: u64,
+    /// A missing cgroup controller was reported already.
+    cgroup_warned: bool,
+    /// The conversation of the last message handed to the agent (an
+    /// oversized frame ends its turn).
+    current_conversation: Option<String>,
+    /// That conversation's turn was ended by the runner: the agent's own
+    /// `finish` (or `error`) for it is dropped.
+    ended_turn: Option<String>,
 }
 
 /// Run until shut down, the agent exits, or the gateway is gone for good.
@@ -111,6 +121,9 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
         prestarted: false,
         agent_uid: None,
         inputs_received: 0,
+        cgroup_warned: false,
+        current_conversation: None,
+        ended_turn: None,
     };
     runner.run().await
 }
@@ -377,6 +390,12 @@ impl Runner {
                 // Unnumbered (0) inputs come from older gateways.
                 if seq == 0 || seq > self.inputs_received {
                     self.inputs_received = self.inputs_received.max(seq);
+                    if let AgentInput::Message {
+                        conversation_id, ..
+                    } = &frame
+                    {
+                        self.current_conversation = Some(conversation_id.clone());
+                    }
                     self.send_to_agent(frame);
                 } else {
                     tracing::debug!(event = "runner_input_duplicate", taskId = %self.cfg.task_id, seq, "input already handled");
@@ -529,12 +548,17 @@ impl Runner {
             self.agent_uid = Some(uid);
             return Ok(Some(RunAs { uid, gid: uid }));
         }
-        self.cfg
+        let slot = self
+            .cfg
             .workspace_slot
             .as_ref()
-            .ok_or("no workspace slot")?
-            .bind(workspace)?;
-        Ok(None)
+            .ok_or("no workspace slot")?;
+        // A slot means a root runner: the agent becomes the user's own UID
+        // on `init` (see `sandbox::SandboxUser::AtInit`).
+        let uid = sandbox::prepare_uid_workspace(workspace)?;
+        slot.bind(workspace)?;
+        self.agent_uid = Some(uid);
+        Ok(Some(RunAs { uid, gid: uid }))
     }
 
     /// Spawn the agent for `settings` with `workspace` as its workspace;
@@ -574,12 +598,12 @@ impl Runner {
                     .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
                 env.insert("TMPDIR".into(), "/tmp".into());
                 let limits = sandbox::Limits::from_settings(s);
-                if session.is_none() {
+                let limits = if session.is_none() {
                     // Pre-started: root until `init` names the user.
-                    Some(sandbox::Limits {
+                    sandbox::Limits {
                         identity: sandbox::AgentIdentity::UserAtInit,
                         ..limits
-                    })
+                    }
                 } else {
                     let uid = sandbox::prepare_uid_workspace(workspace)?;
                     tracing::info!(
@@ -590,20 +614,46 @@ impl Runner {
                     );
                     self.agent_uid = Some(uid);
                     env.insert("HOME".into(), workspace.to_string_lossy().into_owned());
-                    Some(sandbox::Limits {
+                    sandbox::Limits {
                         identity: sandbox::AgentIdentity::User(uid),
                         ..limits
-                    })
-                }
+                    }
+                };
+                Some(sandbox::Confinement {
+                    limits,
+                    cgroup: self.sandbox_cgroup(s),
+                    ..Default::default()
+                })
             }
             Some(s) => {
-                command = sandbox::wrap(&command, workspace, &env, s);
-                command[0] = sandbox::bwrap_path();
-                Some(sandbox::Limits::from_settings(s))
+                // SAFETY: geteuid has no preconditions.
+                let user = if unsafe { libc::geteuid() } != 0 {
+                    sandbox::SandboxUser::Runner
+                } else if session.is_none() {
+                    sandbox::SandboxUser::AtInit
+                } else {
+                    let uid = sandbox::prepare_uid_workspace(workspace)?;
+                    self.agent_uid = Some(uid);
+                    sandbox::SandboxUser::Own(uid)
+                };
+                let (argv, inherited_fds) = sandbox::wrap(&command, workspace, &env, s, user)
+                    .launch()
+                    .map_err(|e| format!("cannot prepare the sandbox: {e}"))?;
+                command = argv;
+                let cgroup = self.sandbox_cgroup(s);
+                Some(sandbox::Confinement {
+                    limits: sandbox::Limits {
+                        identity: user.identity(),
+                        ..sandbox::Limits::from_settings(s)
+                    },
+                    under_bwrap: true,
+                    inherited_fds,
+                    cgroup,
+                })
             }
         };
         // Only bwrap reports a killed agent as exit 128+N.
-        self.sandboxed = confined.is_some_and(|l| !l.uid_isolated());
+        self.sandboxed = confined.as_ref().is_some_and(|c| c.under_bwrap);
         AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined).map_err(|e| {
             if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {
                 "bubblewrap (bwrap) is not installed in this sandbox image; install the bubblewrap package or run serve with --insecure-no-sandbox".to_string()
@@ -611,6 +661,23 @@ impl Runner {
                 format!("cannot start agent {:?}: {e}", command.last())
             }
         })
+    }
+
+    /// The cgroups that hold one sandbox's processes and memory; a limit
+    /// that cannot be set is reported once per runner (it stays per
+    /// process: RLIMIT_NPROC per UID, RLIMIT_AS).
+    fn sandbox_cgroup(&mut self, s: &SandboxSettings) -> Option<cgroup::SandboxCgroup> {
+        let limits = cgroup::CgroupLimits {
+            max_processes: s.sandbox_max_processes,
+            memory_bytes: s.sandbox_memory_bytes,
+        };
+        let (cgroup, missing) = cgroup::SandboxCgroup::create(&self.cfg.task_id, limits);
+        for m in missing {
+            if !std::mem::replace(&mut self.cgroup_warned, true) {
+                tracing::warn!(event = "sandbox_cgroup_unavailable", taskId = %self.cfg.task_id, controller = m.controller, error = %m, "limit stays per process");
+            }
+        }
+        cgroup
     }
 
     fn send_to_agent(&mut self, input: AgentInput) {
@@ -656,7 +723,36 @@ impl Runner {
                 let (_, count) = self.restore_barriers.remove(pos);
                 Some(RunnerToGateway::Restored { count })
             }
+            AgentOutput::Event(
+                AgentEvent::Finish {
+                    ref conversation_id,
+                    ..
+                }
+                | AgentEvent::Error {
+                    conversation_id: Some(ref conversation_id),
+                    ..
+                },
+            ) if self.ended_turn.as_ref() == Some(conversation_id) => {
+                // The runner ended this turn already (oversized frame).
+                self.ended_turn = None;
+                None
+            }
             AgentOutput::Event(frame) => Some(self.outbox.push(frame)),
+            AgentOutput::OversizedLine(len) => {
+                tracing::warn!(event = "agent_frame_too_large", sessionId = %session_id, traceId = %trace_id, bytes = len, "agent wrote a frame over the limit; discarded");
+                let conversation_id = self.current_conversation.clone();
+                self.ended_turn.clone_from(&conversation_id);
+                Some(self.outbox.push(AgentEvent::Error {
+                    conversation_id,
+                    error: aishell_protocol::codes::ErrorBody::new(
+                        aishell_protocol::codes::ErrorCode::AgentError,
+                        format!(
+                            "the agent wrote a frame of {len} bytes, over the {} MiB limit; it was discarded and the turn ended",
+                            agent_proc::MAX_LINE_BYTES >> 20
+                        ),
+                    ),
+                }))
+            }
             AgentOutput::BadLine(line) => {
                 tracing::warn!(event = "agent_bad_output", sessionId = %session_id, traceId = %trace_id, line = %line, "agent wrote a line that is not a protocol frame");
                 Some(RunnerToGateway::AgentStderr {
@@ -708,6 +804,7 @@ impl Runner {
         let uid = self.agent_uid?;
         let agent = self.agent.as_mut()?;
         let checked = match agent.pid {
+            Some(pid) if self.sandboxed => sandbox::check_sandbox_runs_as(pid, uid),
             Some(pid) => sandbox::check_runs_as(pid, uid),
             None => Err("the agent's process id is unknown".into()),
         };

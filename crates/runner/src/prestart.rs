@@ -13,7 +13,8 @@
 //! directory as a *shared* mount. bwrap makes its own namespace a slave of
 //! the runner's and binds the slot at `/workspace`, so a bind mount the
 //! runner later puts on the slot propagates into the sandbox, and nowhere
-//! else: the runner's namespace is private, and ends with its processes.
+//! else: the runner's namespace is a slave of the host's (host mounts made
+//! later reach it, its own never reach the host) and ends with its processes.
 //!
 //! The agent sees nothing of any user before the claim (an empty tmpfs),
 //! then exactly one workspace; it waits for `init` (`--await-init`) and
@@ -38,7 +39,8 @@ pub struct WorkspaceSlot {
 }
 
 impl WorkspaceSlot {
-    /// Enter a private mount namespace and create the slot. Must be called
+    /// Enter a mount namespace of the runner's own (a slave of the host's)
+    /// and create the slot. Must be called
     /// while the process has a single thread (before the async runtime).
     pub fn enter_private_namespace() -> Result<Self, String> {
         // SAFETY: plain syscalls on our own process.
@@ -51,8 +53,10 @@ impl WorkspaceSlot {
                 std::io::Error::last_os_error()
             ));
         }
-        // Nothing mounted from here on may reach the host.
-        mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+        // Nothing mounted from here on may reach the host, but what the host
+        // mounts later (a quota mount under the workspaces root) still
+        // reaches this namespace: a slave, not private.
+        mount(None, "/", None, libc::MS_REC | libc::MS_SLAVE, None)?;
         std::fs::create_dir_all(SLOT_ROOT)
             .map_err(|e| format!("cannot create {SLOT_ROOT}: {e}"))?;
         mount(

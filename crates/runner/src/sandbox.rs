@@ -9,6 +9,7 @@
 //! environment, and resource limits set with setrlimit (cgroup v1 only here).
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Command;
 
@@ -69,7 +70,120 @@ pub fn bwrap_available() -> Result<(), String> {
     }
 }
 
-/// The bwrap command line that runs `command` confined to `workspace`,
+/// Who the agent is under bubblewrap. In every case the agent ends with
+/// empty capability sets (bounding included), `NoNewPrivs` and the seccomp
+/// filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxUser {
+    /// Root runner, user known: the runner switches to the user's own UID
+    /// before it executes bwrap, which then runs unprivileged and maps that
+    /// UID to itself in a user namespace.
+    Own(u32),
+    /// Root runner, pre-started (user not yet known): bwrap runs as root
+    /// without a user namespace and leaves the agent only CAP_SETUID,
+    /// CAP_SETGID and CAP_SETPCAP; `aishell agent --await-init` empties
+    /// every capability set and becomes its user on `init`, and the runner
+    /// checks that in `/proc` before it reports the agent ready.
+    AtInit,
+    /// The runner is not root: a user namespace with the runner's own UID.
+    Runner,
+}
+
+impl SandboxUser {
+    /// The identity the agent's first process is started with.
+    pub fn identity(self) -> AgentIdentity {
+        match self {
+            SandboxUser::Own(uid) => AgentIdentity::User(uid),
+            SandboxUser::AtInit => AgentIdentity::UserAtInit,
+            SandboxUser::Runner => AgentIdentity::Runner,
+        }
+    }
+}
+
+/// Size of the sandbox's `/tmp` and `/var/tmp` (each) when the settings
+/// name none.
+pub const DEFAULT_TMP_BYTES: u64 = 256 << 20;
+
+/// A bwrap invocation: its options, the agent's command, and the open
+/// files the options name by number (kept open across exec). Anything that
+/// adds to the sandbox adds options (and files) here before [`Self::launch`].
+#[derive(Debug, Default)]
+pub struct BwrapCommand {
+    pub options: Vec<String>,
+    pub command: Vec<String>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl BwrapCommand {
+    fn push(&mut self, items: &[&str]) {
+        self.options.extend(items.iter().map(|s| s.to_string()));
+    }
+
+    /// Add `option FD`, where the child inherits `fd` under the same number.
+    pub fn pass_fd(&mut self, option: &str, fd: OwnedFd) {
+        self.options.push(option.to_string());
+        self.options.push(fd.as_raw_fd().to_string());
+        self.fds.push(fd);
+    }
+
+    /// The whole command line, as bwrap would see it.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = vec!["bwrap".to_string()];
+        argv.extend(self.options.iter().cloned());
+        argv.push("--".into());
+        argv.extend(self.command.iter().cloned());
+        argv
+    }
+
+    /// Add the seccomp filter and move every option into a file bwrap
+    /// reads (`--args FD`): the sandbox's `/proc/1/cmdline` then shows
+    /// `bwrap --args N -- <agent command>`, not the workspace's host path. Returns the command line to
+    /// execute and the files the child must inherit.
+    pub fn launch(mut self) -> std::io::Result<(Vec<String>, Vec<OwnedFd>)> {
+        let filter = crate::seccomp::to_bytes(&crate::seccomp::agent_filter());
+        self.pass_fd("--seccomp", memfd_with(c"aishell-seccomp", &filter)?);
+        let mut args = Vec::new();
+        for a in &self.options {
+            if a.contains('\0') {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a sandbox argument contains NUL",
+                ));
+            }
+            args.extend_from_slice(a.as_bytes());
+            args.push(0);
+        }
+        let args_fd = memfd_with(c"aishell-bwrap-args", &args)?;
+        // bwrap reads only options from the file; the command follows.
+        let mut argv = vec![
+            bwrap_path(),
+            "--args".to_string(),
+            args_fd.as_raw_fd().to_string(),
+            "--".to_string(),
+        ];
+        argv.extend(self.command);
+        self.fds.push(args_fd);
+        Ok((argv, self.fds))
+    }
+}
+
+/// An anonymous file holding `data`, positioned at its start, close-on-exec
+/// (the child that needs it clears that flag on its copy).
+fn memfd_with(name: &std::ffi::CStr, data: &[u8]) -> std::io::Result<OwnedFd> {
+    use std::io::{Seek, Write};
+    // SAFETY: a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(data)?;
+    file.rewind()?;
+    Ok(file.into())
+}
+
+/// The bwrap invocation that runs `command` confined to `workspace`,
 /// which the agent sees at [`SANDBOX_WORKSPACE`] (the same path whichever
 /// user it serves, so a sandbox can start before its user is known).
 /// `env` is the agent's whole environment (bwrap starts from a clean one).
@@ -78,43 +192,66 @@ pub fn wrap(
     workspace: &Path,
     env: &BTreeMap<String, String>,
     settings: &SandboxSettings,
-) -> Vec<String> {
-    let mut args: Vec<String> = vec!["bwrap".into()];
-    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
-    push(&[
+    user: SandboxUser,
+) -> BwrapCommand {
+    let mut bwrap = BwrapCommand {
+        command: command.to_vec(),
+        ..Default::default()
+    };
+    bwrap.push(&[
         "--die-with-parent",
         "--new-session",
         "--unshare-pid",
         "--unshare-ipc",
         "--unshare-uts",
+        "--unshare-cgroup-try",
         "--clearenv",
     ]);
+    match user {
+        SandboxUser::Own(uid) => {
+            let id = uid.to_string();
+            bwrap.push(&["--unshare-user", "--uid", &id, "--gid", &id]);
+        }
+        SandboxUser::Runner => bwrap.push(&["--unshare-user"]),
+        SandboxUser::AtInit => bwrap.push(&[
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "CAP_SETUID",
+            "--cap-add",
+            "CAP_SETGID",
+            "--cap-add",
+            "CAP_SETPCAP",
+        ]),
+    }
     if !settings.network {
-        push(&["--unshare-net"]);
+        bwrap.push(&["--unshare-net"]);
     }
     for dir in SYSTEM_DIRS {
         let p = Path::new(dir);
         match std::fs::read_link(p) {
             // Merged /usr: /bin -> usr/bin and friends stay symlinks.
-            Ok(target) => push(&["--symlink", &target.to_string_lossy(), dir]),
-            Err(_) if p.is_dir() => push(&["--ro-bind", dir, dir]),
+            Ok(target) => bwrap.push(&["--symlink", &target.to_string_lossy(), dir]),
+            Err(_) if p.is_dir() => bwrap.push(&["--ro-bind", dir, dir]),
             Err(_) => {}
         }
     }
     for f in ETC_FILES {
-        push(&["--ro-bind-try", f, f]);
+        bwrap.push(&["--ro-bind-try", f, f]);
     }
-    push(&[
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp",
-    ]);
+    let tmp_bytes = settings.tmp_bytes.unwrap_or(DEFAULT_TMP_BYTES).to_string();
+    bwrap.push(&["--proc", "/proc", "--dev", "/dev"]);
+    for tmp in ["/tmp", "/var/tmp"] {
+        bwrap.push(&["--size", &tmp_bytes, "--tmpfs", tmp]);
+    }
     // The agent's own program, when it lives outside the system directories.
     if let Some(program) = command.first().filter(|p| {
         Path::new(p).is_absolute() && !SYSTEM_DIRS.iter().any(|d| p.starts_with(&format!("{d}/")))
     }) {
-        push(&["--ro-bind", program, program]);
+        bwrap.push(&["--ro-bind", program, program]);
     }
     let ws = workspace.to_string_lossy();
-    push(&[
+    bwrap.push(&[
         "--bind",
         &ws,
         SANDBOX_WORKSPACE,
@@ -127,11 +264,9 @@ pub fn wrap(
     env.insert("HOME".into(), SANDBOX_WORKSPACE.to_string());
     env.insert("TMPDIR".into(), "/tmp".into());
     for (k, v) in &env {
-        push(&["--setenv", k, v]);
+        bwrap.push(&["--setenv", k, v]);
     }
-    push(&["--"]);
-    args.extend(command.iter().cloned());
-    args
+    bwrap
 }
 
 /// Resource limits, applied in the child before exec (inherited by the agent).
@@ -158,6 +293,19 @@ pub enum AgentIdentity {
     UserAtInit,
 }
 
+/// Everything about how a confined agent's process starts.
+#[derive(Debug, Default)]
+pub struct Confinement {
+    pub limits: Limits,
+    /// The command is a bwrap line carrying the agent's environment (and
+    /// reporting a killed agent as exit 128+N).
+    pub under_bwrap: bool,
+    /// Open files the child keeps across exec under their numbers.
+    pub inherited_fds: Vec<OwnedFd>,
+    /// The sandbox's cgroups, joined before exec; removed when the agent exits.
+    pub cgroup: Option<crate::cgroup::SandboxCgroup>,
+}
+
 impl Limits {
     pub fn from_settings(s: &SandboxSettings) -> Self {
         Limits {
@@ -169,22 +317,23 @@ impl Limits {
         }
     }
 
-    /// The agent runs under a per-user UID (now or from `init` on), not
-    /// under bubblewrap.
-    pub fn uid_isolated(&self) -> bool {
-        self.identity != AgentIdentity::Runner
-    }
-
-    /// Install the limits on `cmd`'s child process.
-    pub fn apply(self, cmd: &mut tokio::process::Command) {
+    /// Install the limits on `cmd`'s child process; it also joins the
+    /// cgroups whose `cgroup.procs` are `join` and keeps `keep` open.
+    pub fn apply(self, cmd: &mut tokio::process::Command, join: Vec<RawFd>, keep: Vec<RawFd>) {
         if let AgentIdentity::User(uid) = self.identity {
             // std drops the supplementary groups when root switches UID.
             cmd.uid(uid).gid(uid);
         }
-        // SAFETY: the closure only calls setrlimit/getuid, which are
-        // async-signal-safe, between fork and exec.
+        // SAFETY: the closure only calls write/fcntl/setrlimit/prctl/getuid,
+        // which are async-signal-safe, between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                crate::cgroup::join_self(&join)?;
+                for &fd in &keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 let set = |resource, value: Option<u64>| -> std::io::Result<()> {
                     if let Some(v) = value {
                         let lim = libc::rlimit {
@@ -358,6 +507,54 @@ pub fn check_runs_as(pid: u32, uid: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Under bubblewrap the runner's child is bwrap and its child the
+/// sandbox's pid 1 (bwrap again); the agent is below those. Check that the
+/// agent runs as `uid`/`uid` with no supplementary groups and with every
+/// capability set empty, bounding set included.
+pub fn check_sandbox_runs_as(bwrap_pid: u32, uid: u32) -> Result<(), String> {
+    let agents = children_of(&children_of(&[bwrap_pid]));
+    if agents.is_empty() {
+        return Err(format!("no agent runs under bwrap (pid {bwrap_pid})"));
+    }
+    for pid in agents {
+        check_runs_as(pid, uid)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("cannot read the agent's status: {e}"))?;
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            let value = status
+                .lines()
+                .find_map(|l| l.strip_prefix(set))
+                .map(str::trim);
+            if value != Some("0000000000000000") {
+                return Err(format!(
+                    "the agent holds capabilities ({set} {})",
+                    value.unwrap_or("?")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The children of every thread of `pids`.
+fn children_of(pids: &[u32]) -> Vec<u32> {
+    let mut children = Vec::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+                children.extend(
+                    list.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    children
+}
+
 /// `lchown` to `uid` every entry under (and including) `dir` that root owns;
 /// never follows symlinks.
 fn hand_root_entries_to(dir: &Path, uid: u32) -> std::io::Result<()> {
@@ -516,7 +713,9 @@ mod tests {
             Path::new("/data/workspaces/alice"),
             &BTreeMap::new(),
             &settings,
-        );
+            SandboxUser::Own(100_001),
+        )
+        .argv();
         let binds: Vec<(&String, &String)> = args
             .windows(3)
             .filter(|w| w[0] == "--bind")
@@ -542,5 +741,80 @@ mod tests {
         assert!(!args.iter().any(|a| a == "/etc/shadow" || a == "/etc"));
         let sep = args.iter().position(|a| a == "--").unwrap();
         assert_eq!(&args[sep + 1..], &cmd[..]);
+        let joined = args.join(" ");
+        assert!(joined.contains("--unshare-user --uid 100001 --gid 100001"));
+        assert!(joined.contains(&format!("--size {DEFAULT_TMP_BYTES} --tmpfs /tmp")));
+        assert!(joined.contains(&format!("--size {DEFAULT_TMP_BYTES} --tmpfs /var/tmp")));
+    }
+
+    /// An unprivileged runner (here: a child that becomes uid 65534 before
+    /// it executes bwrap, as a non-root runner would be) gets the same
+    /// confinement: every capability set empty, no new privileges, the
+    /// seccomp filter, and a `/proc/1/cmdline` without host paths.
+    #[test]
+    fn an_unprivileged_runners_sandbox_has_no_capabilities_and_the_filter() {
+        if bwrap_available().is_err() {
+            eprintln!("bwrap unusable here; skipped");
+            return;
+        }
+        let nobody = 65534;
+        let root = unsafe { libc::geteuid() } == 0;
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        if root {
+            std::os::unix::fs::chown(&ws, Some(nobody), Some(nobody)).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let cmd = vec![
+            "/bin/sh".to_string(),
+            "-c".into(),
+            "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; tr '\\0' ' ' < /proc/1/cmdline".into(),
+        ];
+        let (argv, fds) = wrap(
+            &cmd,
+            &ws,
+            &BTreeMap::new(),
+            &SandboxSettings::default(),
+            SandboxUser::Runner,
+        )
+        .launch()
+        .unwrap();
+        let keep: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let mut child = std::process::Command::new(&argv[0]);
+        child.args(&argv[1..]);
+        use std::os::unix::process::CommandExt;
+        if root {
+            child.uid(nobody).gid(nobody);
+        }
+        // SAFETY: only fcntl between fork and exec.
+        unsafe {
+            child.pre_exec(move || {
+                for &fd in &keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let out = child.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert!(
+                text.contains(&format!("{set}:\t0000000000000000")),
+                "{set}: {text}"
+            );
+        }
+        assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+        assert!(text.contains("Seccomp:\t2"), "{text}");
+        assert!(text.contains("bwrap --args "), "{text}");
+        assert!(!text.contains(&ws.to_string_lossy().to_string()), "{text}");
     }
 }

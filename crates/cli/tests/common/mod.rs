@@ -445,6 +445,9 @@ pub fn text_of(frames: &[Value]) -> String {
 /// An executable `/bin/sh` agent at `dir/name` (for `--agent-command`).
 pub fn agent_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let script = dir.join(name);
+    // A root runner starts agents under their user's own UID: it must reach
+    // the program.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::write(&script, body).unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     script
