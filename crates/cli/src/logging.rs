@@ -232,11 +232,15 @@ where
                 "[hour]:[minute]:[second]"
             ))
             .unwrap_or_default();
-        let message = match map.remove("message") {
+        let mut message = match map.remove("message") {
             Some(Value::String(s)) => s,
             Some(other) => other.to_string(),
             None => String::new(),
         };
+        // A quoted line (an agent's stderr) is the news: it goes first.
+        if let Some(Value::String(line)) = map.remove("line") {
+            message = format!("{message}: {line}");
+        }
         let level = match *event.metadata().level() {
             tracing::Level::ERROR => "error",
             tracing::Level::WARN => "warning",

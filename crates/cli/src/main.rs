@@ -35,7 +35,7 @@ enum Command {
     /// Measure end-to-end latency from the client's side (starts a local gateway unless --url).
     Bench(bench::BenchArgs),
     /// The daily report from the gateway's JSON logs [default: today's, in the data directory].
-    Report(report::ReportArgs),
+    Report(report::ReportCommand),
     /// Build the Docker task image from this binary (EXECUTION_MODE=docker).
     Image(image::ImageArgs),
     /// Sandbox hours per user (the basis of weekly quotas).

@@ -11,7 +11,7 @@ use crate::data_dir;
 use crate::settings::ServeSettings;
 
 #[derive(Args, Debug)]
-pub struct ReportArgs {
+pub struct ReportCommand {
     #[command(flatten)]
     report: aishell_report::ReportArgs,
     /// Data directory whose logs to read when no file is named [default: found as `serve` finds it].
@@ -22,8 +22,8 @@ pub struct ReportArgs {
     config: Option<PathBuf>,
 }
 
-pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
-    let ReportArgs {
+pub async fn run(args: ReportCommand) -> anyhow::Result<()> {
+    let ReportCommand {
         mut report,
         data_dir,
         config,
