@@ -213,6 +213,22 @@ fn add_dir(tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> std::io::R
     tar.append_data(&mut h, path, std::io::empty())
 }
 
+/// The id of the image `tag` names, if any: `aishell image build` reads it
+/// before and after a build to say when it moved a tag off another image.
+pub async fn image_id(
+    backend: &crate::DockerBackend,
+    tag: &str,
+) -> Result<Option<String>, ImageBuildError> {
+    let docker = backend.client("inspect image").await?;
+    match docker.inspect_image(tag).await {
+        Ok(image) => Ok(image.id),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(e) => Err(ImageBuildError::Build(e.to_string())),
+    }
+}
+
 /// Build `recipe.tag` on the engine `backend` talks to. Returns the engine's
 /// build log (the `stream` lines).
 pub async fn build(

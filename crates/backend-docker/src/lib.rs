@@ -500,11 +500,12 @@ impl Backend for DockerBackend {
             .call("stop", docker.remove_container(&name, Some(opts)))
             .await
         {
-            // 409: removal already in progress.
-            Ok(())
-            | Err(CallError::Engine {
+            Ok(()) => {}
+            // Gone, or removal already in progress: another stop of this
+            // task logs it (once).
+            Err(CallError::Engine {
                 status: 404 | 409, ..
-            }) => {}
+            }) => return Ok(()),
             Err(e) => return Err(e.into_backend("stop", "remove container")),
         }
         tracing::info!(

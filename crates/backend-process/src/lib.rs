@@ -512,12 +512,19 @@ impl Backend for ProcessBackend {
         // agent that ignored SIGTERM, say).
         let _ = os::signal_group(pgid, Signal::SIGKILL);
 
-        {
+        // Two stops of one task can race (a session's and the shutdown's):
+        // the one that removes the entry logs the stop, once.
+        let removed_here = {
             let mut tasks = self.inner.lock();
-            if tasks.get(task_id).is_some_and(|e| e.pid == pid) {
+            let ours = tasks.get(task_id).is_some_and(|e| e.pid == pid);
+            if ours {
                 tasks.remove(task_id);
                 self.inner.persist_or_warn(&tasks);
             }
+            ours
+        };
+        if !removed_here {
+            return Ok(());
         }
         tracing::info!(
             event = "task_stop",

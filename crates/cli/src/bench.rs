@@ -1,4 +1,4 @@
-//! `aishell bench`: end-to-end latency from the client's side (issue 3).
+//! `aishell bench`: end-to-end latency from the client's side.
 //!
 //! For each concurrency level N, opens N connections at once, each on a fresh
 //! session, and measures connect → `session` frame and message sent → first
@@ -385,9 +385,6 @@ fn level_json(n: usize, rounds: usize, samples: &[Sample]) -> Value {
 
 fn print_table(r: &Value) {
     println!("aishell bench — client-side, end to end");
-    println!(
-        "targets (issue 3, process backend, echo agent): warm first-event p50 <= 20 ms, p99 <= 100 ms at 50 concurrent; cold p50 <= 250 ms"
-    );
     println!();
     println!(
         "{:>5} {:>7} {:>5} {:>5} | {:>38} | {:>38}",

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use aishell_backend_docker::image::{ImageRecipe, build};
+use aishell_backend_docker::image::{ImageRecipe, build, image_id};
 use aishell_backend_docker::{DEFAULT_IMAGE, DockerBackend, DockerBackendConfig};
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -55,10 +55,24 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
                 binary,
                 busybox,
             };
+            let before = image_id(&backend, &tag).await?;
             let log = build(&backend, &recipe).await?;
             eprint!("{log}");
+            let after = image_id(&backend, &tag).await?;
             println!("built {tag}");
+            if let Some(previous) = before.filter(|b| Some(b) != after.as_ref()) {
+                eprintln!(
+                    "aishell: replaced the tag {tag}: it named {} before (that image keeps any other tags it has); pass --tag to build under another name",
+                    short_id(&previous)
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// `sha256:0123456789ab` (the form `docker images` shows).
+fn short_id(id: &str) -> &str {
+    let end = id.find(':').map_or(0, |i| i + 1) + 12;
+    id.get(..end).unwrap_or(id)
 }

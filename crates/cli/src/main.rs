@@ -1,10 +1,12 @@
-//! `aishell`: one binary, every role (SPEC §2).
+//! `aishell`: one binary, every role (ARCHITECTURE.md).
 
 mod bench;
 mod chat;
+mod data_dir;
 mod image;
 mod logging;
 mod prefault;
+mod report;
 mod serve;
 mod settings;
 mod token;
@@ -32,8 +34,8 @@ enum Command {
     Token(token::TokenArgs),
     /// Measure end-to-end latency from the client's side (starts a local gateway unless --url).
     Bench(bench::BenchArgs),
-    /// The daily report from the gateway's JSON logs (files or stdin).
-    Report(aishell_report::ReportArgs),
+    /// The daily report from the gateway's JSON logs [default: today's, in the data directory].
+    Report(report::ReportCommand),
     /// Build the Docker task image from this binary (EXECUTION_MODE=docker).
     Image(image::ImageArgs),
     /// Sandbox hours per user (the basis of weekly quotas).
@@ -64,6 +66,21 @@ fn main() -> std::process::ExitCode {
         warm_runner.then(aishell_runner::prestart::WorkspaceSlot::enter_private_namespace);
     if warm_runner {
         prefault::populate_executable();
+    }
+    // `serve` settles its settings, data directory and logger while the
+    // process still has one thread (it hands its console form to runners
+    // in the environment).
+    let mut cli = cli;
+    let mut serve_prepared = None;
+    if let Command::Serve(args) = &mut cli.command {
+        let args = std::mem::take(args.as_mut());
+        match serve::prepare(args) {
+            Ok(p) => serve_prepared = Some(p),
+            Err(e) => {
+                eprintln!("aishell: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
     }
     let runtime = match cli.command {
         // Agents and runners are small; keep their footprint small too.
@@ -116,12 +133,15 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(*args).await,
+            Command::Serve(_) => match serve_prepared {
+                Some(prepared) => serve::run(prepared).await,
+                None => unreachable!("serve is prepared above"),
+            },
             Command::Chat(args) => chat::run(args).await,
             Command::Token(args) => token::run(args).await,
             Command::Usage(args) => token::usage(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Report(args) => aishell_report::run(args).await,
+            Command::Report(args) => report::run(args).await,
             Command::Image(args) => image::run(args).await,
             Command::Runner => {
                 logging::init("aishell-runner", logging::Target::Stdout);

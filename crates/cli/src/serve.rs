@@ -1,5 +1,7 @@
 //! `aishell serve`: the gateway with embedded defaults (SQLite, process
-//! backend, the shell agent) and a ready-to-use URL printed at start-up.
+//! backend, the shell agent) and a ready-to-use URL printed at start-up;
+//! on a terminal, a short summary (data directory, backend, agent, logs)
+//! and then only warnings and errors.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,10 +15,11 @@ use aishell_store::Store;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use crate::data_dir::{self, DataDir};
 use crate::logging;
 use crate::settings::ServeSettings;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct ServeArgs {
     /// TOML file with any of the options below (flags and environment win).
     #[arg(long, env = "AISHELL_CONFIG")]
@@ -25,36 +28,79 @@ pub struct ServeArgs {
     pub settings: ServeSettings,
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// What `serve` settles before its runtime starts (still one thread).
+pub struct Prepared {
+    settings: ServeSettings,
+    data_dir: DataDir,
+    console: logging::ConsoleFormat,
+    log_dir: Option<PathBuf>,
+}
+
+/// Read the settings, find and create the data directory, install the
+/// logger. Runs before the runtime starts: the console form is handed to
+/// the runners (local processes sharing this terminal) in the environment,
+/// which may only be changed while the process has one thread.
+pub fn prepare(args: ServeArgs) -> anyhow::Result<Prepared> {
     let mut settings = args.settings;
-    if let Some(path) = &args.config {
+    let config = data_dir::config_file(args.config.as_deref());
+    if let Some(path) = &config {
         settings.merge_file(path)?;
     }
-    let mut cfg = settings.gateway_config()?;
-    let log_dir = (settings.log_file == Some(true)).then(|| cfg.data_dir.join("logs"));
-    logging::try_init(
-        "aishell-gateway",
-        logging::Target::Stdout,
-        log_dir.as_deref(),
-    )?;
-    if settings.execution_mode()? == "process" {
-        match settings.sandbox_mode()? {
-            "bwrap" => {
-                if let Err(e) = aishell_runner::sandbox::bwrap_available() {
-                    single_user_fallback(&settings, &mut cfg, &e.to_string())?;
-                }
-            }
-            _ => tracing::warn!(
-                event = "sandbox_disabled",
-                "AGENTS RUN UNCONFINED: every agent can read and write every user's workspace (--insecure-no-sandbox / --sandbox none)"
-            ),
-        }
+    let data_dir = data_dir::locate(settings.data_dir.as_deref(), config.as_deref())?;
+    settings.data_dir = Some(data_dir.path.clone());
+    data_dir.create_private()?;
+    let console = settings.console_format()?;
+    let log_dir = settings.log_dir(&data_dir.path);
+    logging::init_gateway("aishell-gateway", console, log_dir.as_deref())?;
+    if console == logging::ConsoleFormat::Human {
+        // SAFETY: called from `main` before any other thread exists.
+        unsafe { std::env::set_var(logging::CONSOLE_FORMAT_ENV, "human") };
     }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    Ok(Prepared {
+        settings,
+        data_dir,
+        console,
+        log_dir,
+    })
+}
+
+pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        settings,
+        data_dir,
+        console,
+        log_dir,
+    } = prepared;
+    let mut cfg = settings.gateway_config()?;
+    cfg.log_dir = log_dir.clone();
+    let sandbox = match settings.execution_mode()? {
+        "process" => match settings.sandbox_mode()? {
+            "bwrap" => match aishell_runner::sandbox::bwrap_available() {
+                Ok(()) => "bubblewrap",
+                Err(e) => {
+                    single_user_fallback(&settings, &mut cfg, &e.to_string())?;
+                    "none: bubblewrap is not installed (single user only)"
+                }
+            },
+            _ => {
+                tracing::warn!(
+                    event = "sandbox_disabled",
+                    "AGENTS RUN UNCONFINED: every agent can read and write every user's workspace (--insecure-no-sandbox / --sandbox none)"
+                );
+                "none (--insecure-no-sandbox)"
+            }
+        },
+        _ => "per-user UID in each container",
+    };
     let store = aishell_store::open(&settings.database_url())
         .await
         .context("cannot open the store")?;
+    let db = data_dir.path.join("aishell.db");
+    data_dir::make_private_files(&[
+        db.clone(),
+        db.with_extension("db-wal"),
+        db.with_extension("db-shm"),
+    ])?;
     let backend: Arc<dyn Backend> = match settings.execution_mode()? {
         "process" => {
             let program =
@@ -92,20 +138,135 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let user = settings.user().to_string();
     aishell_gateway::auth::validate_user_id(&user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
-    let data_dir = cfg.data_dir.clone();
+    let agent = cfg.agent.kind.clone();
+    let model_endpoint = model_endpoint(&settings, &cfg);
     let gateway = Gateway::bind(cfg, store.clone(), backend).await?;
-    let token = startup_token(store.as_ref(), &data_dir, &user).await?;
+    let token = startup_token(store.as_ref(), &data_dir.path, &user).await?;
     let addr = display_addr(gateway.local_addr());
-    // The one bare print (SPEC §8.1): the start-up banner with a working URL.
-    println!(
-        "aishell is ready: http://{addr}/?token={token}  (terminal: aishell chat --url ws://{addr}/ws --token {token})"
-    );
+    // The one bare print: the start-up banner with a working URL (its
+    // first line's form is what scripts and tests read).
+    if console == logging::ConsoleFormat::Json {
+        println!(
+            "aishell is ready: http://{addr}/?token={token}  (terminal: aishell chat --url ws://{addr}/ws --token {token})"
+        );
+    } else {
+        println!("aishell is ready: http://{addr}/?token={token}");
+        let summary = Summary {
+            ws_url: format!("ws://{addr}/ws"),
+            token: &token,
+            data_dir: &data_dir,
+            backend: settings.execution_mode()?,
+            sandbox,
+            agent: &agent,
+            log_dir: log_dir.as_deref(),
+        };
+        print!("{summary}");
+    }
     tracing::info!(
         event = "gateway_started",
         port = gateway.local_addr().port(),
+        dataDir = %data_dir.path.display(),
         "gateway listening"
     );
+    if let Some(endpoint) = model_endpoint {
+        tokio::spawn(check_model_endpoint(endpoint));
+    }
     gateway.serve(shutdown_signal()).await
+}
+
+/// What a person at the terminal needs after the URL.
+struct Summary<'a> {
+    ws_url: String,
+    token: &'a str,
+    data_dir: &'a DataDir,
+    backend: &'a str,
+    sandbox: &'a str,
+    agent: &'a str,
+    log_dir: Option<&'a Path>,
+}
+
+impl std::fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let agent = match self.agent {
+            "shell" => "shell: each message runs as a shell command in your workspace (no model)",
+            "echo" => "echo: repeats each message (no model)",
+            "llm" => "llm: a tool-using loop against the configured model endpoint",
+            "claude" => "claude: Claude Code",
+            other => other,
+        };
+        let logs = match self.log_dir {
+            Some(dir) => format!(
+                "{} (JSON, a file per UTC day; `aishell report` reads them)",
+                dir.display()
+            ),
+            None => "not written to files (--log-file none)".to_string(),
+        };
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  terminal chat   aishell chat --url {} --token {}",
+            self.ws_url, self.token
+        )?;
+        writeln!(
+            f,
+            "  data directory  {} ({})",
+            self.data_dir.path.display(),
+            self.data_dir.origin
+        )?;
+        writeln!(
+            f,
+            "  backend         {} (sandbox: {})",
+            self.backend, self.sandbox
+        )?;
+        writeln!(f, "  agent           {agent}")?;
+        writeln!(f, "  logs            {logs}")?;
+        writeln!(
+            f,
+            "  console         warnings and errors only (--log-format json prints every line); Ctrl-C stops"
+        )?;
+        writeln!(f)
+    }
+}
+
+/// The model endpoint the llm agent will call, if any (checked once at
+/// start-up so a wrong URL shows before the first message fails).
+fn model_endpoint(
+    settings: &crate::settings::ServeSettings,
+    cfg: &aishell_gateway::GatewayConfig,
+) -> Option<String> {
+    if cfg.agent.kind != "llm" {
+        return None;
+    }
+    cfg.model_providers
+        .iter()
+        .find(|p| p.name == "openai")
+        .map(|p| p.upstream.clone())
+        .or_else(|| settings.llm_base_url.clone())
+}
+
+/// Warn when nothing answers at the model endpoint's address (a TCP
+/// connection, nothing sent: no key, no cost).
+async fn check_model_endpoint(endpoint: String) {
+    let target = url::Url::parse(&endpoint).ok().and_then(|u| {
+        let host = u.host_str()?.to_string();
+        Some((host, u.port_or_known_default()?))
+    });
+    let Some((host, port)) = target else {
+        tracing::warn!(event = "model_endpoint_invalid", endpoint = %endpoint, "the llm agent's endpoint is not a URL; its turns will fail");
+        return;
+    };
+    let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+    let error = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 5 s".to_string(),
+    };
+    tracing::warn!(
+        event = "model_endpoint_unreachable",
+        endpoint = %endpoint,
+        error = %error,
+        "the llm agent's model endpoint does not answer; its turns will fail until it does"
+    );
 }
 
 /// This gateway's identity on the Docker engine (the `aishell.instance`
@@ -119,9 +280,9 @@ fn instance_id(dir: &Path) -> anyhow::Result<String> {
             return Ok(id.to_string());
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let id = format!("gw-{}", uuid::Uuid::new_v4().simple());
-    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    aishell_gateway::credential::write_private(&path, id.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(id)
 }
 

@@ -108,9 +108,13 @@ pub struct ServeSettings {
     /// Sandbox launches in flight at once (warm and cold); more queue [default: 16].
     #[arg(long, env = "AISHELL_MAX_CONCURRENT_LAUNCHES")]
     pub max_concurrent_launches: Option<usize>,
-    /// Also write logs to <data-dir>/logs/aishell.YYYY-MM-DD.log (one file per UTC day, a month kept), for `aishell report`.
+    /// Where the daily JSON log files go (one per UTC day, a month kept, read by `aishell report`): a directory, or `none` to write none [default: <data-dir>/logs].
     #[arg(long, env = "AISHELL_LOG_FILE", num_args = 0..=1, default_missing_value = "true")]
-    pub log_file: Option<bool>,
+    #[serde(deserialize_with = "bool_or_string")]
+    pub log_file: Option<String>,
+    /// Console format: `human` (a summary, then warnings and errors) or `json` (every line) [default: human on a terminal, json otherwise].
+    #[arg(long, env = "AISHELL_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// Settings for the agent's `init`, a JSON object, e.g.
     /// '{"claude_model":"sonnet","claude_permission_mode":"acceptEdits"}'.
     #[arg(long, env = "AISHELL_AGENT_SETTINGS")]
@@ -285,6 +289,7 @@ impl ServeSettings {
             warm_pool_prestart_agents,
             max_concurrent_launches,
             log_file,
+            log_format,
             agent_settings,
             llm_base_url,
             llm_model,
@@ -333,7 +338,32 @@ impl ServeSettings {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("aishell-data"))
+            .unwrap_or_else(|| PathBuf::from(crate::data_dir::DEFAULT_NAME))
+    }
+
+    /// The daily log files' directory, or None with `--log-file none`.
+    pub fn log_dir(&self, data_dir: &Path) -> Option<PathBuf> {
+        match self.log_file.as_deref().map(str::trim) {
+            None | Some("" | "true" | "on" | "yes") => Some(data_dir.join("logs")),
+            Some("none" | "off" | "false" | "no") => None,
+            Some(dir) => Some(absolute(Path::new(dir)).unwrap_or_else(|_| PathBuf::from(dir))),
+        }
+    }
+
+    /// The console's form: `--log-format`, else human on a terminal.
+    pub fn console_format(&self) -> anyhow::Result<crate::logging::ConsoleFormat> {
+        use crate::logging::ConsoleFormat;
+        use std::io::IsTerminal;
+        match self.log_format.as_deref() {
+            None | Some("auto") => Ok(if std::io::stdout().is_terminal() {
+                ConsoleFormat::Human
+            } else {
+                ConsoleFormat::Json
+            }),
+            Some("human") => Ok(ConsoleFormat::Human),
+            Some("json") => Ok(ConsoleFormat::Json),
+            Some(other) => bail!("--log-format `{other}` is not one of human, json, auto"),
+        }
     }
 
     pub fn database_url(&self) -> String {
@@ -654,6 +684,20 @@ impl ServeSettings {
     }
 }
 
+/// `log_file = true` (older config files) or `log_file = "/var/log/aishell"`.
+fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrString {
+        Bool(bool),
+        String(String),
+    }
+    Ok(Option::<BoolOrString>::deserialize(d)?.map(|v| match v {
+        BoolOrString::Bool(b) => b.to_string(),
+        BoolOrString::String(s) => s,
+    }))
+}
+
 /// `900`, `900s`, `15m`, `1h`, `250ms`.
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
@@ -742,6 +786,23 @@ mod tests {
         assert_eq!(cfg.bind.port(), 8000);
         assert_eq!(cfg.idle_timeout, Duration::from_secs(120));
         assert_eq!(cfg.agent.kind, "echo");
+        std::fs::write(&path, "log_file = false\n").unwrap();
+        let mut s = ServeSettings::default();
+        s.merge_file(&path).unwrap();
+        assert_eq!(
+            s.log_dir(Path::new("/d")),
+            None,
+            "an older file's boolean still works"
+        );
+        s.log_file = Some("none".into());
+        assert_eq!(s.log_dir(Path::new("/d")), None);
+        s.log_file = Some("true".into());
+        assert_eq!(s.log_dir(Path::new("/d")), Some(PathBuf::from("/d/logs")));
+        s.log_file = Some("/var/log/aishell".into());
+        assert_eq!(
+            s.log_dir(Path::new("/d")),
+            Some(PathBuf::from("/var/log/aishell"))
+        );
         std::fs::write(&path, "prot = 1\n").unwrap();
         assert!(
             ServeSettings::default().merge_file(&path).is_err(),

@@ -1,20 +1,55 @@
 //! `aishell token create|list|revoke`: opaque API tokens, stored hashed.
 
+use std::path::PathBuf;
+
 use anyhow::bail;
 use clap::{Args, Subcommand};
 
+use crate::data_dir;
 use crate::settings::{ServeSettings, parse_duration};
 
 #[derive(Args)]
 pub struct TokenArgs {
     #[command(subcommand)]
     command: TokenCommand,
-    /// Data directory of the gateway [default: ./aishell-data].
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Which gateway's store a command works on: found as `serve` finds its
+/// data directory (data_dir.rs), never created here.
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Data directory of the gateway [default: from AISHELL_DATA_DIR, the config file, then ./aishell-data].
     #[arg(long, env = "AISHELL_DATA_DIR", global = true)]
-    data_dir: Option<std::path::PathBuf>,
+    data_dir: Option<PathBuf>,
+    /// The config file `serve` reads (for its `data_dir`) [default: ~/.config/aishell/aishell.toml if it exists].
+    #[arg(long, env = "AISHELL_CONFIG", global = true)]
+    config: Option<PathBuf>,
     /// Store location [default: sqlite://<data-dir>/aishell.db].
     #[arg(long, env = "DATABASE_URL", global = true)]
     database_url: Option<String>,
+}
+
+impl StoreArgs {
+    /// Open the store of an existing gateway, saying which one on stderr.
+    async fn open(self) -> anyhow::Result<std::sync::Arc<dyn aishell_store::Store>> {
+        let url = match self.database_url {
+            Some(url) => url,
+            None => {
+                let config = data_dir::config_file(self.config.as_deref());
+                let found = data_dir::locate(self.data_dir.as_deref(), config.as_deref())?
+                    .existing(config.as_deref())?;
+                found.announce();
+                ServeSettings {
+                    data_dir: Some(found.path),
+                    ..Default::default()
+                }
+                .database_url()
+            }
+        };
+        Ok(aishell_store::open(&url).await?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -51,19 +86,12 @@ pub struct UsageArgs {
     /// Period to sum over (e.g. 7d, 24h).
     #[arg(long, default_value = "7d")]
     since: String,
-    #[arg(long, env = "AISHELL_DATA_DIR")]
-    data_dir: Option<std::path::PathBuf>,
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
-    let settings = ServeSettings {
-        data_dir: args.data_dir,
-        database_url: args.database_url,
-        ..Default::default()
-    };
-    let store = aishell_store::open(&settings.database_url()).await?;
+    let store = args.store.open().await?;
     let since = time::OffsetDateTime::now_utc() - parse_duration(&args.since)?;
     println!("user\thours\ttasks");
     for row in store.usage_since(since, args.user.as_deref()).await? {
@@ -78,13 +106,7 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
-    let settings = ServeSettings {
-        data_dir: args.data_dir,
-        database_url: args.database_url,
-        ..Default::default()
-    };
-    std::fs::create_dir_all(settings.data_dir())?;
-    let store = aishell_store::open(&settings.database_url()).await?;
+    let store = args.store.open().await?;
     match args.command {
         TokenCommand::Create {
             user,

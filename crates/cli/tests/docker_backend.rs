@@ -1,9 +1,12 @@
-//! The docker backend against the real engine (issue 5): sessions in
+//! The docker backend against the real engine: sessions in
 //! containers, warm pool, crashes, adoption after a gateway crash, clear
 //! errors, per-user isolation on the shared workspaces directory.
 //!
 //! The image is built once per test run from this very binary with
-//! `aishell image build`. Without a Docker engine these tests FAIL with a
+//! `aishell image build`, under a tag of this run's own
+//! (`aishell:cargo-test-<pid>`), and removed when the run exits; tags left
+//! by a run that was killed are removed by the next one. No test re-tags an
+//! image it did not build. Without a Docker engine these tests FAIL with a
 //! clear message; set `AISHELL_SKIP_DOCKER_TESTS=1` to skip them on purpose.
 //! Every test removes its containers (label `aishell.instance` of its own
 //! gateway) when it ends, pass or fail. Containers use host networking and
@@ -19,7 +22,45 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const TEST_IMAGE: &str = "aishell:cargo-test";
+/// Tags of this file's test images: the prefix, then the test process's pid.
+const TEST_IMAGE_PREFIX: &str = "aishell:cargo-test-";
+
+/// This run's image tag.
+fn test_image() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| format!("{TEST_IMAGE_PREFIX}{}", std::process::id()))
+}
+
+/// Remove this run's image when the test process exits (the harness ends
+/// with `exit`, which runs `atexit` handlers; a static is never dropped).
+extern "C" fn remove_test_image() {
+    let _ = Command::new("docker")
+        .args(["rmi", "--force", test_image()])
+        .output();
+}
+
+/// Remove images of earlier runs whose process is gone (killed before its
+/// `atexit`).
+fn remove_stale_test_images() {
+    let tags = docker(&[
+        "image",
+        "ls",
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+        "aishell",
+    ]);
+    for tag in tags.lines() {
+        let Some(pid) = tag.strip_prefix(TEST_IMAGE_PREFIX) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            docker(&["rmi", "--force", tag]);
+        }
+    }
+}
 
 /// `true` when the tests should run; panics with a clear message when the
 /// engine is missing (unless opted out).
@@ -35,17 +76,14 @@ fn docker_ready() -> bool {
             std::fs::File::create(std::env::temp_dir().join("aishell-docker-test-image.lock"))
                 .map_err(|e| e.to_string())?;
         lock.lock().map_err(|e| e.to_string())?;
-        let previous = docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE]);
+        remove_stale_test_images();
+        // SAFETY: registers a plain function with no captured state.
+        unsafe { libc::atexit(remove_test_image) };
         let out = Command::new(BIN)
-            .args(["image", "build", "--tag", TEST_IMAGE])
+            .args(["image", "build", "--tag", test_image()])
             .output()
             .map_err(|e| e.to_string())?;
         if out.status.success() {
-            // Runs leave no dangling image behind (best effort).
-            let current = docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE]);
-            if !previous.is_empty() && previous != current {
-                docker(&["rmi", &previous]);
-            }
             Ok(())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
@@ -104,7 +142,7 @@ impl DockerGateway {
     fn start_on_port(port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all = vec!["--execution-mode", "docker"];
         if !args.contains(&"--docker-image") {
-            all.extend(["--docker-image", TEST_IMAGE]);
+            all.extend(["--docker-image", test_image()]);
         }
         all.extend_from_slice(args);
         let gw = Gateway::start_on_port(port, &all, env);
@@ -474,7 +512,7 @@ async fn after_a_gateway_sigkill_running_containers_are_adopted_and_strays_remov
         "aishell.mode=warm",
         "--entrypoint",
         "/bin/sleep",
-        TEST_IMAGE,
+        test_image(),
         "300",
     ]);
     assert!(!stray.is_empty(), "stray container started");

@@ -518,6 +518,64 @@ async fn chat_page_logs_in_streams_a_reply_and_shows_the_tool_call() {
     b.close().await;
 }
 
+/// A turn that ends in an error says "failed" under its red card (not
+/// "done"), and the files panel shows aishell's own `.aishell/` folder
+/// without offering to delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_marks_failed_turns_and_keeps_its_own_folder() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    // An llm agent whose endpoint answers nothing: every turn fails.
+    let gw = Gateway::start(&[
+        "--agent",
+        "llm",
+        "--llm-base-url",
+        "http://127.0.0.1:9/v1",
+        "--llm-model",
+        "none",
+    ]);
+    b.goto(&login_url(&gw, "/", &gw.token)).await;
+    b.wait_js("the page to connect", CONNECTED).await;
+    b.type_into("#input", "hello\u{E007}").await;
+    b.wait_js("the turn to finish", TURN_DONE).await;
+    b.wait_js(
+        "the error card",
+        "document.querySelector('.turn .banner-error')",
+    )
+    .await;
+    let footer = b.text_of(".turn .usage").await;
+    assert!(
+        footer.starts_with("failed") && !footer.contains("done"),
+        "footer under an error: {footer}"
+    );
+
+    let workspace = gw.workspace("local");
+    std::fs::create_dir_all(workspace.join(".aishell/llm")).unwrap();
+    std::fs::write(workspace.join("mine.txt"), "a user's file\n").unwrap();
+    b.click("#toggle-files").await;
+    b.wait_js(
+        "the workspace listing",
+        "document.querySelector('#files-list li[data-name=\"mine.txt\"]') && document.querySelector('#files-list li[data-name=\".aishell\"]')",
+    )
+    .await;
+    assert_eq!(
+        b.js("return !!document.querySelector('#files-list li[data-name=\".aishell\"] button[aria-label^=Delete]')")
+            .await,
+        json!(false),
+        "no delete button on .aishell/"
+    );
+    assert_eq!(
+        b.js("return !!document.querySelector('#files-list li[data-name=\"mine.txt\"] button[aria-label^=Delete]')")
+            .await,
+        json!(true),
+        "a user's own file can still be deleted"
+    );
+    b.assert_no_page_errors().await;
+    b.close().await;
+}
+
 /// Mid-stream, the client socket drops and later the gateway itself is
 /// killed and restarted: the page reconnects with session_id + last_seq and
 /// every delta is on screen exactly once.
@@ -983,6 +1041,16 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "document.querySelector('#errors-table tr[data-code=UNAUTHORIZED]')",
     )
     .await;
+    // A chart's top label is the measured maximum, the figure its legend
+    // gives (not the scale's headroom above it).
+    let labels = b
+        .js("const c = document.querySelector('#chart-warm'); return [c.querySelector('.axis-max').textContent, [...c.querySelectorAll('.chart-legend span')].pop().textContent]")
+        .await;
+    assert_eq!(
+        format!("max {}", labels[0].as_str().unwrap_or_default()),
+        labels[1].as_str().unwrap_or_default(),
+        "axis and legend: {labels}"
+    );
     // Two warm runners and the three sessions'.
     b.wait_js(
         "5 runners connected",
@@ -1009,6 +1077,12 @@ async fn admin_dashboard_shows_sessions_and_pool_and_refuses_non_admins() {
         "document.body && document.body.innerText.includes('aishell daily report')",
     )
     .await;
+    // The report counts the errors the dashboard counts, from the same events.
+    let report_text = b.text_of("body").await;
+    assert!(
+        report_text.contains("UNAUTHORIZED"),
+        "the dashboard's UNAUTHORIZED is in the report's errors by code: {report_text}"
+    );
     // Its inline CSS applies (the blob document inherits the dashboard's CSP).
     let styled = b
         .js("return getComputedStyle(document.body).fontFamily")

@@ -15,6 +15,9 @@ pub struct GatewayConfig {
     /// Base URL runners dial (`ws://host:port`); defaults to the bind address.
     pub runner_url: Option<String>,
     pub data_dir: PathBuf,
+    /// Where the daily log files are (the dashboard's report reads them);
+    /// None when the gateway writes none.
+    pub log_dir: Option<PathBuf>,
     pub workspaces_root: PathBuf,
     /// Agent every session runs unless configured otherwise.
     pub agent: AgentSpec,
@@ -130,6 +133,7 @@ impl GatewayConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 5174)),
             runner_url: None,
             workspaces_root: data_dir.join("workspaces"),
+            log_dir: Some(data_dir.join("logs")),
             data_dir,
             agent: AgentSpec {
                 kind: "shell".into(),

@@ -38,9 +38,13 @@ pub fn phase(phase: &'static str, source: Option<&'static str>, took: Duration) 
     crate::recent::recent().latency(phase, source, took);
 }
 
+/// An error code sent to a client (or an agent). Counted for `/metrics`
+/// and the dashboard, and logged as one `client_error` line that `aishell
+/// report` counts: both show the same errors by code.
 pub fn error(code: &str) {
     metrics::counter!("aishell_errors_total", "code" => code.to_string()).increment(1);
     crate::recent::recent().error(code);
+    tracing::info!(event = "client_error", code = %code, "error code sent");
 }
 
 pub fn disconnect(processing_state: &'static str) {

@@ -174,6 +174,20 @@ fn api_error(status: StatusCode, code: ErrorCode, message: impl Into<String>) ->
     response
 }
 
+/// The report route's own codes: a missing day's log is not a protocol
+/// error, so it does not borrow one (such as BAD_FRAME).
+const NO_LOGS: &str = "NO_LOGS";
+const INVALID_DATE: &str = "INVALID_DATE";
+
+fn api_error_code(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "code": code, "message": message.into() } });
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 fn no_store(body: serde_json::Value) -> Response {
     let mut response = axum::Json(body).into_response();
     response
@@ -468,7 +482,7 @@ struct ReportQuery {
 #[derive(Debug, thiserror::Error)]
 enum ReportError {
     #[error(
-        "no gateway log for {0} under {1}: start `aishell serve --log-file` to keep the logs the daily report reads"
+        "no gateway log for {0} under {1}: the gateway writes one as it runs, so this day had no gateway running (or it was started with --log-file elsewhere)"
     )]
     NoLogs(String, String),
     #[error("{0}")]
@@ -489,7 +503,13 @@ async fn daily_report(
     if let Err(r) = admin(&shared, &headers).await {
         return r;
     }
-    let dir = shared.cfg.data_dir.join("logs");
+    let Some(dir) = shared.cfg.log_dir.clone() else {
+        return api_error_code(
+            StatusCode::NOT_FOUND,
+            NO_LOGS,
+            "this gateway writes no log files (it was started with --log-file none), so there is no report to build",
+        );
+    };
     let rendered = tokio::task::spawn_blocking(move || render_report(&dir, q.date))
         .await
         .unwrap_or_else(|e| Err(ReportError::Failed(e.to_string())));
@@ -516,10 +536,10 @@ async fn daily_report(
             response
         }
         Err(e @ ReportError::NoLogs(..)) => {
-            api_error(StatusCode::NOT_FOUND, ErrorCode::BadFrame, e.to_string())
+            api_error_code(StatusCode::NOT_FOUND, NO_LOGS, e.to_string())
         }
         Err(e @ ReportError::BadRequest(_)) => {
-            api_error(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string())
+            api_error_code(StatusCode::BAD_REQUEST, INVALID_DATE, e.to_string())
         }
         Err(e @ ReportError::Failed(_)) => {
             tracing::error!(event = "report_failed", error = %e, "daily report failed");

@@ -51,7 +51,9 @@ function drawChart(container, series, windowS) {
   const root = svg('svg', { viewBox: `0 0 ${W} ${H}`, class: 'chart-svg', role: 'img', 'aria-label': `${series.count} samples` });
   root.append(svg('line', { x1: pad.l, y1: H - pad.b, x2: W - pad.r, y2: H - pad.b, class: 'axis' }));
   root.append(svg('line', { x1: pad.l, y1: pad.t, x2: pad.l, y2: H - pad.b, class: 'axis' }));
-  root.append(svg('text', { x: pad.l - 4, y: pad.t + 8, class: 'tick', 'text-anchor': 'end' }, formatMs(maxMs)));
+  // The top label is the measured maximum, at its height (the scale has
+  // headroom above it, so the frame's top is not a value anyone measured).
+  root.append(svg('text', { x: pad.l - 4, y: y(series.max_ms) + 4, class: 'tick axis-max', 'text-anchor': 'end' }, formatMs(series.max_ms)));
   root.append(svg('text', { x: pad.l - 4, y: H - pad.b, class: 'tick', 'text-anchor': 'end' }, '0'));
   root.append(svg('text', { x: pad.l, y: H - 4, class: 'tick' }, `-${Math.round(spanMs / 60000)} min`));
   root.append(svg('text', { x: W - pad.r, y: H - 4, class: 'tick', 'text-anchor': 'end' }, 'now'));

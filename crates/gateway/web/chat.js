@@ -750,6 +750,18 @@ function renderBlock(b) {
   return node;
 }
 
+/** aishell's own folder in a workspace (saved conversations): shown, never offered for deletion. */
+function isInternal(path) {
+  return path === '.aishell' || path.startsWith('.aishell/');
+}
+
+/** How a finished turn ended: 'failed' under an error, 'stopped' when aborted, else 'done'. */
+function turnOutcome(t) {
+  const error = t.blocks.find((b) => b.kind === 'error');
+  if (!error) return 'done';
+  return error.code === 'ABORTED' ? 'stopped' : 'failed';
+}
+
 function renderTurnFooter(t) {
   if (!t.node) return;
   const footer = t.node.querySelector('.turn-footer');
@@ -761,7 +773,9 @@ function renderTurnFooter(t) {
   } else {
     const u = t.usage || {};
     const tokens = (u.input_tokens || 0) + (u.output_tokens || 0);
-    footer.append(el('span', { class: 'usage' }, tokens ? `done · ${u.input_tokens || 0} tokens in, ${u.output_tokens || 0} out` : 'done'));
+    const outcome = turnOutcome(t);
+    footer.append(el('span', { class: 'usage' + (outcome === 'failed' ? ' failed' : ''), dataset: { outcome } },
+      tokens ? `${outcome} · ${u.input_tokens || 0} tokens in, ${u.output_tokens || 0} out` : outcome));
   }
   t.node.classList.toggle('done', !!t.done);
 }
@@ -905,7 +919,7 @@ async function listFiles() {
       el('button', { type: 'button', class: 'file ' + e.type, onclick: open }, e.type === 'dir' ? e.name + '/' : e.name),
       e.type === 'dir' ? null : el('span', { class: 'muted size' }, formatBytes(e.size)),
       e.type === 'dir' ? null : el('button', { type: 'button', class: 'icon-button', title: 'Download', 'aria-label': `Download ${e.name}`, onclick: () => download(path) }, '⬇'),
-      el('button', { type: 'button', class: 'icon-button', title: 'Delete', 'aria-label': `Delete ${e.name}`, onclick: () => removeFile(path) }, '✕')));
+      isInternal(path) ? null : el('button', { type: 'button', class: 'icon-button', title: 'Delete', 'aria-label': `Delete ${e.name}`, onclick: () => removeFile(path) }, '✕')));
   }
   if (!entries.length) list.append(el('li', { class: 'muted' }, 'empty'));
 }

@@ -9,6 +9,12 @@ use serde_json::Value;
 
 use crate::DISTRIBUTION_EDGES_MS;
 
+/// The dashboard's stylesheet, so the report looks like the page that opens it.
+const DASHBOARD_CSS: &str = include_str!("../../gateway/web/style.css");
+
+/// What only the report needs on top of it.
+const REPORT_CSS: &str = "body.report{display:block;height:auto}.report h1{font-size:20px;margin:0 0 4px}.report h2{font-size:14px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em;margin:18px 0 6px}.report td{text-align:right}.report figure{margin:12px 0}.report figcaption{font-weight:600}.report svg text{fill:var(--text)}.anomaly{background:color-mix(in srgb,var(--warn) 14%,var(--panel));border:1px solid color-mix(in srgb,var(--warn) 40%,transparent)}";
+
 const WARM: &str = "#2a9d8f";
 const COLD: &str = "#e76f51";
 
@@ -145,20 +151,33 @@ pub fn render(r: &Value) -> String {
     let _ = write!(
         out,
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>aishell report {date}</title><style>
-body{{font:14px/1.4 system-ui,sans-serif;margin:1.5rem auto;max-width:820px;padding:0 1rem;color:#222}}
-table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}}th{{text-align:left}}
-.anomaly{{background:#fff3cd;border-left:4px solid #e0a800;padding:.4rem .8rem;margin:.3rem 0}}figure{{margin:1rem 0}}figcaption{{font-weight:600}}
-</style></head><body><h1>aishell daily report — {date}</h1><p>Compared with {}.</p>"#,
+{DASHBOARD_CSS}
+{REPORT_CSS}
+</style></head><body class="admin report"><header class="topbar"><span class="brand"><span class="brand-name">aishell</span></span><span class="muted">daily report</span></header><main class="dashboard"><section class="card"><h1>aishell daily report — {date}</h1><p class="muted">Compared with {}.</p>"#,
         text(&r["compare_date"])
     );
+    if day["has_data"] != true {
+        let _ = write!(
+            out,
+            r#"<div class="banner banner-muted no-data">No data for {date}: no aishell log lines of that day.</div>"#
+        );
+    }
+    if let Some(note) = crate::compare_note(r) {
+        let _ = write!(
+            out,
+            r#"<div class="banner banner-muted no-data">{}</div>"#,
+            esc(&note)
+        );
+    }
     for a in r["anomalies"].as_array().into_iter().flatten() {
         let _ = write!(
             out,
-            r#"<div class="anomaly">⚠ <b>{}</b>: {}</div>"#,
+            r#"<div class="banner anomaly">⚠ <b>{}</b>: {}</div>"#,
             text(&a["kind"]),
             text(&a["message"])
         );
     }
+    out.push_str("</section><section class=\"card\">");
     let mut labels: Vec<String> = DISTRIBUTION_EDGES_MS
         .iter()
         .map(|e| format!("≤{}", edge_label(*e)))
@@ -202,7 +221,7 @@ table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #cc
             out,
             "<tr><th>{name}</th><td>{}</td><td>{}</td></tr>",
             text(&day[key]),
-            text(&prev[key])
+            esc(&crate::compare_cell(prev, key))
         );
     }
     out.push_str("</table><h2>Latency (ms)</h2><table><tr><th></th><th>n</th><th>P50</th><th>P90</th><th>P99</th><th>max</th></tr>");
@@ -233,8 +252,9 @@ table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #cc
             text(&s["userId"])
         );
     }
-    out.push_str("</table>");
+    out.push_str("</table></section>");
     if let Some(days) = r["days"].as_array().filter(|d| d.len() > 1) {
+        out.push_str("<section class=\"card\">");
         let labels: Vec<String> = days
             .iter()
             .map(|d| {
@@ -272,11 +292,11 @@ table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #cc
                 text(&d["first_event_ms"]["p50"])
             );
         }
-        out.push_str("</table>");
+        out.push_str("</table></section>");
     }
     let _ = writeln!(
         out,
-        "<p><small>{} lines read, {} used, {} skipped (not JSON or not aishell's).</small></p></body></html>",
+        "<p class=\"muted\"><small>{} lines read, {} used, {} skipped (not JSON or not aishell's).</small></p></main></body></html>",
         text(&r["lines"]["read"]),
         text(&r["lines"]["used"]),
         text(&r["lines"]["skipped"])

@@ -1,4 +1,4 @@
-//! `aishell report` (SPEC §8.4): reads the gateway's JSON log lines (files
+//! `aishell report`: reads the gateway's JSON log lines (files
 //! or stdin) and prints, per UTC day, sessions, start latency (warm/cold,
 //! per-step breakdown), errors by code, disconnects, first-event latency and
 //! anomalies against a comparison day.
@@ -7,10 +7,11 @@
 //! `{ "date", "compare_date", "lines": {"read","used","skipped"}, "days": [Day],
 //!    "anomalies": [{"kind","message"}] }` where Day is
 //! `{ "date", "sessions_created", "task_starts", "restarts", "restarts_ok",
-//!    "connected_ok_pct", "connect_failures", "unique_users", "idle_timeouts",
+//!    "has_data", "connected_ok_pct", "connect_failures", "unique_users", "idle_timeouts",
 //!    "start_ms": Lat, "start_warm_ms": Lat, "start_cold_ms": Lat,
 //!    "starts_over_10s", "starts_over_30s", "breakdown_ms": {step: Lat},
-//!    "errors": {code: n}, "disconnects": {processing_state: n},
+//!    "errors": {code: n} (codes sent to clients: `client_error` lines, as the
+//!    dashboard counts them), "disconnects": {processing_state: n},
 //!    "first_event_ms": Lat, "user_messages", "warm_hits", "warm_misses",
 //!    "warm_hit_pct", "slowest_starts": [{"sessionId","userId","duration_ms","source"}],
 //!    "starts_per_hour": [24 counts, UTC], "start_distribution": {"edges_ms": [upper
@@ -35,7 +36,8 @@ use serde_json::{Value, json};
 
 #[derive(Args, Debug, Clone)]
 pub struct ReportArgs {
-    /// Log files (JSON lines); none or `-` reads stdin.
+    /// Log files or directories of them (JSON lines); `-` reads stdin
+    /// [default: the logs in the data directory `serve` uses].
     pub files: Vec<PathBuf>,
     /// Day to report, YYYY-MM-DD (UTC) [default: today].
     #[arg(long)]
@@ -174,7 +176,11 @@ struct Day {
     over_10s: u64,
     over_30s: u64,
     breakdown: BTreeMap<String, Lat>,
+    /// Error codes sent, from `client_error` lines (what the dashboard counts).
     errors: BTreeMap<String, u64>,
+    /// The same derived from start failures and lost tasks, for logs of
+    /// gateways that wrote no `client_error` lines.
+    derived_errors: BTreeMap<String, u64>,
     disconnects: BTreeMap<String, u64>,
     first_event: Option<Lat>,
     warm_hits: u64,
@@ -272,17 +278,47 @@ impl Day {
                 Some("claim_miss") => self.warm_misses += 1,
                 _ => {}
             },
+            (Some("client_error"), _) => {
+                *self
+                    .errors
+                    .entry(l.code.clone().unwrap_or_else(|| "UNKNOWN".into()))
+                    .or_default() += 1;
+            }
             (Some("task_start_failed"), _) => {
                 self.start_failed += 1;
                 self.count_start(l);
                 *self
-                    .errors
+                    .derived_errors
                     .entry(l.code.clone().unwrap_or_else(|| "TASK_START_FAILED".into()))
                     .or_default() += 1;
             }
-            (Some("task_lost"), _) => *self.errors.entry("AGENT_CRASHED".into()).or_default() += 1,
+            (Some("task_lost"), _) => {
+                *self
+                    .derived_errors
+                    .entry("AGENT_CRASHED".into())
+                    .or_default() += 1
+            }
             _ => {}
         }
+    }
+
+    /// Errors by code: as sent (`client_error`), else as derived.
+    fn errors(&self) -> &BTreeMap<String, u64> {
+        if self.errors.is_empty() {
+            &self.derived_errors
+        } else {
+            &self.errors
+        }
+    }
+
+    /// Whether the day has any line the report counts.
+    fn has_data(&self) -> bool {
+        self.sessions_created > 0
+            || self.ready + self.start_failed > 0
+            || !self.errors().is_empty()
+            || self.first_event.is_some()
+            || self.warm_hits + self.warm_misses > 0
+            || !self.disconnects.is_empty()
     }
 
     fn connected_ok_pct(&self) -> Option<f64> {
@@ -313,7 +349,8 @@ impl Day {
             "starts_over_10s": self.over_10s,
             "starts_over_30s": self.over_30s,
             "breakdown_ms": self.breakdown.iter().map(|(k, v)| (k.clone(), v.json())).collect::<serde_json::Map<_, _>>(),
-            "errors": self.errors,
+            "has_data": self.has_data(),
+            "errors": self.errors(),
             "disconnects": self.disconnects,
             "first_event_ms": l(&self.first_event),
             "user_messages": self.first_event.as_ref().map_or(0, |h| h.0.len()),
@@ -443,17 +480,21 @@ pub fn build(args: &ReportArgs, input: &mut dyn BufRead) -> anyhow::Result<Value
     {
         anomalies.push(json!({"kind": "p99_start", "message": format!("P99 start latency {p99} ms is over {} ms", thresholds.p99_start_ms)}));
     }
+    let crashed = |d: &Day| d.errors().get("AGENT_CRASHED").copied().unwrap_or(0);
     let (f_now, f_before) = (
-        cur.start_failed + cur.errors.get("AGENT_CRASHED").copied().unwrap_or(0),
-        prev.start_failed + prev.errors.get("AGENT_CRASHED").copied().unwrap_or(0),
+        cur.start_failed + crashed(cur),
+        prev.start_failed + crashed(prev),
     );
+    // A compare day without data is no baseline to rise or fall from.
     if f_now > 0
+        && prev.has_data()
         && (f_before == 0
             || (f_now as f64) > f_before as f64 * (1.0 + thresholds.failure_increase_pct / 100.0))
     {
         anomalies.push(json!({"kind": "failures_up", "message": format!("failures rose from {f_before} to {f_now}")}));
     }
     if let (Some(now), Some(before)) = (cur.warm_hit_pct(), prev.warm_hit_pct())
+        && prev.has_data()
         && before - now > thresholds.warm_hit_drop_pct
     {
         anomalies.push(json!({"kind": "warm_hit_down", "message": format!("warm hit rate fell from {before}% to {now}%")}));
@@ -517,14 +558,17 @@ pub fn markdown(r: &Value) -> String {
         r["date"].as_str().unwrap_or(""),
         r["compare_date"].as_str().unwrap_or("")
     );
-    if day["task_starts"] == 0 && day["sessions_created"] == 0 {
+    if day["has_data"] != true {
         let _ = writeln!(
             out,
-            "No aishell log lines found for {}. ({} lines read, {} skipped)\n",
+            "No data for {}: no aishell log lines of that day. ({} lines read, {} skipped)\n",
             r["date"].as_str().unwrap_or(""),
             r["lines"]["read"],
             r["lines"]["skipped"]
         );
+    }
+    if let Some(note) = compare_note(r) {
+        let _ = writeln!(out, "{note}\n");
     }
     let anomalies = r["anomalies"].as_array().cloned().unwrap_or_default();
     if !anomalies.is_empty() {
@@ -545,7 +589,7 @@ pub fn markdown(r: &Value) -> String {
             out,
             "| {name} | {} | {} |",
             show(&day[key]),
-            show(&prev[key])
+            compare_cell(prev, key)
         );
     };
     let _ = writeln!(out, "## Sessions\n\n| | today | compare |\n|---|---|---|");
@@ -622,6 +666,26 @@ pub fn markdown(r: &Value) -> String {
         r["lines"]["read"], r["lines"]["used"], r["lines"]["skipped"]
     );
     out
+}
+
+/// "No data for DATE." when the compare day has no lines (its column is
+/// then empty rather than all zeros).
+pub(crate) fn compare_note(r: &Value) -> Option<String> {
+    (r["compare"]["has_data"] != true).then(|| {
+        format!(
+            "No data for {} (the compare day): its column is empty.",
+            r["compare_date"].as_str().unwrap_or("")
+        )
+    })
+}
+
+/// A compare-day figure, or "–" when that day has no data.
+pub(crate) fn compare_cell(prev: &Value, key: &str) -> String {
+    if prev["has_data"] == true {
+        show(&prev[key])
+    } else {
+        "–".into()
+    }
 }
 
 fn show(v: &Value) -> String {

@@ -165,7 +165,7 @@ fn a_range_gives_one_row_per_day_and_empty_input_is_a_clear_result() {
     assert!(markdown(&r).contains("## Per day"));
     let empty = build(&args("2026-11-02"), &mut Cursor::new("")).unwrap();
     assert_eq!(empty["days"][0]["task_starts"], 0);
-    assert!(markdown(&empty).contains("No aishell log lines found for 2026-11-02"));
+    assert!(markdown(&empty).contains("No data for 2026-11-02"));
     let garbage = build(
         &args("2026-11-02"),
         &mut Cursor::new("\u{0}\u{1}garbage\n{{{{\n"),
@@ -215,7 +215,9 @@ fn html_is_one_offline_file_with_the_charts_and_tables() {
         "{page}"
     );
     assert!(page.contains(r#"data-series="starts" data-label="10" data-value="1220""#));
-    assert!(page.contains(r#"<div class="anomaly">⚠ <b>p99_start</b>"#));
+    assert!(page.contains(r#"<div class="banner anomaly">⚠ <b>p99_start</b>"#));
+    // The dashboard's stylesheet, inline.
+    assert!(page.contains("--panel:") && page.contains(r#"<body class="admin report">"#));
     assert!(page.contains("<th>task starts</th><td>1220</td><td>1205</td>"));
     assert!(page.contains("<h2>Per day</h2>"));
     // Nothing to fetch: no scripts, links, images or stylesheets.
@@ -263,5 +265,67 @@ fn thresholds_come_from_a_file_and_flags_win() {
     assert!(
         format!("{err:#}").contains("invalid thresholds file"),
         "{err:#}"
+    );
+}
+
+#[test]
+fn errors_by_code_are_the_codes_sent_and_a_missing_compare_day_says_so() {
+    // Today: a forbidden attempt, an unauthorized one and a start failure,
+    // each with the `client_error` line the gateway writes when it sends
+    // the code (what the dashboard counts).
+    let today = [
+        line(
+            "2026-11-02",
+            1,
+            json!({"event": "forbidden", "level": "warn", "userId": "bob"}),
+        ),
+        line(
+            "2026-11-02",
+            1,
+            json!({"event": "client_error", "code": "FORBIDDEN"}),
+        ),
+        line(
+            "2026-11-02",
+            2,
+            json!({"event": "client_error", "code": "UNAUTHORIZED"}),
+        ),
+        line(
+            "2026-11-02",
+            3,
+            json!({"event": "task_start_failed", "code": "TASK_START_FAILED", "duration_ms": 5}),
+        ),
+        line(
+            "2026-11-02",
+            3,
+            json!({"event": "client_error", "code": "TASK_START_FAILED"}),
+        ),
+    ]
+    .join("\n");
+    let r = build(&args("2026-11-02"), &mut Cursor::new(today)).unwrap();
+    assert_eq!(
+        r["days"][0]["errors"],
+        json!({"FORBIDDEN": 1, "TASK_START_FAILED": 1, "UNAUTHORIZED": 1})
+    );
+    let md = markdown(&r);
+    assert!(md.contains("- FORBIDDEN: 1"), "{md}");
+    // Nothing logged on the compare day: said once, and its column is empty
+    // rather than zeros.
+    assert_eq!(r["compare"]["has_data"], false);
+    assert!(md.contains("No data for 2026-11-01"), "{md}");
+    assert!(md.contains("| task starts | 1 | – |"), "{md}");
+    assert!(
+        r["anomalies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["kind"] != "failures_up"),
+        "no rise from a day without data: {}",
+        r["anomalies"]
+    );
+    let page = html::render(&r);
+    assert!(page.contains("No data for 2026-11-01"), "{page}");
+    assert!(
+        page.contains("<th>task starts</th><td>1</td><td>–</td>"),
+        "{page}"
     );
 }

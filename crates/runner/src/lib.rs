@@ -759,10 +759,9 @@ impl Runner {
                     line: format!("[stdout, not a frame] {line}"),
                 })
             }
-            AgentOutput::Stderr(line) => {
-                tracing::info!(event = "agent_stderr", sessionId = %session_id, traceId = %trace_id, line = %line, "agent stderr");
-                Some(RunnerToGateway::AgentStderr { line })
-            }
+            // Logged once, by the gateway, at the level the turn's outcome
+            // gives it (gateway session/agent_stderr.rs).
+            AgentOutput::Stderr(line) => Some(RunnerToGateway::AgentStderr { line }),
             AgentOutput::Exited { .. } if self.binding.is_none() && self.prepared.is_some() => {
                 // A pre-started agent died before any claim: nobody to tell;
                 // the claim will start a new one.

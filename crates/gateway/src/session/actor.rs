@@ -268,6 +268,7 @@ pub fn spawn(
         ever_ready: false,
         session_started_at: None,
         last_state: String::new(),
+        held_stderr: Default::default(),
     };
     tokio::spawn(actor.run(rx));
 }
@@ -313,6 +314,8 @@ struct SessionActor {
     ever_ready: bool,
     session_started_at: Option<Instant>,
     last_state: String,
+    /// The agent's stderr during the running turn (see agent_stderr.rs).
+    held_stderr: super::agent_stderr::HeldStderr,
 }
 
 /// An acknowledgement held back for [`ACK_DELAY`].
@@ -1229,7 +1232,10 @@ impl SessionActor {
                 self.on_agent_event(frame, seq).await;
             }
             RunnerToGateway::AgentStderr { line } => {
-                tracing::info!(event = "agent_stderr", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, line = %line, "agent stderr");
+                let turn_running = !self.turns.is_empty();
+                if let Some(line) = self.held_stderr.hold(line, turn_running) {
+                    self.log_stderr(&[line], super::agent_stderr::Outcome::Ok);
+                }
             }
             RunnerToGateway::AgentExit {
                 code,
@@ -1247,6 +1253,13 @@ impl SessionActor {
                         last.chars().take(300).collect::<String>()
                     ));
                 }
+                let outcome = if code == Some(0) && signal.is_none() {
+                    super::agent_stderr::Outcome::Ok
+                } else {
+                    super::agent_stderr::Outcome::Failed
+                };
+                let held = self.held_stderr.take();
+                self.log_stderr(&held, outcome);
                 tracing::warn!(event = "agent_exit", sessionId = %self.id, userId = %self.user_id, traceId = %self.trace_id, code = ?code, signal = ?signal, stderr_tail = %stderr_tail, "agent exited");
                 self.on_task_lost(why).await;
             }
@@ -1255,6 +1268,10 @@ impl SessionActor {
                     .await;
             }
         }
+    }
+
+    fn log_stderr(&self, lines: &[String], outcome: super::agent_stderr::Outcome) {
+        super::agent_stderr::log_all(&self.id, &self.user_id, &self.trace_id, lines, outcome);
     }
 
     async fn on_agent_ready(
@@ -1431,6 +1448,19 @@ impl SessionActor {
                     }
                 }
                 if matches!(frame, AgentEvent::Finish { .. } | AgentEvent::Error { .. }) {
+                    let outcome = if matches!(frame, AgentEvent::Error { .. }) {
+                        super::agent_stderr::Outcome::Failed
+                    } else {
+                        super::agent_stderr::Outcome::Ok
+                    };
+                    let held = self.held_stderr.take();
+                    super::agent_stderr::log_all(
+                        &self.id,
+                        &self.user_id,
+                        &self.trace_id,
+                        &held,
+                        outcome,
+                    );
                     finished_turn = turns.pop_front();
                     if turns.is_empty() {
                         self.turns.remove(&cid);

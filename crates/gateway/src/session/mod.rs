@@ -2,6 +2,7 @@
 //! session's state machine, task, replay buffer and attached clients.
 
 mod actor;
+mod agent_stderr;
 mod inputs;
 mod persister;
 mod replay;
