@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 /// lives until the test ends).
 macro_rules! conformance_tests {
     ($open:expr) => {
-        conformance_tests!(@each $open;
+        crate::conformance::conformance_tests!(@each $open;
             ping_answers,
             ensure_user_is_idempotent,
             token_create_then_verify,

@@ -116,7 +116,8 @@ extern "C" fn stop_cluster_at_exit() {
 
 /// A throwaway PostgreSQL cluster: stopped and deleted on drop.
 struct Cluster {
-    dir: tempfile::TempDir,
+    /// Deleted (after the server stopped) when the cluster is dropped.
+    _dir: tempfile::TempDir,
     server: Child,
     port: u16,
 }
@@ -166,7 +167,11 @@ impl Cluster {
                 .stderr(log_file);
             let mut server = spawn_tied_to_process(server);
             if wait_until_ready(&bin, port, &mut server) {
-                return Cluster { dir, server, port };
+                return Cluster {
+                    _dir: dir,
+                    server,
+                    port,
+                };
             }
             let _ = server.kill();
             let _ = server.wait();
@@ -197,7 +202,7 @@ impl Drop for Cluster {
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        // The `dir` field (a TempDir) deletes the cluster's files next.
+        // The `_dir` field (a TempDir) deletes the cluster's files next.
     }
 }
 
