@@ -42,10 +42,19 @@ impl TestDatabase {
         let mut admin = sqlx::PgConnection::connect(&admin_url)
             .await
             .unwrap_or_else(|e| panic!("connecting to the test server {admin_url}: {e}"));
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        // A locale whose order is not byte order (ICU's root: a < A < b <
+        // B), so the tests catch any ordering the schema leaves to the
+        // locale; a plain database where the server has no ICU.
+        let icu = format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' \
+             LOCALE_PROVIDER icu ICU_LOCALE 'und' LOCALE 'C.UTF-8'"
+        );
+        if sqlx::query(&icu).execute(&mut admin).await.is_err() {
+            sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                .execute(&mut admin)
+                .await
+                .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        }
         admin.close().await.ok();
         TestDatabase {
             url: with_database(&admin_url, &name),
