@@ -334,10 +334,7 @@ pub fn redact_password(url: &str) -> String {
     let authority = &rest[..authority_end];
     match authority.rfind('@') {
         Some(at) => match authority[..at].split_once(':') {
-            Some((user, _password)) => format!(
-                "{scheme}://{user}:***@{}",
-                &rest[at + 1..]
-            ),
+            Some((user, _password)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
             None => url.to_string(),
         },
         None => url.to_string(),

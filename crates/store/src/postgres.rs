@@ -338,13 +338,15 @@ impl Store for PgStore {
     }
 
     async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 WHERE id = $3")
-            .bind(task_id)
-            .bind(now_ms())
-            .bind(session_id)
-            .execute(&self.pool)
-            .await
-            .map_err(from_sqlx)?;
+        sqlx::query(
+            "UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 WHERE id = $3",
+        )
+        .bind(task_id)
+        .bind(now_ms())
+        .bind(session_id)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
         Ok(())
     }
 

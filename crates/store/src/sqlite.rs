@@ -166,7 +166,8 @@ impl TokenRow {
     }
 }
 
-pub(crate) const TOKEN_COLUMNS: &str = "id, user_id, name, is_admin, created_at, expires_at, revoked_at";
+pub(crate) const TOKEN_COLUMNS: &str =
+    "id, user_id, name, is_admin, created_at, expires_at, revoked_at";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct SessionRow {

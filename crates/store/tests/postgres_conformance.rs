@@ -74,8 +74,14 @@ async fn several_gateways_share_one_database() {
         w.await.unwrap();
     }
     for store in [&a, &b] {
-        assert_eq!(store.get_session("s1").await.unwrap().unwrap().last_seq, 250);
-        assert_eq!(store.events_after("s1", 0, 1_000).await.unwrap(), events(1..=250));
+        assert_eq!(
+            store.get_session("s1").await.unwrap().unwrap().last_seq,
+            250
+        );
+        assert_eq!(
+            store.events_after("s1", 0, 1_000).await.unwrap(),
+            events(1..=250)
+        );
     }
     // A message deduplicated across gateways: exactly one of two racing
     // inserts stores it.
@@ -88,7 +94,10 @@ async fn several_gateways_share_one_database() {
         created_at: time::OffsetDateTime::now_utc(),
     };
     let (x, y) = tokio::join!(a.insert_message(&message), b.insert_message(&message));
-    assert!(x.unwrap() ^ y.unwrap(), "exactly one insert stores the message");
+    assert!(
+        x.unwrap() ^ y.unwrap(),
+        "exactly one insert stores the message"
+    );
     assert_eq!(a.list_messages("s1", "c1").await.unwrap().len(), 1);
     a.close().await;
     b.close().await;
@@ -110,7 +119,10 @@ async fn data_survives_reopen_and_migrations_rerun_as_no_ops() {
         plain
     };
     let s = PgStore::open(&db.url).await.unwrap();
-    assert_eq!(s.verify_token(&plain).await.unwrap().unwrap().user_id, "alice");
+    assert_eq!(
+        s.verify_token(&plain).await.unwrap().unwrap().user_id,
+        "alice"
+    );
     assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 3);
     assert_eq!(s.events_after("s1", 0, 10).await.unwrap(), events(1..=3));
     // `postgresql://` is the same scheme.
@@ -161,7 +173,33 @@ async fn plaintext_token_is_never_stored() {
             .await
             .unwrap();
     assert_eq!(rows.len(), 1);
-    assert!(!rows[0].0.contains(secret), "plaintext leaked: {}", rows[0].0);
+    assert!(
+        !rows[0].0.contains(secret),
+        "plaintext leaked: {}",
+        rows[0].0
+    );
     assert_eq!(rows[0].1, aishell_store::token::hash(&plain));
     conn.close().await.unwrap();
+}
+
+/// The one known difference from SQLite: PostgreSQL text cannot hold a NUL
+/// character, so such a message is refused (whole, not truncated) where
+/// SQLite stores it.
+#[tokio::test]
+async fn a_nul_character_is_refused_whole() {
+    let (s, _db) = fresh().await;
+    s.create_session(&SessionRecord::new("s1", "alice", "trace", "echo"))
+        .await
+        .unwrap();
+    let message = aishell_store::MessageRecord {
+        session_id: "s1".into(),
+        conversation_id: "c1".into(),
+        client_msg_id: Some("m1".into()),
+        role: "user".into(),
+        content: "before\0after".into(),
+        created_at: time::OffsetDateTime::now_utc(),
+    };
+    let err = s.insert_message(&message).await.expect_err("NUL in text");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(s.list_conversations("s1").await.unwrap().is_empty());
 }

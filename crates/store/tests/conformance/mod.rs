@@ -111,7 +111,10 @@ async fn seqs(s: &S, session: &str) -> Vec<u64> {
 }
 
 async fn get(s: &S, session: &str) -> SessionRecord {
-    s.get_session(session).await.unwrap().expect("session exists")
+    s.get_session(session)
+        .await
+        .unwrap()
+        .expect("session exists")
 }
 
 /// Long enough for the stores' millisecond clock to tick.
@@ -137,7 +140,12 @@ pub async fn token_create_then_verify(s: S) {
     assert!(token::looks_like_api_token(&plain), "{plain}");
     assert!(rec.id.starts_with("tok_"), "{}", rec.id);
     assert_eq!(
-        (rec.user_id.as_str(), rec.name.as_str(), rec.is_admin, rec.revoked),
+        (
+            rec.user_id.as_str(),
+            rec.name.as_str(),
+            rec.is_admin,
+            rec.revoked
+        ),
         ("alice", "laptop", true, false)
     );
     assert_eq!(rec.expires_at, None);
@@ -213,7 +221,12 @@ pub async fn expired_token_is_rejected(s: S) {
 pub async fn list_tokens_filters_by_user_oldest_first(s: S) {
     let mut made = Vec::new();
     for (user, name) in [("alice", "a1"), ("bob", "b1"), ("alice", "a2")] {
-        made.push(s.create_token(user, name, user == "bob", None).await.unwrap().0);
+        made.push(
+            s.create_token(user, name, user == "bob", None)
+                .await
+                .unwrap()
+                .0,
+        );
         tick().await;
     }
     let names = |tokens: Vec<aishell_store::TokenRecord>| {
@@ -244,7 +257,10 @@ pub async fn sessions_roundtrip_and_list_newest_first(s: S) {
     assert_eq!(s.get_session("nope").await.unwrap(), None);
 
     let ids = |list: Vec<SessionRecord>| list.into_iter().map(|x| x.id).collect::<Vec<_>>();
-    assert_eq!(ids(s.list_sessions(None).await.unwrap()), ["s3", "s2", "s1"]);
+    assert_eq!(
+        ids(s.list_sessions(None).await.unwrap()),
+        ["s3", "s2", "s1"]
+    );
     assert_eq!(
         ids(s.list_sessions(Some("alice")).await.unwrap()),
         ["s3", "s1"]
@@ -591,15 +607,21 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
     let fresh = get(&s, "s1").await;
     assert_eq!((fresh.task_id, fresh.runner_seq), (None, 0));
     // An ack while no task is bound counts for nothing.
-    s.write_session("s1", SessionWrite::events(&events(1..=1)).with_ack("t-0", 4))
-        .await
-        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(1..=1)).with_ack("t-0", 4),
+    )
+    .await
+    .unwrap();
     assert_eq!(get(&s, "s1").await.runner_seq, 0);
 
     s.set_session_task("s1", Some("t-1")).await.unwrap();
-    s.write_session("s1", SessionWrite::events(&events(2..=3)).with_ack("t-1", 7))
-        .await
-        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(2..=3)).with_ack("t-1", 7),
+    )
+    .await
+    .unwrap();
     s.write_session("s1", SessionWrite::events(&events(4..=4)))
         .await
         .unwrap();
@@ -610,9 +632,12 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
     );
     // A batch written late (a retry overtaken by a later one) never lowers
     // the count.
-    s.write_session("s1", SessionWrite::events(&events(3..=3)).with_ack("t-1", 5))
-        .await
-        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(3..=3)).with_ack("t-1", 5),
+    )
+    .await
+    .unwrap();
     assert_eq!(get(&s, "s1").await.runner_seq, 7);
 
     // Binding a new task resets the count.
@@ -621,14 +646,20 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
     assert_eq!((got.task_id.as_deref(), got.runner_seq), (Some("t-2"), 0));
     // The old task's late batch is stored but does not count for the new
     // task's frames.
-    s.write_session("s1", SessionWrite::events(&events(5..=5)).with_ack("t-1", 9))
-        .await
-        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(5..=5)).with_ack("t-1", 9),
+    )
+    .await
+    .unwrap();
     let got = get(&s, "s1").await;
     assert_eq!((got.runner_seq, got.last_seq), (0, 5));
-    s.write_session("s1", SessionWrite::events(&events(6..=6)).with_ack("t-2", 2))
-        .await
-        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(6..=6)).with_ack("t-2", 2),
+    )
+    .await
+    .unwrap();
     assert_eq!(get(&s, "s1").await.runner_seq, 2);
     // Rebinding the same task resets the count too.
     s.set_session_task("s1", Some("t-2")).await.unwrap();
@@ -705,7 +736,12 @@ pub async fn usage_counts_open_and_closed_tasks_per_user(s: S) {
     let alice = s.usage_since(week_ago, Some("alice")).await.unwrap();
     assert_eq!(alice.len(), 1);
     assert_eq!((alice[0].tasks, alice[0].seconds), (2, 1));
-    assert!(s.usage_since(week_ago, Some("carol")).await.unwrap().is_empty());
+    assert!(
+        s.usage_since(week_ago, Some("carol"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Nothing overlaps a window that starts in the future.
     let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
     assert!(s.usage_since(later, None).await.unwrap().is_empty());
@@ -778,14 +814,20 @@ pub async fn concurrent_writes_succeed_or_fail_alone(s: S) {
 /// and large payloads.
 pub async fn text_roundtrips_unchanged(s: S) {
     let nasty = "it's \"quoted\"; DROP TABLE sessions; -- \\ % _ $1 ? 🦀 ü\ttab\nnewline";
-    s.create_session(&session(nasty, nasty, 1_000)).await.unwrap();
+    s.create_session(&session(nasty, nasty, 1_000))
+        .await
+        .unwrap();
     assert_eq!(get(&s, nasty).await, session(nasty, nasty, 1_000));
     s.upsert_conversation(nasty, nasty, Some(nasty), Some(nasty))
         .await
         .unwrap();
     let conv = s.list_conversations(nasty).await.unwrap().remove(0);
     assert_eq!(
-        (conv.id.as_str(), conv.title.as_deref(), conv.resume_handle.as_deref()),
+        (
+            conv.id.as_str(),
+            conv.title.as_deref(),
+            conv.resume_handle.as_deref()
+        ),
         (nasty, Some(nasty), Some(nasty))
     );
     let m = message(nasty, nasty, Some(nasty), nasty);
