@@ -2,4 +2,5 @@
 // time but cannot tell cargo to watch the directory on stable Rust.
 fn main() {
     println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=migrations-postgres");
 }

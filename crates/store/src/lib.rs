@@ -2,8 +2,9 @@
 //! sessions, conversations, messages and session events.
 //!
 //! The gateway only sees the [`Store`] trait. SQLite (a file under the data
-//! dir) is the default implementation; PostgreSQL slots in behind the same
-//! trait when `DATABASE_URL` says so.
+//! dir) is the default implementation; PostgreSQL ([`PgStore`], the
+//! `postgres` feature) slots in behind the same trait when `DATABASE_URL`
+//! says so. Both pass the same conformance suite (`tests/conformance`).
 
 use std::sync::Arc;
 
@@ -11,9 +12,13 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 mod group_commit;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 pub mod token;
 
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +30,54 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported DATABASE_URL `{0}`: expected sqlite://PATH")]
+    #[error("unsupported DATABASE_URL `{0}`: expected sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
+    /// A `postgres://` URL given to a build without PostgreSQL support.
+    #[error(
+        "DATABASE_URL `{0}` names PostgreSQL, but this build has no PostgreSQL support: \
+         rebuild with the `postgres` feature of aishell-store"
+    )]
+    PostgresNotBuilt(String),
     #[error("invalid stored data: {0}")]
     Corrupt(String),
     #[error("database write failed: {0}")]
     Write(String),
+    // The variants below carry no driver types: the PostgreSQL store reports
+    // through them only.
+    /// A write broke a constraint: a row it references is missing, or its
+    /// unique key is taken.
+    #[error("database constraint violated: {0}")]
+    Constraint(String),
+    /// The database could not be reached (connection, TLS, pool exhausted).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The schema could not be brought up to date.
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    /// Any other error the database server reported.
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Whether the database refused a write because a row it references is
+    /// missing or its unique key is taken (whichever store reported it).
+    pub fn is_constraint_violation(&self) -> bool {
+        match self {
+            StoreError::Constraint(_) => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            StoreError::Database(sqlx::Error::Database(e)) => matches!(
+                e.kind(),
+                sqlx::error::ErrorKind::UniqueViolation
+                    | sqlx::error::ErrorKind::ForeignKeyViolation
+                    | sqlx::error::ErrorKind::NotNullViolation
+                    | sqlx::error::ErrorKind::CheckViolation
+            ),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -249,11 +296,91 @@ pub struct UsageSummary {
     pub tasks: u64,
 }
 
-/// Open the store a `DATABASE_URL` names (`sqlite://PATH`, `sqlite::memory:`).
+/// Open the store a `DATABASE_URL` names (`sqlite://PATH`, `sqlite::memory:`,
+/// or `postgres://...` with the `postgres` feature).
 pub async fn open(database_url: &str) -> Result<Arc<dyn Store>> {
     if database_url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(database_url).await?))
+    } else if is_postgres_url(database_url) {
+        open_postgres(database_url).await
     } else {
-        Err(StoreError::UnsupportedUrl(database_url.to_string()))
+        Err(StoreError::UnsupportedUrl(redact_password(database_url)))
+    }
+}
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(PgStore::open(url).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(url: &str) -> Result<Arc<dyn Store>> {
+    Err(StoreError::PostgresNotBuilt(redact_password(url)))
+}
+
+/// `url` with the password of its `user:password@` part (if any) replaced,
+/// fit for an error message or a log line.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The authority ends at the first `/`, `?` or `#`; the credentials at
+    // its last `@` (a password may itself contain `@`).
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_password("postgres://app:s3cr@t@db:5432/aishell?sslmode=require"),
+            "postgres://app:***@db:5432/aishell?sslmode=require"
+        );
+        assert_eq!(
+            redact_password("postgres://app@db/aishell"),
+            "postgres://app@db/aishell"
+        );
+        assert_eq!(redact_password("sqlite://x"), "sqlite://x");
+        assert_eq!(redact_password("nonsense"), "nonsense");
+    }
+
+    #[tokio::test]
+    async fn unknown_schemes_are_refused() {
+        match open("mysql://u:pw@host/db").await {
+            Err(StoreError::UnsupportedUrl(url)) => assert_eq!(url, "mysql://u:***@host/db"),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("mysql:// must be rejected"),
+        }
+    }
+
+    /// Without the feature, a PostgreSQL URL gets an error that says which
+    /// feature is missing (and does not echo the password).
+    #[cfg(not(feature = "postgres"))]
+    #[tokio::test]
+    async fn postgres_urls_name_the_missing_feature() {
+        for url in ["postgres://u:pw@db/x", "postgresql://u:pw@db/x"] {
+            let Err(err) = open(url).await else {
+                panic!("{url} must be refused without the postgres feature")
+            };
+            assert!(matches!(err, StoreError::PostgresNotBuilt(_)), "{err:?}");
+            let message = err.to_string();
+            assert!(message.contains("`postgres` feature"), "{message}");
+            assert!(!message.contains("pw"), "{message}");
+        }
     }
 }

@@ -118,31 +118,31 @@ fn open_own_connection(path: &std::path::Path) -> Result<rusqlite::Connection> {
 }
 
 /// Unix milliseconds of `t` (the stored form of every timestamp).
-fn to_ms(t: OffsetDateTime) -> i64 {
+pub(crate) fn to_ms(t: OffsetDateTime) -> i64 {
     // i64 milliseconds cover ±292 million years; OffsetDateTime's range is
     // far smaller, so this cannot truncate.
     t.unix_timestamp_nanos().div_euclid(1_000_000) as i64
 }
 
-fn from_ms(ms: i64) -> Result<OffsetDateTime> {
+pub(crate) fn from_ms(ms: i64) -> Result<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     to_ms(OffsetDateTime::now_utc())
 }
 
-fn seq_to_db(seq: u64) -> Result<i64> {
+pub(crate) fn seq_to_db(seq: u64) -> Result<i64> {
     i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("event seq {seq} out of range")))
 }
 
-fn seq_from_db(seq: i64) -> Result<u64> {
+pub(crate) fn seq_from_db(seq: i64) -> Result<u64> {
     u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative event seq {seq}")))
 }
 
 #[derive(sqlx::FromRow)]
-struct TokenRow {
+pub(crate) struct TokenRow {
     id: String,
     user_id: String,
     name: String,
@@ -153,7 +153,7 @@ struct TokenRow {
 }
 
 impl TokenRow {
-    fn into_record(self) -> Result<TokenRecord> {
+    pub(crate) fn into_record(self) -> Result<TokenRecord> {
         Ok(TokenRecord {
             id: self.id,
             user_id: self.user_id,
@@ -166,10 +166,11 @@ impl TokenRow {
     }
 }
 
-const TOKEN_COLUMNS: &str = "id, user_id, name, is_admin, created_at, expires_at, revoked_at";
+pub(crate) const TOKEN_COLUMNS: &str =
+    "id, user_id, name, is_admin, created_at, expires_at, revoked_at";
 
 #[derive(sqlx::FromRow)]
-struct SessionRow {
+pub(crate) struct SessionRow {
     id: String,
     user_id: String,
     state: String,
@@ -183,7 +184,7 @@ struct SessionRow {
 }
 
 impl SessionRow {
-    fn into_record(self) -> Result<SessionRecord> {
+    pub(crate) fn into_record(self) -> Result<SessionRecord> {
         Ok(SessionRecord {
             id: self.id,
             user_id: self.user_id,
@@ -199,11 +200,11 @@ impl SessionRow {
     }
 }
 
-const SESSION_COLUMNS: &str =
+pub(crate) const SESSION_COLUMNS: &str =
     "id, user_id, state, created_at, updated_at, last_seq, trace_id, agent, task_id, runner_seq";
 
 #[derive(sqlx::FromRow)]
-struct ConversationRow {
+pub(crate) struct ConversationRow {
     id: String,
     session_id: String,
     title: Option<String>,
@@ -213,7 +214,7 @@ struct ConversationRow {
 }
 
 impl ConversationRow {
-    fn into_record(self) -> Result<ConversationRecord> {
+    pub(crate) fn into_record(self) -> Result<ConversationRecord> {
         Ok(ConversationRecord {
             id: self.id,
             session_id: self.session_id,
@@ -226,7 +227,7 @@ impl ConversationRow {
 }
 
 #[derive(sqlx::FromRow)]
-struct MessageRow {
+pub(crate) struct MessageRow {
     session_id: String,
     conversation_id: String,
     client_msg_id: Option<String>,
@@ -236,7 +237,7 @@ struct MessageRow {
 }
 
 impl MessageRow {
-    fn into_record(self) -> Result<MessageRecord> {
+    pub(crate) fn into_record(self) -> Result<MessageRecord> {
         Ok(MessageRecord {
             session_id: self.session_id,
             conversation_id: self.conversation_id,
@@ -1357,10 +1358,10 @@ mod tests {
 
     #[tokio::test]
     async fn open_dispatches_on_url() {
-        match crate::open("postgres://x").await {
-            Err(StoreError::UnsupportedUrl(url)) => assert_eq!(url, "postgres://x"),
+        match crate::open("mysql://x").await {
+            Err(StoreError::UnsupportedUrl(url)) => assert_eq!(url, "mysql://x"),
             Err(other) => panic!("wrong error: {other}"),
-            Ok(_) => panic!("postgres:// must be rejected"),
+            Ok(_) => panic!("mysql:// must be rejected"),
         }
         let store = crate::open("sqlite::memory:").await.unwrap();
         store.ping().await.unwrap();

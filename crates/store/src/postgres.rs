@@ -1,0 +1,486 @@
+//! PostgreSQL implementation of [`Store`] (the `postgres` feature), for
+//! several gateways sharing one database. A plain mirror of the SQLite store:
+//! the same tables and encodings (migrations-postgres/), the same contracts
+//! (checked by the conformance suite in tests/conformance). Every operation
+//! that writes more than one row is one statement, so it is atomic without a
+//! transaction round trip.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use time::OffsetDateTime;
+
+use crate::sqlite::{
+    ConversationRow, MessageRow, SESSION_COLUMNS, SessionRow, TOKEN_COLUMNS, TokenRow, from_ms,
+    now_ms, seq_from_db, seq_to_db, to_ms,
+};
+use crate::{
+    ConversationRecord, MessageRecord, Result, SessionRecord, SessionWrite, Store, StoreError,
+    StoredEvent, TokenRecord, UsageSummary, token,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
+
+/// Connections one gateway keeps to the server.
+const POOL_SIZE: u32 = 16;
+
+/// How long an operation waits for a free connection before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`Store`] backed by PostgreSQL through an sqlx pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connect to the database `url` names (`postgres://user@host/db`,
+    /// libpq-style parameters such as `sslmode` included) and bring its
+    /// schema up to date. Gateways starting together may all migrate: the
+    /// migrator serializes them on an advisory lock.
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(from_sqlx)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(from_sqlx)?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        tracing::debug!("postgres store opened");
+        Ok(Self { pool })
+    }
+
+    /// Close every connection; further calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The driver's error as a [`StoreError`] that names no driver type.
+fn from_sqlx(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let message = format!("{} (SQLSTATE {code})", db.message());
+            // Class 23: integrity constraint violation.
+            if code.starts_with("23") {
+                StoreError::Constraint(message)
+            } else {
+                StoreError::Backend(message)
+            }
+        }
+        e @ (sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed) => StoreError::Unavailable(e.to_string()),
+        e @ (sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::TypeNotFound { .. }) => StoreError::Corrupt(e.to_string()),
+        e => StoreError::Backend(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn ensure_user(&self, user_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (id, is_admin, created_at) VALUES ($1, FALSE, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn create_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        is_admin: bool,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(TokenRecord, String)> {
+        self.ensure_user(user_id).await?;
+        let plaintext = token::generate();
+        let created_ms = now_ms();
+        let expires_ms = expires_at.map(to_ms);
+        let id = token::generate_id();
+        sqlx::query(
+            "INSERT INTO tokens (id, user_id, name, token_hash, is_admin, created_at, expires_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
+        )
+        .bind(&id)
+        .bind(user_id)
+        .bind(name)
+        .bind(token::hash(&plaintext))
+        .bind(is_admin)
+        .bind(created_ms)
+        .bind(expires_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        let record = TokenRecord {
+            id,
+            user_id: user_id.to_string(),
+            name: name.to_string(),
+            is_admin,
+            created_at: from_ms(created_ms)?,
+            expires_at: expires_ms.map(from_ms).transpose()?,
+            revoked: false,
+        };
+        Ok((record, plaintext))
+    }
+
+    async fn verify_token(&self, plaintext: &str) -> Result<Option<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > $2)"
+        );
+        sqlx::query_as::<_, TokenRow>(&sql)
+            .bind(token::hash(plaintext))
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(from_sqlx)?
+            .map(TokenRow::into_record)
+            .transpose()
+    }
+
+    async fn list_tokens(&self, user_id: Option<&str>) -> Result<Vec<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE ($1::TEXT IS NULL OR user_id = $1) \
+             ORDER BY created_at, id"
+        );
+        sqlx::query_as::<_, TokenRow>(&sql)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)?
+            .into_iter()
+            .map(TokenRow::into_record)
+            .collect()
+    }
+
+    async fn revoke_token(&self, token_id: &str) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+                .bind(now_ms())
+                .bind(token_id)
+                .execute(&self.pool)
+                .await
+                .map_err(from_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<()> {
+        // Like the SQLite store: a session starts unbound (`task_id` and
+        // `runner_seq` are set by `set_session_task` and `write_session`).
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&session.id)
+        .bind(&session.user_id)
+        .bind(&session.state)
+        .bind(to_ms(session.created_at))
+        .bind(to_ms(session.updated_at))
+        .bind(seq_to_db(session.last_seq)?)
+        .bind(&session.trace_id)
+        .bind(&session.agent)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1");
+        sqlx::query_as::<_, SessionRow>(&sql)
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(from_sqlx)?
+            .map(SessionRow::into_record)
+            .transpose()
+    }
+
+    async fn list_sessions(&self, user_id: Option<&str>) -> Result<Vec<SessionRecord>> {
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE ($1::TEXT IS NULL OR user_id = $1) \
+             ORDER BY created_at DESC, id DESC"
+        );
+        sqlx::query_as::<_, SessionRow>(&sql)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)?
+            .into_iter()
+            .map(SessionRow::into_record)
+            .collect()
+    }
+
+    async fn upsert_conversation(
+        &self,
+        session_id: &str,
+        conversation_id: &str,
+        title: Option<&str>,
+        resume_handle: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO conversations AS c (id, session_id, title, resume_handle, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) \
+             ON CONFLICT (session_id, id) DO UPDATE SET \
+                 title = COALESCE(excluded.title, c.title), \
+                 resume_handle = COALESCE(excluded.resume_handle, c.resume_handle), \
+                 updated_at = excluded.updated_at",
+        )
+        .bind(conversation_id)
+        .bind(session_id)
+        .bind(title)
+        .bind(resume_handle)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn list_conversations(&self, session_id: &str) -> Result<Vec<ConversationRecord>> {
+        sqlx::query_as::<_, ConversationRow>(
+            "SELECT id, session_id, title, resume_handle, created_at, updated_at \
+             FROM conversations WHERE session_id = $1 ORDER BY created_at, position",
+        )
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?
+        .into_iter()
+        .map(ConversationRow::into_record)
+        .collect()
+    }
+
+    async fn delete_conversation(&self, session_id: &str, conversation_id: &str) -> Result<bool> {
+        // One statement: the messages and their conversation, or neither.
+        let done = sqlx::query(
+            "WITH gone AS (DELETE FROM messages WHERE session_id = $1 AND conversation_id = $2) \
+             DELETE FROM conversations WHERE session_id = $1 AND id = $2",
+        )
+        .bind(session_id)
+        .bind(conversation_id)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_message(&self, message: &MessageRecord) -> Result<bool> {
+        // One statement: the conversation (created if missing) and its
+        // message together; the conversation's foreign key refuses both for
+        // a session that does not exist.
+        let done = sqlx::query(
+            "WITH conversation AS ( \
+                 INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+                 VALUES ($2, $1, NULL, NULL, $7, $7) \
+                 ON CONFLICT (session_id, id) DO UPDATE SET updated_at = excluded.updated_at) \
+             INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (session_id, client_msg_id) DO NOTHING",
+        )
+        .bind(&message.session_id)
+        .bind(&message.conversation_id)
+        .bind(&message.client_msg_id)
+        .bind(&message.role)
+        .bind(&message.content)
+        .bind(to_ms(message.created_at))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        conversation_id: &str,
+    ) -> Result<Vec<MessageRecord>> {
+        sqlx::query_as::<_, MessageRow>(
+            "SELECT session_id, conversation_id, client_msg_id, role, content, created_at \
+             FROM messages WHERE session_id = $1 AND conversation_id = $2 ORDER BY id",
+        )
+        .bind(session_id)
+        .bind(conversation_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?
+        .into_iter()
+        .map(MessageRow::into_record)
+        .collect()
+    }
+
+    async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 WHERE id = $3",
+        )
+        .bind(task_id)
+        .bind(now_ms())
+        .bind(session_id)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn write_session(&self, session_id: &str, write: SessionWrite<'_>) -> Result<()> {
+        let max_seq = write
+            .events
+            .iter()
+            .map(|e| e.seq)
+            .max()
+            .map(seq_to_db)
+            .transpose()?;
+        if max_seq.is_none() && write.state.is_none() {
+            return Ok(());
+        }
+        let seqs = write
+            .events
+            .iter()
+            .map(|e| seq_to_db(e.seq))
+            .collect::<Result<Vec<_>>>()?;
+        let jsons: Vec<&str> = write.events.iter().map(|e| e.json.as_str()).collect();
+        let (ack_task, ack_seq) = match write.runner_ack {
+            Some((task, seq)) => (Some(task), Some(seq_to_db(seq)?)),
+            None => (None, None),
+        };
+        // One statement: the events and the session's counters and state
+        // together. A seq already stored (or repeated in the batch) keeps
+        // its first payload.
+        sqlx::query(
+            "WITH appended AS ( \
+                 INSERT INTO session_events (session_id, seq, json, created_at) \
+                 SELECT $1, e.seq, e.json, $7 FROM UNNEST($2::BIGINT[], $3::TEXT[]) AS e (seq, json) \
+                 ON CONFLICT (session_id, seq) DO NOTHING) \
+             UPDATE sessions SET \
+                 last_seq = GREATEST(last_seq, COALESCE($4::BIGINT, last_seq)), \
+                 runner_seq = CASE WHEN $5::BIGINT IS NOT NULL AND task_id IS NOT DISTINCT FROM $6::TEXT \
+                     THEN GREATEST(runner_seq, $5::BIGINT) ELSE runner_seq END, \
+                 state = COALESCE($8::TEXT, state), \
+                 updated_at = CASE WHEN $8::TEXT IS NULL THEN updated_at ELSE $7 END \
+             WHERE id = $1",
+        )
+        .bind(session_id)
+        .bind(&seqs)
+        .bind(&jsons)
+        .bind(max_seq)
+        .bind(ack_seq)
+        .bind(ack_task)
+        .bind(now_ms())
+        .bind(write.state)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (task_id) DO NOTHING",
+        )
+        .bind(task_id)
+        .bind(session_id)
+        .bind(user_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn usage_end(&self, task_id: &str) -> Result<()> {
+        sqlx::query("UPDATE usage SET ended_at = $1 WHERE task_id = $2 AND ended_at IS NULL")
+            .bind(now_ms())
+            .bind(task_id)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn usage_since(
+        &self,
+        since: OffsetDateTime,
+        user_id: Option<&str>,
+    ) -> Result<Vec<UsageSummary>> {
+        let rows = sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT user_id, \
+                    SUM(GREATEST(0, COALESCE(ended_at, $2) - GREATEST(started_at, $1)))::BIGINT AS ms, \
+                    COUNT(*) \
+             FROM usage WHERE COALESCE(ended_at, $2) > $1 AND ($3::TEXT IS NULL OR user_id = $3) \
+             GROUP BY user_id ORDER BY user_id",
+        )
+        .bind(to_ms(since))
+        .bind(now_ms())
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, ms, tasks)| UsageSummary {
+                user_id,
+                seconds: (ms.max(0) / 1000) as u64,
+                tasks: tasks.max(0) as u64,
+            })
+            .collect())
+    }
+
+    async fn events_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>> {
+        // A cursor beyond i64::MAX cannot have anything after it.
+        let Ok(after) = i64::try_from(after_seq) else {
+            return Ok(Vec::new());
+        };
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT seq, json FROM session_events WHERE session_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(session_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?
+        .into_iter()
+        .map(|(seq, json)| {
+            Ok(StoredEvent {
+                seq: seq_from_db(seq)?,
+                json,
+            })
+        })
+        .collect()
+    }
+}
