@@ -63,6 +63,13 @@ pub struct GatewayConfig {
     /// Only this user may connect (agents run unconfined because no sandbox
     /// is available); `None`: every authenticated user.
     pub only_user: Option<String>,
+    /// Bytes of agent output one turn may store and relay; past it the rest
+    /// of the turn is dropped and the client told once (its end still goes
+    /// through).
+    pub max_turn_output_bytes: u64,
+    /// Bytes of events kept in memory per session for replay, besides the
+    /// `replay_buffer` count (older ones come from the store).
+    pub replay_buffer_bytes: usize,
 }
 
 /// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
@@ -147,6 +154,8 @@ impl GatewayConfig {
             max_concurrent_launches: 16,
             model_providers: Vec::new(),
             only_user: None,
+            max_turn_output_bytes: 16 << 20,
+            replay_buffer_bytes: 8 << 20,
         }
     }
 }
