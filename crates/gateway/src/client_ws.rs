@@ -19,7 +19,7 @@ use crate::session::{Lagging, Outbound, SessionCmd, SessionHandle, SessionManage
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close codes for session-level refusals (4000–4999 are application codes).
 const CLOSE_UNAUTHORIZED: u16 = 4401;
-const CLOSE_FORBIDDEN: u16 = 4403;
+/// Also for another user's session: a probe must not learn that it exists.
 const CLOSE_NOT_FOUND: u16 = 4404;
 const CLOSE_TOO_SLOW: u16 = 4408;
 
@@ -106,7 +106,10 @@ async fn connection(
         Ok(a) => a,
         Err((code, close, message)) => {
             crate::metrics::error(code.as_str());
-            let sid = session_id.unwrap_or_default();
+            // Echo the requested id only when it has a session id's shape.
+            let sid = session_id
+                .filter(|s| auth::validate_conversation_id(s))
+                .unwrap_or_default();
             let frame = ServerFrame {
                 seq: 0,
                 session_id: sid,
@@ -204,6 +207,9 @@ async fn connection(
                     reply(ServerEvent::error(ErrorCode::Overloaded, message))
                 } else {
                     match ClientFrame::decode(&text) {
+                        Ok(frame) if let Some(why) = frame.oversized_field() => {
+                            reply(ServerEvent::error(ErrorCode::BadFrame, format!("{why}; this frame was not accepted")))
+                        }
                         Ok(ClientFrame::UpdateToken { token }) => match shared.auth.authenticate(shared.store.as_ref(), Some(&token)).await {
                             Ok(new) if new.user_id == identity.user_id => {
                                 identity = new;
@@ -345,30 +351,29 @@ async fn attach(
             format!("the session store failed: {e}"),
         )
     };
+    // The same answer whether the session does not exist or is another
+    // user's, so a probe cannot tell which.
+    let not_found = || {
+        (
+            ErrorCode::SessionNotFound,
+            CLOSE_NOT_FOUND,
+            "session not found".to_string(),
+        )
+    };
     // An actor may leave memory between lookup and attach; retry with a fresh one.
     for _ in 0..3 {
         let handle = match session_id {
-            None => SessionManager::create(shared, &identity.user_id)
-                .await
-                .map_err(internal)?,
+            None => SessionManager::create(shared, &identity.user_id),
+            // Session ids have a conversation id's shape.
+            Some(id) if !auth::validate_conversation_id(id) => return Err(not_found()),
             Some(id) => match SessionManager::open(shared, id).await.map_err(internal)? {
                 Some(h) => h,
-                None => {
-                    return Err((
-                        ErrorCode::SessionNotFound,
-                        CLOSE_NOT_FOUND,
-                        format!("session {id} does not exist"),
-                    ));
-                }
+                None => return Err(not_found()),
             },
         };
         if handle.user_id != identity.user_id && !identity.is_admin {
             tracing::warn!(event = "forbidden", sessionId = %handle.id, userId = %identity.user_id, "user tried to open another user's session");
-            return Err((
-                ErrorCode::Forbidden,
-                CLOSE_FORBIDDEN,
-                "this session belongs to another user".into(),
-            ));
+            return Err(not_found());
         }
         if let Some(reply) = handle
             .request(|reply| SessionCmd::Attach {

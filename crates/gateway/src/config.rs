@@ -76,6 +76,13 @@ pub struct GatewayConfig {
     /// Connections from one address that have not sent a complete request
     /// (so not authenticated) yet; more are refused (429).
     pub max_pending_connections_per_address: usize,
+    /// Bytes of agent output one turn may store and relay; past it the rest
+    /// of the turn is dropped and the client told once (its end still goes
+    /// through).
+    pub max_turn_output_bytes: u64,
+    /// Bytes of events kept in memory per session for replay, besides the
+    /// `replay_buffer` count (older ones come from the store).
+    pub replay_buffer_bytes: usize,
 }
 
 /// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
@@ -165,6 +172,8 @@ impl GatewayConfig {
             pre_upgrade_timeout: Duration::from_secs(15),
             max_connections: 8192,
             max_pending_connections_per_address: 64,
+            max_turn_output_bytes: 16 << 20,
+            replay_buffer_bytes: 8 << 20,
         }
     }
 }

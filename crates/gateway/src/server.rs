@@ -232,6 +232,10 @@ async fn reap_orphans(shared: Arc<Shared>, listed: Vec<TaskInfo>) {
             if let Err(e) = shared.backend.stop(&task.task_id).await {
                 tracing::error!(event = "task_stop_failed", taskId = %task.task_id, error = %e, "could not stop orphan");
             }
+            // Its usage row (opened by the previous gateway) ends here.
+            if let Err(e) = shared.store.usage_end(&task.task_id).await {
+                tracing::error!(event = "store_error", taskId = %task.task_id, error = %e, "could not record an orphan's usage end");
+            }
         }
     }
 }

@@ -63,7 +63,54 @@ impl ClientFrame {
     pub fn decode(text: &str) -> Result<Self, crate::DecodeError> {
         crate::decode(text, Self::TYPES)
     }
+
+    /// A sentence naming the first field over its length limit, if any
+    /// (the gateway answers it with `BAD_FRAME`). Ids are keys and labels,
+    /// not content: a long one only costs memory and storage.
+    pub fn oversized_field(&self) -> Option<String> {
+        let check = |field: &str, value: &str, max: usize| {
+            (value.len() > max).then(|| {
+                format!(
+                    "{field} is {} bytes long; at most {max} are allowed",
+                    value.len()
+                )
+            })
+        };
+        let conversation = |c: &Option<String>| {
+            c.as_deref()
+                .and_then(|c| check("conversation_id", c, MAX_ID_BYTES))
+        };
+        match self {
+            ClientFrame::Message {
+                id,
+                conversation_id,
+                ..
+            } => id
+                .as_deref()
+                .and_then(|id| check("id", id, MAX_ID_BYTES))
+                .or_else(|| conversation(conversation_id)),
+            ClientFrame::Abort { conversation_id } => conversation(conversation_id),
+            ClientFrame::ResetConversation { conversation_id }
+            | ClientFrame::DeleteConversation { conversation_id } => {
+                check("conversation_id", conversation_id, MAX_ID_BYTES)
+            }
+            ClientFrame::AnswerQuestion { request_id, answer } => {
+                check("request_id", request_id, MAX_ID_BYTES)
+                    .or_else(|| check("answer", answer, MAX_ANSWER_BYTES))
+            }
+            ClientFrame::UpdateToken { token } => check("token", token, MAX_TOKEN_BYTES),
+            ClientFrame::Ping { id } => check("id", &id.to_string(), MAX_ID_BYTES),
+            ClientFrame::ListConversations | ClientFrame::Ack { .. } => None,
+        }
+    }
 }
+
+/// Longest client-chosen id: message ids, conversation ids, request ids.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest answer to an agent's question.
+pub const MAX_ANSWER_BYTES: usize = 64 << 10;
+/// Longest token in `update_token` (a JWT with claims fits many times over).
+pub const MAX_TOKEN_BYTES: usize = 8 << 10;
 
 /// Task lifecycle as the user should see it (`status.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,5 +220,37 @@ fn is_false(b: &bool) -> bool {
 impl ServerFrame {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server frame always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_over_their_limit_are_named() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let frame = ClientFrame::Message {
+            id: Some(long.clone()),
+            conversation_id: None,
+            content: "hi".into(),
+        };
+        let why = frame.oversized_field().expect("too long");
+        assert!(why.starts_with("id is 129 bytes long"), "{why}");
+        let frame = ClientFrame::AnswerQuestion {
+            request_id: "r1".into(),
+            answer: "a".repeat(MAX_ANSWER_BYTES + 1),
+        };
+        assert!(frame.oversized_field().unwrap().starts_with("answer"));
+        let frame = ClientFrame::DeleteConversation {
+            conversation_id: long,
+        };
+        assert!(frame.oversized_field().unwrap().starts_with("conversation_id"));
+        let ok = ClientFrame::Message {
+            id: Some("x".repeat(MAX_ID_BYTES)),
+            conversation_id: Some("c1".into()),
+            content: "y".repeat(100_000),
+        };
+        assert_eq!(ok.oversized_field(), None, "content is bounded by the frame size only");
     }
 }

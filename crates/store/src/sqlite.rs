@@ -64,14 +64,7 @@ impl SqliteStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal);
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-                        e.kind(),
-                        format!("creating {}: {e}", parent.display()),
-                    )))
-                })?;
-            }
+            make_private(&path)?;
             pool_options()
                 .max_connections(FILE_POOL_SIZE)
                 .connect_with(options)
@@ -97,6 +90,47 @@ impl SqliteStore {
         self.writes.close().await;
         self.pool.close().await;
     }
+}
+
+/// The database holds every conversation: it, its WAL and SHM are the
+/// owner's alone (0600, whatever the umask), in a directory only the owner
+/// may enter (0700). SQLite creates the WAL and SHM with the database
+/// file's mode, so the file is created here first; files an older version
+/// left readable are tightened.
+fn make_private(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let io = |what: &std::path::Path, e: std::io::Error| {
+        StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("securing {}: {e}", what.display()),
+        )))
+    };
+    let private = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|e| io(p, e))
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| io(parent, e))?;
+        private(parent, 0o700)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io(path, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = std::path::PathBuf::from(file);
+        if file.exists() {
+            private(&file, 0o600)?;
+        }
+    }
+    Ok(())
 }
 
 /// A connection of the group-commit writer's (its own, or its checkpoints')
@@ -1301,6 +1335,55 @@ mod tests {
             .await;
         assert!(matches!(orphan, Err(StoreError::Sqlite(_))), "{orphan:?}");
         assert_eq!(rows(&s, "messages").await, 0);
+    }
+
+    /// Whatever the umask, the database, its WAL and SHM are 0600 and
+    /// their directory 0700; files an older version left readable (and a
+    /// readable directory) are tightened when the store opens.
+    #[tokio::test]
+    async fn the_database_files_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let with_suffix = |suffix: &str| {
+            let mut p = file_path(&dir).into_os_string();
+            p.push(suffix);
+            std::path::PathBuf::from(p)
+        };
+        // A umask that leaves everything readable: the modes must not depend on it.
+        let old_umask = unsafe { libc_umask(0) };
+        let s = file(&dir).await;
+        s.create_session(&SessionRecord::new("s1", "u", "t", "echo"))
+            .await
+            .unwrap();
+        let db = file_path(&dir);
+        for f in [db.clone(), with_suffix("-wal"), with_suffix("-shm")] {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        s.close().await;
+        // Loosened (as an older version left them): opening tightens them.
+        for f in [db.clone(), with_suffix("-wal"), with_suffix("-shm")] {
+            if f.exists() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        std::fs::set_permissions(db.parent().unwrap(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let s = file(&dir).await;
+        unsafe { libc_umask(old_umask) };
+        for f in [db.clone(), with_suffix("-wal"), with_suffix("-shm")] {
+            if f.exists() {
+                assert_eq!(mode(&f), 0o600, "{}", f.display());
+            }
+        }
+        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        s.close().await;
+    }
+
+    unsafe extern "C" {
+        #[link_name = "umask"]
+        fn libc_umask(mask: u32) -> u32;
     }
 
     /// Commits never checkpoint (automatic checkpoints are off on the

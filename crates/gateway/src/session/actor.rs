@@ -25,7 +25,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::inputs::InputLog;
-use super::persister::{self, PersistItem};
+use super::output::{self, Admit, OutputBudget};
+use super::persister::{self, PersistItem, Usage};
 use super::replay::ReplayBuffer;
 use crate::Shared;
 use crate::auth::validate_conversation_id;
@@ -48,6 +49,12 @@ const ACK_EVERY: u32 = 64;
 
 /// Frames per catch-up batch for a lagging client.
 const CATCH_UP_BATCH: usize = 1000;
+/// Largest agent event stored and relayed; larger ones are cut
+/// (ARCHITECTURE.md "Replay and durability").
+const MAX_EVENT_BYTES: usize = 1 << 20;
+/// How long a session that was only reserved (its client sent nothing)
+/// stays in memory after its client left.
+const RESERVED_EVICT_AFTER: Duration = Duration::from_secs(10);
 
 /// What a connection handler receives for its client.
 pub enum Outbound {
@@ -242,7 +249,10 @@ pub fn spawn(
     );
     let now = Instant::now();
     let actor = SessionActor {
-        replay: ReplayBuffer::new(shared.cfg.replay_buffer),
+        replay: ReplayBuffer::new(shared.cfg.replay_buffer, shared.cfg.replay_buffer_bytes),
+        output: OutputBudget::new(shared.cfg.max_turn_output_bytes),
+        // Created in this process: only reserved until its first message.
+        reserved: fresh.then(|| record.clone()),
         shared,
         id: record.id,
         user_id: record.user_id,
@@ -292,6 +302,12 @@ struct SessionActor {
     /// stored agent frame seq (for re-adoption after a gateway restart).
     bound_task: Option<(String, u64)>,
     replay: ReplayBuffer,
+    /// What agent output may still be stored and relayed.
+    output: OutputBudget,
+    /// A session whose client has sent nothing yet is only reserved: it is
+    /// stored (this record) with its first message, so connections that
+    /// send nothing leave nothing behind.
+    reserved: Option<SessionRecord>,
     task: Option<Task>,
     stopping: Option<Stopping>,
     /// A start is waiting for the old task to finish stopping (class 3).
@@ -459,9 +475,34 @@ impl SessionActor {
         {
             self.clients.retain(|c| c.conn_id != conn_id);
         }
-        if self.shared.cfg.start_on_connect && self.task.is_none() && self.stopping.is_none() {
+        if self.shared.cfg.start_on_connect
+            && self.task.is_none()
+            && self.stopping.is_none()
+            && self.store_reserved().await.is_ok()
+        {
             self.start_task();
         }
+    }
+
+    /// Store the session if it is only reserved so far.
+    async fn store_reserved(&mut self) -> Result<(), aishell_store::StoreError> {
+        let Some(record) = self.reserved.take() else {
+            return Ok(());
+        };
+        let result = store_session(self.shared.store.clone(), record, self.last_state.clone()).await;
+        self.after_store_reserved(result)
+    }
+
+    /// Keep the record reserved again when storing it failed.
+    fn after_store_reserved(
+        &mut self,
+        result: Result<(), (aishell_store::StoreError, SessionRecord)>,
+    ) -> Result<(), aishell_store::StoreError> {
+        result.map_err(|(e, record)| {
+            tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not store the session");
+            self.reserved = Some(record);
+            e
+        })
     }
 
     /// Up to `limit` stored events with `after < seq <= upto`, in order:
@@ -645,10 +686,14 @@ impl SessionActor {
         } else {
             None
         };
-        if self.task.is_none() && quota_message.is_none() && self.stopping.is_none() {
-            self.start_task();
-        }
-        // One write stores the conversation (if new) and the message.
+        // A reserved session is stored now, with its first message. Its
+        // write is handed to the store first (the writer runs writes in
+        // the order they reach it) and commits in the same group as the
+        // task's binding and the message, instead of one commit earlier.
+        let store_session = self
+            .reserved
+            .take()
+            .map(|record| store_session(self.shared.store.clone(), record, self.last_state.clone()));
         let record = MessageRecord {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
@@ -657,7 +702,31 @@ impl SessionActor {
             content: content.clone(),
             created_at: OffsetDateTime::now_utc(),
         };
-        match self.shared.store.insert_message(&record).await {
+        let store = self.shared.store.clone();
+        let start_and_insert = async {
+            if self.task.is_none() && quota_message.is_none() && self.stopping.is_none() {
+                self.start_task();
+            }
+            // One write stores the conversation (if new) and the message.
+            store.insert_message(&record).await
+        };
+        let (stored_session, inserted) = match store_session {
+            Some(create) => {
+                let (created, inserted) = tokio::join!(create, start_and_insert);
+                (Some(created), inserted)
+            }
+            None => (None, start_and_insert.await),
+        };
+        if let Some(created) = stored_session
+            && let Err(e) = self.after_store_reserved(created)
+        {
+            self.reply(
+                conn_id,
+                ServerEvent::error(ErrorCode::Internal, format!("could not save your session: {e}")),
+            );
+            return;
+        }
+        match inserted {
             Ok(true) => {}
             Ok(false) => {
                 // Accepted before (perhaps by a gateway before a restart).
@@ -712,6 +781,7 @@ impl SessionActor {
 
     /// Send a message to the ready agent and count the turn.
     fn dispatch(&mut self, msg: QueuedMessage) {
+        self.output.turn_started(self.turns.is_empty());
         self.turns
             .entry(msg.conversation_id.clone())
             .or_default()
@@ -1360,14 +1430,10 @@ impl SessionActor {
             return;
         };
         if !task.adopted {
-            let store = self.shared.store.clone();
-            let (task_id, session_id, user_id) =
-                (task.id.clone(), self.id.clone(), self.user_id.clone());
-            tokio::spawn(async move {
-                if let Err(e) = store.usage_start(&task_id, &session_id, &user_id).await {
-                    tracing::error!(event = "store_error", taskId = %task_id, error = %e, "could not record usage");
-                }
-            });
+            let _ = self.persist_tx.send(PersistItem::Usage(Usage::Start {
+                task_id: task.id.clone(),
+                user_id: self.user_id.clone(),
+            }));
         }
         task.phase = Phase::Ready;
         task.phase_deadline = None;
@@ -1425,6 +1491,35 @@ impl SessionActor {
 
     async fn on_agent_event(&mut self, frame: AgentEvent, runner_seq: u64) {
         let now = Instant::now();
+        let mut size = output::json_len(&frame);
+        let frame = if size > MAX_EVENT_BYTES {
+            tracing::warn!(event = "agent_event_cut", sessionId = %self.id, bytes = size, limit = MAX_EVENT_BYTES, "agent event over the size limit cut");
+            let cut = output::fit_event(frame, MAX_EVENT_BYTES);
+            size = output::json_len(&cut);
+            output::release_freed_memory();
+            cut
+        } else {
+            frame
+        };
+        let ends_turn = matches!(frame, AgentEvent::Finish { .. } | AgentEvent::Error { .. })
+            && frame
+                .conversation_id()
+                .is_some_and(|cid| self.turns.contains_key(cid));
+        if let Admit::Drop { notify } = self.output.admit(size, ends_turn) {
+            if notify {
+                let cap = self.shared.cfg.max_turn_output_bytes;
+                tracing::warn!(event = "agent_output_truncated", sessionId = %self.id, userId = %self.user_id, limit = cap, "agent output over the per-turn cap; the rest of the turn is dropped");
+                let message = format!(
+                    "the agent's output passed {cap} bytes for this turn; the rest of it is not stored or shown (the turn goes on)"
+                );
+                // Carries the runner seq: the runner may forget what was dropped.
+                self.emit_with_runner_seq(
+                    ServerEvent::Agent(AgentEvent::Info { message }),
+                    Some(runner_seq),
+                );
+            }
+            return;
+        }
         if let Some(cid) = frame.conversation_id().map(str::to_string) {
             let mut finished_turn = None;
             if let Some(turns) = self.turns.get_mut(&cid) {
@@ -1631,13 +1726,9 @@ impl SessionActor {
     fn begin_stop(&mut self, reason: &str) {
         let Some(task) = self.task.take() else { return };
         self.bind_task(None);
-        let store = self.shared.store.clone();
-        let task_id = task.id.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.usage_end(&task_id).await {
-                tracing::error!(event = "store_error", taskId = %task_id, error = %e, "could not record usage end");
-            }
-        });
+        let _ = self.persist_tx.send(PersistItem::Usage(Usage::End {
+            task_id: task.id.clone(),
+        }));
         task.watch.cancel();
         if let Some(link) = &task.runner {
             let _ = link.tx.send(GatewayToRunner::Shutdown {
@@ -1734,7 +1825,7 @@ impl SessionActor {
             );
         }
         if self.task.is_none() && self.stopping.is_none() && self.clients.is_empty() {
-            consider(self.detached_at.map(|d| d + cfg.session_evict_after));
+            consider(self.detached_at.map(|d| d + self.evict_after()));
         }
         next
     }
@@ -1854,7 +1945,18 @@ impl SessionActor {
             && self.queue.is_empty()
             && self
                 .detached_at
-                .is_some_and(|d| d.elapsed() >= self.shared.cfg.session_evict_after)
+                .is_some_and(|d| d.elapsed() >= self.evict_after())
+    }
+
+    /// How long the session stays in memory with no task and no client: a
+    /// reserved one holds nothing worth keeping, so not long.
+    fn evict_after(&self) -> Duration {
+        let configured = self.shared.cfg.session_evict_after;
+        if self.reserved.is_some() {
+            configured.min(RESERVED_EVICT_AFTER)
+        } else {
+            configured
+        }
     }
 
     // ---- state ------------------------------------------------------------
@@ -1890,8 +1992,11 @@ impl SessionActor {
         if state != self.last_state {
             crate::metrics::session_state(Some(&self.last_state), Some(&state));
             self.last_state = state.clone();
-            // In order with the events, in the same write when they meet.
-            let _ = self.persist_tx.send(PersistItem::State(state));
+            // A reserved session is stored with its state when it is stored.
+            if self.reserved.is_none() {
+                // In order with the events, in the same write when they meet.
+                let _ = self.persist_tx.send(PersistItem::State(state));
+            }
         }
     }
 
@@ -1923,6 +2028,10 @@ impl SessionActor {
         if let Some(code) = event.error_code() {
             crate::metrics::error(code);
         }
+        debug_assert!(
+            self.reserved.is_none(),
+            "a reserved session is stored before its first event"
+        );
         let json = self.frame_json(event, false);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -2016,6 +2125,21 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Store a reserved session as it is now; the record comes back on failure.
+async fn store_session(
+    store: Arc<dyn aishell_store::Store>,
+    mut record: SessionRecord,
+    state: String,
+) -> Result<(), (aishell_store::StoreError, SessionRecord)> {
+    if !state.is_empty() {
+        record.state = state;
+    }
+    match store.create_session(&record).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err((e, record)),
     }
 }
 

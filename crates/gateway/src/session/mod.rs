@@ -4,6 +4,7 @@
 mod actor;
 mod agent_stderr;
 mod inputs;
+mod output;
 mod persister;
 mod replay;
 
@@ -72,16 +73,17 @@ impl SessionManager {
             .collect()
     }
 
-    /// Create a new session for a user and start its actor.
-    pub async fn create(shared: &Arc<Shared>, user_id: &str) -> Result<SessionHandle, StoreError> {
+    /// Reserve a new session for a user and start its actor. Nothing is
+    /// stored until its client sends a message (or a task starts on
+    /// connect), so connections that send nothing leave no sessions behind.
+    pub fn create(shared: &Arc<Shared>, user_id: &str) -> SessionHandle {
         let record = SessionRecord::new(
             &format!("s-{}", uuid::Uuid::new_v4().simple()),
             user_id,
             &uuid::Uuid::new_v4().simple().to_string(),
             &shared.cfg.agent.kind,
         );
-        shared.store.create_session(&record).await?;
-        Ok(Self::start_actor(shared, record, true))
+        Self::start_actor(shared, record, true)
     }
 
     /// The live actor of a session, loading it from the store if needed.
@@ -119,6 +121,7 @@ impl SessionManager {
         }
     }
 
+    /// `fresh`: created just now, and so not stored yet.
     fn start_actor(shared: &Arc<Shared>, record: SessionRecord, fresh: bool) -> SessionHandle {
         let mut live = shared.sessions.live.lock().expect("session registry");
         // Two loaders may race: the first registered actor wins.

@@ -15,6 +15,10 @@
 //! is idempotent (events are keyed by seq, `last_seq` only rises, a task
 //! binding is a plain set), so running a later write twice leaves the store
 //! exactly as the strictly sequential order would have.
+//!
+//! Usage rows go through here too: a task's start and end are written in
+//! the session's order, so an end can never land before its start and
+//! leave a row open forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +42,15 @@ pub(super) enum PersistItem {
     BindTask(Option<String>),
     /// The session's state (SPEC §3.1) changed; only the latest is written.
     State(String),
+    /// A task started or stopped serving the session (usage accounting).
+    Usage(Usage),
+}
+
+/// A usage row to open or close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Usage {
+    Start { task_id: String, user_id: String },
+    End { task_id: String },
 }
 
 /// Most items taken from the queue for one round of writes.
@@ -54,6 +67,7 @@ enum Unit {
     },
     /// Record the session's task.
     Bind(Option<String>),
+    Usage(Usage),
 }
 
 type Write = BoxFuture<'static, (Unit, bool)>;
@@ -127,6 +141,10 @@ fn units(items: impl Iterator<Item = PersistItem>, task: &mut Option<String>) ->
                 task.clone_from(&next);
                 units.push(Unit::Bind(next));
             }
+            PersistItem::Usage(usage) => {
+                units.extend(gathered.take(task));
+                units.push(Unit::Usage(usage));
+            }
         }
     }
     units.extend(gathered.take(task));
@@ -170,7 +188,7 @@ async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
                 .is_ok(),
             None => true,
         },
-        Unit::Bind(_) => true,
+        Unit::Bind(_) | Unit::Usage(_) => true,
     }
 }
 
@@ -185,11 +203,17 @@ async fn try_write(store: &dyn Store, session_id: &str, unit: &Unit) -> bool {
             store.write_session(session_id, write).await
         }
         Unit::Bind(task) => store.set_session_task(session_id, task.as_deref()).await,
+        // Both are idempotent: a start that exists is kept, an end only
+        // closes an open row.
+        Unit::Usage(Usage::Start { task_id, user_id }) => {
+            store.usage_start(task_id, session_id, user_id).await
+        }
+        Unit::Usage(Usage::End { task_id }) => store.usage_end(task_id).await,
     };
     match result {
         Ok(()) => true,
         Err(e) => {
-            tracing::error!(event = "store_error", sessionId = %session_id, error = %e, "could not persist the session's events or task; retrying");
+            tracing::error!(event = "store_error", sessionId = %session_id, error = %e, "could not persist the session's events, task or usage; retrying");
             false
         }
     }
@@ -231,6 +255,8 @@ mod tests {
     struct FailsOnce {
         inner: Arc<dyn Store>,
         fail_seq: Mutex<Option<u64>>,
+        /// Writes in the order they were handed to the store.
+        calls: Mutex<Vec<String>>,
     }
 
     #[async_trait]
@@ -244,6 +270,11 @@ mod tests {
                 }
                 hit
             };
+            let seqs: Vec<String> = write.events.iter().map(|e| e.seq.to_string()).collect();
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("events {}", seqs.join(",")));
             if fail {
                 return Err(StoreError::Write("injected failure".into()));
             }
@@ -310,18 +341,20 @@ mod tests {
         async fn list_messages(&self, _: &str, _: &str) -> Result<Vec<MessageRecord>> {
             unimplemented!()
         }
-        async fn usage_start(&self, _: &str, _: &str, _: &str) -> Result<()> {
-            unimplemented!()
+        async fn usage_start(&self, task: &str, session: &str, user: &str) -> Result<()> {
+            self.calls.lock().unwrap().push(format!("start {task}"));
+            self.inner.usage_start(task, session, user).await
         }
-        async fn usage_end(&self, _: &str) -> Result<()> {
-            unimplemented!()
+        async fn usage_end(&self, task: &str) -> Result<()> {
+            self.calls.lock().unwrap().push(format!("end {task}"));
+            self.inner.usage_end(task).await
         }
         async fn usage_since(
             &self,
-            _: OffsetDateTime,
-            _: Option<&str>,
+            since: OffsetDateTime,
+            user: Option<&str>,
         ) -> Result<Vec<UsageSummary>> {
-            unimplemented!()
+            self.inner.usage_since(since, user).await
         }
     }
 
@@ -349,6 +382,7 @@ mod tests {
         let flaky = Arc::new(FailsOnce {
             inner: inner.clone(),
             fail_seq: Mutex::new(Some(3)),
+            calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
         let persist = spawn(flaky.clone(), "s1".into(), Some("t-old".into()), tx);
@@ -408,5 +442,68 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    /// Usage rows are written in the session's order, behind the events
+    /// before them: a task's end can never reach the store before its
+    /// start (it did when each was a separate spawned write, leaving the
+    /// row open and counting forever), even when they are queued together.
+    #[tokio::test]
+    async fn usage_rows_reach_the_store_in_the_sessions_order() {
+        let inner = aishell_store::open("sqlite::memory:").await.unwrap();
+        inner
+            .create_session(&SessionRecord::new("s1", "u", "t", "echo"))
+            .await
+            .unwrap();
+        let store = Arc::new(FailsOnce {
+            inner: inner.clone(),
+            fail_seq: Mutex::new(None),
+            calls: Mutex::default(),
+        });
+        let (tx, mut rx) = mpsc::channel(64);
+        let persist = spawn(store.clone(), "s1".into(), None, tx);
+        let start = |t: &str| {
+            PersistItem::Usage(Usage::Start {
+                task_id: t.into(),
+                user_id: "u".into(),
+            })
+        };
+        let end = |t: &str| PersistItem::Usage(Usage::End { task_id: t.into() });
+        // One round: everything queued at once.
+        for item in [event(1), start("t1"), end("t1"), start("t2"), event(2)] {
+            persist.send(item).unwrap();
+        }
+        tokio::task::yield_now().await;
+        // Another round behind it.
+        for item in [end("t2"), event(3)] {
+            persist.send(item).unwrap();
+        }
+        loop {
+            let cmd = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("every seq is reported")
+                .expect("persister alive");
+            if let SessionCmd::Persisted { seq: 3, .. } = cmd {
+                break;
+            }
+        }
+        assert_eq!(
+            *store.calls.lock().unwrap(),
+            [
+                "events 1", "start t1", "end t1", "start t2", "events 2", "end t2", "events 3"
+            ]
+        );
+        let usage = inner
+            .usage_since(OffsetDateTime::now_utc() - time::Duration::hours(1), Some("u"))
+            .await
+            .unwrap();
+        assert_eq!(usage.first().map(|u| u.tasks), Some(2));
+        // Both closed: an hour from now they still count (almost) nothing.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let usage = inner
+            .usage_since(OffsetDateTime::now_utc() - time::Duration::hours(1), Some("u"))
+            .await
+            .unwrap();
+        assert_eq!(usage[0].seconds, 0, "a usage row was left open");
     }
 }
