@@ -160,7 +160,7 @@ impl GatewayConfig {
             header_read_timeout: Duration::from_secs(10),
             pre_upgrade_timeout: Duration::from_secs(15),
             max_connections: 8192,
-            max_pending_connections_per_address: 64,
+            max_pending_connections_per_address: 256,
         }
     }
 }
