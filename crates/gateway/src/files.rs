@@ -379,7 +379,9 @@ fn start_upload(
     match open_beneath(
         dir.as_raw_fd(),
         name,
-        libc::O_PATH | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        // O_PATH opens nothing (a FIFO cannot block it); openat2 takes no
+        // other flags with it.
+        libc::O_PATH | libc::O_NOFOLLOW,
         0,
     ) {
         Ok(existing) => {
