@@ -82,6 +82,12 @@ async fn a_validly_signed_credential_for_a_task_the_gateway_never_launched_is_re
         let status = dial_runner(&gw, &format!("/internal/warm/{task_id}"), &credential).await;
         assert_eq!(status, 403, "forged warm runner {task_id} was not refused");
     }
+    gw.wait_log(
+        "runner_auth_failed",
+        |l| l["event"] == "runner_auth_failed" && l.to_string().contains("w-forged4"),
+        WAIT,
+    )
+    .await;
     let failures = auth_failures(&gw, "w-forged0");
     assert!(
         failures.iter().any(|l| l["reason"]
@@ -138,9 +144,16 @@ async fn a_replayed_credential_of_a_stopped_task_is_refused() {
         status, 403,
         "replayed credential of a stopped task accepted"
     );
+    let logged = gw
+        .wait_log(
+            "runner_auth_failed",
+            |l| l["event"] == "runner_auth_failed" && l.to_string().contains(task_id.as_str()),
+            WAIT,
+        )
+        .await;
     assert!(
-        !auth_failures(&gw, &task_id).is_empty(),
-        "refusal not logged"
+        logged["reason"].as_str().unwrap_or("").contains("stopped"),
+        "{logged}"
     );
     // Nor does it reach the model proxy.
     let (status, _) = gw.http(
