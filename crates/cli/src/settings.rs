@@ -237,7 +237,7 @@ pub struct ServeSettings {
     /// Open connections at once, WebSockets included; more get 503 [default: 8192].
     #[arg(long, env = "AISHELL_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Connections per client address that have not sent a complete request yet; more get 429 [default: 64].
+    /// Connections per client address that have not sent a complete request yet; more get 429 [default: 256].
     #[arg(long, env = "AISHELL_MAX_PENDING_CONNECTIONS_PER_ADDRESS")]
     pub max_pending_connections_per_address: Option<usize>,
 }

@@ -171,7 +171,7 @@ impl GatewayConfig {
             header_read_timeout: Duration::from_secs(10),
             pre_upgrade_timeout: Duration::from_secs(15),
             max_connections: 8192,
-            max_pending_connections_per_address: 64,
+            max_pending_connections_per_address: 256,
             max_turn_output_bytes: 16 << 20,
             replay_buffer_bytes: 8 << 20,
         }

@@ -187,7 +187,9 @@ impl Backend for TrackingBackend {
             Ok(claims) if claims.task_id == spec.task_id => {
                 self.credentials.launched(&spec.task_id, claims.exp)
             }
-            _ => tracing::error!(event = "runner_credential_invalid", taskId = %spec.task_id, "launching a task whose credential this gateway will refuse"),
+            _ => {
+                tracing::error!(event = "runner_credential_invalid", taskId = %spec.task_id, "launching a task whose credential this gateway will refuse")
+            }
         }
         self.inner.launch(spec).await
     }
@@ -282,7 +284,10 @@ mod tests {
         assert_eq!(s.accept(&t), Err(CredentialError::NotLaunched));
         s.adopt("t1");
         assert!(s.accept(&t).is_ok());
-        assert!(s.expired_tasks().is_empty(), "adopted tasks have no known expiry");
+        assert!(
+            s.expired_tasks().is_empty(),
+            "adopted tasks have no known expiry"
+        );
         s.launched("t2", 1);
         assert_eq!(s.expired_tasks(), ["t2"]);
     }

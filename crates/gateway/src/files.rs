@@ -61,7 +61,9 @@ fn not_regular(path: &str) -> ApiError {
     ApiError(
         StatusCode::BAD_REQUEST,
         "NOT_A_REGULAR_FILE",
-        format!("{path} is not a regular file (a FIFO, socket or device); the files API reads and writes only regular files"),
+        format!(
+            "{path} is not a regular file (a FIFO, socket or device); the files API reads and writes only regular files"
+        ),
     )
 }
 
@@ -377,7 +379,9 @@ fn start_upload(
     match open_beneath(
         dir.as_raw_fd(),
         name,
-        libc::O_PATH | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        // O_PATH opens nothing (a FIFO cannot block it); openat2 takes no
+        // other flags with it.
+        libc::O_PATH | libc::O_NOFOLLOW,
         0,
     ) {
         Ok(existing) => {
@@ -386,10 +390,16 @@ fn start_upload(
                 .map_err(|e| io_error(path, e))?;
             if meta.file_type().is_symlink() {
                 // Never written through: the link could lead anywhere.
-                return Err(io_error(path, std::io::Error::from_raw_os_error(libc::ELOOP)));
+                return Err(io_error(
+                    path,
+                    std::io::Error::from_raw_os_error(libc::ELOOP),
+                ));
             }
             if meta.is_dir() {
-                return Err(io_error(path, std::io::Error::from_raw_os_error(libc::EISDIR)));
+                return Err(io_error(
+                    path,
+                    std::io::Error::from_raw_os_error(libc::EISDIR),
+                ));
             }
             if !meta.is_file() {
                 return Err(not_regular(path));
@@ -422,10 +432,7 @@ async fn write(
     body: Body,
 ) -> Result<Response, ApiError> {
     let who = caller(&shared, &headers).await?;
-    let parts: Vec<String> = components(&path)?
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    let parts: Vec<String> = components(&path)?.into_iter().map(str::to_string).collect();
     if parts.is_empty() {
         return Err(bad("a file name is required"));
     }
@@ -499,10 +506,7 @@ async fn remove(
     Path(path): Path<String>,
 ) -> Result<Response, ApiError> {
     let who = caller(&shared, &headers).await?;
-    let parts: Vec<String> = components(&path)?
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    let parts: Vec<String> = components(&path)?.into_iter().map(str::to_string).collect();
     if parts.is_empty() {
         return Err(bad("refusing to delete the workspace itself"));
     }

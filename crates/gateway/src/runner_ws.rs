@@ -32,7 +32,7 @@ pub async fn cold(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let claims = match verify(&shared, &headers) {
+    let claims = match verify(&shared, &headers, &session_id) {
         Ok(c) => c,
         Err(resp) => return *resp,
     };
@@ -76,7 +76,7 @@ pub async fn warm(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let claims = match verify(&shared, &headers) {
+    let claims = match verify(&shared, &headers, &task_id) {
         Ok(c) => c,
         Err(resp) => return *resp,
     };
@@ -93,10 +93,17 @@ pub async fn warm(
         .on_upgrade(move |socket| connection(shared, claims, None, socket))
 }
 
-fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Box<Response>> {
+/// Check a dial-back's credential; `target` is the session or task id of
+/// the URL (for the log).
+fn verify(
+    shared: &Shared,
+    headers: &HeaderMap,
+    target: &str,
+) -> Result<RunnerClaims, Box<Response>> {
     let Some(token) = crate::auth::bearer_token(headers, None) else {
         tracing::warn!(
             event = "runner_auth_failed",
+            target = %target,
             reason = "no credential",
             "runner refused"
         );
@@ -106,7 +113,7 @@ fn verify(shared: &Shared, headers: &HeaderMap) -> Result<RunnerClaims, Box<Resp
     };
     // Signature, expiry, and a task this gateway launched and has not stopped.
     shared.credentials.accept(&token).map_err(|e| {
-        tracing::warn!(event = "runner_auth_failed", reason = %e, "runner refused");
+        tracing::warn!(event = "runner_auth_failed", target = %target, reason = %e, "runner refused");
         let status = match e {
             CredentialError::NotLaunched => StatusCode::FORBIDDEN,
             _ => StatusCode::UNAUTHORIZED,

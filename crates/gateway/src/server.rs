@@ -80,7 +80,11 @@ impl Gateway {
                 .map(|t| t.task_id.clone()),
         );
         if !adopted.is_empty() {
-            tracing::info!(event = "warm_pool_adopt", tasks = adopted.len(), "warm tasks of a previous gateway wait for their runners to re-register");
+            tracing::info!(
+                event = "warm_pool_adopt",
+                tasks = adopted.len(),
+                "warm tasks of a previous gateway wait for their runners to re-register"
+            );
         }
         let mut auth =
             crate::auth::Authenticator::new(cfg.jwt.clone()).map_err(|e| anyhow::anyhow!(e))?;

@@ -183,7 +183,13 @@ mod token_tests {
         assert!(token_matches(Some(token), token));
         assert!(!token_matches(None, token));
         assert!(!token_matches(Some(""), token));
-        assert!(!token_matches(Some("aishell-proxy-0123456789abcdeX"), token));
-        assert!(!token_matches(Some("aishell-proxy-0123456789abcdef0"), token));
+        assert!(!token_matches(
+            Some("aishell-proxy-0123456789abcdeX"),
+            token
+        ));
+        assert!(!token_matches(
+            Some("aishell-proxy-0123456789abcdef0"),
+            token
+        ));
     }
 }
