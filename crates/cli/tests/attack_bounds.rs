@@ -70,9 +70,7 @@ done
         "false",
     ]);
     let mut c = gw.connect().await;
-    let send = |id: &str, content: &str| {
-        json!({"type": "message", "id": id, "conversation_id": "c1", "content": content})
-    };
+    let send = |id: &str, content: &str| json!({"type": "message", "id": id, "conversation_id": "c1", "content": content});
     c.send(send("m0", "hi")).await;
     assert_eq!(text_of(&c.turn().await), "ok");
     let rss_before = rss_kib(gw.pid());
@@ -85,11 +83,18 @@ done
     let relayed: u64 = frames.iter().map(|f| f.to_string().len() as u64).sum();
     let notes: Vec<_> = of_type(&frames, "info")
         .into_iter()
-        .filter(|f| f["message"].as_str().unwrap_or("").contains("not stored or shown"))
+        .filter(|f| {
+            f["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not stored or shown")
+        })
         .collect();
     assert_eq!(notes.len(), 1, "one truncation note: {}", short(&frames));
     assert!(
-        frames.iter().all(|f| f.to_string().len() as u64 <= MIB + 4096),
+        frames
+            .iter()
+            .all(|f| f.to_string().len() as u64 <= MIB + 4096),
         "no event over the per-event limit reached the client"
     );
     assert!(
@@ -138,7 +143,10 @@ done
         )
         .await;
     let seqs: Vec<u64> = replayed.iter().filter_map(|f| f["seq"].as_u64()).collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "contiguous replay");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "contiguous replay"
+    );
     assert_eq!(of_type(&replayed, "finish").len(), 3);
 }
 
@@ -160,7 +168,10 @@ async fn a_thousand_connections_without_a_message_store_no_sessions() {
     let (status, body) = gw.http_get("/api/sessions");
     assert_eq!(status, 200);
     let stored = body["sessions"].as_array().unwrap().len();
-    assert!(stored <= 2, "{stored} sessions stored by 1000 idle connections");
+    assert!(
+        stored <= 2,
+        "{stored} sessions stored by 1000 idle connections"
+    );
 
     // The first `session` frame is unchanged, and a session is stored (and
     // resumable) once its client sends a message.
@@ -180,7 +191,10 @@ async fn a_thousand_connections_without_a_message_store_no_sessions() {
     let seq = c.last_seq;
     let session = c.session_id.clone();
     c.close().await;
-    let r = gw.connect_as(&gw.token, Some((&session, seq))).await.unwrap();
+    let r = gw
+        .connect_as(&gw.token, Some((&session, seq)))
+        .await
+        .unwrap();
     assert_eq!(r.hello["resumed"], true, "{}", r.hello);
 }
 
@@ -203,8 +217,14 @@ async fn over_long_client_strings_get_bad_frame_and_the_connection_stays_up() {
         assert_eq!(got["type"], "error", "{got}");
         assert_eq!(got["error"]["code"], "BAD_FRAME", "{got}");
         let message = got["error"]["message"].as_str().unwrap();
-        assert!(message.contains("bytes long"), "a sentence naming the field: {message}");
-        assert!(got.to_string().len() < 1024, "the long value is not echoed back");
+        assert!(
+            message.contains("bytes long"),
+            "a sentence naming the field: {message}"
+        );
+        assert!(
+            got.to_string().len() < 1024,
+            "the long value is not echoed back"
+        );
     }
     // Nothing was stored or run, and the connection still works.
     c.message("m1", "still here").await;
@@ -220,15 +240,14 @@ async fn a_probe_cannot_tell_another_users_session_from_a_missing_one() {
     alice.turn().await;
     let bob = gw.create_token("bob");
     let mut answers = Vec::new();
-    for target in [alice.session_id.clone(), "s-0123456789abcdef0123456789abcdef".into()] {
+    for target in [
+        alice.session_id.clone(),
+        "s-0123456789abcdef0123456789abcdef".into(),
+    ] {
         let mut probe = gw.connect_as(&bob, Some((&target, 0))).await.unwrap();
         let close = probe.next_or_close(WAIT).await.expect_err("closed");
         let error = &probe.hello["error"];
-        answers.push((
-            close,
-            error["code"].clone(),
-            error["message"].clone(),
-        ));
+        answers.push((close, error["code"].clone(), error["message"].clone()));
     }
     assert_eq!(answers[0], answers[1], "the two refusals differ");
     let (close, code, _) = &answers[0];

@@ -254,11 +254,13 @@ async fn clients_without_a_valid_token_are_refused_and_users_cannot_open_each_ot
     a.message("m1", "secret of alice").await;
     a.turn().await;
     let mut b = gw.connect_as(&bob, Some((&a.session_id, 0))).await.unwrap();
+    // The same answer as for a session that does not exist: a probe cannot
+    // tell that alice's session exists.
     assert_eq!(b.hello["type"], "error");
-    assert_eq!(b.hello["error"]["code"], "FORBIDDEN");
+    assert_eq!(b.hello["error"]["code"], "SESSION_NOT_FOUND");
     match b.next_or_close(WAIT).await {
-        Err(Some((code, _))) => assert_eq!(code, 4403),
-        other => panic!("expected close 4403, got {other:?}"),
+        Err(Some((code, _))) => assert_eq!(code, 4404),
+        other => panic!("expected close 4404, got {other:?}"),
     }
     // Unknown session: SESSION_NOT_FOUND, not a new session.
     let u = gw

@@ -245,12 +245,21 @@ mod tests {
         let frame = ClientFrame::DeleteConversation {
             conversation_id: long,
         };
-        assert!(frame.oversized_field().unwrap().starts_with("conversation_id"));
+        assert!(
+            frame
+                .oversized_field()
+                .unwrap()
+                .starts_with("conversation_id")
+        );
         let ok = ClientFrame::Message {
             id: Some("x".repeat(MAX_ID_BYTES)),
             conversation_id: Some("c1".into()),
             content: "y".repeat(100_000),
         };
-        assert_eq!(ok.oversized_field(), None, "content is bounded by the frame size only");
+        assert_eq!(
+            ok.oversized_field(),
+            None,
+            "content is bounded by the frame size only"
+        );
     }
 }

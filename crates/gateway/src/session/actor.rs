@@ -489,7 +489,8 @@ impl SessionActor {
         let Some(record) = self.reserved.take() else {
             return Ok(());
         };
-        let result = store_session(self.shared.store.clone(), record, self.last_state.clone()).await;
+        let result =
+            store_session(self.shared.store.clone(), record, self.last_state.clone()).await;
         self.after_store_reserved(result)
     }
 
@@ -690,10 +691,9 @@ impl SessionActor {
         // write is handed to the store first (the writer runs writes in
         // the order they reach it) and commits in the same group as the
         // task's binding and the message, instead of one commit earlier.
-        let store_session = self
-            .reserved
-            .take()
-            .map(|record| store_session(self.shared.store.clone(), record, self.last_state.clone()));
+        let store_session = self.reserved.take().map(|record| {
+            store_session(self.shared.store.clone(), record, self.last_state.clone())
+        });
         let record = MessageRecord {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
@@ -722,7 +722,10 @@ impl SessionActor {
         {
             self.reply(
                 conn_id,
-                ServerEvent::error(ErrorCode::Internal, format!("could not save your session: {e}")),
+                ServerEvent::error(
+                    ErrorCode::Internal,
+                    format!("could not save your session: {e}"),
+                ),
             );
             return;
         }

@@ -26,7 +26,9 @@ pub(super) enum Admit {
     Keep,
     /// Neither store nor relay it; `notify` on the first refusal, so the
     /// client hears once that the output was truncated.
-    Drop { notify: bool },
+    Drop {
+        notify: bool,
+    },
 }
 
 impl OutputBudget {
@@ -109,9 +111,8 @@ pub(super) fn fit_event(mut event: AgentEvent, max: usize) -> AgentEvent {
     if now <= max {
         return event;
     }
-    let message = format!(
-        "the agent sent an event of {size} bytes (the limit is {max}); it was dropped"
-    );
+    let message =
+        format!("the agent sent an event of {size} bytes (the limit is {max}); it was dropped");
     match event {
         AgentEvent::Finish {
             conversation_id,
@@ -124,7 +125,10 @@ pub(super) fn fit_event(mut event: AgentEvent, max: usize) -> AgentEvent {
             conversation_id, ..
         } => AgentEvent::Error {
             conversation_id,
-            error: aishell_protocol::ErrorBody::new(aishell_protocol::ErrorCode::AgentCrashed, message),
+            error: aishell_protocol::ErrorBody::new(
+                aishell_protocol::ErrorCode::AgentCrashed,
+                message,
+            ),
         },
         _ => AgentEvent::Info { message },
     }
@@ -133,7 +137,8 @@ pub(super) fn fit_event(mut event: AgentEvent, max: usize) -> AgentEvent {
 /// Cut every string of `event` longer than `room` bytes, noting how much
 /// was cut; a JSON value (tool input, ping id) over it becomes such a note.
 fn shorten_strings(event: &mut AgentEvent, room: usize, max: usize) {
-    let note = |cut: usize| format!(" [… {cut} bytes cut: an agent event may carry at most {max} bytes]");
+    let note =
+        |cut: usize| format!(" [… {cut} bytes cut: an agent event may carry at most {max} bytes]");
     let shorten = |s: &mut String| {
         if s.len() > room {
             let cut_at = floor_char_boundary(s, room);
@@ -283,9 +288,21 @@ mod tests {
         assert_eq!(b.admit(600, false), Admit::Keep);
         assert_eq!(b.admit(300, false), Admit::Keep);
         assert_eq!(b.admit(200, false), Admit::Drop { notify: true });
-        assert_eq!(b.admit(10, false), Admit::Drop { notify: false }, "nothing more, even small");
-        assert_eq!(b.admit(50, true), Admit::Keep, "the turn's end goes through");
-        assert_eq!(b.admit(10, false), Admit::Drop { notify: false }, "output after the turn counts against it");
+        assert_eq!(
+            b.admit(10, false),
+            Admit::Drop { notify: false },
+            "nothing more, even small"
+        );
+        assert_eq!(
+            b.admit(50, true),
+            Admit::Keep,
+            "the turn's end goes through"
+        );
+        assert_eq!(
+            b.admit(10, false),
+            Admit::Drop { notify: false },
+            "output after the turn counts against it"
+        );
         // The next message starts afresh.
         b.turn_started(true);
         assert_eq!(b.admit(900, false), Admit::Keep);
@@ -338,7 +355,10 @@ mod tests {
             conversation_id: "c".repeat(5 << 20),
             token_usage: Default::default(),
         };
-        assert!(matches!(fit_event(finish, 1 << 20), AgentEvent::Finish { .. }));
+        assert!(matches!(
+            fit_event(finish, 1 << 20),
+            AgentEvent::Finish { .. }
+        ));
         let small = AgentEvent::Info {
             message: "hi".into(),
         };

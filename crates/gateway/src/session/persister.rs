@@ -494,14 +494,20 @@ mod tests {
             ]
         );
         let usage = inner
-            .usage_since(OffsetDateTime::now_utc() - time::Duration::hours(1), Some("u"))
+            .usage_since(
+                OffsetDateTime::now_utc() - time::Duration::hours(1),
+                Some("u"),
+            )
             .await
             .unwrap();
         assert_eq!(usage.first().map(|u| u.tasks), Some(2));
         // Both closed: an hour from now they still count (almost) nothing.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let usage = inner
-            .usage_since(OffsetDateTime::now_utc() - time::Duration::hours(1), Some("u"))
+            .usage_since(
+                OffsetDateTime::now_utc() - time::Duration::hours(1),
+                Some("u"),
+            )
             .await
             .unwrap();
         assert_eq!(usage[0].seconds, 0, "a usage row was left open");
