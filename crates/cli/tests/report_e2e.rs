@@ -275,3 +275,97 @@ async fn a_trace_id_follows_the_session_to_the_agents_stderr() {
     assert_eq!(runner["traceId"], trace.as_str());
     assert_eq!(runner["sessionId"], c.session_id.as_str());
 }
+
+/// The newcomer's path: `serve` writes its logs without being asked (owner
+/// only, in an owner-only data directory); `aishell report` with no argument
+/// reads them from that directory, found the way `serve` found it; `token
+/// create` elsewhere refuses to invent a second data directory.
+#[tokio::test]
+async fn report_and_token_find_the_data_directory_serve_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let gw = Gateway::start(&["--agent", "echo", "--enable-warm-pool", "false"]);
+    let mut c = gw.connect().await;
+    c.message("m1", "hello").await;
+    c.turn().await;
+    gw.wait_log(
+        "the turn's first event",
+        |l| l["phase"] == "message_roundtrip",
+        WAIT,
+    )
+    .await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&gw.data_dir),
+        0o700,
+        "the data directory holds secrets"
+    );
+    let logs: Vec<_> = std::fs::read_dir(gw.data_dir.join("logs"))
+        .expect("serve writes logs without --log-file")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(mode(&logs[0]), 0o600, "log files name users and sessions");
+    assert_eq!(mode(&gw.data_dir.join("aishell.db")), 0o600);
+
+    // No file named: the data directory's logs (here from AISHELL_DATA_DIR).
+    let out = std::process::Command::new(BIN)
+        .args(["report", "--format", "json"])
+        .env("AISHELL_DATA_DIR", &gw.data_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&gw.data_dir.display().to_string()) && stderr.contains("AISHELL_DATA_DIR"),
+        "says which directory and why: {stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["days"][0]["user_messages"], 1, "{report}");
+
+    // Elsewhere, with nothing pointing at it: a coded refusal, nothing created.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["token", "create", "--user", "bob"])
+        .current_dir(elsewhere.path())
+        .env_remove("AISHELL_DATA_DIR")
+        .env_remove("AISHELL_CONFIG")
+        .env("XDG_CONFIG_HOME", elsewhere.path().join("config"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("DATA_DIR_NOT_FOUND") && stderr.contains("--data-dir"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no token printed");
+    assert!(!elsewhere.path().join("aishell-data").exists());
+
+    // A config file naming it is enough.
+    let config = elsewhere.path().join("config/aishell/aishell.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        format!("data_dir = {:?}\n", gw.data_dir.display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["token", "create", "--user", "bob"])
+        .current_dir(elsewhere.path())
+        .env_remove("AISHELL_DATA_DIR")
+        .env_remove("AISHELL_CONFIG")
+        .env("XDG_CONFIG_HOME", elsewhere.path().join("config"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        gw.connect_as(&token, None).await.is_ok(),
+        "the running gateway accepts the token"
+    );
+}

@@ -56,6 +56,16 @@ fn edge_label(ms: f64) -> String {
     }
 }
 
+/// A gridline's value: whole numbers, one decimal below 10 (so a chart whose
+/// tallest bar is 1 does not read 0, 0, 1, 1, 1).
+fn tick_label(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{}", v.round())
+    } else {
+        format!("{}", (v * 10.0).round() / 10.0)
+    }
+}
+
 /// A bar chart: one group per label, one bar per series (name, colour, values).
 /// Every bar carries a `<title>` with its exact value and `data-value`.
 fn bar_chart(title: &str, labels: &[String], series: &[(&str, &str, Vec<f64>)]) -> String {
@@ -84,7 +94,7 @@ fn bar_chart(title: &str, labels: &[String], series: &[(&str, &str, Vec<f64>)]) 
             w - 8.0,
             left - 4.0,
             y + 3.0,
-            v.round()
+            tick_label(v)
         );
     }
     for (g, label) in labels.iter().enumerate() {
@@ -314,5 +324,8 @@ mod tests {
         let chart = bar_chart("t<", &["<x>".into()], &[("s", "#000", vec![3.0])]);
         assert!(chart.contains("&lt;x&gt;") && !chart.contains("<x>"));
         assert!(chart.contains(r#"data-value="3""#));
+        assert_eq!(tick_label(0.25), "0.3");
+        assert_eq!(tick_label(0.75), "0.8");
+        assert_eq!(tick_label(12.4), "12");
     }
 }
