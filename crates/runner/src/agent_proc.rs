@@ -40,6 +40,8 @@ pub struct AgentProcess {
     pub info: AgentInfo,
     /// The child's process id (for checking its credentials).
     pub pid: Option<u32>,
+    /// The sandbox's network link; ends with the agent.
+    pub egress: Option<crate::egress::Egress>,
 }
 
 /// The command line for an agent spec: an explicit command, or a built-in
@@ -64,6 +66,7 @@ impl AgentProcess {
         workspace: &str,
         env: &BTreeMap<String, String>,
         confined: Option<crate::sandbox::Limits>,
+        egress: Option<&crate::egress::Plan>,
     ) -> std::io::Result<Self> {
         let (program, args) = command.split_first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty agent command")
@@ -84,6 +87,9 @@ impl AgentProcess {
                 // The runner's credential is its own, not the agent's.
                 cmd.env_remove("AISHELL_TASK_CREDENTIAL").envs(env);
             }
+        }
+        if let Some(plan) = egress {
+            plan.pass_to(&mut cmd);
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -170,6 +176,7 @@ impl AgentProcess {
             kill: Some(kill_tx),
             info: AgentInfo::default(),
             pid,
+            egress: None,
         })
     }
 

@@ -9,6 +9,7 @@
 
 mod agent_proc;
 mod config;
+pub mod egress;
 mod model_proxy;
 mod outbox;
 pub mod prestart;
@@ -567,6 +568,7 @@ impl Runner {
             // workspace (and, under UID isolation, its user).
             command.push("--await-init".into());
         }
+        let mut egress_plan = None;
         let confined = match settings.sandbox.as_ref() {
             None => None,
             Some(s) if s.isolation == Isolation::Uid => {
@@ -599,18 +601,29 @@ impl Runner {
             Some(s) => {
                 command = sandbox::wrap(&command, workspace, &env, s);
                 command[0] = sandbox::bwrap_path();
+                if s.network {
+                    let plan = egress::Plan::new(self.model_proxy.as_ref().map(|p| p.port()))
+                        .map_err(|e| format!("cannot prepare the sandbox's network: {e}"))?;
+                    command.splice(1..1, plan.bwrap_args());
+                    egress_plan = Some(plan);
+                }
                 Some(sandbox::Limits::from_settings(s))
             }
         };
         // Only bwrap reports a killed agent as exit 128+N.
         self.sandboxed = confined.is_some_and(|l| !l.uid_isolated());
-        AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined).map_err(|e| {
+        let mut agent = AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined, egress_plan.as_ref()).map_err(|e| {
             if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {
                 "bubblewrap (bwrap) is not installed in this sandbox image; install the bubblewrap package or run serve with --insecure-no-sandbox".to_string()
             } else {
                 format!("cannot start agent {:?}: {e}", command.last())
             }
-        })
+        })?;
+        if let Some(plan) = egress_plan {
+            // Dropping the agent on failure stops bwrap (kill on drop).
+            agent.egress = Some(plan.connect().await?);
+        }
+        Ok(agent)
     }
 
     fn send_to_agent(&mut self, input: AgentInput) {
