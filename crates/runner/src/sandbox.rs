@@ -88,10 +88,11 @@ pub fn wrap(
         "--unshare-ipc",
         "--unshare-uts",
         "--clearenv",
-        // Never the host's network: with the network on, the runner
+        // Never the host's network: with `settings.network` on, the runner
         // connects this namespace to the outside (crate::egress).
         "--unshare-net",
     ]);
+    let _ = settings.network;
     for dir in SYSTEM_DIRS {
         let p = Path::new(dir);
         match std::fs::read_link(p) {
