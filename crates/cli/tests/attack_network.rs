@@ -32,9 +32,9 @@ import socket
 try:
     s = socket.create_connection(('{host}', {port}), timeout=3)
     s.settimeout(3)
-    print('PROBE-OK', s.recv(64))
+    print('PROBE' + '-OK', s.recv(64))
 except Exception as e:
-    print('PROBE-FAIL', type(e).__name__)
+    print('PROBE' + '-FAIL', type(e).__name__)
 \""
     )
 }
