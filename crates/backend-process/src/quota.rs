@@ -53,7 +53,10 @@ impl WorkspaceQuota {
         }
         let unsupported = |what: &str, e: String| QuotaError::Unsupported(format!("{what}: {e}"));
         std::fs::create_dir_all(&images_dir).map_err(|e| {
-            unsupported(&format!("cannot create {}", images_dir.display()), e.to_string())
+            unsupported(
+                &format!("cannot create {}", images_dir.display()),
+                e.to_string(),
+            )
         })?;
         set_mode(&images_dir, 0o700).map_err(|e| unsupported("chmod", e.to_string()))?;
         let quota = WorkspaceQuota {
@@ -142,7 +145,8 @@ impl WorkspaceQuota {
             } else {
                 std::fs::remove_file(&path)
             };
-            removed.map_err(|e| format!("cannot remove {} after copying it: {e}", path.display()))?;
+            removed
+                .map_err(|e| format!("cannot remove {} after copying it: {e}", path.display()))?;
         }
         Ok(())
     }
@@ -203,6 +207,7 @@ fn is_mount_point(dir: &Path) -> Result<bool, String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let parent = dir.parent().unwrap_or(Path::new("/"));
-    let parent_meta = std::fs::metadata(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let parent_meta =
+        std::fs::metadata(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     Ok(meta.dev() != parent_meta.dev() || meta.ino() == parent_meta.ino())
 }

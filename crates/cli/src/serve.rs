@@ -68,7 +68,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 ProcessBackend::new(backend_cfg).context("cannot start the process backend")?;
             if let Some(bytes) = settings.workspace_quota_bytes()? {
                 let images = cfg.data_dir.join("quota");
-                backend.set_workspace_quota(aishell_backend_process::quota::WorkspaceQuota::new(bytes, images)?);
+                backend.set_workspace_quota(aishell_backend_process::quota::WorkspaceQuota::new(
+                    bytes, images,
+                )?);
             }
             Arc::new(backend)
         }

@@ -354,9 +354,7 @@ impl ServeSettings {
         if self.execution_mode()? != "process" {
             bail!("--workspace-quota is only available with the process backend");
         }
-        Ok(Some(
-            parse_bytes(size).context("--workspace-quota")? as u64,
-        ))
+        Ok(Some(parse_bytes(size).context("--workspace-quota")? as u64))
     }
 
     /// Model endpoints: keys go to the gateway's proxy; a key-less endpoint

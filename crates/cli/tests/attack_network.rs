@@ -151,8 +151,13 @@ fn pasta_under(gw: &Gateway) -> Vec<i32> {
 }
 
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 async fn model_gateway(extra: &[&str], server: &model_server::Server) -> Gateway {
@@ -217,7 +222,11 @@ async fn the_agent_reaches_its_model_and_the_outside_but_no_host_loopback_listen
         model.contains("MODEL-ANSWERED"),
         "the agent's own model endpoint must answer:\n{model}"
     );
-    assert_eq!(server.requests().len(), 1, "one model call reached the model");
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "one model call reached the model"
+    );
 
     let out = run(&mut c, "out", &probe(&outside.address, outside.port)).await;
     assert!(
@@ -267,7 +276,10 @@ async fn without_the_sandbox_network_nothing_answers_and_no_pasta_runs() {
     let model = run(&mut c, "model", MODEL_CALL).await;
     assert!(!model.contains("MODEL-ANSWERED"), "{model}");
     assert!(server.requests().is_empty());
-    assert!(pasta_under(&gw).is_empty(), "pasta runs with the network off");
+    assert!(
+        pasta_under(&gw).is_empty(),
+        "pasta runs with the network off"
+    );
 }
 
 /// Pre-started warm sandboxes get their namespace at start: the claim finds
@@ -285,8 +297,12 @@ async fn a_prestarted_sandbox_has_its_network_before_the_claim() {
         ],
     );
     gw.wait_pool_ready(1, WAIT).await;
-    gw.wait_log("agent_prestarted", |l| l["event"] == "agent_prestarted", WAIT)
-        .await;
+    gw.wait_log(
+        "agent_prestarted",
+        |l| l["event"] == "agent_prestarted",
+        WAIT,
+    )
+    .await;
     assert_eq!(pasta_under(&gw).len(), 1, "the idle sandbox has its pasta");
     let mut c = gw.connect().await;
     let gateway_port = run(&mut c, "gw", &probe("127.0.0.1", gw.port)).await;

@@ -34,9 +34,7 @@ struct UnmountUnder(PathBuf);
 impl Drop for UnmountUnder {
     fn drop(&mut self) {
         for target in mounts_under(&self.0) {
-            let _ = std::process::Command::new("umount")
-                .arg(&target)
-                .status();
+            let _ = std::process::Command::new("umount").arg(&target).status();
         }
     }
 }
@@ -214,8 +212,5 @@ fn serve_refuses_a_quota_it_cannot_enforce() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--workspace-quota"),
-        "no clear error: {err}"
-    );
+    assert!(err.contains("--workspace-quota"), "no clear error: {err}");
 }

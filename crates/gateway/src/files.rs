@@ -115,7 +115,13 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
 /// `/workspaces/<user>` inside a docker task).
 fn open_workspace(shared: &Shared, user_id: &str) -> Result<OwnedFd, ApiError> {
     let root = shared.cfg.workspaces_root.join(user_id);
-    shared.backend.prepare_workspace(user_id).map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, e.to_string()))?;
+    shared.backend.prepare_workspace(user_id).map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal,
+            e.to_string(),
+        )
+    })?;
     std::fs::create_dir_all(&root).map_err(|e| io_error("workspace", e))?;
     let dir = std::fs::File::open(&root).map_err(|e| io_error("workspace", e))?;
     Ok(OwnedFd::from(dir))

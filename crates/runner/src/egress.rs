@@ -157,9 +157,10 @@ impl Plan {
             .map_err(|_| "bubblewrap did not report its sandbox in time".to_string())??;
         let egress = start_pasta(pid, model_port)?;
         let mut egress = egress;
-        let ready = tokio::time::timeout(SETUP_TIMEOUT, wait_configured(pid, model_port, &mut egress))
-            .await
-            .map_err(|_| "pasta did not configure the sandbox's network in time".to_string())?;
+        let ready =
+            tokio::time::timeout(SETUP_TIMEOUT, wait_configured(pid, model_port, &mut egress))
+                .await
+                .map_err(|_| "pasta did not configure the sandbox's network in time".to_string())?;
         ready?;
         // One byte releases bwrap; the pipe is empty, so this cannot block.
         // SAFETY: writing one byte from a live buffer to a descriptor we own.
@@ -169,7 +170,12 @@ impl Plan {
                 std::io::Error::last_os_error()
             ));
         }
-        tracing::debug!(event = "sandbox_network_ready", pid = pid, ms = started.elapsed().as_millis() as u64, "agent network namespace attached");
+        tracing::debug!(
+            event = "sandbox_network_ready",
+            pid = pid,
+            ms = started.elapsed().as_millis() as u64,
+            "agent network namespace attached"
+        );
         Ok(egress)
     }
 }
@@ -206,7 +212,8 @@ fn start_pasta(pid: u32, model_port: Option<u16>) -> Result<Egress, String> {
     };
     let net = open("net")?;
     let user = open("user")?;
-    let same_user_ns = |path: &str| std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let same_user_ns =
+        |path: &str| std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     let own_user_ns = same_user_ns(&format!("/proc/{pid}/ns/user")).ok()
         == same_user_ns("/proc/self/ns/user").ok();
     let forward = model_port.map_or("none".to_string(), |p| p.to_string());
@@ -290,9 +297,12 @@ async fn wait_configured(
 }
 
 fn namespace_configured(pid: u32, model_port: Option<u16>) -> bool {
-    let read = |file: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+    let read =
+        |file: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
     let routed = read("route").lines().count() > 1;
-    routed && model_port.is_none_or(|port| listens_on(&read("tcp"), port) || listens_on(&read("tcp6"), port))
+    routed
+        && model_port
+            .is_none_or(|port| listens_on(&read("tcp"), port) || listens_on(&read("tcp6"), port))
 }
 
 /// Does a `/proc/net/tcp`-style table have a listening socket on `port`?

@@ -814,7 +814,10 @@ impl SessionActor {
             return;
         }
         if let Err(e) = self.shared.backend.prepare_workspace(&self.user_id) {
-            self.emit(ServerEvent::error(ErrorCode::TaskStartFailed, format!("could not prepare your workspace: {e}")));
+            self.emit(ServerEvent::error(
+                ErrorCode::TaskStartFailed,
+                format!("could not prepare your workspace: {e}"),
+            ));
             return;
         }
         let cold_queue = self
