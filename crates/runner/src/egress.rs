@@ -155,6 +155,15 @@ impl Plan {
         let pid = tokio::time::timeout(SETUP_TIMEOUT, sandbox_pid(info_read))
             .await
             .map_err(|_| "bubblewrap did not report its sandbox in time".to_string())??;
+        // bwrap brings the namespace's loopback up before it blocks; pasta
+        // brings it up too, and bwrap fails if pasta got there first.
+        tokio::time::timeout(SETUP_TIMEOUT, async {
+            while !loopback_up(pid) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .map_err(|_| "bubblewrap did not set up the sandbox's loopback in time".to_string())?;
         let egress = start_pasta(pid, model_port)?;
         let mut egress = egress;
         let ready =
@@ -294,6 +303,13 @@ async fn wait_configured(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Is the loopback of `pid`'s namespace up (its local routes exist)?
+fn loopback_up(pid: u32) -> bool {
+    let read =
+        |file: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+    read("if_inet6").lines().any(|l| l.ends_with(" lo")) || read("fib_trie").contains("127.0.0.1")
 }
 
 fn namespace_configured(pid: u32, model_port: Option<u16>) -> bool {
