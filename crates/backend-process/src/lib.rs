@@ -10,6 +10,7 @@
 //! polling, since they are no longer its children.
 
 mod os;
+pub mod quota;
 mod state;
 
 use std::collections::HashMap;
@@ -84,6 +85,8 @@ pub struct ProcessBackend {
 struct Inner {
     cfg: ProcessBackendConfig,
     tasks: Mutex<HashMap<String, Entry>>,
+    /// Size-limited workspaces, when the gateway asked for them.
+    workspace_quota: std::sync::OnceLock<quota::WorkspaceQuota>,
 }
 
 struct Entry {
@@ -185,6 +188,11 @@ fn prune_exited(tasks: &mut Tasks) {
 impl ProcessBackend {
     /// Create the backend, creating `state_dir` if needed and adopting the
     /// still-running tasks recorded in `{state_dir}/tasks.json`.
+    /// Give every workspace a disk quota from now on (see [`quota`]).
+    pub fn set_workspace_quota(&self, quota: quota::WorkspaceQuota) {
+        let _ = self.inner.workspace_quota.set(quota);
+    }
+
     pub fn new(cfg: ProcessBackendConfig) -> std::io::Result<Self> {
         std::fs::create_dir_all(&cfg.state_dir)?;
         let persisted = state::load(&cfg.state_dir).unwrap_or_else(|e| {
@@ -240,6 +248,7 @@ impl ProcessBackend {
         let inner = Arc::new(Inner {
             cfg,
             tasks: Mutex::new(Tasks::new()),
+            workspace_quota: std::sync::OnceLock::new(),
         });
         inner.persist(&tasks)?;
         *inner.lock() = tasks;
@@ -547,6 +556,22 @@ impl Backend for ProcessBackend {
                 .then_with(|| a.task_id.cmp(&b.task_id))
         });
         Ok(out)
+    }
+
+    fn prepare_workspace(&self, user_id: &str) -> Result<(), BackendError> {
+        let workspace = self.inner.cfg.workspaces_root.join(user_id);
+        match self.inner.workspace_quota.get() {
+            Some(quota) => quota.ensure(&workspace, user_id),
+            None => std::fs::create_dir_all(&workspace).map_err(|e| quota::QuotaError::Workspace {
+                user: user_id.to_string(),
+                message: format!("cannot create {}: {e}", workspace.display()),
+            }),
+        }
+        .map_err(|e| BackendError::Refused {
+            backend: NAME,
+            op: "prepare_workspace",
+            reason: e.to_string(),
+        })
     }
 
     fn workspace_path(&self, user_id: &str) -> String {

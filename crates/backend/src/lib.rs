@@ -109,6 +109,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Path of a user's workspace as the runner inside a task sees it.
     fn workspace_path(&self, user_id: &str) -> String;
 
+    /// Make a user's workspace ready before anything uses it (a session's
+    /// task, the files API): with a disk quota, mount its file system. The
+    /// default has nothing to prepare (whoever uses a workspace creates it).
+    fn prepare_workspace(&self, user_id: &str) -> Result<(), BackendError> {
+        let _ = user_id;
+        Ok(())
+    }
+
     /// Whether the runtime answers at all (for `/ready`).
     async fn ping(&self) -> Result<(), BackendError> {
         self.list().await.map(|_| ())

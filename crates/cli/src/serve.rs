@@ -110,7 +110,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 cfg.workspaces_root.clone(),
                 cfg.data_dir.join("process-backend"),
             );
-            Arc::new(ProcessBackend::new(backend_cfg).context("cannot start the process backend")?)
+            let backend =
+                ProcessBackend::new(backend_cfg).context("cannot start the process backend")?;
+            if let Some(bytes) = settings.workspace_quota_bytes()? {
+                let images = cfg.data_dir.join("quota");
+                backend.set_workspace_quota(aishell_backend_process::quota::WorkspaceQuota::new(
+                    bytes, images,
+                )?);
+            }
+            Arc::new(backend)
         }
         "docker" => {
             let instance_id = instance_id(&cfg.data_dir.join("docker-backend"))?;

@@ -210,6 +210,9 @@ pub struct ServeSettings {
     /// Size of the sandbox's /tmp and of its /var/tmp, bytes each [default: 268435456].
     #[arg(long, env = "AISHELL_SANDBOX_TMP_BYTES")]
     pub sandbox_tmp_bytes: Option<u64>,
+    /// Process backend, root: each user's workspace is a file system of this size (e.g. 1g), so a full workspace is ENOSPC for its user only [default: off].
+    #[arg(long, env = "AISHELL_WORKSPACE_QUOTA")]
+    pub workspace_quota: Option<String>,
     /// Docker backend: image every task runs [default: aishell:local, built by `aishell image build`].
     #[arg(long, env = "AISHELL_DOCKER_IMAGE")]
     pub docker_image: Option<String>,
@@ -321,6 +324,7 @@ impl ServeSettings {
             sandbox_pids_max,
             sandbox_cgroup_memory_bytes,
             sandbox_tmp_bytes,
+            workspace_quota,
             docker_image,
             docker_host,
             docker_network,
@@ -398,6 +402,17 @@ impl ServeSettings {
             m @ ("bwrap" | "uid" | "none") => Ok(m),
             other => bail!("--sandbox `{other}` is not one of bwrap, uid, none"),
         }
+    }
+
+    /// `--workspace-quota` in bytes; only the process backend has it.
+    pub fn workspace_quota_bytes(&self) -> anyhow::Result<Option<u64>> {
+        let Some(size) = self.workspace_quota.as_deref() else {
+            return Ok(None);
+        };
+        if self.execution_mode()? != "process" {
+            bail!("--workspace-quota is only available with the process backend");
+        }
+        Ok(Some(parse_bytes(size).context("--workspace-quota")? as u64))
     }
 
     /// Model endpoints: keys go to the gateway's proxy; a key-less endpoint

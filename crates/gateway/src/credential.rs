@@ -211,6 +211,10 @@ impl Backend for TrackingBackend {
         self.inner.workspace_path(user_id)
     }
 
+    fn prepare_workspace(&self, user_id: &str) -> Result<(), BackendError> {
+        self.inner.prepare_workspace(user_id)
+    }
+
     async fn ping(&self) -> Result<(), BackendError> {
         self.inner.ping().await
     }

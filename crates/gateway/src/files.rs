@@ -161,9 +161,20 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
 /// The caller's workspace directory, opened (created if new). The gateway's
 /// own path, not `Backend::workspace_path` (the runner's view, which is
 /// `/workspaces/<user>` inside a docker task).
-fn open_workspace(root: &std::path::Path) -> Result<OwnedFd, ApiError> {
-    std::fs::create_dir_all(root).map_err(|e| io_error("workspace", e))?;
-    let dir = std::fs::File::open(root).map_err(|e| io_error("workspace", e))?;
+fn open_workspace(workspace: &Workspace) -> Result<OwnedFd, ApiError> {
+    // A size-limited workspace is mounted here the first time it is used.
+    workspace
+        .backend
+        .prepare_workspace(&workspace.user_id)
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                e.to_string(),
+            )
+        })?;
+    std::fs::create_dir_all(&workspace.path).map_err(|e| io_error("workspace", e))?;
+    let dir = std::fs::File::open(&workspace.path).map_err(|e| io_error("workspace", e))?;
     Ok(OwnedFd::from(dir))
 }
 
@@ -225,9 +236,20 @@ struct ListQuery {
     dir: Option<String>,
 }
 
-/// The gateway's path of the caller's workspace.
-fn workspace_of(shared: &Shared, who: &Identity) -> PathBuf {
-    shared.cfg.workspaces_root.join(&who.user_id)
+/// The caller's workspace: the gateway's path of it, and the backend that
+/// prepares it (blocking: it may format and mount a file system).
+struct Workspace {
+    path: PathBuf,
+    user_id: String,
+    backend: Arc<dyn aishell_backend::Backend>,
+}
+
+fn workspace_of(shared: &Shared, who: &Identity) -> Workspace {
+    Workspace {
+        path: shared.cfg.workspaces_root.join(&who.user_id),
+        user_id: who.user_id.clone(),
+        backend: shared.backend.clone(),
+    }
 }
 
 async fn list(

@@ -47,6 +47,8 @@ pub struct AgentProcess {
     pub info: AgentInfo,
     /// The child's process id (for checking its credentials).
     pub pid: Option<u32>,
+    /// The sandbox's network link; ends with the agent.
+    pub egress: Option<crate::egress::Egress>,
 }
 
 /// The command line for an agent spec: an explicit command, or a built-in
@@ -216,6 +218,7 @@ impl AgentProcess {
             kill: Some(kill_tx),
             info: AgentInfo::default(),
             pid,
+            egress: None,
         })
     }
 

@@ -10,6 +10,7 @@
 mod agent_proc;
 pub mod cgroup;
 mod config;
+pub mod egress;
 mod model_proxy;
 mod outbox;
 pub mod prestart;
@@ -591,6 +592,7 @@ impl Runner {
             // workspace (and, under UID isolation, its user).
             command.push("--await-init".into());
         }
+        let mut egress_plan = None;
         let confined = match settings.sandbox.as_ref() {
             None => None,
             Some(s) if s.isolation == Isolation::Uid => {
@@ -636,7 +638,15 @@ impl Runner {
                     self.agent_uid = Some(uid);
                     sandbox::SandboxUser::Own(uid)
                 };
-                let (argv, inherited_fds) = sandbox::wrap(&command, workspace, &env, s, user)
+                let mut bwrap = sandbox::wrap(&command, workspace, &env, s, user);
+                if s.network {
+                    let model_port = self.model_proxy.as_ref().map(|p| p.port());
+                    egress_plan = Some(
+                        egress::Plan::new(model_port, &mut bwrap)
+                            .map_err(|e| format!("cannot prepare the sandbox's network: {e}"))?,
+                    );
+                }
+                let (argv, inherited_fds) = bwrap
                     .launch()
                     .map_err(|e| format!("cannot prepare the sandbox: {e}"))?;
                 command = argv;
@@ -654,13 +664,18 @@ impl Runner {
         };
         // Only bwrap reports a killed agent as exit 128+N.
         self.sandboxed = confined.as_ref().is_some_and(|c| c.under_bwrap);
-        AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined).map_err(|e| {
+        let mut agent = AgentProcess::spawn(&command, &workspace.to_string_lossy(), &env, confined).map_err(|e| {
             if self.sandboxed && e.kind() == std::io::ErrorKind::NotFound {
                 "bubblewrap (bwrap) is not installed in this sandbox image; install the bubblewrap package or run serve with --insecure-no-sandbox".to_string()
             } else {
                 format!("cannot start agent {:?}: {e}", command.last())
             }
-        })
+        })?;
+        if let Some(plan) = egress_plan {
+            // Dropping the agent on failure stops bwrap (kill on drop).
+            agent.egress = Some(plan.connect().await?);
+        }
+        Ok(agent)
     }
 
     /// The cgroups that hold one sandbox's processes and memory; a limit

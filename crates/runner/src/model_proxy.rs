@@ -68,6 +68,11 @@ impl ModelProxy {
         Ok(ModelProxy { port, state })
     }
 
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Name the session requests are made for (logged by the gateway).
     pub fn set_session(&self, session_id: &str) {
         *self.state.session_id.lock().expect("session id") = session_id.to_string();

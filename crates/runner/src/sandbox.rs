@@ -206,6 +206,9 @@ pub fn wrap(
         "--unshare-uts",
         "--unshare-cgroup-try",
         "--clearenv",
+        // Never the host's network: with `settings.network` on, the runner
+        // connects this namespace to the outside (crate::egress).
+        "--unshare-net",
     ]);
     match user {
         SandboxUser::Own(uid) => {
@@ -223,9 +226,6 @@ pub fn wrap(
             "--cap-add",
             "CAP_SETPCAP",
         ]),
-    }
-    if !settings.network {
-        bwrap.push(&["--unshare-net"]);
     }
     for dir in SYSTEM_DIRS {
         let p = Path::new(dir);

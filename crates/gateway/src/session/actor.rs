@@ -889,6 +889,13 @@ impl SessionActor {
             self.emit(ServerEvent::error(ErrorCode::QuotaExceeded, message));
             return;
         }
+        if let Err(e) = self.shared.backend.prepare_workspace(&self.user_id) {
+            self.emit(ServerEvent::error(
+                ErrorCode::TaskStartFailed,
+                format!("could not prepare your workspace: {e}"),
+            ));
+            return;
+        }
         let cold_queue = self
             .shared
             .queued_starts
