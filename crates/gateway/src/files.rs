@@ -167,7 +167,7 @@ fn open_workspace(workspace: &Workspace) -> Result<OwnedFd, ApiError> {
         .backend
         .prepare_workspace(&workspace.user_id)
         .map_err(|e| {
-            ApiError(
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Internal,
                 e.to_string(),
