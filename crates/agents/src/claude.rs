@@ -1,5 +1,5 @@
 //! The `claude` agent: an adapter running Claude Code in its stream-json mode
-//! and translating between its messages and the agent protocol (SPEC §5).
+//! and translating between its messages and the agent protocol (docs/protocol/agent.md).
 //!
 //! * One Claude Code process per conversation, started on the conversation's
 //!   first message in the workspace and kept for the next ones:

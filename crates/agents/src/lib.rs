@@ -1,4 +1,4 @@
-//! Built-in headless agents of aishell (SPEC §2, §5): `echo`, `shell`, `llm`
+//! Built-in headless agents of aishell (docs/protocol/agent.md): `echo`, `shell`, `llm`
 //! (any OpenAI-compatible Chat Completions endpoint, with workspace tools)
 //! and `claude` (an adapter for Claude Code's stream-json mode).
 //!

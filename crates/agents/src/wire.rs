@@ -1,4 +1,4 @@
-//! Line I/O shared by the built-in agents (SPEC §5).
+//! Line I/O shared by the built-in agents (docs/protocol/agent.md).
 //!
 //! * [`Out`]: a cheap, cloneable handle feeding one writer task that owns the
 //!   agent's stdout. Every frame is one JSON line; the writer batches whatever

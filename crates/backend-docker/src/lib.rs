@@ -1,4 +1,4 @@
-//! The `docker` backend (SPEC §10): every task is a container of one image
+//! The `docker` backend: every task is a container of one image
 //! (default `aishell:local`, built by `aishell image build`), started with
 //! per-task environment only (gateway URL, task id, mode, credential), so one
 //! warm pool serves every user.

@@ -1,4 +1,4 @@
-//! The `process` backend (SPEC §10): every task is a local child process
+//! The `process` backend: every task is a local child process
 //! running `aishell runner`, in its own process group so that stopping a task
 //! takes its agent down with it.
 //!

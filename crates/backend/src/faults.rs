@@ -1,5 +1,5 @@
 //! A backend decorator that injects failures and delays, for reproducing the
-//! production failure classes (SPEC §7) against real tasks.
+//! production failure classes against real tasks.
 //!
 //! Faults are read from a file on every call so a test can change them while
 //! the gateway runs. One rule per line, `op=action`:

@@ -1,4 +1,4 @@
-//! The one small interface every sandbox runtime implements (SPEC §10).
+//! The one small interface every sandbox runtime implements.
 //!
 //! Like JupyterHub's Spawner: launch, status, stop, list. A backend knows
 //! nothing about users or sessions; per-user settings travel over the runner

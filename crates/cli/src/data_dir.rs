@@ -142,7 +142,10 @@ impl DataDir {
         );
     }
 
-    /// Create it (and tighten it) for `serve`: owner only, it holds secrets.
+    /// Create it (and tighten it) for `serve`: it holds secrets, so nobody
+    /// else may list or write it; others keep the execute bit, because each
+    /// user's agent runs under that user's own UID and passes through it to
+    /// its workspace (every file in it is 0600, every other directory 0700).
     pub fn create_private(&self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.path)
             .with_context(|| format!("cannot create data dir {}", self.path.display()))?;
@@ -150,10 +153,10 @@ impl DataDir {
     }
 }
 
-/// Mode 0700 on a directory we own.
+/// Mode 0711 on a directory we own: see [`DataDir::create_private`].
 pub fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot make {} private (0700)", dir.display()))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot make {} private (0711)", dir.display()))
 }
 
 /// Mode 0600 on each of these files that exists (the SQLite database and

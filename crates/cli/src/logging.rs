@@ -134,7 +134,13 @@ impl DailyFiles {
     fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot write logs under {}: {e}", dir.display()))?;
-        crate::data_dir::make_private_dir(dir)?;
+        // The owner's alone: log lines name users and sessions.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+                anyhow::anyhow!("cannot make {} private (0700): {e}", dir.display())
+            })?;
+        }
         let files = DailyFiles {
             dir: dir.to_path_buf(),
             current: Mutex::new(None),

@@ -243,6 +243,12 @@ pub struct ServeSettings {
     /// Connections per client address that have not sent a complete request yet; more get 429 [default: 256].
     #[arg(long, env = "AISHELL_MAX_PENDING_CONNECTIONS_PER_ADDRESS")]
     pub max_pending_connections_per_address: Option<usize>,
+    /// Bytes of agent output one turn may store and relay; past it the client is told once and the turn still ends [default: 16777216].
+    #[arg(long, env = "AISHELL_MAX_TURN_OUTPUT_BYTES")]
+    pub max_turn_output_bytes: Option<u64>,
+    /// Bytes of events kept in memory per session for replay (older ones come from the store) [default: 8388608].
+    #[arg(long, env = "AISHELL_REPLAY_BUFFER_BYTES")]
+    pub replay_buffer_bytes: Option<usize>,
 }
 
 macro_rules! fill_from {
@@ -334,7 +340,9 @@ impl ServeSettings {
             header_read_timeout,
             pre_upgrade_timeout,
             max_connections,
-            max_pending_connections_per_address
+            max_pending_connections_per_address,
+            max_turn_output_bytes,
+            replay_buffer_bytes
         );
         Ok(())
     }
@@ -634,6 +642,12 @@ impl ServeSettings {
         }
         if let Some(n) = self.max_pending_connections_per_address {
             cfg.max_pending_connections_per_address = n.max(1);
+        }
+        if let Some(n) = self.max_turn_output_bytes {
+            cfg.max_turn_output_bytes = n.max(1);
+        }
+        if let Some(n) = self.replay_buffer_bytes {
+            cfg.replay_buffer_bytes = n.max(1);
         }
         self.apply_model_settings(&mut cfg)?;
         if self.jwt_secret.is_some() || self.jwt_public_key.is_some() || self.jwt_jwks.is_some() {

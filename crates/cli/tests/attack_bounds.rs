@@ -268,5 +268,9 @@ async fn the_store_is_readable_by_its_owner_only() {
         assert!(path.exists(), "{name} exists while the gateway runs");
         assert_eq!(mode(&path), 0o600, "{name}");
     }
-    assert_eq!(mode(&gw.data_dir), 0o700, "the data dir");
+    assert_eq!(
+        mode(&gw.data_dir),
+        0o711,
+        "the data dir: others may only pass through"
+    );
 }

@@ -1,4 +1,4 @@
-//! The five production failure classes of SPEC §7, each reproduced against
+//! The five production failure classes, each reproduced against
 //! real processes with a fault-injecting backend decorator, plus crashes
 //! mid-turn and a gateway killed and restarted under load.
 

@@ -1,4 +1,4 @@
-//! Files API (issue 6): list, read, write, delete within the caller's
+//! Files API: list, read, write, delete within the caller's
 //! workspace; traversal, absolute paths, NUL and symlink escapes refused.
 
 mod common;

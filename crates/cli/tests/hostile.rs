@@ -1,4 +1,4 @@
-//! Hostile input (issue 6): a client that sends faster than it reads, and an
+//! Hostile input: a client that sends faster than it reads, and an
 //! agent that writes garbage and huge lines. Memory stays bounded, other
 //! sessions are unaffected, nothing is lost.
 

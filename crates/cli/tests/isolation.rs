@@ -1,4 +1,4 @@
-//! Real per-user isolation in the process backend (issue 6): agents run under
+//! Real per-user isolation in the process backend: agents run under
 //! bubblewrap. Identities switch for real (two users' tokens); user B's shell
 //! agent tries every way we know to reach user A's secret.
 

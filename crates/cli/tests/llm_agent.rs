@@ -1,7 +1,7 @@
 //! The `llm` agent end to end through gateway, runner and bubblewrap, against
 //! a scripted OpenAI-compatible server on 127.0.0.1 (chunked SSE, tool-call
 //! deltas split across chunks, usage in the last chunk, 429s), with the API
-//! keys held by the gateway's key pool (issue 8).
+//! keys held by the gateway's key pool.
 
 mod common;
 #[path = "../../agents/tests/model_server/mod.rs"]

@@ -1,4 +1,4 @@
-//! The runner's pre-started agent (issue 3), driven frame by frame from a
+//! The runner's pre-started agent, driven frame by frame from a
 //! scripted gateway on 127.0.0.1: `prepare` starts the agent before any
 //! claim; a claim with the same settings binds the user's workspace into the
 //! running sandbox; other settings, or a pre-started agent that died, start

@@ -296,8 +296,8 @@ async fn report_and_token_find_the_data_directory_serve_used() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(
         mode(&gw.data_dir),
-        0o700,
-        "the data directory holds secrets"
+        0o711,
+        "the data directory holds secrets: others may only pass through to their workspace"
     );
     let logs: Vec<_> = std::fs::read_dir(gw.data_dir.join("logs"))
         .expect("serve writes logs without --log-file")

@@ -1,4 +1,4 @@
-//! Authentication and limits end to end (issue 6): JWTs, token expiry on a
+//! Authentication and limits end to end: JWTs, token expiry on a
 //! live connection, `update_token`, frame rate limits, connection caps,
 //! per-user task quotas and the warm-claim cap.
 

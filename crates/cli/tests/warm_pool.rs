@@ -1,4 +1,4 @@
-//! Warm pool end to end (issue 3): claims, refill, cold fallback, eviction.
+//! Warm pool end to end: claims, refill, cold fallback, eviction.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Client authentication (SPEC §9): bearer tokens from the `Authorization`
+//! Client authentication: bearer tokens from the `Authorization`
 //! header or `?token=` (browsers cannot set WebSocket headers). Opaque API
 //! tokens (stored hashed) and, when configured, JWTs: HS256 with a shared
 //! secret, or RS256/ES256 with a PEM public key or a JWKS file.
@@ -266,7 +266,7 @@ pub fn bearer_token(headers: &HeaderMap, query_token: Option<&str>) -> Option<St
         .filter(|t| !t.is_empty())
 }
 
-/// User ids name directories: no `/`, `..`, NUL or control characters (SPEC §9).
+/// User ids name directories: no `/`, `..`, NUL or control characters.
 pub fn validate_user_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 64 {
         return Err("user id must be 1 to 64 characters".into());

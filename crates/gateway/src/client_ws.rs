@@ -1,4 +1,4 @@
-//! `GET /ws`: one client connection (SPEC §4). Authenticates before the
+//! `GET /ws`: one client connection (docs/protocol/client.md). Authenticates before the
 //! upgrade, attaches to a session actor, then relays frames both ways.
 
 use std::collections::HashMap;

@@ -23,7 +23,7 @@ pub struct GatewayConfig {
     pub agent: AgentSpec,
     /// Extra settings passed to the agent's `init`.
     pub agent_settings: serde_json::Map<String, serde_json::Value>,
-    /// Stop a task whose session has been `idle` this long (SPEC §3.2).
+    /// Stop a task whose session has been `idle` this long.
     pub idle_timeout: Duration,
     /// Keep a task running this long after its client left mid-turn.
     pub disconnect_processing_timeout: Duration,
@@ -85,7 +85,7 @@ pub struct GatewayConfig {
     pub replay_buffer_bytes: usize,
 }
 
-/// Every transitional state has a deadline (SPEC §3.1): nothing waits forever.
+/// Every transitional state has a deadline: nothing waits forever.
 #[derive(Debug, Clone)]
 pub struct Deadlines {
     /// Backend launch call plus backend-side pending (CREATING).
@@ -126,7 +126,7 @@ impl Default for Deadlines {
 }
 
 impl GatewayConfig {
-    /// The idle timeout of one user's sessions (SPEC §9 quotas).
+    /// The idle timeout of one user's sessions.
     pub fn idle_timeout_for(&self, user_id: &str) -> Duration {
         self.user_idle_timeouts
             .get(user_id)

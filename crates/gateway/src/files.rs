@@ -1,4 +1,4 @@
-//! Files API (SPEC §9): list, read, write and delete within the caller's
+//! Files API: list, read, write and delete within the caller's
 //! workspace.
 //!
 //! Every path is checked as a string first (no absolute paths, `..`, NUL)

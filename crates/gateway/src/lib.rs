@@ -1,5 +1,5 @@
 //! The aishell gateway (`aishell serve`): client WebSocket and HTTP API, runner
-//! sockets, session manager, backends and store (SPEC §2–§7).
+//! sockets, session manager, backends and store.
 
 mod api;
 pub mod auth;

@@ -1,4 +1,4 @@
-//! Lifecycle events of SPEC §8.2: `event = "task_lifecycle"` with a `phase`,
+//! Lifecycle events: `event = "task_lifecycle"` with a `phase`,
 //! the session's ids and phase-specific fields, as one JSON log line each.
 
 /// `lifecycle!(session, "phase", field = value, ..., "message")`

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §8.3), recorded with the `metrics` crate and
+//! Prometheus metrics, recorded with the `metrics` crate and
 //! rendered by its Prometheus exporter at `GET /metrics`.
 //!
 //! Series: `aishell_lifecycle_duration_seconds{phase,source}` (histogram of

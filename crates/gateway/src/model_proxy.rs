@@ -1,4 +1,4 @@
-//! Model proxy and API-key pool (SPEC §9 secrets): agents call their model
+//! Model proxy and API-key pool: agents call their model
 //! through `/internal/model/{provider}/{*path}`, authenticated with their
 //! runner's task credential; the gateway adds a real API key from the
 //! provider's pool and streams the upstream answer back. Keys never enter a

@@ -1,4 +1,4 @@
-//! Warm pool (SPEC §2 warm path, issue 3): tasks launched for nobody whose
+//! Warm pool: tasks launched for nobody whose
 //! runners dial `/internal/warm/{task_id}` and wait. A claim atomically takes
 //! one ready task out of the pool for exactly one session (never returned).
 //!

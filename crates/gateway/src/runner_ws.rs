@@ -1,4 +1,4 @@
-//! Runner sockets (SPEC §6): `/internal/task/{session_id}` (cold) and
+//! Runner sockets (docs/protocol/runner.md): `/internal/task/{session_id}` (cold) and
 //! `/internal/warm/{task_id}` (warm). Every dial-back presents the per-task
 //! credential minted at launch; a missing, forged, expired or mismatched one
 //! is refused before the upgrade and logged.

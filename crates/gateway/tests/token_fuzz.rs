@@ -1,4 +1,4 @@
-//! Hostile credentials never panic and never verify (issue 6 fuzzing):
+//! Hostile credentials never panic and never verify:
 //! runner credentials and JWTs from arbitrary bytes, and tampered real ones.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-// The chat page: one WebSocket to /ws speaking the client protocol (SPEC §4).
+// The chat page: one WebSocket to /ws speaking the client protocol (docs/protocol/client.md).
 //
 // Connection life cycle, like a production client:
 // * heartbeat: `ping` every 30 s; no `pong` within 10 s counts as a dead

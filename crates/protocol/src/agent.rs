@@ -1,4 +1,4 @@
-//! Agent protocol (SPEC §5): one JSON object per line on the agent's stdin
+//! Agent protocol (docs/protocol/agent.md): one JSON object per line on the agent's stdin
 //! (input) and stdout (output). Any program that speaks this is an agent.
 
 use serde::{Deserialize, Serialize};
@@ -103,7 +103,7 @@ impl AgentInput {
     ];
 }
 
-/// Agent → runner (stdout). Forwarded to clients unchanged (SPEC §4 names).
+/// Agent → runner (stdout). Forwarded to clients unchanged (the client protocol's names, docs/protocol/client.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentEvent {

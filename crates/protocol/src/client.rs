@@ -1,4 +1,4 @@
-//! Client protocol (SPEC §4): browser / terminal ↔ gateway over `GET /ws`.
+//! Client protocol (docs/protocol/client.md): browser / terminal ↔ gateway over `GET /ws`.
 
 use serde::{Deserialize, Serialize};
 

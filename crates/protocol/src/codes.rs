@@ -1,4 +1,4 @@
-//! Stable error codes (SPEC §7). Clients match on these strings; never rename one.
+//! Stable error codes. Clients match on these strings; never rename one.
 
 use serde::{Deserialize, Serialize};
 

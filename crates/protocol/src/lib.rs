@@ -1,9 +1,9 @@
 //! Every wire type of aishell, and nothing else.
 //!
-//! Three protocols, each versioned on its own (see `VERSIONING.md`):
-//! * [`client`]: browser / terminal ↔ gateway over `GET /ws` (SPEC §4);
-//! * [`agent`]: runner ↔ agent as JSON lines on stdin/stdout (SPEC §5);
-//! * [`runner`]: runner ↔ gateway over `/internal/{task,warm}/...` (SPEC §6).
+//! Three protocols, each versioned on its own (see docs/protocol/versioning.md):
+//! * [`client`]: browser / terminal ↔ gateway over `GET /ws` (docs/protocol/client.md);
+//! * [`agent`]: runner ↔ agent as JSON lines on stdin/stdout (docs/protocol/agent.md);
+//! * [`runner`]: runner ↔ gateway over `/internal/{task,warm}/...` (docs/protocol/runner.md).
 //!
 //! Agent output frames are shared by the agent and the client protocol: the
 //! gateway forwards them to clients unchanged, adding only `seq` and
@@ -27,7 +27,7 @@ pub const RUNNER_PROTOCOL_VERSION: u32 = 1;
 /// Oldest runner protocol this build still speaks.
 pub const MIN_RUNNER_PROTOCOL_VERSION: u32 = 1;
 
-/// Default limit on one client frame (SPEC §4): larger frames close with 1009.
+/// Default limit on one client frame (docs/protocol/client.md): larger frames close with 1009.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 
 /// Read buffer of every WebSocket end aishell opens (gateway, runner,

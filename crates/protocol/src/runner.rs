@@ -1,4 +1,4 @@
-//! Runner protocol (SPEC §6): runner ↔ gateway over
+//! Runner protocol (docs/protocol/runner.md): runner ↔ gateway over
 //! `/internal/task/{session_id}` (cold) and `/internal/warm/{task_id}` (warm).
 //!
 //! Compatibility rule: a gateway speaking version N accepts runners with

@@ -1,4 +1,4 @@
-//! `aishell runner`: the supervisor inside every sandbox (SPEC §2, §6).
+//! `aishell runner`: the supervisor inside every sandbox (docs/protocol/runner.md).
 //!
 //! It always dials out to the gateway (a sandbox never exposes a port),
 //! waits for `init_user`, prepares the user's workspace, spawns the agent as a

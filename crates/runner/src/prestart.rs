@@ -1,4 +1,4 @@
-//! Pre-started agents for warm tasks (issue 3): the agent and its bubblewrap
+//! Pre-started agents for warm tasks: the agent and its bubblewrap
 //! sandbox start before the claim, and the claim only binds the user.
 //!
 //! Starting bwrap and an agent costs a few milliseconds of CPU each; fifty

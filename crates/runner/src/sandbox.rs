@@ -1,4 +1,4 @@
-//! Confining the agent with bubblewrap (SPEC §9, issue 6).
+//! Confining the agent with bubblewrap.
 //!
 //! At claim time, once the user is known, the agent runs in a fresh mount
 //! namespace whose only writable place is the user's workspace; no other

@@ -1,4 +1,4 @@
-//! Group commit for SQLite writes (issue 3).
+//! Group commit for SQLite writes.
 //!
 //! SQLite has one writer. With every session writing its own small
 //! transactions (session record, message, conversation, task binding, event

@@ -1,4 +1,4 @@
-//! Persistent state of aishell (SPEC §2 store): users, hashed tokens,
+//! Persistent state of aishell: users, hashed tokens,
 //! sessions, conversations, messages and session events.
 //!
 //! The gateway only sees the [`Store`] trait. SQLite (a file under the data
@@ -130,7 +130,7 @@ pub struct TokenRecord {
 pub struct SessionRecord {
     pub id: String,
     pub user_id: String,
-    /// Upper-case state name of SPEC §3.1 (`RUNNING`, `STOPPED`, ...).
+    /// Upper-case state name (ARCHITECTURE.md, "Session state machine") (`RUNNING`, `STOPPED`, ...).
     pub state: String,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,

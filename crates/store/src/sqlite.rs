@@ -93,10 +93,12 @@ impl SqliteStore {
 }
 
 /// The database holds every conversation: it, its WAL and SHM are the
-/// owner's alone (0600, whatever the umask), in a directory only the owner
-/// may enter (0700). SQLite creates the WAL and SHM with the database
-/// file's mode, so the file is created here first; files an older version
-/// left readable are tightened.
+/// owner's alone (0600, whatever the umask), in a directory nobody else may
+/// list or write (a new one is 0700; an existing one keeps only its execute
+/// bits for others, since per-user agent UIDs pass through the data
+/// directory to their workspaces). SQLite creates the WAL and SHM with the
+/// database file's mode, so the file is created here first; files an older
+/// version left readable are tightened.
 fn make_private(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let io = |what: &std::path::Path, e: std::io::Error| {
@@ -114,7 +116,11 @@ fn make_private(path: &std::path::Path) -> Result<()> {
             .mode(0o700)
             .create(parent)
             .map_err(|e| io(parent, e))?;
-        private(parent, 0o700)?;
+        let mode = std::fs::metadata(parent)
+            .map_err(|e| io(parent, e))?
+            .permissions()
+            .mode();
+        private(parent, (mode & 0o711) | 0o700)?;
     }
     std::fs::OpenOptions::new()
         .create(true)
@@ -1377,7 +1383,11 @@ mod tests {
                 assert_eq!(mode(&f), 0o600, "{}", f.display());
             }
         }
-        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        assert_eq!(
+            mode(db.parent().unwrap()),
+            0o711,
+            "others keep only the right to pass through"
+        );
         s.close().await;
     }
 

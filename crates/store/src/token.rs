@@ -1,4 +1,4 @@
-//! Opaque API tokens (SPEC §9): `ais_` followed by 43 random base62
+//! Opaque API tokens: `ais_` followed by 43 random base62
 //! characters (~256 bits). Only [`hash`] of a token is ever stored; since
 //! the tokens are high-entropy a plain SHA-256 is enough (no salt or slow
 //! KDF needed), the same scheme GitHub uses for its tokens.

@@ -1,7 +1,7 @@
 //! One session's actor: the only owner of its state, so every transition
-//! happens in one place, in order (SPEC §3).
+//! happens in one place, in order.
 //!
-//! Task phases inside the actor map onto the session states of SPEC §3.1:
+//! Task phases inside the actor map onto the session states (ARCHITECTURE.md, "Session state machine"):
 //! `Launching` → CREATING, `Pending` → PENDING, `Activating`/`Restoring` →
 //! ACTIVATING, `Ready` → RUNNING (a client attached) or IDLE (none),
 //! a stop in progress → STOPPING, no task at all → STOPPED (session kept,

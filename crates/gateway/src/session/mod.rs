@@ -1,4 +1,4 @@
-//! Sessions (SPEC §3): a registry of live session actors, each owning one
+//! Sessions: a registry of live session actors, each owning one
 //! session's state machine, task, replay buffer and attached clients.
 
 mod actor;

@@ -40,7 +40,7 @@ pub(super) enum PersistItem {
     },
     /// Bind the session to a task (or none); resets the stored runner seq.
     BindTask(Option<String>),
-    /// The session's state (SPEC §3.1) changed; only the latest is written.
+    /// The session's state changed; only the latest is written.
     State(String),
     /// A task started or stopped serving the session (usage accounting).
     Usage(Usage),

@@ -1,5 +1,5 @@
 //! Bounded in-memory buffer of a session's recent events, for replay on
-//! reconnect (SPEC §3.5). Older events are read back from the store.
+//! reconnect. Older events are read back from the store.
 //!
 //! Bounded twice: in events and in bytes, so a few huge events cannot pin
 //! hundreds of megabytes the way thousands of small ones cannot.
