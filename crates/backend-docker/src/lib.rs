@@ -255,7 +255,8 @@ impl DockerBackend {
                 // reaps the agent's orphans.
                 init: Some(true),
                 // The runner needs only what per-user UID isolation takes:
-                // prepare a workspace (chown/chmod) and drop to its UID.
+                // prepare a workspace (chown/chmod), empty the agent's
+                // bounding set (SETPCAP) and drop to its UID.
                 cap_drop: Some(vec!["ALL".into()]),
                 cap_add: Some(
                     [
@@ -264,6 +265,7 @@ impl DockerBackend {
                         "FOWNER",
                         "SETUID",
                         "SETGID",
+                        "SETPCAP",
                         "KILL",
                     ]
                     .map(String::from)

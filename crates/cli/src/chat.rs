@@ -289,13 +289,36 @@ async fn next_frame(ws: &mut Ws, timeout: Duration) -> anyhow::Result<Option<Ser
             Ok(Some(Ok(m))) => m,
         };
         match msg {
-            Message::Text(t) => {
-                return Ok(Some(
-                    serde_json::from_str(&t).with_context(|| format!("unexpected frame: {t}"))?,
-                ));
-            }
+            Message::Text(t) => match decode_server_frame(&t)? {
+                Some(frame) => return Ok(Some(frame)),
+                // A newer gateway's frame type: skipped, not a broken
+                // connection (reconnecting would replay it forever).
+                None => continue,
+            },
             Message::Close(_) => return Ok(None),
             _ => continue,
+        }
+    }
+}
+
+/// Decode a gateway frame; `None` for a well-formed frame of a type this
+/// client does not know (docs/protocol/versioning.md: new frame types may
+/// appear within a version).
+fn decode_server_frame(text: &str) -> anyhow::Result<Option<ServerFrame>> {
+    match serde_json::from_str::<ServerFrame>(text) {
+        Ok(frame) => Ok(Some(frame)),
+        Err(e) => {
+            let value: serde_json::Value =
+                serde_json::from_str(text).with_context(|| format!("unexpected frame: {text}"))?;
+            if value.get("type").and_then(|t| t.as_str()).is_some() {
+                eprintln!(
+                    "(ignoring a frame this client does not understand: {})",
+                    value["type"]
+                );
+                Ok(None)
+            } else {
+                Err(e).with_context(|| format!("unexpected frame: {text}"))
+            }
         }
     }
 }
@@ -315,4 +338,19 @@ fn uuid_like() -> String {
 pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_type_from_a_newer_gateway_is_skipped_not_fatal() {
+        let known = r#"{"type":"pong","id":"1","seq":3,"session_id":"s-1","ephemeral":true}"#;
+        assert!(decode_server_frame(known).unwrap().is_some());
+        let newer = r#"{"type":"from_the_future","seq":4,"session_id":"s-1"}"#;
+        assert!(decode_server_frame(newer).unwrap().is_none());
+        assert!(decode_server_frame("not json").is_err());
+        assert!(decode_server_frame(r#"{"no_type":1}"#).is_err());
+    }
 }

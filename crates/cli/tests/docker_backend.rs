@@ -722,6 +722,21 @@ async fn users_cannot_reach_each_others_workspaces(dgw: &DockerGateway) {
         text_of(&frames).trim(),
         "alice and bob run under different UIDs"
     );
+    // And holds no capability, not even in its bounding set.
+    let frames = say(
+        &mut b,
+        "caps",
+        "grep -E '^(Cap|NoNewPrivs)' /proc/self/status",
+    )
+    .await;
+    let status = text_of(&frames);
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            status.contains(&format!("{set}:\t0000000000000000")),
+            "{set} is not empty in bob's agent:\n{status}"
+        );
+    }
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
 }
 
 /// A network this test creates (and removes).

@@ -175,10 +175,12 @@ async fn class2_a_runner_dialling_back_before_the_launch_call_returns_is_accepte
     );
 }
 
-/// Class 2, the window itself: a dial-back for a session that is not
-/// registered waits out the grace window, then is refused.
+/// Class 2, the other side of the window: a dial-back with a validly
+/// signed credential for a session that is not registered and a task this
+/// gateway never launched is refused at once (403), without waiting out the
+/// grace window, which exists only for tasks the gateway launched itself.
 #[tokio::test]
-async fn class2_a_dial_back_for_an_unknown_session_is_refused_after_the_grace_window() {
+async fn class2_a_dial_back_for_a_task_never_launched_is_refused_at_once() {
     let gw = Gateway::start(&["--agent", "echo", "--dial-back-grace", "1s"]);
     let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
     let signer = aishell_gateway::credential::CredentialSigner::new(key);
@@ -191,12 +193,12 @@ async fn class2_a_dial_back_for_an_unknown_session_is_refused_after_the_grace_wi
         .insert("authorization", format!("Bearer {cred}").parse().unwrap());
     let started = Instant::now();
     match tokio_tungstenite::connect_async(req).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 404),
-        other => panic!("expected 404, got {other:?}"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
     }
     assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "refused only after the grace window"
+        started.elapsed() < Duration::from_millis(900),
+        "an unknown task does not get the grace window"
     );
 }
 

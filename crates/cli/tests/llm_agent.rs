@@ -168,8 +168,13 @@ async fn pooled_keys_fail_over_and_never_reach_the_sandbox() {
     let agent = procs
         .iter()
         .find(|(_, env, cmd)| {
-            (env.contains(&c.session_id) || cmd.contains(&c.session_id))
-                && cmd.contains("AISHELL_LLM_BASE_URL")
+            // The agent itself (bwrap's options are in a file, not on its
+            // command line): the session's environment without the runner's
+            // credential.
+            env.contains(&c.session_id)
+                && env.contains("AISHELL_LLM_BASE_URL")
+                && !env.contains("AISHELL_TASK_CREDENTIAL")
+                && !cmd.contains("runner")
         })
         .unwrap_or_else(|| panic!("no sandboxed agent found among {procs:?}"));
     for (pid, env, cmd) in &procs {
@@ -187,11 +192,10 @@ async fn pooled_keys_fail_over_and_never_reach_the_sandbox() {
 
     // The agent's endpoint answers only the agent: no proxy token, no service.
     let base = agent
-        .2
+        .1
         .split_whitespace()
-        .skip_while(|a| *a != "AISHELL_LLM_BASE_URL")
-        .nth(1)
-        .expect("base url in the bwrap line")
+        .find_map(|kv| kv.strip_prefix("AISHELL_LLM_BASE_URL="))
+        .expect("base url in the agent's environment")
         .to_string();
     let (status, body) = raw_post(&base, "chat/completions", None);
     assert_eq!(status, 401, "{body}");

@@ -92,12 +92,13 @@ async fn jwts_are_accepted_only_when_signed_current_and_from_the_right_issuer() 
     );
     // Opaque tokens keep working beside JWTs.
     assert_eq!(status_of(gw.connect_as(&gw.token, None).await), 101);
-    // A JWT for bob cannot open alice's session.
+    // A JWT for bob cannot open alice's session (told, like for a missing
+    // one, that it does not exist).
     let b = gw
         .connect_as(&jwt("bob", 60, SECRET, ISSUER), Some((&c.session_id, 0)))
         .await
         .unwrap();
-    assert_eq!(b.hello["error"]["code"], "FORBIDDEN");
+    assert_eq!(b.hello["error"]["code"], "SESSION_NOT_FOUND");
 }
 
 #[tokio::test]
@@ -321,8 +322,13 @@ async fn weekly_hours_are_recorded_and_enforced() {
 async fn users_list_only_their_own_sessions_and_admins_see_all_with_the_pool() {
     let gw = Gateway::start(&["--agent", "echo", "--warm-pool-target-size", "1"]);
     let alice = gw.create_token("alice");
-    let _a = gw.connect_as(&alice, None).await.unwrap();
-    let _admin = gw.connect().await;
+    // A session is stored with its first message.
+    let mut a = gw.connect_as(&alice, None).await.unwrap();
+    a.message("a1", "hi").await;
+    a.turn().await;
+    let mut admin = gw.connect().await;
+    admin.message("m1", "hi").await;
+    admin.turn().await;
     let get = |token: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();

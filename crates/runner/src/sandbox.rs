@@ -256,7 +256,15 @@ pub fn wrap(
         &ws,
         SANDBOX_WORKSPACE,
         "--chdir",
-        SANDBOX_WORKSPACE,
+        // A pre-started sandbox's workspace may already be its user's
+        // (0700, their UID) when bwrap, root without capabilities, gets
+        // here: a claim can bind it while bwrap still waits for its
+        // network. The agent enters `/workspace` itself on `init`.
+        if user == SandboxUser::AtInit {
+            "/"
+        } else {
+            SANDBOX_WORKSPACE
+        },
     ]);
     let mut env = env.clone();
     env.entry("PATH".into())
@@ -320,15 +328,24 @@ impl Limits {
     /// Install the limits on `cmd`'s child process; it also joins the
     /// cgroups whose `cgroup.procs` are `join` and keeps `keep` open.
     pub fn apply(self, cmd: &mut tokio::process::Command, join: Vec<RawFd>, keep: Vec<RawFd>) {
-        if let AgentIdentity::User(uid) = self.identity {
-            // std drops the supplementary groups when root switches UID.
-            cmd.uid(uid).gid(uid);
-        }
-        // SAFETY: the closure only calls write/fcntl/setrlimit/prctl/getuid,
-        // which are async-signal-safe, between fork and exec.
+        // SAFETY: the closure only calls write/fcntl/setrlimit/prctl/
+        // setgroups/setgid/setuid/getuid, which are async-signal-safe,
+        // between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 crate::cgroup::join_self(&join)?;
+                if let AgentIdentity::User(uid) = self.identity {
+                    // Switched here rather than by std, because the bounding
+                    // set can only be emptied while still root (CAP_SETPCAP):
+                    // the agent keeps no capability it could ever regain.
+                    empty_bounding_set()?;
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(uid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 for &fd in &keep {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -365,6 +382,23 @@ impl Limits {
             });
         }
     }
+}
+
+/// Drop every capability from this process's bounding set (needs
+/// CAP_SETPCAP; stops at the first number the kernel does not know).
+/// Async-signal-safe: only prctl.
+fn empty_bounding_set() -> std::io::Result<()> {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// First UID handed to a user under [`Isolation::Uid`](aishell_protocol::runner::Isolation).
