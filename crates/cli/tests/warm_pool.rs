@@ -82,13 +82,20 @@ async fn concurrent_claims_never_share_a_task_and_an_empty_pool_falls_back_to_co
     // at least one fell back to cold (a refill may win a race for a third).
     let warm = sources.iter().filter(|s| *s == "warm").count();
     assert!((2..=3).contains(&warm), "{sources:?}");
-    // Every session got its own task.
-    let tasks: HashSet<String> = gw
-        .logs()
-        .iter()
-        .filter(|l| l["phase"] == "task_ready")
-        .map(|l| l["taskId"].as_str().unwrap().to_string())
-        .collect();
+    // Every session got its own task. (The gateway's log lines reach the
+    // test through a pipe, possibly after the turns' frames: wait for them.)
+    let ready_tasks = || -> HashSet<String> {
+        gw.logs()
+            .iter()
+            .filter(|l| l["phase"] == "task_ready")
+            .map(|l| l["taskId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while ready_tasks().len() < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let tasks = ready_tasks();
     assert_eq!(tasks.len(), 4, "tasks were shared: {tasks:?}");
     let pool = gw.wait_pool_ready(2, WAIT).await;
     assert_eq!(pool["claim_hit"].as_u64(), Some(warm as u64));
