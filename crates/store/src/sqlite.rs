@@ -93,12 +93,10 @@ impl SqliteStore {
 }
 
 /// The database holds every conversation: it, its WAL and SHM are the
-/// owner's alone (0600, whatever the umask), in a directory nobody else may
-/// list or write (a new one is 0700; an existing one keeps only its execute
-/// bits for others, since per-user agent UIDs pass through the data
-/// directory to their workspaces). SQLite creates the WAL and SHM with the
-/// database file's mode, so the file is created here first; files an older
-/// version left readable are tightened.
+/// owner's alone (0600, whatever the umask); a directory created for it is
+/// 0700. SQLite creates the WAL and SHM with the database file's mode, so
+/// the file is created here first; files an older version left readable are
+/// tightened.
 fn make_private(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let io = |what: &std::path::Path, e: std::io::Error| {
@@ -116,11 +114,9 @@ fn make_private(path: &std::path::Path) -> Result<()> {
             .mode(0o700)
             .create(parent)
             .map_err(|e| io(parent, e))?;
-        let mode = std::fs::metadata(parent)
-            .map_err(|e| io(parent, e))?
-            .permissions()
-            .mode();
-        private(parent, (mode & 0o711) | 0o700)?;
+        // An existing directory is left as it is: it may be shared (a
+        // database in /tmp must not take /tmp's sticky, world-writable bits
+        // away); the CLI makes the data directory private.
     }
     std::fs::OpenOptions::new()
         .create(true)
@@ -1343,9 +1339,9 @@ mod tests {
         assert_eq!(rows(&s, "messages").await, 0);
     }
 
-    /// Whatever the umask, the database, its WAL and SHM are 0600 and
-    /// their directory 0700; files an older version left readable (and a
-    /// readable directory) are tightened when the store opens.
+    /// Whatever the umask, the database, its WAL and SHM are 0600; files an
+    /// older version left readable are tightened when the store opens, and
+    /// the directory they are in is left as it is.
     #[tokio::test]
     async fn the_database_files_are_the_owners_alone() {
         use std::os::unix::fs::PermissionsExt;
@@ -1385,8 +1381,8 @@ mod tests {
         }
         assert_eq!(
             mode(db.parent().unwrap()),
-            0o711,
-            "others keep only the right to pass through"
+            0o755,
+            "an existing directory is not the store's to change"
         );
         s.close().await;
     }
