@@ -276,7 +276,7 @@ async fn a_claim_with_other_settings_replaces_the_prestarted_agent() {
     let Some(mut runner) = WarmRunner::with_prestarted_shell().await else {
         return;
     };
-    let (prestarted, agent) = runner.claim(tmp.path(), settings("echo")).await;
+    let (prestarted, agent) = runner.claim(&tmp.path().join("ws"), settings("echo")).await;
     assert!(!prestarted);
     assert_eq!(
         agent, "echo",
@@ -305,7 +305,9 @@ async fn a_prestarted_agent_that_dies_before_its_claim_is_replaced_at_the_claim(
         .unwrap();
     }
     runner.wait_log("agent_prestart_exit").await;
-    let (prestarted, agent) = runner.claim(tmp.path(), settings("shell")).await;
+    let (prestarted, agent) = runner
+        .claim(&tmp.path().join("ws"), settings("shell"))
+        .await;
     assert!(!prestarted);
     assert_eq!(agent, "shell");
     let out = runner.turn("echo still-here > f && cat f").await;
@@ -434,7 +436,7 @@ async fn an_agent_that_stays_root_after_init_is_stopped_before_it_is_ready() {
 async fn an_input_sent_twice_reaches_the_agent_once() {
     let tmp = tempfile::tempdir().unwrap();
     let mut runner = WarmRunner::start().await;
-    runner.claim(tmp.path(), settings("echo")).await;
+    runner.claim(&tmp.path().join("ws"), settings("echo")).await;
     for (seq, content) in [(1, "once"), (1, "once"), (2, "two")] {
         runner
             .send(GatewayToRunner::Agent {

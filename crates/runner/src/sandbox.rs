@@ -435,6 +435,19 @@ pub fn prepare_uid_workspace(workspace: &Path) -> Result<u32, String> {
         .parent()
         .ok_or_else(|| format!("workspace {} has no parent", workspace.display()))?;
     std::fs::create_dir_all(root).map_err(|e| err("create root", e))?;
+    // A shared directory such as /tmp is never a workspaces root: making it
+    // 0711 would take everyone's right to create files there.
+    let root_mode = std::fs::metadata(root)
+        .map_err(|e| err("stat root", e))?
+        .permissions()
+        .mode();
+    if root_mode & 0o1000 != 0 {
+        return Err(format!(
+            "cannot prepare workspace {}: its parent {} is a shared (sticky) directory, not a workspaces root",
+            workspace.display(),
+            root.display()
+        ));
+    }
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
         .map_err(|e| err("chmod root", e))?;
     let state = root.join(UID_STATE_DIR);
