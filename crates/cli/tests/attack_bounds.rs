@@ -63,12 +63,7 @@ while read line; do
 done
 "#,
     );
-    let gw = Gateway::start(&[
-        "--agent-command",
-        script.to_str().unwrap(),
-        "--enable-warm-pool",
-        "false",
-    ]);
+    let gw = Gateway::start_cold_with_agent(&script);
     let mut c = gw.connect().await;
     let send = |id: &str, content: &str| json!({"type": "message", "id": id, "conversation_id": "c1", "content": content});
     c.send(send("m0", "hi")).await;

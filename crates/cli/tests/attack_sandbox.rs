@@ -260,12 +260,7 @@ while read line; do
 done
 "#,
     );
-    let gw = Gateway::start(&[
-        "--agent-command",
-        script.to_str().unwrap(),
-        "--enable-warm-pool",
-        "false",
-    ]);
+    let gw = Gateway::start_cold_with_agent(&script);
     let mut c = gw.connect().await;
     let say = |id: &str, content: &str| json!({"type": "message", "id": id, "conversation_id": "c1", "content": content});
     c.send(say("m1", "hello")).await;

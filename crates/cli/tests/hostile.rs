@@ -89,12 +89,7 @@ while read line; do
 done
 "#,
     );
-    let gw = Gateway::start(&[
-        "--agent-command",
-        script.to_str().unwrap(),
-        "--enable-warm-pool",
-        "false",
-    ]);
+    let gw = Gateway::start_cold_with_agent(&script);
     let mut c = gw.connect().await;
     c.send(serde_json::json!({"type": "message", "id": "m1", "conversation_id": "c1", "content": "go"})).await;
     // The oversized line ends the turn with an error (the runner never

@@ -38,6 +38,17 @@ impl Gateway {
         Self::start_on_port(0, args, env)
     }
 
+    /// A gateway whose sessions run `agent` (an executable speaking the
+    /// agent protocol, e.g. from [`agent_script`]), every start cold.
+    pub fn start_cold_with_agent(agent: &Path) -> Gateway {
+        Gateway::start(&[
+            "--agent-command",
+            agent.to_str().unwrap(),
+            "--enable-warm-pool",
+            "false",
+        ])
+    }
+
     /// Start a gateway on a chosen port (for arguments that must name it,
     /// such as an advertised runner URL); 0 picks a free one.
     pub fn start_on_port(port: u16, args: &[&str], env: &[(&str, &str)]) -> Gateway {
