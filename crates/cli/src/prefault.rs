@@ -107,6 +107,9 @@ mod tests {
         // Drop the binary's pages that nothing maps from the page cache, as
         // if it had never been read (a fresh container's copy).
         let file = std::fs::File::open(&exe).unwrap();
+        // A binary the linker has just written is still dirty in the page
+        // cache, and dirty pages cannot be dropped: write it back first.
+        file.sync_all().unwrap();
         // SAFETY: an advice call on a descriptor we own.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert!(
