@@ -189,6 +189,12 @@ pub struct ServeSettings {
     /// Let sandboxed agents use the network [default: true].
     #[arg(long, env = "AISHELL_SANDBOX_NETWORK")]
     pub sandbox_network: Option<bool>,
+    /// How sandboxed agents reach the outside: `proxy` (an HTTP proxy in the runner, by name, never to loopback, private or link-local addresses) or `full` (any TCP/UDP destination through pasta) [default: proxy].
+    #[arg(long, env = "AISHELL_SANDBOX_EGRESS")]
+    pub sandbox_egress: Option<String>,
+    /// Address ranges the egress proxy lets agents reach although they are loopback, private or link-local, e.g. `10.20.0.0/16,192.168.5.7` [default: none].
+    #[arg(long, env = "AISHELL_SANDBOX_EGRESS_ALLOW")]
+    pub sandbox_egress_allow: Option<String>,
     /// Address-space limit per agent, bytes [default: 8589934592].
     #[arg(long, env = "AISHELL_SANDBOX_MEMORY_BYTES")]
     pub sandbox_memory_bytes: Option<u64>,
@@ -323,6 +329,8 @@ impl ServeSettings {
             sandbox,
             insecure_no_sandbox,
             sandbox_network,
+            sandbox_egress,
+            sandbox_egress_allow,
             sandbox_memory_bytes,
             sandbox_max_files,
             sandbox_max_processes,
@@ -410,6 +418,32 @@ impl ServeSettings {
             m @ ("bwrap" | "uid" | "none") => Ok(m),
             other => bail!("--sandbox `{other}` is not one of bwrap, uid, none"),
         }
+    }
+
+    /// `--sandbox-egress`.
+    fn sandbox_egress(&self) -> anyhow::Result<aishell_protocol::runner::EgressMode> {
+        use aishell_protocol::runner::EgressMode;
+        match self.sandbox_egress.as_deref().map(str::trim) {
+            None | Some("proxy") => Ok(EgressMode::Proxy),
+            Some("full") => Ok(EgressMode::Full),
+            Some(other) => bail!("--sandbox-egress `{other}` is not one of proxy, full"),
+        }
+    }
+
+    /// `--sandbox-egress-allow`, each range checked.
+    fn sandbox_egress_allow(&self) -> anyhow::Result<Vec<String>> {
+        let ranges: Vec<String> = self
+            .sandbox_egress_allow
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(String::from)
+            .collect();
+        aishell_runner::egress_proxy::EgressPolicy::new(&ranges)
+            .map_err(|e| anyhow::anyhow!("--sandbox-egress-allow: {e}"))?;
+        Ok(ranges)
     }
 
     /// `--workspace-quota` in bytes; only the process backend has it.
@@ -699,6 +733,8 @@ impl ServeSettings {
                     aishell_protocol::runner::Isolation::Bwrap
                 },
                 network: self.sandbox_network.unwrap_or(true),
+                egress: self.sandbox_egress()?,
+                egress_allow: self.sandbox_egress_allow()?,
                 memory_bytes: Some(self.sandbox_memory_bytes.unwrap_or(8 << 30)),
                 max_files: Some(self.sandbox_max_files.unwrap_or(4096)),
                 max_processes: self.sandbox_max_processes,

@@ -3,8 +3,12 @@
 //! the gateway's own port, any other — are out of reach, while the agent's
 //! own model endpoint and an outside address answer. The outside is a
 //! network namespace this test creates, joined to the host by a veth pair
-//! (no internet needed). With `--sandbox-network false` nothing answers.
-//! No `pasta` outlives its sandbox.
+//! (no internet needed). By default the only way out is the runner's egress
+//! proxy, which refuses loopback, private and link-local destinations
+//! unless allowed (`--sandbox-egress-allow`, here the outside's one
+//! address); with `--sandbox-egress full`, `pasta` routes everything but the
+//! host's loopback, and no `pasta` outlives its sandbox. With
+//! `--sandbox-network false` nothing answers.
 
 mod common;
 #[path = "../../agents/tests/model_server/mod.rs"]
@@ -39,6 +43,37 @@ except Exception as e:
     )
 }
 
+/// A shell command that asks the sandbox's egress proxy (`$HTTPS_PROXY`)
+/// for a tunnel to `host:port`: `PROXY-OK <bytes>` when it opened and the
+/// destination spoke, `PROXY-REFUSED <status> <body>` when the proxy said
+/// no, `PROXY-FAIL` when there was no proxy to ask.
+fn probe_via_proxy(host: &str, port: u16) -> String {
+    format!(
+        "python3 -c \"
+import os, socket
+u = os.environ.get('HTTPS_PROXY', '')
+try:
+    h, p = u.split('//', 1)[1].rstrip('/').rsplit(':', 1)
+    s = socket.create_connection((h, int(p)), timeout=5)
+    s.sendall(b'CONNECT {host}:{port} HTTP/1.1\\r\\nHost: {host}:{port}\\r\\n\\r\\n')
+    s.settimeout(5)
+    head = b''
+    while b'\\r\\n\\r\\n' not in head:
+        d = s.recv(1)
+        if not d:
+            break
+        head += d
+    status = head.split(b'\\r\\n')[0].decode()
+    if ' 200 ' in status:
+        print('PROXY' + '-OK', s.recv(64))
+    else:
+        print('PROXY' + '-REFUSED', status, s.recv(400))
+except Exception as e:
+    print('PROXY' + '-FAIL', type(e).__name__, repr(u))
+\""
+    )
+}
+
 fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh").arg("-c").arg(cmd).output().unwrap()
 }
@@ -58,6 +93,8 @@ struct Outside {
     netns: String,
     veth: String,
     address: String,
+    /// The host's own end of the link (a private address of the host).
+    host_side: String,
     port: u16,
     listener: std::process::Child,
 }
@@ -75,6 +112,7 @@ impl Outside {
             netns: netns.clone(),
             veth: veth.clone(),
             address: address.clone(),
+            host_side: format!("{net}.1"),
             port,
             listener: Command::new("true").spawn().unwrap(),
         };
@@ -176,17 +214,104 @@ async fn model_gateway(extra: &[&str], server: &model_server::Server) -> Gateway
 /// The model call the agent would make, through its own endpoint.
 const MODEL_CALL: &str = "curl -sS -m 5 -H \"Authorization: Bearer $AISHELL_LLM_API_KEY\" -H 'content-type: application/json' -d '{\"model\":\"test-model\",\"messages\":[]}' \"$AISHELL_LLM_BASE_URL/chat/completions\"; echo; echo url=$AISHELL_LLM_BASE_URL";
 
-#[tokio::test]
-async fn the_agent_reaches_its_model_and_the_outside_but_no_host_loopback_listener() {
-    let outside = Outside::create(1);
-    let other = loopback_listener();
-    let server = model_server::Server::start(vec![model_server::status(
+fn answering_model() -> Vec<model_server::Reply> {
+    vec![model_server::status(
         200,
         &[("content-type", "application/json")],
         "{\"reply\":\"MODEL-ANSWERED\"}",
-    )])
+    )]
+}
+
+/// The default: no route out of the namespace at all; the proxy carries
+/// what its policy allows, by name, and refuses the host's addresses.
+#[tokio::test]
+async fn by_default_the_agent_reaches_the_outside_only_through_its_proxy() {
+    let outside = Outside::create(4);
+    let other = loopback_listener();
+    let server = model_server::Server::start(answering_model()).await;
+    let allow = format!("{}/32", outside.address);
+    let gw = model_gateway(&["--sandbox-egress-allow", &allow], &server).await;
+    let mut c = gw.connect().await;
+
+    // Directly: nothing, not even the outside (no route, no interface).
+    for (id, host, port) in [
+        ("gw", "127.0.0.1".to_string(), gw.port),
+        ("lo", "127.0.0.1".to_string(), other),
+        ("out", outside.address.clone(), outside.port),
+    ] {
+        let got = run(&mut c, id, &probe(&host, port)).await;
+        assert!(
+            got.contains("PROBE-FAIL") && !got.contains("PROBE-OK"),
+            "{host}:{port} answered a direct connection:\n{got}"
+        );
+    }
+    let routes = run(&mut c, "routes", "cat /proc/net/route; echo ROUTES-END").await;
+    let table: Vec<&str> = routes
+        .lines()
+        .skip_while(|l| !l.starts_with("Iface"))
+        .skip(1)
+        .take_while(|l| !l.contains("ROUTES-END"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(table.is_empty(), "the namespace has routes: {table:?}");
+
+    // Through the proxy: the allowed outside address answers.
+    let out = run(&mut c, "pout", &probe_via_proxy(&outside.address, outside.port)).await;
+    assert!(
+        out.contains("PROXY-OK") && out.contains("OUTSIDE"),
+        "the proxy must carry the agent to the allowed outside address:\n{out}"
+    );
+    // And refuses the host: its loopback (the gateway), its private address
+    // on the link (not in the allow list), cloud metadata.
+    for (id, host, port, why) in [
+        ("pgw", "127.0.0.1".to_string(), gw.port, "loopback"),
+        ("plo", "localhost".to_string(), other, "loopback"),
+        ("phost", outside.host_side.clone(), gw.port, "private"),
+        ("pmeta", "169.254.169.254".to_string(), 80, "link-local"),
+    ] {
+        let got = run(&mut c, id, &probe_via_proxy(&host, port)).await;
+        assert!(
+            got.contains("PROXY-REFUSED") && got.contains("403") && got.contains(why),
+            "the proxy did not refuse {host}:{port} as {why}:\n{got}"
+        );
+    }
+    // Plain HTTP through the proxy, as curl does it from the environment
+    // (loopback names are in NO_PROXY: the model endpoint is local).
+    let curl = run(
+        &mut c,
+        "curl",
+        &format!(
+            "curl -sS -m 5 -o /dev/null -w 'status=%{{http_code}}' http://{}:{}/health",
+            outside.host_side, gw.port
+        ),
+    )
     .await;
-    let mut gw = model_gateway(&[], &server).await;
+    assert!(
+        curl.contains("status=403"),
+        "curl through the proxy reached the gateway:\n{curl}"
+    );
+
+    // The model endpoint is on the namespace's own loopback.
+    let model = run(&mut c, "model", MODEL_CALL).await;
+    assert!(
+        model.contains("MODEL-ANSWERED"),
+        "the agent's own model endpoint must answer:\n{model}"
+    );
+    assert_eq!(server.requests().len(), 1, "one model call reached the model");
+    assert!(
+        pasta_under(&gw).is_empty(),
+        "pasta runs in proxy mode: {:?}",
+        pasta_under(&gw)
+    );
+}
+
+#[tokio::test]
+async fn with_full_egress_the_agent_reaches_its_model_and_the_outside_but_no_host_loopback_listener()
+{
+    let outside = Outside::create(1);
+    let other = loopback_listener();
+    let server = model_server::Server::start(answering_model()).await;
+    let mut gw = model_gateway(&["--sandbox-egress", "full"], &server).await;
     let mut c = gw.connect().await;
 
     let gateway_port = run(&mut c, "gw", &probe("127.0.0.1", gw.port)).await;
@@ -288,8 +413,14 @@ async fn without_the_sandbox_network_nothing_answers_and_no_pasta_runs() {
 async fn a_prestarted_sandbox_has_its_network_before_the_claim() {
     let outside = Outside::create(3);
     let server = model_server::Server::start(vec![]).await;
+    let allow = format!("{}/32", outside.address);
     let gw = Gateway::start_with_env(
-        &["--warm-pool-target-size", "1"],
+        &[
+            "--warm-pool-target-size",
+            "1",
+            "--sandbox-egress-allow",
+            &allow,
+        ],
         &[
             ("AISHELL_LLM_BASE_URL", server.base_url().as_str()),
             ("AISHELL_LLM_MODEL", "test-model"),
@@ -303,12 +434,13 @@ async fn a_prestarted_sandbox_has_its_network_before_the_claim() {
         WAIT,
     )
     .await;
-    assert_eq!(pasta_under(&gw).len(), 1, "the idle sandbox has its pasta");
     let mut c = gw.connect().await;
     let gateway_port = run(&mut c, "gw", &probe("127.0.0.1", gw.port)).await;
     assert!(!gateway_port.contains("PROBE-OK"), "{gateway_port}");
-    let out = run(&mut c, "out", &probe(&outside.address, outside.port)).await;
-    assert!(out.contains("OUTSIDE"), "{out}");
+    let via_proxy = run(&mut c, "gwp", &probe_via_proxy("127.0.0.1", gw.port)).await;
+    assert!(via_proxy.contains("PROXY-REFUSED"), "{via_proxy}");
+    let out = run(&mut c, "out", &probe_via_proxy(&outside.address, outside.port)).await;
+    assert!(out.contains("PROXY-OK") && out.contains("OUTSIDE"), "{out}");
     let ready = gw.logs();
     assert!(
         ready

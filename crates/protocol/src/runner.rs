@@ -73,6 +73,14 @@ pub struct SandboxSettings {
     /// Let the agent reach the network (agents call model APIs).
     #[serde(default = "yes")]
     pub network: bool,
+    /// How a networked sandbox reaches the outside (absent: through the
+    /// runner's egress proxy).
+    #[serde(default, skip_serializing_if = "EgressMode::is_proxy")]
+    pub egress: EgressMode,
+    /// Address ranges (CIDR) the egress proxy lets the agent reach although
+    /// they are loopback, private or link-local (which it refuses otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<String>,
     /// Address-space limit in bytes (RLIMIT_AS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
@@ -100,12 +108,33 @@ pub struct SandboxSettings {
     pub tmp_bytes: Option<u64>,
 }
 
+/// How a sandbox with the network on reaches the outside.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    /// Only through the runner's HTTP proxy (`HTTP_PROXY`/`HTTPS_PROXY` in
+    /// the agent's environment), which refuses loopback, private and
+    /// link-local destinations; the namespace has no route of its own.
+    #[default]
+    Proxy,
+    /// Any TCP/UDP destination through `pasta` (user-mode networking).
+    Full,
+}
+
+impl EgressMode {
+    pub fn is_proxy(&self) -> bool {
+        *self == EgressMode::Proxy
+    }
+}
+
 /// bubblewrap, network on, no limits: what an absent field decodes to.
 impl Default for SandboxSettings {
     fn default() -> Self {
         SandboxSettings {
             isolation: Isolation::Bwrap,
             network: true,
+            egress: EgressMode::Proxy,
+            egress_allow: Vec::new(),
             memory_bytes: None,
             max_files: None,
             max_processes: None,

@@ -249,6 +249,14 @@ fn runner_settings() -> impl Strategy<Value = RunnerSettings> {
             sandbox: (kind.len() % 2 == 0).then_some(aishell_protocol::runner::SandboxSettings {
                 isolation: Default::default(),
                 network: kind.len() % 3 == 0,
+                egress: if kind.len() % 4 == 0 {
+                    aishell_protocol::runner::EgressMode::Full
+                } else {
+                    aishell_protocol::runner::EgressMode::Proxy
+                },
+                egress_allow: (kind.len() % 2 == 1)
+                    .then(|| vec!["10.0.0.0/8".to_string()])
+                    .unwrap_or_default(),
                 memory_bytes: Some(kind.len() as u64),
                 max_files: None,
                 max_processes: None,

@@ -1,17 +1,24 @@
-//! The agent's own network: a network namespace per sandbox, connected to
-//! the outside by `pasta` (user-mode networking, package passt), with the
-//! host's loopback out of reach (ARCHITECTURE.md "Agent sandbox", Network).
+//! The agent's own network: a network namespace per sandbox (bwrap's
+//! `--unshare-net`) with no route out of it, and one of two ways to the
+//! outside (ARCHITECTURE.md "Agent sandbox", Network):
 //!
-//! bwrap creates the namespace (`--unshare-net`), reports its child's pid
-//! on `--info-fd` and holds the agent on `--block-fd` until the runner has
-//! attached `pasta` to that namespace and seen it configured. The runner
-//! opens the namespace files itself and hands them to `pasta` as
-//! `/proc/self/fd/N`: `pasta` drops its capabilities before it joins, and
-//! bwrap's child is not dumpable, so `pasta` could not open
+//! * **proxy** (the default): the runner listens *inside* the namespace
+//!   (`crate::netns`) on the egress proxy's port (`crate::egress_proxy`) and
+//!   on the model endpoint's port, and serves both itself. No other
+//!   process, no route, no interface but loopback: what the agent reaches
+//!   is what those two listeners carry, by name, under the proxy's policy.
+//! * **full**: `pasta` (user-mode networking, package passt) connects the
+//!   namespace to the outside for any TCP/UDP destination.
+//!
+//! Either way bwrap reports its child's pid on `--info-fd` and holds the
+//! agent on `--block-fd` until the runner has set the namespace up.
+//!
+//! For `pasta`, the runner opens the namespace files itself and hands them
+//! to it as `/proc/self/fd/N`: `pasta` drops its capabilities before it
+//! joins, and bwrap's child is not dumpable, so `pasta` could not open
 //! `/proc/<pid>/ns/*` itself. This works for a bwrap run by root (the
 //! namespace belongs to the host's user namespace: `--netns-only`) and for a
 //! bwrap in a user namespace of its own (`pasta` joins that one too).
-//!
 //! What `pasta` forwards: nothing into the namespace (`-t none -u none`),
 //! and from the namespace's loopback to the host's only the runner's model
 //! proxy port (`-T <port>`; `-U none`). Its defaults (`auto`) would forward
@@ -21,7 +28,10 @@
 //! any process of the runner's user would make them.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
+
+use aishell_protocol::runner::{EgressMode, SandboxSettings};
 
 use tokio::io::AsyncReadExt;
 
@@ -37,28 +47,43 @@ const PASTA_STDERR_BYTES: usize = 2048;
 pub struct Plan {
     info_read: OwnedFd,
     block_write: OwnedFd,
-    /// The runner's model proxy port, reachable at the same port on the
-    /// namespace's loopback.
-    model_port: Option<u16>,
+    mode: EgressMode,
+    policy: Arc<crate::egress_proxy::EgressPolicy>,
 }
 
-/// `pasta` serving one sandbox; killed when dropped (with the agent).
+/// One sandbox's way out; ends (with its connections) when dropped, with
+/// the agent.
 #[derive(Debug)]
 pub struct Egress {
-    pasta: tokio::process::Child,
+    link: Link,
+}
+
+#[derive(Debug)]
+enum Link {
+    Pasta(tokio::process::Child),
+    /// The tasks serving the namespace's listeners.
+    Served(Vec<tokio::task::AbortHandle>),
 }
 
 impl Drop for Egress {
     fn drop(&mut self) {
-        // tokio reaps the killed child in the background.
-        let _ = self.pasta.start_kill();
+        match &mut self.link {
+            // tokio reaps the killed child in the background.
+            Link::Pasta(pasta) => {
+                let _ = pasta.start_kill();
+            }
+            Link::Served(tasks) => tasks.iter().for_each(|t| t.abort()),
+        }
     }
 }
 
 impl Egress {
-    /// The `pasta` process id (tests and logs).
+    /// The `pasta` process id, in `full` mode (tests and logs).
     pub fn pasta_pid(&self) -> Option<u32> {
-        self.pasta.id()
+        match &self.link {
+            Link::Pasta(pasta) => pasta.id(),
+            Link::Served(_) => None,
+        }
     }
 }
 
@@ -103,55 +128,61 @@ pub fn pasta_available() -> Result<(), String> {
     }
 }
 
+/// The agent's environment for a way out (the proxy's address for its
+/// clients, in proxy mode).
+pub fn agent_env(mode: EgressMode) -> Vec<(String, String)> {
+    match mode {
+        EgressMode::Proxy => crate::egress_proxy::agent_env().collect(),
+        EgressMode::Full => Vec::new(),
+    }
+}
+
 impl Plan {
     /// Give `bwrap` the options (and its ends of the pipes) that report the
     /// sandbox's pid and hold the agent until its network is up; the
     /// namespace itself comes from `--unshare-net`, which
     /// [`crate::sandbox::wrap`] always passes.
     pub fn new(
-        model_port: Option<u16>,
+        settings: &SandboxSettings,
         bwrap: &mut crate::sandbox::BwrapCommand,
-    ) -> std::io::Result<Self> {
-        let (info_read, info_write) = pipe()?;
-        let (block_read, block_write) = pipe()?;
+    ) -> Result<Self, String> {
+        let policy = crate::egress_proxy::EgressPolicy::new(&settings.egress_allow)
+            .map_err(|e| format!("the sandbox's egress allow list: {e}"))?;
+        let io = |e: std::io::Error| format!("cannot prepare the sandbox's network: {e}");
+        let (info_read, info_write) = pipe().map_err(io)?;
+        let (block_read, block_write) = pipe().map_err(io)?;
         bwrap.pass_fd("--info-fd", info_write);
         bwrap.pass_fd("--block-fd", block_read);
         Ok(Plan {
             info_read,
             block_write,
-            model_port,
+            mode: settings.egress,
+            policy: Arc::new(policy),
         })
     }
 
-    /// bwrap runs: attach `pasta` to its namespace, wait until the
-    /// namespace is configured, then let the agent start.
-    pub async fn connect(self) -> Result<Egress, String> {
+    /// bwrap runs: set its namespace up (the listeners, or `pasta`), then
+    /// let the agent start. `model` is the runner's model endpoint, served
+    /// at its own port number on the namespace's loopback.
+    pub async fn connect(
+        self,
+        model: Option<&crate::model_proxy::ModelProxy>,
+    ) -> Result<Egress, String> {
         // bwrap's ends of the pipes were closed here once it was spawned.
         let Plan {
             info_read,
             block_write,
-            model_port,
+            mode,
+            policy,
         } = self;
         let started = std::time::Instant::now();
         let pid = tokio::time::timeout(SETUP_TIMEOUT, sandbox_pid(info_read))
             .await
             .map_err(|_| "bubblewrap did not report its sandbox in time".to_string())??;
-        // bwrap brings the namespace's loopback up before it blocks; pasta
-        // brings it up too, and bwrap fails if pasta got there first.
-        tokio::time::timeout(SETUP_TIMEOUT, async {
-            while !loopback_up(pid) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .map_err(|_| "bubblewrap did not set up the sandbox's loopback in time".to_string())?;
-        let egress = start_pasta(pid, model_port)?;
-        let mut egress = egress;
-        let ready =
-            tokio::time::timeout(SETUP_TIMEOUT, wait_configured(pid, model_port, &mut egress))
-                .await
-                .map_err(|_| "pasta did not configure the sandbox's network in time".to_string())?;
-        ready?;
+        let egress = match mode {
+            EgressMode::Proxy => serve_in_namespace(pid, model, policy).await?,
+            EgressMode::Full => attach_pasta(pid, model.map(|m| m.port())).await?,
+        };
         // One byte releases bwrap; the pipe is empty, so this cannot block.
         // SAFETY: writing one byte from a live buffer to a descriptor we own.
         if unsafe { libc::write(block_write.as_raw_fd(), b"x".as_ptr().cast(), 1) } != 1 {
@@ -163,11 +194,57 @@ impl Plan {
         tracing::debug!(
             event = "sandbox_network_ready",
             pid = pid,
+            mode = ?mode,
             ms = started.elapsed().as_millis() as u64,
-            "agent network namespace attached"
+            "agent network namespace set up"
         );
         Ok(egress)
     }
+}
+
+/// Proxy mode: the egress proxy and the model endpoint listen inside the
+/// namespace, served by this runner.
+async fn serve_in_namespace(
+    pid: u32,
+    model: Option<&crate::model_proxy::ModelProxy>,
+    policy: Arc<crate::egress_proxy::EgressPolicy>,
+) -> Result<Egress, String> {
+    let mut ports = vec![crate::egress_proxy::PROXY_PORT];
+    ports.extend(model.map(|m| m.port()));
+    let listeners = tokio::task::spawn_blocking(move || crate::netns::listen_in(pid, &ports))
+        .await
+        .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?
+        .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
+    let mut listeners = listeners.into_iter().map(tokio::net::TcpListener::from_std);
+    let io = |e: std::io::Error| format!("cannot set up the sandbox's network: {e}");
+    let proxy = listeners.next().expect("one listener per port").map_err(io)?;
+    let mut tasks = vec![
+        tokio::spawn(crate::egress_proxy::serve(proxy, policy)).abort_handle(),
+    ];
+    if let (Some(model), Some(listener)) = (model, listeners.next()) {
+        tasks.push(model.serve_on(listener.map_err(io)?));
+    }
+    Ok(Egress {
+        link: Link::Served(tasks),
+    })
+}
+
+/// Full mode: `pasta` attached to the namespace and seen configured.
+async fn attach_pasta(pid: u32, model_port: Option<u16>) -> Result<Egress, String> {
+    // bwrap brings the namespace's loopback up before it blocks; pasta
+    // brings it up too, and bwrap fails if pasta got there first.
+    tokio::time::timeout(SETUP_TIMEOUT, async {
+        while !loopback_up(pid) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .map_err(|_| "bubblewrap did not set up the sandbox's loopback in time".to_string())?;
+    let mut egress = start_pasta(pid, model_port)?;
+    tokio::time::timeout(SETUP_TIMEOUT, wait_configured(pid, model_port, &mut egress))
+        .await
+        .map_err(|_| "pasta did not configure the sandbox's network in time".to_string())??;
+    Ok(egress)
 }
 
 /// The pid of bwrap's sandbox child, from `--info-fd` (`{"child-pid": N}`).
@@ -241,7 +318,9 @@ fn start_pasta(pid: u32, model_port: Option<u16>) -> Result<Egress, String> {
                 .unwrap_or_else(|| format!("cannot start pasta: {e}")),
             _ => format!("cannot start pasta: {e}"),
         })?;
-    Ok(Egress { pasta })
+    Ok(Egress {
+        link: Link::Pasta(pasta),
+    })
 }
 
 /// Until the namespace has a route (pasta configured its interface) and,
@@ -251,10 +330,13 @@ async fn wait_configured(
     model_port: Option<u16>,
     egress: &mut Egress,
 ) -> Result<(), String> {
+    let Link::Pasta(pasta) = &mut egress.link else {
+        return Ok(());
+    };
     loop {
-        if let Some(status) = egress.pasta.try_wait().map_err(|e| e.to_string())? {
+        if let Some(status) = pasta.try_wait().map_err(|e| e.to_string())? {
             let mut stderr = Vec::new();
-            if let Some(mut err) = egress.pasta.stderr.take() {
+            if let Some(mut err) = pasta.stderr.take() {
                 let _ = tokio::time::timeout(
                     Duration::from_millis(200),
                     (&mut err)
@@ -275,7 +357,7 @@ async fn wait_configured(
         }
         if namespace_configured(pid, model_port) {
             // Drained, so that pasta's logging never blocks on a full pipe.
-            if let Some(mut err) = egress.pasta.stderr.take() {
+            if let Some(mut err) = pasta.stderr.take() {
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut err, &mut tokio::io::sink()).await;
                 });
@@ -329,7 +411,7 @@ mod tests {
     #[test]
     fn bwrap_gets_its_ends_of_the_pipes() {
         let mut bwrap = crate::sandbox::BwrapCommand::default();
-        let plan = Plan::new(Some(4000), &mut bwrap).unwrap();
+        let plan = Plan::new(&SandboxSettings::default(), &mut bwrap).unwrap();
         assert_eq!(bwrap.options.len(), 4);
         assert_eq!(bwrap.options[0], "--info-fd");
         assert_eq!(bwrap.options[1], bwrap.fds[0].as_raw_fd().to_string());

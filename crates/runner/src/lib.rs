@@ -11,7 +11,9 @@ mod agent_proc;
 pub mod cgroup;
 mod config;
 pub mod egress;
+pub mod egress_proxy;
 mod model_proxy;
+pub mod netns;
 mod outbox;
 pub mod prestart;
 pub mod sandbox;
@@ -638,13 +640,12 @@ impl Runner {
                     self.agent_uid = Some(uid);
                     sandbox::SandboxUser::Own(uid)
                 };
+                if s.network {
+                    env.extend(egress::agent_env(s.egress));
+                }
                 let mut bwrap = sandbox::wrap(&command, workspace, &env, s, user);
                 if s.network {
-                    let model_port = self.model_proxy.as_ref().map(|p| p.port());
-                    egress_plan = Some(
-                        egress::Plan::new(model_port, &mut bwrap)
-                            .map_err(|e| format!("cannot prepare the sandbox's network: {e}"))?,
-                    );
+                    egress_plan = Some(egress::Plan::new(s, &mut bwrap)?);
                 }
                 let (argv, inherited_fds) = bwrap
                     .launch()
@@ -673,7 +674,7 @@ impl Runner {
         })?;
         if let Some(plan) = egress_plan {
             // Dropping the agent on failure stops bwrap (kill on drop).
-            agent.egress = Some(plan.connect().await?);
+            agent.egress = Some(plan.connect(self.model_proxy.as_ref()).await?);
         }
         Ok(agent)
     }

@@ -30,6 +30,7 @@ struct ProxyState {
 pub struct ModelProxy {
     port: u16,
     state: Arc<ProxyState>,
+    app: Router,
 }
 
 impl ModelProxy {
@@ -60,12 +61,21 @@ impl ModelProxy {
         let app = Router::new()
             .route("/{provider}/{*path}", any(forward))
             .with_state(state.clone());
+        let proxy = ModelProxy { port, state, app };
+        proxy.serve_on(listener);
+        Ok(proxy)
+    }
+
+    /// Serve on another listener too (a sandbox's own loopback, see
+    /// `crate::netns`); the task ends when aborted.
+    pub fn serve_on(&self, listener: tokio::net::TcpListener) -> tokio::task::AbortHandle {
+        let app = self.app.clone();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(event = "model_proxy_failed", error = %e, "agent model proxy stopped");
             }
-        });
-        Ok(ModelProxy { port, state })
+        })
+        .abort_handle()
     }
 
     /// The loopback port it listens on.
