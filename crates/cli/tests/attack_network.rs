@@ -256,7 +256,12 @@ async fn by_default_the_agent_reaches_the_outside_only_through_its_proxy() {
     assert!(table.is_empty(), "the namespace has routes: {table:?}");
 
     // Through the proxy: the allowed outside address answers.
-    let out = run(&mut c, "pout", &probe_via_proxy(&outside.address, outside.port)).await;
+    let out = run(
+        &mut c,
+        "pout",
+        &probe_via_proxy(&outside.address, outside.port),
+    )
+    .await;
     assert!(
         out.contains("PROXY-OK") && out.contains("OUTSIDE"),
         "the proxy must carry the agent to the allowed outside address:\n{out}"
@@ -297,7 +302,11 @@ async fn by_default_the_agent_reaches_the_outside_only_through_its_proxy() {
         model.contains("MODEL-ANSWERED"),
         "the agent's own model endpoint must answer:\n{model}"
     );
-    assert_eq!(server.requests().len(), 1, "one model call reached the model");
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "one model call reached the model"
+    );
     assert!(
         pasta_under(&gw).is_empty(),
         "pasta runs in proxy mode: {:?}",
@@ -307,7 +316,7 @@ async fn by_default_the_agent_reaches_the_outside_only_through_its_proxy() {
 
 #[tokio::test]
 async fn with_full_egress_the_agent_reaches_its_model_and_the_outside_but_no_host_loopback_listener()
-{
+ {
     let outside = Outside::create(1);
     let other = loopback_listener();
     let server = model_server::Server::start(answering_model()).await;
@@ -439,7 +448,12 @@ async fn a_prestarted_sandbox_has_its_network_before_the_claim() {
     assert!(!gateway_port.contains("PROBE-OK"), "{gateway_port}");
     let via_proxy = run(&mut c, "gwp", &probe_via_proxy("127.0.0.1", gw.port)).await;
     assert!(via_proxy.contains("PROXY-REFUSED"), "{via_proxy}");
-    let out = run(&mut c, "out", &probe_via_proxy(&outside.address, outside.port)).await;
+    let out = run(
+        &mut c,
+        "out",
+        &probe_via_proxy(&outside.address, outside.port),
+    )
+    .await;
     assert!(out.contains("PROXY-OK") && out.contains("OUTSIDE"), "{out}");
     let ready = gw.logs();
     assert!(

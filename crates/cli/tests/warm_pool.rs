@@ -352,3 +352,73 @@ done
     assert_eq!(text_of(&c.turn().await), "first");
     assert_eq!(text_of(&c.turn().await), "second");
 }
+
+/// Scheduling policy of `pid` (field 41 of `/proc/<pid>/stat`): 0 normal,
+/// 5 `SCHED_IDLE`.
+fn policy(pid: i32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(38)?
+        .parse()
+        .ok()
+}
+
+/// A sandbox waiting in the pool (runner, bwrap, pre-started agent) runs
+/// at idle priority, so refills never take CPU from sessions; the claim
+/// puts all of it back to normal (root only: undoing it needs CAP_SYS_NICE).
+#[tokio::test]
+async fn waiting_sandboxes_run_at_idle_priority_until_claimed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: skipped");
+        return;
+    }
+    const SCHED_IDLE: u32 = 5;
+    let gw = Gateway::start(&["--agent", "shell", "--warm-pool-target-size", "1"]);
+    gw.wait_pool_ready(1, WAIT).await;
+    gw.wait_log(
+        "agent_prestarted",
+        |l| l["event"] == "agent_prestarted",
+        WAIT,
+    )
+    .await;
+    let waiting = descendants(gw.pid() as i32);
+    let agents: Vec<i32> = waiting
+        .iter()
+        .filter(|(_, cmd)| cmd.contains("agent shell"))
+        .map(|(p, _)| *p)
+        .collect();
+    assert!(!agents.is_empty(), "no pre-started agent: {waiting:?}");
+    for (pid, cmd) in &waiting {
+        assert_eq!(
+            policy(*pid),
+            Some(SCHED_IDLE),
+            "{cmd} ({pid}) waits in the pool at normal priority"
+        );
+    }
+    let mut c = gw.connect().await;
+    c.message("m1", "sh -c 'cat /proc/self/stat'").await;
+    let frames = c.turn().await;
+    assert_eq!(of_type(&frames, "status")[0]["source"], "warm");
+    // A command the claimed agent ran inherited its normal priority.
+    let text = pretty(&frames);
+    let field = text
+        .split(')')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().nth(38).map(String::from));
+    assert_eq!(field.as_deref(), Some("0"), "{text}");
+    for pid in agents {
+        assert_eq!(
+            policy(pid),
+            Some(0),
+            "the claimed agent {pid} is still idle"
+        );
+    }
+    let runners: Vec<i32> = warm_runner_pids();
+    assert!(
+        runners.iter().any(|p| policy(*p) == Some(0)),
+        "no claimed runner at normal priority: {runners:?}"
+    );
+}

@@ -217,10 +217,11 @@ async fn serve_in_namespace(
         .map_err(|e| format!("cannot set up the sandbox's network: {e}"))?;
     let mut listeners = listeners.into_iter().map(tokio::net::TcpListener::from_std);
     let io = |e: std::io::Error| format!("cannot set up the sandbox's network: {e}");
-    let proxy = listeners.next().expect("one listener per port").map_err(io)?;
-    let mut tasks = vec![
-        tokio::spawn(crate::egress_proxy::serve(proxy, policy)).abort_handle(),
-    ];
+    let proxy = listeners
+        .next()
+        .expect("one listener per port")
+        .map_err(io)?;
+    let mut tasks = vec![tokio::spawn(crate::egress_proxy::serve(proxy, policy)).abort_handle()];
     if let (Some(model), Some(listener)) = (model, listeners.next()) {
         tasks.push(model.serve_on(listener.map_err(io)?));
     }

@@ -94,10 +94,7 @@ impl EgressPolicy {
     /// `allow`: ranges permitted although the default refuses them.
     pub fn new(allow: &[String]) -> Result<Self, String> {
         Ok(EgressPolicy {
-            allow: allow
-                .iter()
-                .map(|c| c.parse())
-                .collect::<Result<_, _>>()?,
+            allow: allow.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
         })
     }
 
@@ -164,12 +161,7 @@ fn refused_v6(a: Ipv6Addr) -> Option<&'static str> {
     } else if first == 0x64 && a.segments()[1] == 0xff9b {
         // NAT64: the IPv4 address it stands for decides.
         let s = a.segments();
-        let v4 = Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        );
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
         refused_v4(v4)
     } else {
         None
@@ -262,7 +254,12 @@ fn parse_head(head: &[u8]) -> Result<Request, String> {
     let (host, port) = split_authority(authority, Some(80))?;
     let mut out = format!("{method} {path} {version}\r\n");
     for line in lines.filter(|l| !l.is_empty()) {
-        let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         // Hop-by-hop and proxy credentials stay here; one request per
         // connection, so a reused connection cannot reach another host.
         if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {

@@ -16,6 +16,7 @@ mod model_proxy;
 pub mod netns;
 mod outbox;
 pub mod prestart;
+pub mod priority;
 pub mod sandbox;
 pub mod seccomp;
 
@@ -372,6 +373,8 @@ impl Runner {
                     }
                     return Ok(false);
                 }
+                // A warm runner waited at idle priority; its user does not.
+                priority::claimed();
                 tracing::info!(event = "runner_init_user", sessionId = %session_id, userId = %user_id, traceId = trace_id.as_deref().unwrap_or(""), "binding task to user");
                 self.binding = Some(Binding {
                     session_id: session_id.clone(),
