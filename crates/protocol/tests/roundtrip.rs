@@ -254,9 +254,11 @@ fn runner_settings() -> impl Strategy<Value = RunnerSettings> {
                 } else {
                     aishell_protocol::runner::EgressMode::Proxy
                 },
-                egress_allow: (kind.len() % 2 == 1)
-                    .then(|| vec!["10.0.0.0/8".to_string()])
-                    .unwrap_or_default(),
+                egress_allow: if kind.len() % 2 == 1 {
+                    vec!["10.0.0.0/8".to_string()]
+                } else {
+                    Vec::new()
+                },
                 memory_bytes: Some(kind.len() as u64),
                 max_files: None,
                 max_processes: None,

@@ -306,7 +306,7 @@ mod tests {
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
         // In the namespace, it answers.
         listeners[0].set_nonblocking(false).unwrap();
-        let client = std::process::Command::new("nsenter")
+        let mut client = std::process::Command::new("nsenter")
             .args(["-t", &pid.to_string(), "-n", "python3", "-c"])
             .arg(format!(
                 "import socket; s = socket.create_connection(('127.0.0.1', {port})); print(s.recv(5).decode())"
@@ -317,7 +317,13 @@ mod tests {
         let (mut conn, _) = listeners[0].accept().unwrap();
         conn.write_all(b"HELLO").unwrap();
         let mut out = String::new();
-        client.stdout.unwrap().read_to_string(&mut out).unwrap();
+        client
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        client.wait().unwrap();
         assert_eq!(out.trim(), "HELLO");
         let _ = holder.kill();
         let _ = holder.wait();
