@@ -16,7 +16,7 @@ use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::client::{ConversationSummary, TaskPhase, TaskSource};
 use aishell_protocol::{
     AgentEvent, AgentInput, ClientFrame, ConversationRef, ErrorCode, GatewayToRunner,
-    RunnerToGateway, ServerEvent, ServerFrame,
+    RunnerToGateway, ServerEvent, ServerFrame, SessionState,
 };
 use aishell_store::{MessageRecord, SessionRecord, StoredEvent};
 use time::OffsetDateTime;
@@ -277,7 +277,7 @@ pub fn spawn(
         pending_ack: None,
         ever_ready: false,
         session_started_at: None,
-        last_state: String::new(),
+        last_state: None,
         held_stderr: Default::default(),
     };
     tokio::spawn(actor.run(rx));
@@ -329,7 +329,8 @@ struct SessionActor {
     pending_ack: Option<PendingAck>,
     ever_ready: bool,
     session_started_at: Option<Instant>,
-    last_state: String,
+    /// The state last counted in the metrics (and persisted, once stored).
+    last_state: Option<SessionState>,
     /// The agent's stderr during the running turn (see agent_stderr.rs).
     held_stderr: super::agent_stderr::HeldStderr,
 }
@@ -363,7 +364,7 @@ impl SessionActor {
             }
         }
         self.shared.sessions.remove(&self.id, &self.self_tx);
-        crate::metrics::session_state(Some(&self.last_state), None);
+        crate::metrics::session_state(self.last_state, None);
         tracing::debug!(event = "session_evicted", sessionId = %self.id, "session actor left memory");
     }
 
@@ -437,7 +438,7 @@ impl SessionActor {
     ) {
         let current = self.delivered_seq;
         let session = ServerEvent::Session {
-            state: self.state_name(),
+            state: self.state_name().as_str().to_string(),
             resumed: last_seq.is_some() || !self.fresh || current > 0,
             last_seq: current,
             protocol: aishell_protocol::CLIENT_PROTOCOL_VERSION,
@@ -489,8 +490,7 @@ impl SessionActor {
         let Some(record) = self.reserved.take() else {
             return Ok(());
         };
-        let result =
-            store_session(self.shared.store.clone(), record, self.last_state.clone()).await;
+        let result = store_session(self.shared.store.clone(), record, self.last_state).await;
         self.after_store_reserved(result)
     }
 
@@ -691,9 +691,10 @@ impl SessionActor {
         // write is handed to the store first (the writer runs writes in
         // the order they reach it) and commits in the same group as the
         // task's binding and the message, instead of one commit earlier.
-        let store_session = self.reserved.take().map(|record| {
-            store_session(self.shared.store.clone(), record, self.last_state.clone())
-        });
+        let store_session = self
+            .reserved
+            .take()
+            .map(|record| store_session(self.shared.store.clone(), record, self.last_state));
         let record = MessageRecord {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
@@ -1981,27 +1982,26 @@ impl SessionActor {
         }
     }
 
-    fn state_name(&self) -> String {
-        let name = match (&self.task, &self.stopping) {
+    fn state_name(&self) -> SessionState {
+        match (&self.task, &self.stopping) {
             (Some(t), _) => match t.phase {
-                Phase::Launching => "CREATING",
-                Phase::Pending => "PENDING",
-                Phase::Activating | Phase::Restoring => "ACTIVATING",
-                Phase::Ready if self.clients.is_empty() => "IDLE",
-                Phase::Ready => "RUNNING",
+                Phase::Launching => SessionState::Creating,
+                Phase::Pending => SessionState::Pending,
+                Phase::Activating | Phase::Restoring => SessionState::Activating,
+                Phase::Ready if self.clients.is_empty() => SessionState::Idle,
+                Phase::Ready => SessionState::Running,
             },
-            (None, Some(_)) => "STOPPING",
-            (None, None) => "STOPPED",
-        };
-        name.to_string()
+            (None, Some(_)) => SessionState::Stopping,
+            (None, None) => SessionState::Stopped,
+        }
     }
 
     /// Persist the session state when it changed.
     fn sync_state(&mut self) {
         let state = self.state_name();
-        if state != self.last_state {
-            crate::metrics::session_state(Some(&self.last_state), Some(&state));
-            self.last_state = state.clone();
+        if Some(state) != self.last_state {
+            crate::metrics::session_state(self.last_state, Some(state));
+            self.last_state = Some(state);
             // A reserved session is stored with its state when it is stored.
             if self.reserved.is_none() {
                 // In order with the events, in the same write when they meet.
@@ -2142,9 +2142,9 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 async fn store_session(
     store: Arc<dyn aishell_store::Store>,
     mut record: SessionRecord,
-    state: String,
+    state: Option<SessionState>,
 ) -> Result<(), (aishell_store::StoreError, SessionRecord)> {
-    if !state.is_empty() {
+    if let Some(state) = state {
         record.state = state;
     }
     match store.create_session(&record).await {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aishell_store::{SessionRecord, StoreError};
+use aishell_store::{SessionRecord, SessionState, StoreError};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use actor::{AttachReply, CatchUpBatch, Lagging, Outbound, RunnerAttach, SessionCmd};
@@ -95,7 +95,7 @@ impl SessionManager {
         let Some(record) = shared.store.get_session(id).await? else {
             return Ok(None);
         };
-        if record.state == "TERMINATED" {
+        if record.state == SessionState::Terminated {
             return Ok(None);
         }
         Ok(Some(Self::start_actor(shared, record, false)))
