@@ -4,6 +4,7 @@
 mod actor;
 mod agent_stderr;
 mod inputs;
+mod machine;
 mod output;
 mod persister;
 mod replay;
