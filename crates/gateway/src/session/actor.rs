@@ -11,7 +11,7 @@ use aishell_backend::{LaunchSpec, TaskStatus};
 use aishell_protocol::client::ConversationSummary;
 use aishell_protocol::{
     AgentEvent, AgentInput, ClientFrame, ConversationRef, ErrorCode, GatewayToRunner,
-    RunnerToGateway, ServerEvent, ServerFrame, SessionState,
+    RunnerToGateway, ServerEvent, SessionState,
 };
 use aishell_store::{MessageRecord, SessionRecord, StoredEvent};
 use time::OffsetDateTime;
@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::delivery::{AckBatcher, AttachReply, CatchUpBatch, Delivery};
 use super::machine::turns::QueuedMessage;
 use super::machine::{self, Effect, Input, Log, Machine, RunnerHello, WarmClaim};
 use super::output::{self, Admit};
@@ -28,59 +29,12 @@ use crate::Shared;
 use crate::auth::validate_conversation_id;
 use crate::lifecycle::{lifecycle, ms};
 
-/// Frames queued per client before it counts as too slow and is dropped
-/// (it can reconnect with `last_seq` and lose nothing).
-const CLIENT_QUEUE: usize = 4096;
-/// Page size when replaying from the store.
-const REPLAY_PAGE: u32 = 1000;
-/// How long an acknowledgement to the runner may wait for later ones to
-/// join it. Acks only let the runner forget frames the store holds (a
-/// re-sent frame is recognised by its seq), and one per stored batch woke
-/// every runner in the middle of a burst of new sessions.
-const ACK_DELAY: Duration = Duration::from_millis(200);
-/// Stored batches after which an ack goes out at once (long answers).
-const ACK_EVERY: u32 = 64;
-
-/// Frames per catch-up batch for a lagging client.
-const CATCH_UP_BATCH: usize = 1000;
 /// Largest agent event stored and relayed; larger ones are cut
 /// (ARCHITECTURE.md "Replay and durability").
 const MAX_EVENT_BYTES: usize = 1 << 20;
 /// How long a session that was only reserved (its client sent nothing)
 /// stays in memory after its client left.
 const RESERVED_EVICT_AFTER: Duration = Duration::from_secs(10);
-
-/// What a connection handler receives for its client.
-pub enum Outbound {
-    /// A frame; `seq` is set for stream events (not for ephemeral answers).
-    Frame(Option<u64>, Arc<str>),
-    /// Close the client socket with this code and reason.
-    Close(u16, String),
-}
-
-pub struct AttachReply {
-    /// The `session` frame, then every missed event, in order.
-    pub frames: Vec<(Option<u64>, Arc<str>)>,
-    pub rx: mpsc::Receiver<Outbound>,
-    /// Set (and notified) when the client fell behind: live frames stopped
-    /// and the connection must pull the rest with `CatchUp`.
-    pub lagging: Arc<Lagging>,
-}
-
-/// A client that could not keep up: the actor stops pushing to it and the
-/// connection pulls missed events from the store at its own pace.
-#[derive(Default)]
-pub struct Lagging {
-    pub flag: std::sync::atomic::AtomicBool,
-    pub notify: tokio::sync::Notify,
-}
-
-/// A batch of missed events for a lagging client.
-pub struct CatchUpBatch {
-    pub frames: Vec<(u64, Arc<str>)>,
-    /// The batch reached the live stream: pushing resumes.
-    pub caught_up: bool,
-}
 
 /// A runner socket that completed its `hello`.
 pub struct RunnerAttach {
@@ -155,18 +109,6 @@ pub enum SessionCmd {
     },
 }
 
-struct Client {
-    conn_id: u64,
-    tx: mpsc::Sender<Outbound>,
-    lagging: Arc<Lagging>,
-}
-
-impl Client {
-    fn is_lagging(&self) -> bool {
-        self.lagging.flag.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
 pub fn spawn(
     shared: Arc<Shared>,
     record: SessionRecord,
@@ -195,7 +137,12 @@ pub fn spawn(
         Instant::now(),
     );
     let actor = SessionActor {
-        replay: ReplayBuffer::new(cfg.replay_buffer, cfg.replay_buffer_bytes),
+        delivery: Delivery::new(
+            shared.store.clone(),
+            record.id.clone(),
+            record.last_seq,
+            ReplayBuffer::new(cfg.replay_buffer, cfg.replay_buffer_bytes),
+        ),
         // Created in this process: only reserved until its first message.
         reserved: fresh.then(|| record.clone()),
         machine,
@@ -205,15 +152,12 @@ pub fn spawn(
         trace_id: record.trace_id,
         self_tx,
         persist_tx,
-        clients: Vec::new(),
-        next_seq: record.last_seq + 1,
-        delivered_seq: record.last_seq,
         runner: None,
         offered_runner: None,
         watch: None,
         preparing: None,
         last_runner_seq: 0,
-        pending_ack: None,
+        acks: AckBatcher::default(),
         last_state: None,
         held_stderr: Default::default(),
     };
@@ -242,13 +186,8 @@ struct SessionActor {
     machine: Machine,
     self_tx: mpsc::Sender<SessionCmd>,
     persist_tx: mpsc::UnboundedSender<PersistItem>,
-    clients: Vec<Client>,
-    next_seq: u64,
-    /// Highest seq stored and sent to clients: events reach clients only
-    /// once durable, so a client never holds an event a restarted gateway
-    /// could lose.
-    delivered_seq: u64,
-    replay: ReplayBuffer,
+    /// The session's stream and its clients.
+    delivery: Delivery,
     /// A session whose client has sent nothing yet is only reserved: it is
     /// stored (this record) with its first message, so connections that
     /// send nothing leave nothing behind.
@@ -264,22 +203,12 @@ struct SessionActor {
     preparing: Option<JoinHandle<Result<(), String>>>,
     /// Highest agent frame seq received from the current task's runner.
     last_runner_seq: u64,
-    /// The acknowledgement the runner has not been sent yet.
-    pending_ack: Option<PendingAck>,
+    /// Acknowledgements the runner has not been sent yet.
+    acks: AckBatcher,
     /// The state last counted in the metrics (and persisted, once stored).
     last_state: Option<SessionState>,
     /// The agent's stderr during the running turn (see agent_stderr.rs).
     held_stderr: super::agent_stderr::HeldStderr,
-}
-
-/// An acknowledgement held back for [`ACK_DELAY`].
-struct PendingAck {
-    task_id: String,
-    /// Highest stored runner seq.
-    seq: u64,
-    /// Stored batches it covers.
-    batches: u32,
-    due: Instant,
 }
 
 impl SessionActor {
@@ -322,11 +251,11 @@ impl SessionActor {
                 after,
                 reply,
             } => {
-                let batch = self.catch_up(conn_id, after).await;
+                let batch = self.delivery.catch_up(conn_id, after).await;
                 let _ = reply.send(batch);
             }
             SessionCmd::Client { conn_id, frame } => self.on_client(conn_id, frame).await,
-            SessionCmd::Reply { conn_id, event } => self.reply(conn_id, event),
+            SessionCmd::Reply { conn_id, event } => self.delivery.reply(conn_id, event),
             SessionCmd::RunnerConnected { attach, reply } => {
                 let hello = RunnerHello {
                     for_this_session: attach.session_hint.as_deref() == Some(&self.id),
@@ -450,7 +379,7 @@ impl SessionActor {
         last_seq: Option<u64>,
         reply: oneshot::Sender<AttachReply>,
     ) {
-        let current = self.delivered_seq;
+        let current = self.delivery.delivered_seq();
         let session = ServerEvent::Session {
             state: self.machine.state().as_str().to_string(),
             resumed: last_seq.is_some() || !self.machine.fresh() || current > 0,
@@ -458,38 +387,11 @@ impl SessionActor {
             protocol: aishell_protocol::CLIENT_PROTOCOL_VERSION,
             user_id: self.user_id.clone(),
         };
-        let mut frames = vec![(None, self.frame_json(session, true))];
-        let lagging = Arc::new(Lagging::default());
-        if let Some(after) = last_seq {
-            let missed = self
-                .events_between(after.min(current), current, CATCH_UP_BATCH)
-                .await;
-            if missed.last().is_some_and(|(s, _)| *s < current) {
-                // Too much to replay at once: the connection pulls the rest.
-                lagging
-                    .flag
-                    .store(true, std::sync::atomic::Ordering::Release);
-                lagging.notify.notify_one();
-            }
-            frames.extend(missed.into_iter().map(|(s, j)| (Some(s), j)));
-        }
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-        self.clients.push(Client {
-            conn_id,
-            tx,
-            lagging: lagging.clone(),
-        });
+        let attached = self.delivery.attach(conn_id, last_seq, session).await;
         self.apply(Input::ClientAttached);
-        if reply
-            .send(AttachReply {
-                frames,
-                rx,
-                lagging,
-            })
-            .is_err()
-        {
-            self.clients.retain(|c| c.conn_id != conn_id);
-            if self.clients.is_empty() {
+        if reply.send(attached).is_err() {
+            self.delivery.remove(conn_id);
+            if !self.delivery.has_clients() {
                 self.apply(Input::LastClientLeft);
             }
         }
@@ -522,61 +424,8 @@ impl SessionActor {
         })
     }
 
-    /// Up to `limit` stored events with `after < seq <= upto`, in order:
-    /// from the store for what memory no longer holds, then from memory.
-    async fn events_between(&self, after: u64, upto: u64, limit: usize) -> Vec<(u64, Arc<str>)> {
-        let mut out = Vec::new();
-        let mem_start = self.replay.first_seq().unwrap_or(self.next_seq);
-        let mut cursor = after;
-        while cursor < upto && cursor + 1 < mem_start && out.len() < limit {
-            let page = match self
-                .shared
-                .store
-                .events_after(&self.id, cursor, REPLAY_PAGE)
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(event = "replay_failed", sessionId = %self.id, error = %e, "could not read events for replay");
-                    break;
-                }
-            };
-            let before = cursor;
-            for e in page
-                .into_iter()
-                .take_while(|e| e.seq < mem_start && e.seq <= upto)
-            {
-                cursor = e.seq;
-                out.push((e.seq, Arc::from(e.json)));
-            }
-            if cursor == before {
-                break;
-            }
-        }
-        out.extend(self.replay.range(cursor, upto).cloned());
-        out.truncate(limit);
-        out
-    }
-
-    /// Next batch for a lagging client; when it reaches the live stream the
-    /// client is switched back to pushed frames, in this same step, so no
-    /// frame falls between the two.
-    async fn catch_up(&mut self, conn_id: u64, after: u64) -> CatchUpBatch {
-        let upto = self.delivered_seq;
-        let frames = self.events_between(after, upto, CATCH_UP_BATCH).await;
-        let caught_up = frames.last().is_none_or(|(s, _)| *s >= upto);
-        if caught_up && let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
-            c.lagging
-                .flag
-                .store(false, std::sync::atomic::Ordering::Release);
-        }
-        CatchUpBatch { frames, caught_up }
-    }
-
     fn detach(&mut self, conn_id: u64, reason: &str) {
-        let before = self.clients.len();
-        self.clients.retain(|c| c.conn_id != conn_id);
-        if self.clients.len() == before {
+        if !self.delivery.remove(conn_id) {
             return;
         }
         tracing::info!(
@@ -590,7 +439,7 @@ impl SessionActor {
             "client disconnected"
         );
         crate::metrics::disconnect(self.machine.turns.processing_state());
-        if self.clients.is_empty() {
+        if !self.delivery.has_clients() {
             self.apply(Input::LastClientLeft);
         }
     }
@@ -1291,33 +1140,25 @@ impl SessionActor {
     /// The machine's next deadline, the held acknowledgement's, or when
     /// the session leaves memory.
     fn next_deadline(&self) -> Option<Instant> {
-        let evict = (self.machine.is_idle() && self.clients.is_empty())
+        let evict = (self.machine.is_idle() && !self.delivery.has_clients())
             .then(|| self.machine.detached_at().map(|d| d + self.evict_after()))
             .flatten();
-        [
-            self.pending_ack.as_ref().map(|a| a.due),
-            self.machine.next_deadline(),
-            evict,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.acks.due(), self.machine.next_deadline(), evict]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_timer(&mut self) {
-        if self
-            .pending_ack
-            .as_ref()
-            .is_some_and(|a| Instant::now() >= a.due)
-        {
-            self.send_pending_ack();
+        if let Some(ack) = self.acks.take_due(Instant::now()) {
+            self.send_ack(ack);
         }
         self.apply(Input::Tick);
     }
 
     fn should_evict(&self) -> bool {
         self.machine.is_idle()
-            && self.clients.is_empty()
+            && !self.delivery.has_clients()
             && self.machine.turns.queue_is_empty()
             && self
                 .machine
@@ -1354,23 +1195,6 @@ impl SessionActor {
 
     // ---- emitting ---------------------------------------------------------
 
-    fn frame_json(&self, event: ServerEvent, ephemeral: bool) -> Arc<str> {
-        let seq = if ephemeral {
-            self.delivered_seq
-        } else {
-            self.next_seq
-        };
-        Arc::from(
-            ServerFrame {
-                seq,
-                session_id: self.id.clone(),
-                ephemeral,
-                event,
-            }
-            .to_json(),
-        )
-    }
-
     /// A stream event: numbered, kept for replay, sent to every client.
     fn emit(&mut self, event: ServerEvent) {
         self.emit_with_runner_seq(event, None);
@@ -1384,10 +1208,7 @@ impl SessionActor {
             self.reserved.is_none(),
             "a reserved session is stored before its first event"
         );
-        let json = self.frame_json(event, false);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.replay.push(seq, json.clone());
+        let (seq, json) = self.delivery.number(event);
         let event = StoredEvent {
             seq,
             json: json.to_string(),
@@ -1400,65 +1221,25 @@ impl SessionActor {
     /// Events up to `seq` are stored: send them to every client, and tell
     /// the runner which of its frames it may forget.
     async fn on_persisted(&mut self, seq: u64, runner_seq: Option<(String, u64)>) {
-        if seq > self.delivered_seq {
-            let frames = self
-                .events_between(self.delivered_seq, seq, usize::MAX)
-                .await;
-            self.delivered_seq = seq;
-            for c in self.clients.iter().filter(|c| !c.is_lagging()) {
-                let sent = frames.iter().all(|(s, json)| {
-                    c.tx.try_send(Outbound::Frame(Some(*s), json.clone()))
-                        .is_ok()
-                });
-                if !sent {
-                    // Its queue is full: stop pushing; it pulls from the store.
-                    tracing::warn!(event = "client_lagging", sessionId = %self.id, connId = c.conn_id, "client fell behind; switching it to catch-up from the store");
-                    c.lagging
-                        .flag
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    c.lagging.notify.notify_one();
-                }
-            }
-        }
-        if let Some((task_id, seq)) = runner_seq {
-            let ack = match self.pending_ack.take() {
-                Some(p) if p.task_id == task_id => PendingAck {
-                    seq,
-                    batches: p.batches + 1,
-                    ..p
-                },
-                _ => PendingAck {
-                    task_id,
-                    seq,
-                    batches: 1,
-                    due: Instant::now() + ACK_DELAY,
-                },
-            };
-            let send_now = ack.batches >= ACK_EVERY;
-            self.pending_ack = Some(ack);
-            if send_now {
-                self.send_pending_ack();
-            }
+        self.delivery.deliver(seq).await;
+        if let Some((task_id, seq)) = runner_seq
+            && let Some(ack) = self.acks.stored(task_id, seq, Instant::now())
+        {
+            self.send_ack(ack);
         }
     }
 
     /// Tell the runner which of its frames are stored (if its task is
     /// still this session's).
-    fn send_pending_ack(&mut self) {
-        let Some(ack) = self.pending_ack.take() else {
-            return;
-        };
-        if self.machine.task().is_some_and(|t| t.id == ack.task_id) {
-            self.send_to_runner(GatewayToRunner::Ack { seq: ack.seq });
+    fn send_ack(&self, (task_id, seq): (String, u64)) {
+        if self.machine.task().is_some_and(|t| t.id == task_id) {
+            self.send_to_runner(GatewayToRunner::Ack { seq });
         }
     }
 
     /// A connection-local answer (pong, BAD_FRAME, lists): never replayed.
     fn reply(&self, conn_id: u64, event: ServerEvent) {
-        let json = self.frame_json(event, true);
-        if let Some(c) = self.clients.iter().find(|c| c.conn_id == conn_id) {
-            let _ = c.tx.try_send(Outbound::Frame(None, json));
-        }
+        self.delivery.reply(conn_id, event);
     }
 }
 

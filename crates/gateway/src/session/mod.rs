@@ -3,6 +3,7 @@
 
 mod actor;
 mod agent_stderr;
+mod delivery;
 mod inputs;
 mod machine;
 mod output;
@@ -16,7 +17,8 @@ use std::time::Duration;
 use aishell_store::{SessionRecord, SessionState, StoreError};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-pub use actor::{AttachReply, CatchUpBatch, Lagging, Outbound, RunnerAttach, SessionCmd};
+pub use actor::{RunnerAttach, SessionCmd};
+pub use delivery::{AttachReply, CatchUpBatch, Lagging, Outbound};
 
 use crate::Shared;
 
