@@ -126,6 +126,19 @@ fn launched(task_id: &str) -> Input {
     }
 }
 
+fn stopped(task_id: &str) -> Input {
+    Input::Stopped {
+        task_id: task_id.into(),
+        result: Ok(()),
+    }
+}
+
+fn forget(task_id: &str) -> Effect {
+    Effect::ForgetTask {
+        task_id: task_id.into(),
+    }
+}
+
 fn observed(task_id: &str, status: TaskStatus) -> Input {
     Input::Observed {
         task_id: task_id.into(),
@@ -815,16 +828,8 @@ fn a_new_start_waits_for_the_old_task_to_stop_but_not_forever() {
         ]
     );
     // The old task's stop lands later: forgotten, nothing else.
-    let effects = r.step(Input::Stopped {
-        task_id: "t1".into(),
-        result: Ok(()),
-    });
-    assert_eq!(
-        effects,
-        vec![Effect::ForgetTask {
-            task_id: "t1".into()
-        }]
-    );
+    let effects = r.step(stopped("t1"));
+    assert_eq!(effects, vec![forget("t1")]);
     assert_eq!(r.state(), SessionState::Creating);
 }
 
@@ -934,16 +939,7 @@ fn class3_a_message_during_a_stop_starts_a_task_once_the_old_one_is_gone() {
     let effects = r.step(Input::Message(message("c1", "hi", r.now)));
     assert_eq!(effects, vec![], "never bound to the dying task");
     // Another task's stop does not count.
-    let effects = r.step(Input::Stopped {
-        task_id: "t0".into(),
-        result: Ok(()),
-    });
-    assert_eq!(
-        effects,
-        vec![Effect::ForgetTask {
-            task_id: "t0".into()
-        }]
-    );
+    assert_eq!(r.step(stopped("t0")), vec![forget("t0")]);
     let effects = r.step(Input::Stopped {
         task_id: "t1".into(),
         result: Err("timeout".into()),
@@ -951,9 +947,7 @@ fn class3_a_message_during_a_stop_starts_a_task_once_the_old_one_is_gone() {
     assert_eq!(
         effects,
         vec![
-            Effect::ForgetTask {
-                task_id: "t1".into()
-            },
+            forget("t1"),
             Effect::Log(Log::StopFailed {
                 task_id: "t1".into(),
                 error: "timeout".into()
@@ -974,16 +968,8 @@ fn class3_a_stop_with_nothing_queued_leaves_the_session_stopped() {
     let mut r = Rig::fresh();
     r.cold_ready();
     r.step(Input::StopRequested { reason: "x".into() });
-    let effects = r.step(Input::Stopped {
-        task_id: "t1".into(),
-        result: Ok(()),
-    });
-    assert_eq!(
-        effects,
-        vec![Effect::ForgetTask {
-            task_id: "t1".into()
-        }]
-    );
+    let effects = r.step(stopped("t1"));
+    assert_eq!(effects, vec![forget("t1")]);
     assert_eq!(r.state(), SessionState::Stopped);
     assert!(r.m.is_idle());
 }
@@ -1000,10 +986,7 @@ fn class4_an_agent_crash_retries_an_unstarted_message_once() {
     assert_eq!(queued(&r.m), vec![("boom".into(), 1)]);
     assert_eq!(r.state(), SessionState::Stopping);
     // It runs again on the next task.
-    let effects = r.step(Input::Stopped {
-        task_id: "t1".into(),
-        result: Ok(()),
-    });
+    let effects = r.step(stopped("t1"));
     assert!(effects.contains(&Effect::PrepareWorkspace));
     r.step(Input::WorkspacePrepared(Ok(())));
     r.step(assigned_warm("w2", 2));
