@@ -96,3 +96,35 @@ async fn the_stored_state_follows_the_session() {
     assert_eq!(again.hello["state"], "RUNNING");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_refused_launch_fails_the_start_and_the_message_runs_on_the_next_one() {
+    let gw = TestGateway::start().await;
+    gw.backend.refuse_launches(Some("no capacity"));
+    let mut c = gw.connect().await;
+    c.send(json!({"type": "message", "id": "m1", "conversation_id": "c1", "content": "first"}))
+        .await;
+    let frames = c
+        .until(|v| is_type(v, "status") && v["state"] == "stopped")
+        .await;
+    let error = frames
+        .iter()
+        .find(|f| is_type(f, "error"))
+        .expect("an error");
+    assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "the fake backend could not launch a sandbox: fake refused launch: no capacity"
+        ),
+        "{message}"
+    );
+    // The failed start kept the message; the next start runs it first.
+    gw.backend.refuse_launches(None);
+    c.send(json!({"type": "message", "id": "m2", "conversation_id": "c1", "content": "second"}))
+        .await;
+    assert_eq!(text_of(&c.turn().await), "first");
+    assert_eq!(text_of(&c.turn().await), "second");
+    assert_eq!(gw.backend.launches(), 2);
+    gw.shutdown().await;
+}

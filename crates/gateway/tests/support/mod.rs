@@ -42,11 +42,18 @@ struct FakeTask {
 pub struct FakeBackend {
     tasks: Mutex<HashMap<String, FakeTask>>,
     launches: Mutex<u32>,
+    /// Launches are refused with this reason.
+    refuse: Mutex<Option<String>>,
 }
 
 impl FakeBackend {
     pub fn launches(&self) -> u32 {
         *self.launches.lock().unwrap()
+    }
+
+    /// Refuse every launch from now on (`None`: accept again).
+    pub fn refuse_launches(&self, reason: Option<&str>) {
+        *self.refuse.lock().unwrap() = reason.map(str::to_string);
     }
 }
 
@@ -58,6 +65,13 @@ impl Backend for FakeBackend {
 
     async fn launch(&self, spec: LaunchSpec) -> Result<(), BackendError> {
         *self.launches.lock().unwrap() += 1;
+        if let Some(reason) = self.refuse.lock().unwrap().clone() {
+            return Err(BackendError::Refused {
+                backend: "fake",
+                op: "launch",
+                reason,
+            });
+        }
         let session_id = spec.session_id.clone();
         let runner = tokio::spawn(fake_runner(spec.clone()));
         self.tasks
