@@ -177,7 +177,8 @@ pub enum Input {
     TaskLost {
         why: String,
     },
-    /// Stop the task (admin action, gateway shutdown).
+    /// Stop the task (admin action, gateway shutdown); a start in progress
+    /// is abandoned.
     StopRequested {
         reason: String,
     },
@@ -580,7 +581,12 @@ impl Machine {
             ),
             Input::TaskLost { why } => self.task_lost(why, now, out),
             Input::StopRequested { reason } => {
-                if self.task().is_some() {
+                if matches!(self.life, Life::Obtaining) {
+                    // A start in progress is abandoned: its workspace or
+                    // claim answer finds the session idle and is dropped.
+                    self.life = Life::Idle;
+                    out.push(stopped_status());
+                } else if self.task().is_some() {
                     self.end_turns(
                         ErrorCode::AgentCrashed,
                         &format!("your session was stopped: {reason}"),

@@ -1132,6 +1132,22 @@ fn an_admin_stop_ends_the_turns_and_stops_the_task() {
 }
 
 #[test]
+fn a_stop_abandons_a_start_in_progress() {
+    let mut r = Rig::fresh();
+    r.step(Input::StartWanted);
+    r.step(Input::Message(message("c1", "kept", r.now)));
+    let effects = r.step(Input::StopRequested {
+        reason: "gateway shutting down".into(),
+    });
+    assert_eq!(statuses(&effects), vec![TaskPhase::Stopped]);
+    assert_eq!(r.state(), SessionState::Stopped);
+    // The workspace answer comes too late: no claim, no launch.
+    assert_eq!(r.step(Input::WorkspacePrepared(Ok(()))), vec![]);
+    assert_eq!(r.step(assigned_cold("t1")), vec![]);
+    assert_eq!(queued(&r.m), vec![("kept".into(), 0)]);
+}
+
+#[test]
 fn an_abort_drops_that_conversations_queued_messages() {
     let mut r = Rig::fresh();
     r.obtain();
