@@ -143,39 +143,6 @@ async fn idle_stop_keeps_the_workspace_and_the_next_message_resumes() {
 }
 
 #[tokio::test]
-async fn a_duplicate_message_id_is_not_run_twice() {
-    let gw = Gateway::start(&[]);
-    let mut c = gw.connect().await;
-    c.message("same-id", "echo run >> count.txt").await;
-    c.turn().await;
-    c.message("same-id", "echo run >> count.txt").await;
-    let info = c.until(|v| is_type(v, "info"), WAIT).await;
-    assert!(
-        info.last().unwrap()["message"]
-            .as_str()
-            .unwrap()
-            .contains("already accepted")
-    );
-    // Also across a reconnect to the same session.
-    let session = c.session_id.clone();
-    drop(c);
-    let mut r = gw
-        .connect_as(&gw.token, Some((&session, 1_000_000)))
-        .await
-        .unwrap();
-    r.message("same-id", "echo run >> count.txt").await;
-    r.until(|v| is_type(v, "info"), WAIT).await;
-    r.message("other-id", "cat count.txt").await;
-    let frames = r.turn().await;
-    assert_eq!(
-        text_of(&frames).matches("run").count(),
-        1,
-        "{}",
-        pretty(&frames)
-    );
-}
-
-#[tokio::test]
 async fn clients_without_a_valid_token_are_refused_and_users_cannot_open_each_others_sessions() {
     let gw = Gateway::start(&["--agent", "echo"]);
     // No token, bad token: 401 on upgrade.

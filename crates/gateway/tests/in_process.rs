@@ -128,3 +128,25 @@ async fn a_refused_launch_fails_the_start_and_the_message_runs_on_the_next_one()
     assert_eq!(gw.backend.launches(), 2);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_duplicate_message_id_is_not_run_twice() {
+    let gw = TestGateway::start().await;
+    let mut c = gw.connect().await;
+    c.message("same-id", "run").await;
+    c.turn().await;
+    c.message("same-id", "run").await;
+    let info = c.until(|v| is_type(v, "info")).await;
+    let said = info.last().unwrap()["message"].as_str().unwrap();
+    assert!(said.contains("already accepted"), "{said}");
+    // Also across a reconnect to the same session.
+    let session = c.session_id.clone();
+    drop(c);
+    let mut r = gw.connect_to(Some((&session, 1_000_000))).await;
+    r.message("same-id", "run").await;
+    r.until(|v| is_type(v, "info")).await;
+    r.message("other-id", "other").await;
+    assert_eq!(text_of(&r.turn().await), "other");
+    assert_eq!(gw.backend.received(), vec!["run", "other"]);
+    gw.shutdown().await;
+}

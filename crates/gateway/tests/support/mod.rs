@@ -44,11 +44,18 @@ pub struct FakeBackend {
     launches: Mutex<u32>,
     /// Launches are refused with this reason.
     refuse: Mutex<Option<String>>,
+    /// The content of every message the fake agents received, in order.
+    received: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeBackend {
     pub fn launches(&self) -> u32 {
         *self.launches.lock().unwrap()
+    }
+
+    /// What the fake agents were asked, in order.
+    pub fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
     }
 
     /// Refuse every launch from now on (`None`: accept again).
@@ -73,7 +80,7 @@ impl Backend for FakeBackend {
             });
         }
         let session_id = spec.session_id.clone();
-        let runner = tokio::spawn(fake_runner(spec.clone()));
+        let runner = tokio::spawn(fake_runner(spec.clone(), self.received.clone()));
         self.tasks
             .lock()
             .unwrap()
@@ -128,7 +135,7 @@ impl Drop for FakeBackend {
 
 /// A cold runner: dials its session, starts its "agent" on `init_user`, and
 /// echoes messages.
-async fn fake_runner(spec: LaunchSpec) {
+async fn fake_runner(spec: LaunchSpec, received: Arc<Mutex<Vec<String>>>) {
     let session = spec.session_id.expect("a cold task has a session");
     let url = format!("{}/internal/task/{session}", spec.gateway_url);
     let mut req = url.into_client_request().expect("runner url");
@@ -182,16 +189,19 @@ async fn fake_runner(spec: LaunchSpec) {
                         ..
                     },
                 ..
-            } => answer(&conversation_id, &content)
-                .into_iter()
-                .map(|frame| {
-                    out_seq += 1;
-                    RunnerToGateway::Agent {
-                        seq: out_seq,
-                        frame,
-                    }
-                })
-                .collect(),
+            } => {
+                received.lock().unwrap().push(content.clone());
+                answer(&conversation_id, &content)
+                    .into_iter()
+                    .map(|frame| {
+                        out_seq += 1;
+                        RunnerToGateway::Agent {
+                            seq: out_seq,
+                            frame,
+                        }
+                    })
+                    .collect()
+            }
             GatewayToRunner::Shutdown { .. } => break,
             _ => Vec::new(),
         };
