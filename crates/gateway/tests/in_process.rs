@@ -150,3 +150,29 @@ async fn a_duplicate_message_id_is_not_run_twice() {
     assert_eq!(gw.backend.received(), vec!["run", "other"]);
     gw.shutdown().await;
 }
+
+/// Class 3: a message while the old task is still stopping waits for the
+/// stop, then runs on a new task, never on the dying one.
+#[tokio::test]
+async fn a_message_during_a_slow_stop_waits_for_it_then_starts_a_new_task() {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.idle_timeout = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let mut c = gw.connect().await;
+    c.message("m1", "one").await;
+    c.turn().await;
+    gw.backend.hold_stops();
+    c.until(|v| is_type(v, "status") && v["state"] == "stopped")
+        .await;
+    c.message("m2", "two").await;
+    // Held behind the stop: no new task, no answer.
+    let early = c.next(std::time::Duration::from_millis(300)).await;
+    assert!(early.is_none(), "{early:?}");
+    assert_eq!(gw.backend.launches(), 1);
+    gw.backend.release_stops();
+    assert_eq!(text_of(&c.turn().await), "two");
+    assert_eq!(gw.backend.launches(), 2);
+    assert_eq!(gw.backend.received(), vec!["one", "two"]);
+    gw.shutdown().await;
+}

@@ -38,7 +38,6 @@ struct FakeTask {
 }
 
 /// A backend whose launches start fake runners in this process.
-#[derive(Default)]
 pub struct FakeBackend {
     tasks: Mutex<HashMap<String, FakeTask>>,
     launches: Mutex<u32>,
@@ -46,6 +45,20 @@ pub struct FakeBackend {
     refuse: Mutex<Option<String>>,
     /// The content of every message the fake agents received, in order.
     received: Arc<Mutex<Vec<String>>>,
+    /// Stops return only while this is true.
+    stops_open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for FakeBackend {
+    fn default() -> Self {
+        FakeBackend {
+            tasks: Default::default(),
+            launches: Default::default(),
+            refuse: Default::default(),
+            received: Default::default(),
+            stops_open: tokio::sync::watch::Sender::new(true),
+        }
+    }
 }
 
 impl FakeBackend {
@@ -56,6 +69,15 @@ impl FakeBackend {
     /// What the fake agents were asked, in order.
     pub fn received(&self) -> Vec<String> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Hold every stop until [`release_stops`](Self::release_stops).
+    pub fn hold_stops(&self) {
+        self.stops_open.send_replace(false);
+    }
+
+    pub fn release_stops(&self) {
+        self.stops_open.send_replace(true);
     }
 
     /// Refuse every launch from now on (`None`: accept again).
@@ -100,6 +122,7 @@ impl Backend for FakeBackend {
     }
 
     async fn stop(&self, task_id: &str) -> Result<(), BackendError> {
+        let _ = self.stops_open.subscribe().wait_for(|open| *open).await;
         if let Some(task) = self.tasks.lock().unwrap().remove(task_id) {
             task.runner.abort();
         }
