@@ -13,6 +13,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use aishell_protocol::SessionState;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -67,12 +68,12 @@ pub fn runners(delta: f64) {
 }
 
 /// Move one session from state `from` (if any) to `to` (if any).
-pub fn session_state(from: Option<&str>, to: Option<&str>) {
-    if let Some(from) = from.filter(|s| !s.is_empty()) {
-        metrics::gauge!("aishell_sessions", "state" => from.to_string()).decrement(1.0);
+pub fn session_state(from: Option<SessionState>, to: Option<SessionState>) {
+    if let Some(from) = from {
+        metrics::gauge!("aishell_sessions", "state" => from.as_str()).decrement(1.0);
     }
     if let Some(to) = to {
-        metrics::gauge!("aishell_sessions", "state" => to.to_string()).increment(1.0);
+        metrics::gauge!("aishell_sessions", "state" => to.as_str()).increment(1.0);
     }
 }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 
-use aishell_protocol::ErrorCode;
+use aishell_protocol::{ErrorCode, SessionState};
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -329,16 +329,16 @@ async fn overview(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
             );
         }
     };
-    sessions.retain(|s| s.state != "TERMINATED");
+    sessions.retain(|s| s.state != SessionState::Terminated);
     sessions.sort_by_key(|s| std::cmp::Reverse(s.updated_at));
-    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
-    let mut by_user: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut by_user: BTreeMap<String, BTreeMap<&str, u64>> = BTreeMap::new();
     for s in &sessions {
-        *by_state.entry(s.state.clone()).or_default() += 1;
+        *by_state.entry(s.state.as_str()).or_default() += 1;
         *by_user
             .entry(s.user_id.clone())
             .or_default()
-            .entry(s.state.clone())
+            .entry(s.state.as_str())
             .or_default() += 1;
     }
     let by_user: Vec<_> = by_user

@@ -112,6 +112,78 @@ pub const MAX_ANSWER_BYTES: usize = 64 << 10;
 /// Longest token in `update_token` (a JWT with claims fits many times over).
 pub const MAX_TOKEN_BYTES: usize = 8 << 10;
 
+/// A session's state (ARCHITECTURE.md, "Session state machine"): the
+/// `session.state` a client sees on attach, the state the store keeps, the
+/// label of the sessions gauge. Written as the upper-case names below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SessionState {
+    /// A task is being obtained (workspace, cold launch) and is not running yet.
+    Creating,
+    /// The task runs; its runner has not dialled back yet.
+    Pending,
+    /// The runner is connected; the agent starts or restores conversations.
+    Activating,
+    /// The agent is ready and a client is attached.
+    Running,
+    /// The agent is ready and no client is attached.
+    Idle,
+    /// The task is being stopped.
+    Stopping,
+    /// No task; the next message starts one and resumes.
+    Stopped,
+    /// Ended for good: never loaded again.
+    Terminated,
+}
+
+impl SessionState {
+    pub const ALL: [SessionState; 8] = [
+        SessionState::Creating,
+        SessionState::Pending,
+        SessionState::Activating,
+        SessionState::Running,
+        SessionState::Idle,
+        SessionState::Stopping,
+        SessionState::Stopped,
+        SessionState::Terminated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Creating => "CREATING",
+            SessionState::Pending => "PENDING",
+            SessionState::Activating => "ACTIVATING",
+            SessionState::Running => "RUNNING",
+            SessionState::Idle => "IDLE",
+            SessionState::Stopping => "STOPPING",
+            SessionState::Stopped => "STOPPED",
+            SessionState::Terminated => "TERMINATED",
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A state name that is none of [`SessionState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown session state `{0}`")]
+pub struct UnknownSessionState(pub String);
+
+impl std::str::FromStr for SessionState {
+    type Err = UnknownSessionState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SessionState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownSessionState(s.chars().take(64).collect()))
+    }
+}
+
 /// Task lifecycle as the user should see it (`status.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,6 +227,8 @@ pub struct ConversationSummary {
 pub enum ServerEvent {
     /// First frame after connect.
     Session {
+        /// A [`SessionState`] name; a string so that an older client reads
+        /// a state it does not know yet.
         state: String,
         resumed: bool,
         last_seq: u64,
@@ -226,6 +300,18 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_states_keep_their_upper_case_names() {
+        for state in SessionState::ALL {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+            assert_eq!(state.as_str().parse::<SessionState>(), Ok(state));
+            assert_eq!(serde_json::from_str::<SessionState>(&json).unwrap(), state);
+        }
+        assert_eq!(SessionState::Idle.as_str(), "IDLE");
+        assert!("running".parse::<SessionState>().is_err());
+    }
 
     #[test]
     fn fields_over_their_limit_are_named() {

@@ -15,7 +15,7 @@ pub mod codes;
 pub mod runner;
 
 pub use agent::{AgentEvent, AgentInput, ConversationRef, TokenUsage};
-pub use client::{ClientFrame, ErrorBody, ServerEvent, ServerFrame};
+pub use client::{ClientFrame, ErrorBody, ServerEvent, ServerFrame, SessionState};
 pub use codes::ErrorCode;
 pub use runner::{GatewayToRunner, RunnerToGateway, TaskMode};
 

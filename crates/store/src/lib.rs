@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+pub use aishell_protocol::SessionState;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
@@ -88,7 +89,7 @@ pub struct SessionWrite<'a> {
     pub events: &'a [StoredEvent],
     /// `(task_id, seq)`: the last agent frame of that task among `events`.
     pub runner_ack: Option<(&'a str, u64)>,
-    pub state: Option<&'a str>,
+    pub state: Option<SessionState>,
 }
 
 impl<'a> SessionWrite<'a> {
@@ -99,7 +100,7 @@ impl<'a> SessionWrite<'a> {
         }
     }
 
-    pub fn state(state: &'a str) -> Self {
+    pub fn state(state: SessionState) -> Self {
         SessionWrite {
             state: Some(state),
             ..Default::default()
@@ -130,8 +131,8 @@ pub struct TokenRecord {
 pub struct SessionRecord {
     pub id: String,
     pub user_id: String,
-    /// Upper-case state name (ARCHITECTURE.md, "Session state machine") (`RUNNING`, `STOPPED`, ...).
-    pub state: String,
+    /// ARCHITECTURE.md, "Session state machine"; stored as its upper-case name.
+    pub state: SessionState,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     /// Highest event seq persisted for this session.
@@ -154,7 +155,7 @@ impl SessionRecord {
         SessionRecord {
             id: id.to_string(),
             user_id: user_id.to_string(),
-            state: "STOPPED".into(),
+            state: SessionState::Stopped,
             created_at: now,
             updated_at: now,
             last_seq: 0,

@@ -17,8 +17,8 @@ use crate::sqlite::{
     now_ms, seq_from_db, seq_to_db, to_ms,
 };
 use crate::{
-    ConversationRecord, MessageRecord, Result, SessionRecord, SessionWrite, Store, StoreError,
-    StoredEvent, TokenRecord, UsageSummary, token,
+    ConversationRecord, MessageRecord, Result, SessionRecord, SessionState, SessionWrite, Store,
+    StoreError, StoredEvent, TokenRecord, UsageSummary, token,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -200,7 +200,7 @@ impl Store for PgStore {
         )
         .bind(&session.id)
         .bind(&session.user_id)
-        .bind(&session.state)
+        .bind(session.state.as_str())
         .bind(to_ms(session.created_at))
         .bind(to_ms(session.updated_at))
         .bind(seq_to_db(session.last_seq)?)
@@ -394,7 +394,7 @@ impl Store for PgStore {
         .bind(ack_seq)
         .bind(ack_task)
         .bind(now_ms())
-        .bind(write.state)
+        .bind(write.state.map(SessionState::as_str))
         .execute(&self.pool)
         .await
         .map_err(from_sqlx)?;

@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 
 use crate::group_commit::{WriteQueue, WriterConnection};
 use crate::{
-    ConversationRecord, MessageRecord, Result, SessionRecord, SessionWrite, Store, StoreError,
-    StoredEvent, TokenRecord, token,
+    ConversationRecord, MessageRecord, Result, SessionRecord, SessionState, SessionWrite, Store,
+    StoreError, StoredEvent, TokenRecord, token,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -224,7 +224,10 @@ impl SessionRow {
         Ok(SessionRecord {
             id: self.id,
             user_id: self.user_id,
-            state: self.state,
+            state: self
+                .state
+                .parse::<SessionState>()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
             created_at: from_ms(self.created_at)?,
             updated_at: from_ms(self.updated_at)?,
             last_seq: seq_from_db(self.last_seq)?,
@@ -399,7 +402,7 @@ impl Store for SqliteStore {
                 .execute(params![
                     session.id,
                     session.user_id,
-                    session.state,
+                    session.state.as_str(),
                     to_ms(session.created_at),
                     to_ms(session.updated_at),
                     last_seq,
@@ -634,7 +637,7 @@ impl Store for SqliteStore {
             Some((task, seq)) => (Some(task.to_string()), Some(seq_to_db(seq)?)),
             None => (None, None),
         };
-        let state = write.state.map(str::to_string);
+        let state = write.state.map(SessionState::as_str);
         let session_id = session_id.to_string();
         self.writes
             .write(move |c| {
@@ -744,7 +747,7 @@ mod tests {
     fn session(id: &str, user: &str, created_ms: i64) -> SessionRecord {
         let t = from_ms(created_ms).unwrap();
         SessionRecord {
-            state: "RUNNING".to_string(),
+            state: SessionState::Running,
             created_at: t,
             updated_at: t,
             ..SessionRecord::new(id, user, &format!("trace-{id}"), "echo")
@@ -940,11 +943,11 @@ mod tests {
                 .collect();
             assert_eq!(alice, ["s3", "s1"]);
 
-            s.write_session("s1", SessionWrite::state("STOPPED"))
+            s.write_session("s1", SessionWrite::state(SessionState::Stopped))
                 .await
                 .unwrap();
             let s1 = s.get_session("s1").await.unwrap().unwrap();
-            assert_eq!(s1.state, "STOPPED");
+            assert_eq!(s1.state, SessionState::Stopped);
             assert!(s1.updated_at > s1.created_at);
         });
     }
@@ -1046,14 +1049,14 @@ mod tests {
                 .unwrap();
             let first_two = events(1..=2);
             let with_events = SessionWrite {
-                state: Some("RUNNING"),
+                state: Some(SessionState::Running),
                 ..SessionWrite::events(&first_two)
             };
             s.write_session("s1", with_events).await.unwrap();
             let got = s.get_session("s1").await.unwrap().unwrap();
             assert_eq!((got.state.as_str(), got.last_seq), ("RUNNING", 2));
             // State alone leaves the events and their counter as they are.
-            s.write_session("s1", SessionWrite::state("IDLE"))
+            s.write_session("s1", SessionWrite::state(SessionState::Idle))
                 .await
                 .unwrap();
             let got = s.get_session("s1").await.unwrap().unwrap();

@@ -17,7 +17,7 @@ use aishell_protocol::GatewayToRunner;
 /// forgotten (heartbeats acknowledge long before).
 const MAX_UNACKED: usize = 10_000;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(super) struct InputLog {
     last_seq: u64,
     unacked: VecDeque<(u64, AgentInput)>,

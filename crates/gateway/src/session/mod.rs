@@ -3,7 +3,9 @@
 
 mod actor;
 mod agent_stderr;
+mod delivery;
 mod inputs;
+mod machine;
 mod output;
 mod persister;
 mod replay;
@@ -12,10 +14,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aishell_store::{SessionRecord, StoreError};
+use aishell_store::{SessionRecord, SessionState, StoreError};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-pub use actor::{AttachReply, CatchUpBatch, Lagging, Outbound, RunnerAttach, SessionCmd};
+pub use actor::{RunnerAttach, SessionCmd};
+pub use delivery::{AttachReply, CatchUpBatch, Lagging, Outbound};
 
 use crate::Shared;
 
@@ -95,7 +98,7 @@ impl SessionManager {
         let Some(record) = shared.store.get_session(id).await? else {
             return Ok(None);
         };
-        if record.state == "TERMINATED" {
+        if record.state == SessionState::Terminated {
             return Ok(None);
         }
         Ok(Some(Self::start_actor(shared, record, false)))

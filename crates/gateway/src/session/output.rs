@@ -12,6 +12,7 @@ use aishell_protocol::AgentEvent;
 /// until the next such message; each message dispatched in it adds one
 /// turn's cap. Output between turns counts against the period before, so
 /// a process that keeps writing after its turn ended gets nothing new.
+#[derive(Debug)]
 pub(super) struct OutputBudget {
     per_turn: u64,
     allowed: u64,

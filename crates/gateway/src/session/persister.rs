@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aishell_store::{SessionWrite, Store, StoredEvent};
+use aishell_store::{SessionState, SessionWrite, Store, StoredEvent};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
@@ -41,7 +41,7 @@ pub(super) enum PersistItem {
     /// Bind the session to a task (or none); resets the stored runner seq.
     BindTask(Option<String>),
     /// The session's state changed; only the latest is written.
-    State(String),
+    State(SessionState),
     /// A task started or stopped serving the session (usage accounting).
     Usage(Usage),
 }
@@ -63,7 +63,7 @@ enum Unit {
     Session {
         events: Vec<StoredEvent>,
         ack: Option<(String, u64)>,
-        state: Option<String>,
+        state: Option<SessionState>,
     },
     /// Record the session's task.
     Bind(Option<String>),
@@ -157,7 +157,7 @@ struct Gathered {
     events: Vec<StoredEvent>,
     /// The runner seq of the last agent frame among `events`.
     runner_seq: Option<u64>,
-    state: Option<String>,
+    state: Option<SessionState>,
 }
 
 impl Gathered {
@@ -198,7 +198,7 @@ async fn try_write(store: &dyn Store, session_id: &str, unit: &Unit) -> bool {
             let write = SessionWrite {
                 events,
                 runner_ack: ack.as_ref().map(|(t, s)| (t.as_str(), *s)),
-                state: state.as_deref(),
+                state: *state,
             };
             store.write_session(session_id, write).await
         }
@@ -392,7 +392,7 @@ mod tests {
             PersistItem::BindTask(Some("t-new".into())),
             event(2),
             event(3),
-            PersistItem::State("RUNNING".into()),
+            PersistItem::State(SessionState::Running),
             event(4),
         ];
         for item in items {

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aishell_store::{
-    MessageRecord, SessionRecord, SessionWrite, Store, StoredEvent, UsageSummary, token,
+    MessageRecord, SessionRecord, SessionState, SessionWrite, Store, StoredEvent, UsageSummary,
+    token,
 };
 use time::OffsetDateTime;
 
@@ -74,7 +75,7 @@ fn from_ms(ms: i64) -> OffsetDateTime {
 fn session(id: &str, user: &str, created_ms: i64) -> SessionRecord {
     let t = from_ms(created_ms);
     SessionRecord {
-        state: "RUNNING".to_string(),
+        state: SessionState::Running,
         created_at: t,
         updated_at: t,
         ..SessionRecord::new(id, user, &format!("trace-{id}"), "echo")
@@ -267,11 +268,11 @@ pub async fn sessions_roundtrip_and_list_newest_first(s: S) {
     );
     assert!(s.list_sessions(Some("carol")).await.unwrap().is_empty());
 
-    s.write_session("s1", SessionWrite::state("STOPPED"))
+    s.write_session("s1", SessionWrite::state(SessionState::Stopped))
         .await
         .unwrap();
     let s1 = get(&s, "s1").await;
-    assert_eq!(s1.state, "STOPPED");
+    assert_eq!(s1.state, SessionState::Stopped);
     assert!(s1.updated_at > s1.created_at);
     assert_eq!(s1.created_at, from_ms(1_000));
 }
@@ -584,7 +585,7 @@ pub async fn a_session_write_sets_state_with_or_without_events(s: S) {
     );
     let first_two = events(2..=3);
     let with_events = SessionWrite {
-        state: Some("IDLE"),
+        state: Some(SessionState::Idle),
         ..SessionWrite::events(&first_two)
     };
     s.write_session("s1", with_events).await.unwrap();
@@ -592,7 +593,7 @@ pub async fn a_session_write_sets_state_with_or_without_events(s: S) {
     assert_eq!((got.state.as_str(), got.last_seq), ("IDLE", 3));
     assert!(got.updated_at > from_ms(1_000));
     // State alone leaves the events and their counter as they are.
-    s.write_session("s1", SessionWrite::state("STOPPED"))
+    s.write_session("s1", SessionWrite::state(SessionState::Stopped))
         .await
         .unwrap();
     let got = get(&s, "s1").await;
@@ -678,7 +679,7 @@ pub async fn writes_to_a_missing_session_are_no_ops(s: S) {
     s.write_session(
         "ghost",
         SessionWrite {
-            state: Some("RUNNING"),
+            state: Some(SessionState::Running),
             ..SessionWrite::events(&events(1..=2)).with_ack("t", 1)
         },
     )
