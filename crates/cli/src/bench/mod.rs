@@ -657,7 +657,7 @@ impl SpawnedGateway {
 
     fn remove_data_dir(&self) {
         if !self.keep_data_dir {
-            self.remove_data_dir();
+            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 

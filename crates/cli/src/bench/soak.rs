@@ -2,7 +2,8 @@
 //! check that nothing was lost or leaked.
 //!
 //! Sessions take turns with the echo agent (one message in flight each, so a
-//! terminal frame answers exactly the message outstanding) while the churn
+//! terminal frame answers exactly the message outstanding; after a failed
+//! start, the next one too, as a user's next message) while the churn
 //! runs: clients drop mid-turn and reconnect with `last_seq` (resending the
 //! unanswered message under the same id), pause past the idle timeout so
 //! their task stops and later resumes, abandon their session for a new one;
@@ -57,6 +58,9 @@ pub struct SoakArgs {
     /// Chance per turn that the client moves to a new session afterwards.
     #[arg(long, default_value_t = 0.02)]
     new_session_chance: f64,
+    /// Mean pause between a session's turns (uniform over twice it).
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    think: Duration,
     /// Warm pool size of the spawned gateway.
     #[arg(long, default_value_t = 4)]
     pool: usize,
@@ -74,6 +78,9 @@ pub struct SoakArgs {
     format: String,
 }
 
+/// The largest write-ahead log (with its index) accepted at rest.
+const WAL_LIMIT: u64 = 64 << 20;
+
 /// What the churn does to a session between and during its turns.
 #[derive(Clone, Copy)]
 struct Churn {
@@ -81,6 +88,7 @@ struct Churn {
     pause_chance: f64,
     new_session_chance: f64,
     pause: Duration,
+    think: Duration,
 }
 
 /// What a client saw. Everything under "violations" fails the run.
@@ -142,6 +150,8 @@ enum Seen {
     Answered,
     /// The gateway did not take the message (rate limit, store failure): send it again.
     NotTaken,
+    /// The task did not start; messages stay queued for the next start.
+    StartFailed,
 }
 
 /// One client and its session.
@@ -153,7 +163,8 @@ struct Worker {
     session_id: Option<String>,
     last_seq: u64,
     ws: Option<Ws>,
-    outstanding: Option<String>,
+    /// Messages sent and not answered yet, oldest first.
+    outstanding: std::collections::VecDeque<String>,
     tally: Tally,
 }
 
@@ -167,7 +178,7 @@ impl Worker {
             session_id: None,
             last_seq: 0,
             ws: None,
-            outstanding: None,
+            outstanding: Default::default(),
             tally: Tally::default(),
         };
         w.new_session();
@@ -193,20 +204,23 @@ impl Worker {
 
     /// Take one turn: send a message and wait for its one terminal frame,
     /// reconnecting (and resending under the same id) as often as needed.
+    /// When the task fails to start, the client sends a next message, as a
+    /// user would (the failed one stays queued and runs with it); then both
+    /// are awaited.
     async fn turn(&mut self, churn: Option<Churn>, timeout: Duration) {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        self.outstanding = Some(id.clone());
+        self.outstanding.push_back(uuid::Uuid::new_v4().simple().to_string());
         self.tally.messages += 1;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut send = true;
-        loop {
+        // Messages of `outstanding` this connection has sent.
+        let mut sent = 0;
+        while !self.outstanding.is_empty() {
             if tokio::time::Instant::now() >= deadline {
-                self.tally.lost += 1;
                 let sid = self.session_id.clone().unwrap_or_default();
-                self.tally.problem(format!(
-                    "message {id} in session {sid}: no answer within {timeout:?}"
-                ));
-                self.outstanding = None;
+                for id in self.outstanding.drain(..) {
+                    self.tally.lost += 1;
+                    let what = format!("message {id} in session {sid}: no answer within {timeout:?}");
+                    self.tally.problem(what);
+                }
                 self.ws = None;
                 return;
             }
@@ -215,16 +229,23 @@ impl Worker {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
-                send = true;
+                sent = 0;
             }
-            if send {
-                let msg = json!({"type": "message", "id": id, "conversation_id": self.conversation, "content": "soak"});
+            if sent < self.outstanding.len() {
                 let ws = self.ws.as_mut().expect("connected");
-                if ws.send(Message::Text(msg.to_string().into())).await.is_err() {
+                let mut failed = false;
+                for id in self.outstanding.iter().skip(sent) {
+                    let msg = json!({"type": "message", "id": id, "conversation_id": self.conversation, "content": "soak"});
+                    if ws.send(Message::Text(msg.to_string().into())).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed {
                     self.ws = None;
                     continue;
                 }
-                send = false;
+                sent = self.outstanding.len();
                 if let Some(c) = churn
                     && chance(c.drop_chance)
                 {
@@ -238,12 +259,16 @@ impl Worker {
             let ws = self.ws.as_mut().expect("connected");
             match tokio::time::timeout_at(deadline, ws.next()).await {
                 Ok(Some(Ok(Message::Text(text)))) => match self.observe(&text) {
-                    Seen::Answered => return,
                     Seen::NotTaken => {
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        send = true;
+                        sent = 0;
                     }
-                    Seen::Nothing => {}
+                    Seen::StartFailed => {
+                        self.outstanding
+                            .push_back(uuid::Uuid::new_v4().simple().to_string());
+                        self.tally.messages += 1;
+                    }
+                    Seen::Nothing | Seen::Answered => {}
                 },
                 Ok(Some(Ok(_))) => {}
                 // Closed by the gateway: reconnect with last_seq, resend.
@@ -310,12 +335,19 @@ impl Worker {
         let terminal = kind == "finish" || (kind == "error" && mine);
         if kind == "error" && !mine {
             let code = v["error"]["code"].as_str().unwrap_or("?").to_string();
+            let failed_start = matches!(
+                code.as_str(),
+                "TASK_START_FAILED" | "TASK_RESTART_FAILED" | "TASK_CONNECT_TIMEOUT"
+            );
             *self.tally.session_errors.entry(code).or_default() += 1;
+            if failed_start && !self.outstanding.is_empty() {
+                return Seen::StartFailed;
+            }
         }
         if !(terminal && mine) {
             return Seen::Nothing;
         }
-        match self.outstanding.take() {
+        match self.outstanding.pop_front() {
             Some(_) if kind == "finish" => self.tally.finished += 1,
             Some(_) => {
                 let code = v["error"]["code"].as_str().unwrap_or("?").to_string();
@@ -351,7 +383,8 @@ impl Worker {
                 self.tally.pauses += 1;
                 tokio::time::sleep(c.pause).await;
             } else {
-                tokio::time::sleep(Duration::from_millis(random_below(20))).await;
+                let think = c.think.as_micros() as u64 * 2;
+                tokio::time::sleep(Duration::from_micros(random_below(think))).await;
             }
         }
         self.ws = None;
@@ -487,6 +520,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         pause_chance: args.pause_chance,
         new_session_chance: args.new_session_chance,
         pause: args.idle_timeout * 2 + Duration::from_millis(500),
+        think: args.think,
     };
     let kills = Arc::new(AtomicU64::new(0));
     let drains = Arc::new(AtomicU64::new(0));
@@ -564,12 +598,19 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     }
     // The store keeps every event, message and conversation, indexed; more
     // than 10 bytes on disk per byte of events (beyond a fixed 16 MiB for the
-    // schema, WAL and tokens) means it keeps something it should not.
+    // schema and tokens) means it keeps something it should not.
     let db_limit = tally.stored_bytes * 10 + (16 << 20);
-    if db > db_limit {
+    if db_main > db_limit {
         leaks.push(format!(
-            "database {db} bytes for {} bytes of events (limit {db_limit})",
+            "database {db_main} bytes for {} bytes of events (limit {db_limit})",
             tally.stored_bytes
+        ));
+    }
+    // SQLite checkpoints the log every 1000 pages (4 MiB); a log far past
+    // that at rest means checkpoints fell behind and the file never shrank.
+    if db_wal > WAL_LIMIT {
+        leaks.push(format!(
+            "write-ahead log {db_wal} bytes at rest (limit {WAL_LIMIT}): checkpoints fell behind the writes"
         ));
     }
     let rest = |r: &Rest| {
@@ -747,7 +788,7 @@ mod tests {
         let conv = w.conversation.clone();
         let session = json!({"seq": 0, "session_id": "s-1", "ephemeral": true, "type": "session", "last_seq": 0});
         assert!(matches!(w.observe(&session.to_string()), Seen::Nothing));
-        w.outstanding = Some("m1".into());
+        w.outstanding.push_back("m1".into());
         assert!(matches!(w.observe(&frame(1, "text_delta", &conv)), Seen::Nothing));
         assert!(matches!(w.observe(&frame(2, "finish", &conv)), Seen::Answered));
         assert_eq!((w.tally.finished, w.tally.violations()), (1, 0));
@@ -761,7 +802,7 @@ mod tests {
         w.observe(&frame(5, "finish", &conv));
         assert_eq!(w.tally.extra_answers, 1);
         // Another conversation's finish answers nothing of ours.
-        w.outstanding = Some("m2".into());
+        w.outstanding.push_back("m2".into());
         assert!(matches!(w.observe(&frame(6, "finish", "c-other")), Seen::Nothing));
         let error = json!({"seq": 7, "session_id": "s-1", "type": "error", "conversation_id": conv, "error": {"code": "AGENT_CRASHED", "message": "x"}});
         assert!(matches!(w.observe(&error.to_string()), Seen::Answered));
@@ -770,5 +811,9 @@ mod tests {
         // A rate-limited message is sent again.
         let refused = json!({"seq": 7, "session_id": "s-1", "ephemeral": true, "type": "error", "error": {"code": "OVERLOADED", "message": "x"}});
         assert!(matches!(w.observe(&refused.to_string()), Seen::NotTaken));
+        // A failed start with a message waiting asks for the next message.
+        w.outstanding.push_back("m3".into());
+        let failed = json!({"seq": 8, "session_id": "s-1", "type": "error", "error": {"code": "TASK_START_FAILED", "message": "x"}});
+        assert!(matches!(w.observe(&failed.to_string()), Seen::StartFailed));
     }
 }
