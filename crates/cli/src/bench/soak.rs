@@ -402,24 +402,34 @@ struct Rest {
     rss_kib: u64,
     processes: BTreeMap<ProcessKind, usize>,
     tasks: u64,
+    /// Why it did not come to rest in time (then measured as it was).
+    unsettled: Option<String>,
 }
 
 /// Wait until no session is in memory and the pool is full and settled,
-/// then measure. Otherwise, after `limit`, the last `/health` seen.
-async fn at_rest(gw: &SpawnedGateway, pool: usize, limit: Duration) -> Result<Rest, Value> {
+/// then measure; after `limit`, measure anyway and say what was still busy.
+async fn at_rest(gw: &SpawnedGateway, pool: usize, limit: Duration) -> Rest {
     let deadline = Instant::now() + limit;
     let mut last = Value::Null;
     let mut stable_since: Option<(Instant, BTreeMap<ProcessKind, usize>)> = None;
+    let measure = |h: &Value, unsettled| Rest {
+        fds: system::fd_count(gw.pid()).unwrap_or(0),
+        rss_kib: system::rss_kib(gw.pid()).unwrap_or(0),
+        processes: system::count_by_kind(gw.pid()),
+        tasks: h["tasks"].as_u64().unwrap_or(0),
+        unsettled,
+    };
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let Some(h) = http_json("127.0.0.1", gw.port, "GET", "/health", None, None).await else {
             continue;
         };
-        last = h.clone();
-        let p = &h["pool"];
-        let quiet = h["sessions_live"] == 0
+        last = h;
+        let p = &last["pool"];
+        let quiet = last["sessions_live"] == 0
             && p["launching"] == 0
-            && p["ready"].as_u64() == Some(pool.min(p["max"].as_u64().unwrap_or(0) as usize) as u64);
+            && p["ready"].as_u64()
+                == Some(pool.min(p["max"].as_u64().unwrap_or(0) as usize) as u64);
         if !quiet {
             stable_since = None;
             continue;
@@ -430,18 +440,23 @@ async fn at_rest(gw: &SpawnedGateway, pool: usize, limit: Duration) -> Result<Re
         match &stable_since {
             Some((since, c)) if *c == counts => {
                 if since.elapsed() >= Duration::from_secs(1) {
-                    return Ok(Rest {
-                        fds: system::fd_count(gw.pid()).unwrap_or(0),
-                        rss_kib: system::rss_kib(gw.pid()).unwrap_or(0),
-                        processes: counts,
-                        tasks: h["tasks"].as_u64().unwrap_or(0),
-                    });
+                    return measure(&last, None);
                 }
             }
             _ => stable_since = Some((Instant::now(), counts)),
         }
     }
-    Err(last)
+    let cpu = super::cpu_ns(gw.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let busy = match (cpu, super::cpu_ns(gw.pid())) {
+        (Some(a), Some(b)) => format!("; with nothing to do it used {} ms of CPU in the last second", b.saturating_sub(a) / 1_000_000),
+        _ => String::new(),
+    };
+    let why = format!(
+        "not at rest within {limit:?}: {} sessions still in memory, pool {}{busy}",
+        last["sessions_live"], last["pool"]
+    );
+    measure(&last, Some(why))
 }
 
 /// Processes that hold this gateway's runner address but are not under it.
@@ -509,10 +524,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     for t in tasks {
         workers.push(t.await?);
     }
-    let before = match at_rest(&gw, args.pool, rest_limit).await {
-        Ok(rest) => rest,
-        Err(health) => bail!("the gateway did not come to rest after the warm-up: {health}"),
-    };
+    let before = at_rest(&gw, args.pool, rest_limit).await;
 
     // Churn.
     let churn = Churn {
@@ -558,40 +570,37 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     }
 
     let mut leaks = Vec::new();
-    match &after {
-        Err(health) => {
-            let overview = http_json("127.0.0.1", gw.port, "GET", "/api/admin/overview", Some(&gw.token), None).await;
-            let by_state = overview.map(|o| o["by_state"].clone()).unwrap_or_default();
+    if let Some(why) = &before.unsettled {
+        leaks.push(format!("after the warm-up, {why}"));
+    }
+    if let Some(why) = &after.unsettled {
+        leaks.push(format!("after the churn, {why}"));
+    }
+    for (kind, n) in &after.processes {
+        let was = before.processes.get(kind).copied().unwrap_or(0);
+        if *n > was {
+            let pids = system::pids_of(gw.pid(), *kind);
             leaks.push(format!(
-                "the gateway did not come to rest within {rest_limit:?} after the churn (sessions still in memory, or the pool not refilled): {health}; processes {:?}; sessions in the store by state {by_state}",
-                system::count_by_kind(gw.pid())
-            ))
+                "{} {} process(es) beyond the {was} at rest before: {pids:?}",
+                n - was,
+                kind.as_str()
+            ));
         }
-        Ok(after) => {
-            for (kind, n) in &after.processes {
-                let was = before.processes.get(kind).copied().unwrap_or(0);
-                if *n > was {
-                    let pids = system::pids_of(gw.pid(), *kind);
-                    leaks.push(format!(
-                        "{} {} process(es) beyond the {was} at rest before: {pids:?}",
-                        n - was,
-                        kind.as_str()
-                    ));
-                }
-            }
-            if after.tasks > before.tasks {
-                leaks.push(format!("{} tasks held at rest, {} before", after.tasks, before.tasks));
-            }
-            if after.fds as f64 > before.fds as f64 * 1.1 {
-                leaks.push(format!("gateway descriptors {} → {}", before.fds, after.fds));
-            }
-            if after.rss_kib as f64 > before.rss_kib as f64 * 1.1 {
-                leaks.push(format!(
-                    "gateway RSS {} → {} KiB",
-                    before.rss_kib, after.rss_kib
-                ));
-            }
-        }
+    }
+    if after.tasks > before.tasks {
+        leaks.push(format!(
+            "{} tasks held at rest, {} before",
+            after.tasks, before.tasks
+        ));
+    }
+    if after.fds as f64 > before.fds as f64 * 1.1 {
+        leaks.push(format!("gateway descriptors {} → {}", before.fds, after.fds));
+    }
+    if after.rss_kib as f64 > before.rss_kib as f64 * 1.1 {
+        leaks.push(format!(
+            "gateway RSS {} → {} KiB",
+            before.rss_kib, after.rss_kib
+        ));
     }
     if !orphaned.is_empty() {
         leaks.push(format!("processes of this gateway outside its tree: {orphaned:?}"));
@@ -619,7 +628,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(k, n)| (k.as_str().to_string(), json!(n)))
             .collect();
-        json!({ "fds": r.fds, "rss_mib": (r.rss_kib as f64 / 1024.0 * 10.0).round() / 10.0, "processes": procs, "tasks": r.tasks })
+        json!({ "fds": r.fds, "rss_mib": (r.rss_kib as f64 / 1024.0 * 10.0).round() / 10.0, "processes": procs, "tasks": r.tasks, "unsettled": r.unsettled })
     };
     let ok = tally.violations() == 0 && leaks.is_empty();
     let report = json!({
@@ -645,7 +654,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
             "pool_drains": drains.load(Ordering::Relaxed),
             "session_errors": tally.session_errors,
         },
-        "at_rest": { "after_warmup": rest(&before), "after_churn": after.as_ref().ok().map(rest) },
+        "at_rest": { "after_warmup": rest(&before), "after_churn": rest(&after) },
         "database": { "bytes": db, "wal_bytes": db_wal, "event_bytes": tally.stored_bytes, "kept_at": args.keep_data.then(|| gw.data_dir.display().to_string()) },
         "problems": tally.problems,
         "leaks": leaks,
@@ -746,14 +755,10 @@ fn print_report(r: &Value) {
         c["session_errors"]
     );
     let a = &r["at_rest"];
-    println!(
-        "gateway at rest after warm-up: {} descriptors, {} MiB RSS, processes {}",
-        a["after_warmup"]["fds"], a["after_warmup"]["rss_mib"], a["after_warmup"]["processes"]
-    );
-    if !a["after_churn"].is_null() {
+    for (when, rest) in [("warm-up", &a["after_warmup"]), ("churn", &a["after_churn"])] {
         println!(
-            "gateway at rest after churn:   {} descriptors, {} MiB RSS, processes {}",
-            a["after_churn"]["fds"], a["after_churn"]["rss_mib"], a["after_churn"]["processes"]
+            "gateway at rest after {when}: {} descriptors, {} MiB RSS, processes {}",
+            rest["fds"], rest["rss_mib"], rest["processes"]
         );
     }
     let db = &r["database"];
