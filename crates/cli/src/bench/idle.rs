@@ -176,6 +176,19 @@ async fn open_idle(
 ) -> Result<Ws, String> {
     let attempt = async {
         let socket = tokio::net::TcpSocket::new_v4()?;
+        // The port is chosen at connect, for this destination: ports the
+        // last run left in TIME_WAIT (with another gateway port) stay usable.
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and an int option.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         socket.bind(SocketAddr::new(source, 0))?;
         let tcp = socket.connect(target).await?;
         tcp.set_nodelay(true)?;
