@@ -28,7 +28,10 @@ fn bench(args: &[&str]) -> Value {
     assert_eq!(report["ok"], true, "{report:#}");
     for field in ["date", "command", "machine"] {
         assert!(
-            !report["provenance"][field].as_str().unwrap_or("").is_empty(),
+            !report["provenance"][field]
+                .as_str()
+                .unwrap_or("")
+                .is_empty(),
             "{field} missing: {report:#}"
         );
     }
@@ -50,7 +53,15 @@ fn idle_holds_every_connection_and_each_sampled_one_answers_a_ping() {
 
 #[test]
 fn live_sessions_each_have_a_sandboxed_agent_and_answer_under_load() {
-    let r = bench(&["live", "--sessions", "20", "--rate", "2", "--samples", "100"]);
+    let r = bench(&[
+        "live",
+        "--sessions",
+        "20",
+        "--rate",
+        "2",
+        "--samples",
+        "100",
+    ]);
     assert_eq!(r["started"], 20, "{r:#}");
     let kinds = &r["memory"]["by_kind"];
     for kind in ["runner", "agent"] {

@@ -65,7 +65,10 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
     }
     let addresses = n.div_ceil(args.per_address.max(1));
     if addresses > 253 {
-        bail!("{n} connections at {} per address need more than 253 loopback addresses", args.per_address);
+        bail!(
+            "{n} connections at {} per address need more than 253 loopback addresses",
+            args.per_address
+        );
     }
     let room = (n + 1024).to_string();
     let settings = [
@@ -73,7 +76,10 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         ("--enable-warm-pool", "false".to_string()),
         ("--max-connections", room.clone()),
         ("--max-connections-per-user", room),
-        ("--max-pending-connections-per-address", (args.concurrency * 2).max(256).to_string()),
+        (
+            "--max-pending-connections-per-address",
+            (args.concurrency * 2).max(256).to_string(),
+        ),
         ("--messages-per-second", "100000".to_string()),
     ];
     let gw = SpawnedGateway::start_with(&settings, &args.spawn_args)?;
@@ -157,7 +163,10 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         print_report(&report);
     }
     if report["ok"] != true {
-        bail!("some connections failed (first error: {})", report["first_error"]);
+        bail!(
+            "some connections failed (first error: {})",
+            report["first_error"]
+        );
     }
     Ok(())
 }
@@ -196,9 +205,12 @@ async fn open_idle(
         req.headers_mut()
             .insert("authorization", format!("Bearer {token}").parse()?);
         let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER);
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(req, MaybeTlsStream::Plain(tcp), Some(config))
-                .await?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            req,
+            MaybeTlsStream::Plain(tcp),
+            Some(config),
+        )
+        .await?;
         anyhow::Ok(ws)
     };
     let mut ws = match tokio::time::timeout(timeout, attempt).await {

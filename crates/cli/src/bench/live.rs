@@ -76,7 +76,9 @@ pub async fn run(args: LiveArgs) -> anyhow::Result<()> {
             let (url, token) = (gw.url.clone(), gw.token.clone());
             async move {
                 let mut ws = connect(&url, &token).await?;
-                next_json(&mut ws, timeout).await.context("no session frame")?;
+                next_json(&mut ws, timeout)
+                    .await
+                    .context("no session frame")?;
                 let conversation = format!("c-live-{i}");
                 echo_turn(&mut ws, &conversation, timeout).await?;
                 Ok((ws, conversation))
@@ -219,7 +221,8 @@ fn mib(kib: u64) -> f64 {
 /// One message in `conversation` and its `finish`.
 async fn echo_turn(ws: &mut Ws, conversation: &str, timeout: Duration) -> anyhow::Result<()> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let msg = json!({"type": "message", "id": id, "conversation_id": conversation, "content": "ping"});
+    let msg =
+        json!({"type": "message", "id": id, "conversation_id": conversation, "content": "ping"});
     ws.send(Message::Text(msg.to_string().into())).await?;
     loop {
         let v = next_json(ws, timeout).await.context("no reply")?;
@@ -303,7 +306,12 @@ fn print_report(r: &Value) {
         );
     }
     let rt = &r["roundtrip_ms"];
-    let cell = |v: &Value| format!("p50 {} ms, p99 {} ms, max {} ms", v["p50"], v["p99"], v["max"]);
+    let cell = |v: &Value| {
+        format!(
+            "p50 {} ms, p99 {} ms, max {} ms",
+            v["p50"], v["p99"], v["max"]
+        )
+    };
     println!("echo round trip, quiet:  {}", cell(&rt["quiet"]));
     println!(
         "echo round trip, while {} other sessions send {}/s each: {}",
@@ -314,7 +322,10 @@ fn print_report(r: &Value) {
     let bg = &r["background"];
     println!(
         "background: {} turns ({}/s), {} failed; their round trip {}",
-        bg["turns"], bg["per_second"], bg["failures"], cell(&rt["background"])
+        bg["turns"],
+        bg["per_second"],
+        bg["failures"],
+        cell(&rt["background"])
     );
     let cpu = &r["gateway_cpu"];
     if !cpu.is_null() {

@@ -587,8 +587,11 @@ impl SpawnedGateway {
         let dir = std::env::temp_dir().join(format!("aishell-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let exe = std::env::current_exe()?;
-        let overridden =
-            |flag: &str| extra.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        let overridden = |flag: &str| {
+            extra
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--port", "0"]);
         // SAFETY: prctl only, between fork and exec.

@@ -208,7 +208,8 @@ impl Worker {
     /// user would (the failed one stays queued and runs with it); then both
     /// are awaited.
     async fn turn(&mut self, churn: Option<Churn>, timeout: Duration) {
-        self.outstanding.push_back(uuid::Uuid::new_v4().simple().to_string());
+        self.outstanding
+            .push_back(uuid::Uuid::new_v4().simple().to_string());
         self.tally.messages += 1;
         let deadline = tokio::time::Instant::now() + timeout;
         // Messages of `outstanding` this connection has sent.
@@ -218,7 +219,8 @@ impl Worker {
                 let sid = self.session_id.clone().unwrap_or_default();
                 for id in self.outstanding.drain(..) {
                     self.tally.lost += 1;
-                    let what = format!("message {id} in session {sid}: no answer within {timeout:?}");
+                    let what =
+                        format!("message {id} in session {sid}: no answer within {timeout:?}");
                     self.tally.problem(what);
                 }
                 self.ws = None;
@@ -236,7 +238,11 @@ impl Worker {
                 let mut failed = false;
                 for id in self.outstanding.iter().skip(sent) {
                     let msg = json!({"type": "message", "id": id, "conversation_id": self.conversation, "content": "soak"});
-                    if ws.send(Message::Text(msg.to_string().into())).await.is_err() {
+                    if ws
+                        .send(Message::Text(msg.to_string().into()))
+                        .await
+                        .is_err()
+                    {
                         failed = true;
                         break;
                     }
@@ -355,8 +361,9 @@ impl Worker {
             }
             None => {
                 self.tally.extra_answers += 1;
-                self.tally
-                    .problem(format!("session {sid}: a second answer at seq {seq}: {text}"));
+                self.tally.problem(format!(
+                    "session {sid}: a second answer at seq {seq}: {text}"
+                ));
                 return Seen::Nothing;
             }
         }
@@ -449,7 +456,10 @@ async fn at_rest(gw: &SpawnedGateway, pool: usize, limit: Duration) -> Rest {
     let cpu = super::cpu_ns(gw.pid());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let busy = match (cpu, super::cpu_ns(gw.pid())) {
-        (Some(a), Some(b)) => format!("; with nothing to do it used {} ms of CPU in the last second", b.saturating_sub(a) / 1_000_000),
+        (Some(a), Some(b)) => format!(
+            "; with nothing to do it used {} ms of CPU in the last second",
+            b.saturating_sub(a) / 1_000_000
+        ),
         _ => String::new(),
     };
     let why = format!(
@@ -486,7 +496,10 @@ fn orphans(gw: &SpawnedGateway) -> Vec<u32> {
 /// Sizes of the database's files: the database, its write-ahead log.
 fn db_bytes(dir: &std::path::Path) -> (u64, u64) {
     let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len());
-    (size("aishell.db"), size("aishell.db-wal") + size("aishell.db-shm"))
+    (
+        size("aishell.db"),
+        size("aishell.db-wal") + size("aishell.db-shm"),
+    )
 }
 
 pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
@@ -536,7 +549,12 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     };
     let kills = Arc::new(AtomicU64::new(0));
     let drains = Arc::new(AtomicU64::new(0));
-    let killer = tokio::spawn(kill_agents(gw.pid(), args.kill_every, stop.clone(), kills.clone()));
+    let killer = tokio::spawn(kill_agents(
+        gw.pid(),
+        args.kill_every,
+        stop.clone(),
+        kills.clone(),
+    ));
     let drainer = tokio::spawn(drain_pool(
         gw.port,
         gw.token.clone(),
@@ -558,7 +576,15 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     drainer.await?;
     // Whatever the drainer last did, the pool goes back to its size.
     let resize = json!({"action": "resize", "target": args.pool});
-    http_json("127.0.0.1", gw.port, "POST", "/api/admin/pool", Some(&gw.token), Some(&resize)).await;
+    http_json(
+        "127.0.0.1",
+        gw.port,
+        "POST",
+        "/api/admin/pool",
+        Some(&gw.token),
+        Some(&resize),
+    )
+    .await;
 
     let after = at_rest(&gw, args.pool, rest_limit).await;
     let orphaned = orphans(&gw);
@@ -594,7 +620,10 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         ));
     }
     if after.fds as f64 > before.fds as f64 * 1.1 {
-        leaks.push(format!("gateway descriptors {} → {}", before.fds, after.fds));
+        leaks.push(format!(
+            "gateway descriptors {} → {}",
+            before.fds, after.fds
+        ));
     }
     if after.rss_kib as f64 > before.rss_kib as f64 * 1.1 {
         leaks.push(format!(
@@ -603,7 +632,9 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         ));
     }
     if !orphaned.is_empty() {
-        leaks.push(format!("processes of this gateway outside its tree: {orphaned:?}"));
+        leaks.push(format!(
+            "processes of this gateway outside its tree: {orphaned:?}"
+        ));
     }
     // The store keeps every event, message and conversation, indexed; more
     // than 10 bytes on disk per byte of events (beyond a fixed 16 MiB for the
@@ -707,7 +738,15 @@ async fn drain_pool(
     let post = |action: Value| {
         let token = token.clone();
         async move {
-            http_json("127.0.0.1", port, "POST", "/api/admin/pool", Some(&token), Some(&action)).await
+            http_json(
+                "127.0.0.1",
+                port,
+                "POST",
+                "/api/admin/pool",
+                Some(&token),
+                Some(&action),
+            )
+            .await
         }
     };
     loop {
@@ -755,7 +794,10 @@ fn print_report(r: &Value) {
         c["session_errors"]
     );
     let a = &r["at_rest"];
-    for (when, rest) in [("warm-up", &a["after_warmup"]), ("churn", &a["after_churn"])] {
+    for (when, rest) in [
+        ("warm-up", &a["after_warmup"]),
+        ("churn", &a["after_churn"]),
+    ] {
         println!(
             "gateway at rest after {when}: {} descriptors, {} MiB RSS, processes {}",
             rest["fds"], rest["rss_mib"], rest["processes"]
@@ -775,7 +817,14 @@ fn print_report(r: &Value) {
     for l in r["leaks"].as_array().into_iter().flatten() {
         println!("LEAK: {}", l.as_str().unwrap_or_default());
     }
-    println!("{}", if r["ok"] == true { "OK: nothing lost, nothing leaked" } else { "FAILED" });
+    println!(
+        "{}",
+        if r["ok"] == true {
+            "OK: nothing lost, nothing leaked"
+        } else {
+            "FAILED"
+        }
+    );
 }
 
 #[cfg(test)]
@@ -794,8 +843,14 @@ mod tests {
         let session = json!({"seq": 0, "session_id": "s-1", "ephemeral": true, "type": "session", "last_seq": 0});
         assert!(matches!(w.observe(&session.to_string()), Seen::Nothing));
         w.outstanding.push_back("m1".into());
-        assert!(matches!(w.observe(&frame(1, "text_delta", &conv)), Seen::Nothing));
-        assert!(matches!(w.observe(&frame(2, "finish", &conv)), Seen::Answered));
+        assert!(matches!(
+            w.observe(&frame(1, "text_delta", &conv)),
+            Seen::Nothing
+        ));
+        assert!(matches!(
+            w.observe(&frame(2, "finish", &conv)),
+            Seen::Answered
+        ));
         assert_eq!((w.tally.finished, w.tally.violations()), (1, 0));
         // The same event again (a replay from too early).
         w.observe(&frame(2, "finish", &conv));
@@ -808,7 +863,10 @@ mod tests {
         assert_eq!(w.tally.extra_answers, 1);
         // Another conversation's finish answers nothing of ours.
         w.outstanding.push_back("m2".into());
-        assert!(matches!(w.observe(&frame(6, "finish", "c-other")), Seen::Nothing));
+        assert!(matches!(
+            w.observe(&frame(6, "finish", "c-other")),
+            Seen::Nothing
+        ));
         let error = json!({"seq": 7, "session_id": "s-1", "type": "error", "conversation_id": conv, "error": {"code": "AGENT_CRASHED", "message": "x"}});
         assert!(matches!(w.observe(&error.to_string()), Seen::Answered));
         assert_eq!(w.tally.turn_errors["AGENT_CRASHED"], 1);
