@@ -65,7 +65,16 @@ fn classify(pid: u32, comm: &str, root: u32) -> ProcessKind {
     let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
     let program = args.next().unwrap_or_default();
     let first = args.next().unwrap_or_default();
-    let is_aishell = program.ends_with("aishell") || comm == "aishell";
+    // Runners and agents run this very binary, whatever it is called (a
+    // renamed copy too); comm is its name cut to 15 bytes.
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "aishell".into());
+    let own_comm: String = own.chars().take(15).collect();
+    let is_aishell = program.rsplit('/').next() == Some(own.as_str())
+        || comm == own_comm
+        || program.ends_with("aishell");
     match (is_aishell, first.as_ref(), comm) {
         (true, "runner", _) => ProcessKind::Runner,
         (true, "agent", _) => ProcessKind::Agent,
