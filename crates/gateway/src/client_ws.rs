@@ -23,6 +23,13 @@ const CLOSE_UNAUTHORIZED: u16 = 4401;
 const CLOSE_NOT_FOUND: u16 = 4404;
 const CLOSE_TOO_SLOW: u16 = 4408;
 
+/// A client connection's WebSocket read buffer, allocated at the upgrade
+/// and held for the connection's life, idle or not. Client frames are a few
+/// hundred bytes; a larger one gets its whole length reserved when its
+/// header arrives and is read in 2 KiB steps. Smaller than the other ends'
+/// `WS_READ_BUFFER_BYTES` because idle clients are many.
+const CLIENT_READ_BUFFER_BYTES: usize = 2 * 1024;
+
 pub async fn handler(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
@@ -81,7 +88,7 @@ pub async fn handler(
     let hard_cap = max.saturating_mul(2).max(max + 1024);
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
+        .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             connection(shared, identity, session_id, last_seq, socket).await;
             drop(slot);

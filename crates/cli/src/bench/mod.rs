@@ -16,6 +16,9 @@
 //! "roundtrip": { "n",
 //! "per_second", "p50_ms", "p99_ms" }, "gateway_rss_mib", "gateway_hwm_mib",
 //! "first_error" }`.
+//!
+//! The scale modes (`aishell bench idle|live|soak`) live in their own
+//! modules: [`idle`], [`live`], [`soak`].
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -23,14 +26,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+mod idle;
+mod live;
+mod soak;
+mod system;
+
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    mode: Option<ScaleMode>,
     /// Gateway WebSocket URL; without it a local gateway is started (`--spawn`).
     #[arg(long)]
     url: Option<String>,
@@ -60,7 +71,18 @@ pub struct BenchArgs {
     format: String,
 }
 
-type Ws =
+/// One-machine scale runs; without one, `bench` measures warm/cold starts.
+#[derive(Subcommand)]
+enum ScaleMode {
+    /// N idle client connections: memory per connection, ping latency across them.
+    Idle(idle::IdleArgs),
+    /// N live sessions: round trip quiet and under load, memory per session.
+    Live(live::LiveArgs),
+    /// Bounded churn; exits non-zero if a turn was lost or anything leaked.
+    Soak(soak::SoakArgs),
+}
+
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One new-session sample.
@@ -72,6 +94,12 @@ struct Sample {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.mode {
+        Some(ScaleMode::Idle(a)) => return idle::run(a).await,
+        Some(ScaleMode::Live(a)) => return live::run(a).await,
+        Some(ScaleMode::Soak(a)) => return soak::run(a).await,
+        None => {}
+    }
     let mut spawned = None;
     let (url, token, pid) = match (&args.url, &args.token) {
         (Some(url), Some(token)) => (url.clone(), token.clone(), args.gateway_pid),
@@ -297,17 +325,33 @@ async fn wait_for_pool(ws_url: &str, n: usize) {
 }
 
 async fn health(host: &str, port: u16) -> Option<Value> {
+    http_json(host, port, "GET", "/health", None, None).await
+}
+
+/// One plain HTTP/1.0 request; the JSON body of the answer, if any.
+pub(crate) async fn http_json(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Option<Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
-    s.write_all(format!("GET /health HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = body.map_or(String::new(), Value::to_string);
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(format!("{head}{body}").as_bytes()).await.ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.ok()?;
     serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
 }
 
-async fn turn(ws: &mut Ws, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn turn(ws: &mut Ws, timeout: Duration) -> anyhow::Result<()> {
     let msg = json!({"type": "message", "id": uuid::Uuid::new_v4().simple().to_string(), "content": "ping"});
     ws.send(Message::Text(msg.to_string().into())).await?;
     loop {
@@ -320,7 +364,7 @@ async fn turn(ws: &mut Ws, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
+pub(crate) async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
     let mut req = url.into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
@@ -331,7 +375,7 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
     )
 }
 
-async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
+pub(crate) async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     loop {
         match tokio::time::timeout(timeout, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
@@ -341,12 +385,12 @@ async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// Nearest-rank percentiles of a sample.
-fn percentiles(v: &mut [f64]) -> Value {
+pub(crate) fn percentiles(v: &mut [f64]) -> Value {
     if v.is_empty() {
         return Value::Null;
     }
@@ -455,7 +499,7 @@ fn print_table(r: &Value) {
 
 /// CPU time (ns) process `pid` has used so far, summed over its live
 /// threads (`/proc/<pid>/task/*/schedstat`); None where unreadable.
-fn cpu_ns(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
     let mut total = 0;
     let mut counted = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
@@ -469,7 +513,7 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     (counted > 0).then_some(total)
 }
 
-fn rss_mib(pid: u32) -> (Option<f64>, Option<f64>) {
+pub(crate) fn rss_mib(pid: u32) -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -507,34 +551,62 @@ fn show_startup_warning(log_line: &str) {
 }
 
 /// A gateway started for the benchmark on a free loopback port.
-struct SpawnedGateway {
+pub(crate) struct SpawnedGateway {
     child: Child,
-    url: String,
-    token: String,
-    _dir: std::path::PathBuf,
+    pub url: String,
+    pub token: String,
+    pub port: u16,
+    pub data_dir: std::path::PathBuf,
+    keep_data_dir: bool,
 }
+
+/// Limits the warm/cold bench lifts so that only the gateway's work is measured.
+const BENCH_SETTINGS: &[(&str, &str)] = &[
+    ("--agent", "echo"),
+    ("--max-tasks-per-user", "1000"),
+    ("--max-warm-claims-per-user", "1000"),
+    ("--max-connections-per-user", "10000"),
+    ("--messages-per-second", "100000"),
+];
 
 impl SpawnedGateway {
     fn start(extra: &[String]) -> anyhow::Result<Self> {
+        let settings: Vec<(&str, String)> = BENCH_SETTINGS
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+        Self::start_with(&settings, extra)
+    }
+
+    /// Start `serve` with `settings`, except those `extra` (the user's
+    /// `--spawn-arg`s) sets itself, then `extra`.
+    pub(crate) fn start_with(
+        settings: &[(&str, String)],
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("aishell-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .args([
-                "serve",
-                "--port",
-                "0",
-                "--agent",
-                "echo",
-                "--max-tasks-per-user",
-                "1000",
-                "--max-warm-claims-per-user",
-                "1000",
-                "--max-connections-per-user",
-                "10000",
-                "--messages-per-second",
-                "100000",
-            ])
+        let overridden = |flag: &str| {
+            extra
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let mut cmd = Command::new(exe);
+        cmd.args(["serve", "--port", "0"]);
+        // SAFETY: prctl only, between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            // A bench killed before its cleanup takes its gateway with it.
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        for (flag, value) in settings.iter().filter(|(f, _)| !overridden(f)) {
+            cmd.arg(flag).arg(value);
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(&dir)
             .args(extra)
@@ -565,17 +637,34 @@ impl SpawnedGateway {
             .context("the spawned gateway did not start")?;
         let url = banner.split_whitespace().nth(3).context("banner")?;
         let (http, token) = url.split_once("/?token=").context("banner token")?;
+        let port = http
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .context("banner port")?;
         let ws = format!("{}/ws", http.replacen("http://", "ws://", 1));
         let gw = SpawnedGateway {
             child,
             url: ws,
             token: token.to_string(),
-            _dir: dir,
+            port,
+            data_dir: dir,
+            keep_data_dir: false,
         };
         Ok(gw)
     }
 
-    fn pid(&self) -> u32 {
+    /// Leave the data directory behind when the gateway stops.
+    pub(crate) fn keep_data_dir(&mut self) {
+        self.keep_data_dir = true;
+    }
+
+    fn remove_data_dir(&self) {
+        if !self.keep_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -588,14 +677,14 @@ impl Drop for SpawnedGateway {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_dir_all(&self._dir);
+                self.remove_data_dir();
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
+        self.remove_data_dir();
     }
 }
 
