@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use aishell_store::SessionState;
 use serde_json::json;
 use support::{TestGateway, is_type, text_of};
@@ -174,5 +176,43 @@ async fn a_message_during_a_slow_stop_waits_for_it_then_starts_a_new_task() {
     assert_eq!(text_of(&c.turn().await), "two");
     assert_eq!(gw.backend.launches(), 2);
     assert_eq!(gw.backend.received(), vec!["one", "two"]);
+    gw.shutdown().await;
+}
+
+/// Sessions live in this gateway's memory, from `/health`.
+async fn sessions_live(gw: &TestGateway) -> u64 {
+    let body = reqwest::get(format!("http://{}/health", gw.addr))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    health["sessions_live"].as_u64().unwrap()
+}
+
+/// A session whose task was stopped by its idle timer, with no client,
+/// leaves memory when its eviction time comes — a deadline like any other,
+/// reached while the actor waits on its timer (it used to wake at once,
+/// forever, and stay).
+#[tokio::test]
+async fn a_session_evicted_by_its_timer_leaves_memory() {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.idle_timeout = Duration::from_millis(200);
+        cfg.session_evict_after = Duration::from_millis(300);
+    })
+    .await;
+    let mut c = gw.connect().await;
+    c.message("m1", "hello").await;
+    assert_eq!(text_of(&c.turn().await), "hello");
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sessions_live(&gw).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never left memory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.shutdown().await;
 }

@@ -224,6 +224,11 @@ impl SessionActor {
                 }
                 _ = sleep_until_opt(deadline) => {
                     self.on_timer();
+                    // The eviction time is one of the deadlines: past it,
+                    // going round again would wake at once, forever.
+                    if self.should_evict() && rx.is_empty() {
+                        break;
+                    }
                     continue;
                 }
             };
