@@ -4,7 +4,7 @@
 //!
 //! Runners deliberately outlive the gateway (no kill-on-drop, nothing killed
 //! when the backend is dropped). Live tasks are recorded in
-//! `{state_dir}/tasks.json`; a restarted gateway's [`ProcessBackend::new`]
+//! `{state_dir}/tasks.log` (a journal, see `state`); a restarted gateway's [`ProcessBackend::new`]
 //! re-adopts those still running (checked by pid *and* by the task id in the
 //! process's environment, so a reused pid is never adopted) and watches them by
 //! polling, since they are no longer its children.
@@ -53,7 +53,7 @@ pub struct ProcessBackendConfig {
     pub runner_args: Vec<String>,
     /// User workspaces live at `{workspaces_root}/{user_id}`.
     pub workspaces_root: PathBuf,
-    /// Where `tasks.json` (the adoption record) lives.
+    /// Where `tasks.log` (the adoption record) lives.
     pub state_dir: PathBuf,
     /// SIGTERM → wait this long → SIGKILL.
     pub stop_grace: Duration,
@@ -85,6 +85,9 @@ pub struct ProcessBackend {
 struct Inner {
     cfg: ProcessBackendConfig,
     tasks: Mutex<HashMap<String, Entry>>,
+    /// The adoption record's writer; used with `tasks` locked, so records
+    /// are appended in the table's order.
+    journal: Mutex<state::Journal>,
     /// Size-limited workspaces, when the gateway asked for them.
     workspace_quota: std::sync::OnceLock<quota::WorkspaceQuota>,
 }
@@ -152,7 +155,10 @@ impl Inner {
             .map(|(id, e)| e.persisted(id))
             .collect();
         live.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        state::save(&self.cfg.state_dir, live)
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync(live)
     }
 
     fn persist_or_warn(&self, tasks: &Tasks) {
@@ -187,7 +193,7 @@ fn prune_exited(tasks: &mut Tasks) {
 
 impl ProcessBackend {
     /// Create the backend, creating `state_dir` if needed and adopting the
-    /// still-running tasks recorded in `{state_dir}/tasks.json`.
+    /// still-running tasks recorded in `{state_dir}/tasks.log`.
     /// Give every workspace a disk quota from now on (see [`quota`]).
     pub fn set_workspace_quota(&self, quota: quota::WorkspaceQuota) {
         let _ = self.inner.workspace_quota.set(quota);
@@ -245,9 +251,11 @@ impl ProcessBackend {
         }
 
         let any_adopted = !tasks.is_empty();
+        let journal = Mutex::new(state::Journal::new(&cfg.state_dir));
         let inner = Arc::new(Inner {
             cfg,
             tasks: Mutex::new(Tasks::new()),
+            journal,
             workspace_quota: std::sync::OnceLock::new(),
         });
         inner.persist(&tasks)?;

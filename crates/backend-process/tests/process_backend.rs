@@ -139,15 +139,19 @@ async fn read_lines(path: &Path, n: usize, limit: Duration) -> Vec<String> {
     }
 }
 
+/// The live task ids the adoption journal names (its lines replayed).
 fn state_file_task_ids(dir: &Path) -> Vec<String> {
-    let raw = std::fs::read(dir.join("state").join("tasks.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    v["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["task_id"].as_str().unwrap().to_string())
-        .collect()
+    let text = std::fs::read_to_string(dir.join("state").join("tasks.log")).unwrap();
+    let mut live = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(t) = v.get("launched") {
+            live.insert(t["task_id"].as_str().unwrap().to_string());
+        } else {
+            live.remove(v["ended"].as_str().unwrap());
+        }
+    }
+    live.into_iter().collect()
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -527,19 +531,20 @@ async fn stale_state_entries_are_not_adopted() {
     let reused_pid = reused.id() as i32;
     cleanup.track(reused_pid, &other);
 
-    let path = dir.path().join("state").join("tasks.json");
-    let mut file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let tasks = file["tasks"].as_array_mut().unwrap();
-    assert_eq!(tasks.len(), 1);
+    // Records of two more tasks, as a crashed gateway would have left them.
+    let path = dir.path().join("state").join("tasks.log");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let mut extra = String::new();
     for (id, pid) in [("stale-dead", dead_pid), ("stale-reused", reused_pid)] {
-        let mut t = tasks[0].clone();
+        let mut t = first["launched"].clone();
         t["task_id"] = id.into();
         t["pid"] = pid.into();
         t["pgid"] = pid.into();
-        tasks.push(t);
+        extra.push_str(&serde_json::json!({ "launched": t }).to_string());
+        extra.push('\n');
     }
-    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    std::fs::write(&path, text + &extra).unwrap();
 
     let b = ProcessBackend::new(cfg).unwrap();
     let ids: Vec<String> = b
@@ -573,7 +578,7 @@ async fn corrupt_state_file_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "exit 0", SECOND);
     std::fs::create_dir_all(&cfg.state_dir).unwrap();
-    std::fs::write(cfg.state_dir.join("tasks.json"), b"{garbage").unwrap();
+    std::fs::write(cfg.state_dir.join("tasks.log"), b"{garbage\n").unwrap();
     let b = ProcessBackend::new(cfg).unwrap();
     assert!(b.list().await.unwrap().is_empty());
     assert!(state_file_task_ids(dir.path()).is_empty());
