@@ -8,6 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -149,6 +150,13 @@ async fn a_user_past_their_quota_gets_enospc_and_nobody_else_notices() {
         assert!(status.success(), "umount {target}");
     }
     assert!(mounts_under(&data_dir).is_empty());
+    // A loop device is freed with the last mount of its file system: runners
+    // that are still exiting hold copies in their own mount namespaces
+    // (slaves of the host's), and waiting warm runners exit at idle priority.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !loop_devices_on(&data_dir).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         loop_devices_on(&data_dir).is_empty(),
         "loop devices left: {:?}",
