@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
+use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskMode, TaskStatus};
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::models::{
@@ -215,7 +215,7 @@ impl DockerBackend {
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_INSTANCE.to_string(), self.cfg.instance_id.clone()),
             (LABEL_TASK.to_string(), spec.task_id.clone()),
-            (LABEL_MODE.to_string(), spec.mode.clone()),
+            (LABEL_MODE.to_string(), spec.mode.to_string()),
         ]);
         if let Some(sid) = &spec.session_id {
             labels.insert(LABEL_SESSION.to_string(), sid.clone());
@@ -541,9 +541,11 @@ impl Backend for DockerBackend {
                         reason: c.status.unwrap_or_else(|| "exited".into()),
                     },
                 };
+                // A container without a mode of ours is not one of our tasks.
+                let mode = TaskMode::parse(labels.get(LABEL_MODE)?)?;
                 Some(TaskInfo {
                     task_id,
-                    mode: labels.get(LABEL_MODE).cloned().unwrap_or_default(),
+                    mode,
                     session_id: labels.get(LABEL_SESSION).cloned(),
                     status,
                     started_at: created_at(c.created),
@@ -556,6 +558,14 @@ impl Backend for DockerBackend {
                 .then_with(|| a.task_id.cmp(&b.task_id))
         });
         Ok(out)
+    }
+
+    fn capabilities(&self) -> aishell_backend::Capabilities {
+        aishell_backend::Capabilities {
+            typical_cold_start: Duration::from_millis(1500),
+            workspaces: aishell_backend::WorkspaceAccess::Local,
+            isolation: aishell_backend::Isolation::Container,
+        }
     }
 
     fn workspace_path(&self, user_id: &str) -> String {
@@ -600,7 +610,7 @@ mod tests {
         let backend = DockerBackend::new(cfg);
         let spec = LaunchSpec {
             task_id: "t-1".into(),
-            mode: "cold".into(),
+            mode: TaskMode::Cold,
             session_id: Some("s-1".into()),
             gateway_url: "ws://127.0.0.1:1".into(),
             credential: "cred".into(),

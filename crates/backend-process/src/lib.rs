@@ -19,7 +19,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
+use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskMode, TaskStatus};
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -93,7 +93,7 @@ struct Inner {
 }
 
 struct Entry {
-    mode: String,
+    mode: TaskMode,
     session_id: Option<String>,
     started_at: SystemTime,
     pid: i32,
@@ -114,7 +114,7 @@ impl Entry {
             task_id: task_id.to_string(),
             pid: self.pid,
             pgid: self.pgid,
-            mode: self.mode.clone(),
+            mode: self.mode,
             session_id: self.session_id.clone(),
             started_at_ms: state::to_ms(self.started_at),
         }
@@ -123,7 +123,7 @@ impl Entry {
     fn info(&self, task_id: &str) -> TaskInfo {
         TaskInfo {
             task_id: task_id.to_string(),
-            mode: self.mode.clone(),
+            mode: self.mode,
             session_id: self.session_id.clone(),
             status: self.status.clone(),
             started_at: self.started_at,
@@ -416,7 +416,7 @@ impl Backend for ProcessBackend {
             .envs(&spec.env)
             .env("AISHELL_GATEWAY_URL", &spec.gateway_url)
             .env("AISHELL_TASK_ID", &spec.task_id)
-            .env("AISHELL_TASK_MODE", &spec.mode)
+            .env("AISHELL_TASK_MODE", spec.mode.as_str())
             .env("AISHELL_TASK_CREDENTIAL", &spec.credential)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
@@ -452,7 +452,7 @@ impl Backend for ProcessBackend {
             tasks.insert(
                 spec.task_id.clone(),
                 Entry {
-                    mode: spec.mode.clone(),
+                    mode: spec.mode,
                     session_id: spec.session_id.clone(),
                     started_at: SystemTime::now(),
                     pid,
@@ -580,6 +580,14 @@ impl Backend for ProcessBackend {
             op: "prepare_workspace",
             reason: e.to_string(),
         })
+    }
+
+    fn capabilities(&self) -> aishell_backend::Capabilities {
+        aishell_backend::Capabilities {
+            typical_cold_start: Duration::from_millis(300),
+            workspaces: aishell_backend::WorkspaceAccess::Local,
+            isolation: aishell_backend::Isolation::Process,
+        }
     }
 
     fn workspace_path(&self, user_id: &str) -> String {

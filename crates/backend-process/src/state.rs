@@ -12,6 +12,8 @@
 //! no journal exists and removed at the first compaction.
 
 use std::collections::BTreeMap;
+
+use aishell_backend::TaskMode;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +39,7 @@ pub(crate) struct PersistedTask {
     pub task_id: String,
     pub pid: i32,
     pub pgid: i32,
-    pub mode: String,
+    pub mode: TaskMode,
     pub session_id: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub started_at_ms: u64,
@@ -199,7 +201,7 @@ mod tests {
             task_id: id.into(),
             pid,
             pgid: pid,
-            mode: "warm".into(),
+            mode: TaskMode::Warm,
             session_id: Some("s".into()),
             started_at_ms: 1_700_000_000_123,
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskStatus};
+use aishell_backend::{Backend, BackendError, LaunchSpec, TaskMode, TaskStatus};
 use aishell_backend_process::{ADOPTED_EXIT_REASON, ProcessBackend, ProcessBackendConfig};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -35,7 +35,7 @@ fn config(dir: &Path, script: &str, grace: Duration) -> ProcessBackendConfig {
 fn spec(task_id: &str, env: &[(&str, &str)]) -> LaunchSpec {
     LaunchSpec {
         task_id: task_id.to_string(),
-        mode: "warm".into(),
+        mode: TaskMode::Warm,
         session_id: None,
         gateway_url: "ws://127.0.0.1:5174".into(),
         credential: format!("cred-{task_id}"),
@@ -176,7 +176,7 @@ async fn launch_runs_with_task_environment() {
             ("AISHELL_TASK_ID", "spoofed"),
         ],
     );
-    s1.mode = "warm".into();
+    s1.mode = TaskMode::Warm;
     launch_tracked(&b, s1, &mut cleanup).await;
     assert_eq!(b.status(&id1).await.unwrap(), TaskStatus::Running);
 
@@ -184,7 +184,7 @@ async fn launch_runs_with_task_environment() {
     let out2 = dir.path().join("env2");
     let id2 = unique_id("env");
     let mut s2 = spec(&id2, &[("OUT", out2.to_str().unwrap())]);
-    s2.mode = "cold".into();
+    s2.mode = TaskMode::Cold;
     s2.session_id = Some("sess-42".into());
     launch_tracked(&b, s2, &mut cleanup).await;
 
@@ -363,7 +363,7 @@ async fn list_shows_launched_tasks() {
     let before = std::time::SystemTime::now() - SECOND;
     launch_tracked(&b, spec(&warm, &[]), &mut cleanup).await;
     let mut s = spec(&cold, &[]);
-    s.mode = "cold".into();
+    s.mode = TaskMode::Cold;
     s.session_id = Some("sess-1".into());
     launch_tracked(&b, s, &mut cleanup).await;
 
@@ -377,10 +377,10 @@ async fn list_shows_launched_tasks() {
         .iter()
         .find(|t| t.task_id == cold)
         .expect("cold task");
-    assert_eq!((w.mode.as_str(), w.session_id.as_deref()), ("warm", None));
+    assert_eq!((w.mode, w.session_id.as_deref()), (TaskMode::Warm, None));
     assert_eq!(
-        (c.mode.as_str(), c.session_id.as_deref()),
-        ("cold", Some("sess-1"))
+        (c.mode, c.session_id.as_deref()),
+        (TaskMode::Cold, Some("sess-1"))
     );
     for t in &listed {
         assert_eq!(t.status, TaskStatus::Running);
@@ -450,7 +450,7 @@ async fn restarted_backend_adopts_and_stops_live_task() {
     let pid = {
         let a = ProcessBackend::new(cfg.clone()).unwrap();
         let mut s = spec(&id, &[]);
-        s.mode = "cold".into();
+        s.mode = TaskMode::Cold;
         s.session_id = Some("sess-adopt".into());
         launch_tracked(&a, s, &mut cleanup).await
         // `a` is dropped here: the runner must survive it.
@@ -463,7 +463,7 @@ async fn restarted_backend_adopts_and_stops_live_task() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].task_id, id);
     assert_eq!(listed[0].status, TaskStatus::Running);
-    assert_eq!(listed[0].mode, "cold");
+    assert_eq!(listed[0].mode, TaskMode::Cold);
     assert_eq!(listed[0].session_id.as_deref(), Some("sess-adopt"));
     assert_eq!(b.pid_of(&id), Some(pid as u32));
     // Still running a little later (the poller does not misfire).

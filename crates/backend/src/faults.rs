@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
+use crate::{Backend, BackendError, Capabilities, LaunchSpec, StatusChange, TaskInfo, TaskStatus};
 
 pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
@@ -119,5 +119,21 @@ impl Backend for FaultyBackend {
 
     fn workspace_path(&self, user_id: &str) -> String {
         self.inner.workspace_path(user_id)
+    }
+
+    fn prepare_workspace(&self, user_id: &str) -> Result<(), BackendError> {
+        self.inner.prepare_workspace(user_id)
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.inner.ping().await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn watch(self: Arc<Self>) -> tokio::sync::mpsc::Receiver<StatusChange> {
+        self.inner.clone().watch()
     }
 }

@@ -78,7 +78,12 @@ async fn a_validly_signed_credential_for_a_task_the_gateway_never_launched_is_re
     // Warm: forged runners would join the pool and be handed to the next user.
     for i in 0..5 {
         let task_id = format!("w-forged{i}");
-        let credential = signer.mint(&task_id, "warm", None, Duration::from_secs(600));
+        let credential = signer.mint(
+            &task_id,
+            aishell_backend::TaskMode::Warm,
+            None,
+            Duration::from_secs(600),
+        );
         let status = dial_runner(&gw, &format!("/internal/warm/{task_id}"), &credential).await;
         assert_eq!(status, 403, "forged warm runner {task_id} was not refused");
     }
@@ -109,7 +114,12 @@ async fn a_validly_signed_credential_for_a_task_the_gateway_never_launched_is_re
     c.message("m1", "mine").await;
     assert_eq!(text_of(&c.turn().await), "mine");
     let session = c.session_id.clone();
-    let credential = signer.mint("c-forged", "cold", Some(&session), Duration::from_secs(600));
+    let credential = signer.mint(
+        "c-forged",
+        aishell_backend::TaskMode::Cold,
+        Some(&session),
+        Duration::from_secs(600),
+    );
     let status = dial_runner(&gw, &format!("/internal/task/{session}"), &credential).await;
     assert_eq!(status, 403, "forged cold runner was not refused");
     // The real runner still serves the session.

@@ -49,7 +49,7 @@ async fn stand_in_runner(gw: &Gateway, task: &str, session_id: &str) -> StandInS
     let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
     let cred = aishell_gateway::credential::CredentialSigner::new(key).mint(
         task,
-        "cold",
+        aishell_backend::TaskMode::Cold,
         Some(session_id),
         Duration::from_secs(60),
     );
@@ -185,7 +185,12 @@ async fn class2_a_dial_back_for_a_task_never_launched_is_refused_at_once() {
     let gw = Gateway::start(&["--agent", "echo", "--dial-back-grace", "1s"]);
     let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
     let signer = aishell_gateway::credential::CredentialSigner::new(key);
-    let cred = signer.mint("t-x", "cold", Some("s-not-yet"), Duration::from_secs(60));
+    let cred = signer.mint(
+        "t-x",
+        aishell_backend::TaskMode::Cold,
+        Some("s-not-yet"),
+        Duration::from_secs(60),
+    );
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://127.0.0.1:{}/internal/task/s-not-yet", gw.port)
         .into_client_request()

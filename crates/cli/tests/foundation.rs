@@ -218,7 +218,12 @@ async fn runner_dial_backs_with_forged_or_foreign_credentials_are_refused() {
     );
     // Signed with another key (another gateway).
     let other = aishell_gateway::credential::CredentialSigner::new(vec![1; 32]);
-    let foreign = other.mint("t-x", "cold", Some(&session), Duration::from_secs(60));
+    let foreign = other.mint(
+        "t-x",
+        aishell_backend::TaskMode::Cold,
+        Some(&session),
+        Duration::from_secs(60),
+    );
     assert_eq!(
         status(dial(Some(foreign)).await),
         401,
@@ -227,7 +232,12 @@ async fn runner_dial_backs_with_forged_or_foreign_credentials_are_refused() {
     // Properly signed, but for another session.
     let key = std::fs::read(gw.data_dir.join("runner-credential.key")).unwrap();
     let signer = aishell_gateway::credential::CredentialSigner::new(key);
-    let other_session = signer.mint("t-x", "cold", Some("s-other"), Duration::from_secs(60));
+    let other_session = signer.mint(
+        "t-x",
+        aishell_backend::TaskMode::Cold,
+        Some("s-other"),
+        Duration::from_secs(60),
+    );
     assert_eq!(
         status(dial(Some(other_session)).await),
         403,
@@ -237,7 +247,7 @@ async fn runner_dial_backs_with_forged_or_foreign_credentials_are_refused() {
     // launched: refused before the upgrade.
     let stale = signer.mint(
         "t-not-current",
-        "cold",
+        aishell_backend::TaskMode::Cold,
         Some(&session),
         Duration::from_secs(60),
     );

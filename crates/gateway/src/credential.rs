@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
+use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskMode, TaskStatus};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -23,7 +23,7 @@ use sha2::Sha256;
 pub struct RunnerClaims {
     pub task_id: String,
     /// `cold` or `warm`.
-    pub mode: String,
+    pub mode: TaskMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
     /// Expiry, unix seconds.
@@ -76,13 +76,13 @@ impl CredentialSigner {
     pub fn mint(
         &self,
         task_id: &str,
-        mode: &str,
+        mode: TaskMode,
         session_id: Option<&str>,
         ttl: Duration,
     ) -> String {
         let claims = RunnerClaims {
             task_id: task_id.to_string(),
-            mode: mode.to_string(),
+            mode,
             session_id: session_id.map(str::to_string),
             exp: now_secs() + ttl.as_secs(),
         };
@@ -218,6 +218,14 @@ impl Backend for TrackingBackend {
     async fn ping(&self) -> Result<(), BackendError> {
         self.inner.ping().await
     }
+
+    fn capabilities(&self) -> aishell_backend::Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn watch(self: Arc<Self>) -> tokio::sync::mpsc::Receiver<aishell_backend::StatusChange> {
+        self.inner.clone().watch()
+    }
 }
 
 fn now_secs() -> u64 {
@@ -250,11 +258,11 @@ mod tests {
     #[test]
     fn mint_verify_round_trip() {
         let s = CredentialSigner::new(vec![7; 32]);
-        let t = s.mint("t1", "cold", Some("s1"), Duration::from_secs(60));
+        let t = s.mint("t1", TaskMode::Cold, Some("s1"), Duration::from_secs(60));
         let c = s.verify(&t).unwrap();
         assert_eq!(
-            (c.task_id.as_str(), c.mode.as_str(), c.session_id.as_deref()),
-            ("t1", "cold", Some("s1"))
+            (c.task_id.as_str(), c.mode, c.session_id.as_deref()),
+            ("t1", TaskMode::Cold, Some("s1"))
         );
     }
 
@@ -262,10 +270,10 @@ mod tests {
     fn forged_and_foreign_credentials_are_refused() {
         let s = CredentialSigner::new(vec![7; 32]);
         let other = CredentialSigner::new(vec![8; 32]);
-        let t = other.mint("t1", "cold", Some("s1"), Duration::from_secs(60));
+        let t = other.mint("t1", TaskMode::Cold, Some("s1"), Duration::from_secs(60));
         assert_eq!(s.verify(&t), Err(CredentialError::BadSignature));
         // Same signature, edited claims.
-        let good = s.mint("t1", "cold", Some("s1"), Duration::from_secs(60));
+        let good = s.mint("t1", TaskMode::Cold, Some("s1"), Duration::from_secs(60));
         let (_, sig) = good.split_once('.').unwrap();
         let forged_payload =
             B64.encode(br#"{"task_id":"t2","mode":"cold","session_id":"s2","exp":99999999999}"#);
@@ -279,7 +287,7 @@ mod tests {
     #[test]
     fn a_valid_credential_of_a_task_not_launched_or_stopped_is_refused() {
         let s = CredentialSigner::new(vec![7; 32]);
-        let t = s.mint("t1", "warm", None, Duration::from_secs(60));
+        let t = s.mint("t1", TaskMode::Warm, None, Duration::from_secs(60));
         assert_eq!(s.accept(&t), Err(CredentialError::NotLaunched));
         let exp = s.verify(&t).unwrap().exp;
         s.launched("t1", exp);
@@ -299,7 +307,7 @@ mod tests {
     #[test]
     fn expired_credential_is_refused() {
         let s = CredentialSigner::new(vec![7; 32]);
-        let t = s.mint("t1", "warm", None, Duration::ZERO);
+        let t = s.mint("t1", TaskMode::Warm, None, Duration::ZERO);
         assert_eq!(s.verify(&t), Err(CredentialError::Expired));
     }
 }

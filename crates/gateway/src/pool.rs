@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aishell_backend::{Backend, LaunchSpec};
+use aishell_backend::{Backend, LaunchSpec, TaskMode};
 use aishell_protocol::GatewayToRunner;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -487,11 +487,14 @@ impl WarmPool {
         {
             let _slot = self.launch_slots.clone().acquire_owned().await;
             let spec = LaunchSpec {
-                credential: self
-                    .credentials
-                    .mint(&task_id, "warm", None, self.credential_ttl),
+                credential: self.credentials.mint(
+                    &task_id,
+                    TaskMode::Warm,
+                    None,
+                    self.credential_ttl,
+                ),
                 task_id: task_id.clone(),
-                mode: "warm".into(),
+                mode: TaskMode::Warm,
                 session_id: None,
                 gateway_url: self.runner_url.clone(),
                 env: Default::default(),

@@ -3,6 +3,7 @@
 //! credential minted at launch; a missing, forged, expired or mismatched one
 //! is refused before the upgrade and logged.
 
+use aishell_backend::TaskMode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ pub async fn cold(
         Ok(c) => c,
         Err(resp) => return *resp,
     };
-    if claims.mode != "cold" || claims.session_id.as_deref() != Some(session_id.as_str()) {
+    if claims.mode != TaskMode::Cold || claims.session_id.as_deref() != Some(session_id.as_str()) {
         tracing::warn!(event = "runner_auth_failed", sessionId = %session_id, taskId = %claims.task_id, reason = "credential names another session", "runner refused");
         return (
             StatusCode::FORBIDDEN,
@@ -80,7 +81,7 @@ pub async fn warm(
         Ok(c) => c,
         Err(resp) => return *resp,
     };
-    if claims.mode != "warm" || claims.task_id != task_id {
+    if claims.mode != TaskMode::Warm || claims.task_id != task_id {
         tracing::warn!(event = "runner_auth_failed", taskId = %task_id, reason = "credential names another task", "runner refused");
         return (
             StatusCode::FORBIDDEN,

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use aishell_backend::{Backend, TaskInfo};
+use aishell_backend::{Backend, TaskInfo, TaskMode};
 use aishell_store::Store;
 use axum::Router;
 use axum::extract::State;
@@ -76,7 +76,7 @@ impl Gateway {
         let adopted = pool.adopt(
             listed
                 .iter()
-                .filter(|t| t.mode == "warm" && t.status.is_alive())
+                .filter(|t| t.mode == TaskMode::Warm && t.status.is_alive())
                 .map(|t| t.task_id.clone()),
         );
         if !adopted.is_empty() {

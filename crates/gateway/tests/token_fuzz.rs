@@ -47,7 +47,7 @@ proptest! {
     #[test]
     fn tampered_runner_credentials_are_refused(pos in 0usize..200, byte in any::<u8>()) {
         let signer = CredentialSigner::new(vec![9; 32]);
-        let good = signer.mint("t-1", "cold", Some("s-1"), Duration::from_secs(60));
+        let good = signer.mint("t-1", aishell_backend::TaskMode::Cold, Some("s-1"), Duration::from_secs(60));
         let mut bytes = good.clone().into_bytes();
         let i = pos % bytes.len();
         prop_assume!(bytes[i] != byte);

@@ -30,6 +30,21 @@ impl TaskMode {
             TaskMode::Warm => "warm",
         }
     }
+
+    /// The mode `as_str` names, or `None` for anything else.
+    pub fn parse(s: &str) -> Option<TaskMode> {
+        match s {
+            "cold" => Some(TaskMode::Cold),
+            "warm" => Some(TaskMode::Warm),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Which agent to run, chosen per user at claim time.

@@ -40,16 +40,11 @@ pub enum ConfigError {
 impl RunnerConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         let get = |name: &'static str| std::env::var(name).map_err(|_| ConfigError::Missing(name));
-        let mode = match get("AISHELL_TASK_MODE")?.as_str() {
-            "cold" => TaskMode::Cold,
-            "warm" => TaskMode::Warm,
-            other => {
-                return Err(ConfigError::Invalid {
-                    name: "AISHELL_TASK_MODE",
-                    reason: format!("`{other}` (expected cold or warm)"),
-                });
-            }
-        };
+        let mode = get("AISHELL_TASK_MODE")?;
+        let mode = TaskMode::parse(&mode).ok_or_else(|| ConfigError::Invalid {
+            name: "AISHELL_TASK_MODE",
+            reason: format!("`{mode}` (expected cold or warm)"),
+        })?;
         let session_id = std::env::var("AISHELL_SESSION_ID")
             .ok()
             .filter(|s| !s.is_empty());

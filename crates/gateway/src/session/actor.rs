@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aishell_backend::{LaunchSpec, TaskStatus};
+use aishell_backend::{LaunchSpec, TaskMode, TaskStatus};
 use aishell_protocol::client::ConversationSummary;
 use aishell_protocol::{
     AgentEvent, AgentInput, ClientFrame, ConversationRef, ErrorCode, GatewayToRunner,
@@ -129,7 +129,7 @@ pub fn spawn(
             idle_timeout: cfg.idle_timeout_for(&record.user_id),
             disconnect_processing_timeout: cfg.disconnect_processing_timeout,
             backend_name: shared.backend.name().to_string(),
-            cold_eta_ms: cold_eta_ms(shared.backend.name()),
+            cold_eta_ms: shared.backend.capabilities().typical_cold_start.as_millis() as u64,
             max_turn_output_bytes: cfg.max_turn_output_bytes,
         },
         fresh,
@@ -165,14 +165,6 @@ pub fn spawn(
 }
 
 /// Estimate for `status.eta_ms`: a cold start on this backend.
-fn cold_eta_ms(backend: &str) -> u64 {
-    match backend {
-        "process" => 300,
-        "docker" => 1500,
-        _ => 10_000,
-    }
-}
-
 type RunnerTx = mpsc::UnboundedSender<GatewayToRunner>;
 
 /// Receives commands, steps the session machine (machine/mod.rs) and
@@ -744,12 +736,12 @@ impl SessionActor {
     fn launch(&self, task_id: String) {
         let spec = LaunchSpec {
             task_id: task_id.clone(),
-            mode: "cold".into(),
+            mode: TaskMode::Cold,
             session_id: Some(self.id.clone()),
             gateway_url: self.shared.runner_url.clone(),
             credential: self.shared.credentials.mint(
                 &task_id,
-                "cold",
+                TaskMode::Cold,
                 Some(&self.id),
                 self.shared.cfg.runner_credential_ttl,
             ),

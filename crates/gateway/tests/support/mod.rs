@@ -92,6 +92,14 @@ impl Backend for FakeBackend {
         "fake"
     }
 
+    fn capabilities(&self) -> aishell_backend::Capabilities {
+        aishell_backend::Capabilities {
+            typical_cold_start: std::time::Duration::from_millis(10),
+            workspaces: aishell_backend::WorkspaceAccess::Local,
+            isolation: aishell_backend::Isolation::Process,
+        }
+    }
+
     async fn launch(&self, spec: LaunchSpec) -> Result<(), BackendError> {
         *self.launches.lock().unwrap() += 1;
         if let Some(reason) = self.refuse.lock().unwrap().clone() {
@@ -135,7 +143,7 @@ impl Backend for FakeBackend {
             .iter()
             .map(|(id, t)| TaskInfo {
                 task_id: id.clone(),
-                mode: "cold".into(),
+                mode: aishell_backend::TaskMode::Cold,
                 session_id: t.session_id.clone(),
                 status: TaskStatus::Running,
                 started_at: SystemTime::now(),
