@@ -129,8 +129,17 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             start_docker_housekeeping(backend.clone());
             backend
         }
+        #[cfg(feature = "ecs")]
+        "ecs" => {
+            let instance_id = instance_id(&cfg.data_dir.join("ecs-backend"))?;
+            let ecs_cfg = settings.ecs_config(instance_id)?;
+            let backend = aishell_backend_ecs::EcsBackend::connect(ecs_cfg).await?;
+            let backend = Arc::new(backend);
+            start_ecs_permission_check(backend.clone());
+            backend
+        }
         other => bail!(
-            "EXECUTION_MODE={other} is not available in this build yet; use process or docker"
+            "EXECUTION_MODE={other} is not available in this build; use process or docker (ecs needs the `ecs` cargo feature)"
         ),
     };
     // Test hook: reproduce backend failures (see aishell_backend::faults).
@@ -311,6 +320,27 @@ fn start_docker_housekeeping(backend: Arc<DockerBackend>) {
                 event = "docker_backend_unavailable",
                 error = %e,
                 "docker backend cannot reach the engine; sessions will fail with TASK_START_FAILED until it is back"
+            ),
+        }
+    });
+}
+
+/// Check at start-up, in one line, that this gateway may call every ECS
+/// action it needs (logged, not fatal: `/ready` and each start say it too).
+#[cfg(feature = "ecs")]
+fn start_ecs_permission_check(backend: Arc<aishell_backend_ecs::EcsBackend>) {
+    tokio::spawn(async move {
+        match backend.check_permissions().await {
+            Ok(()) => tracing::info!(
+                event = "ecs_backend_ready",
+                cluster = %backend.config().cluster,
+                taskDefinition = %backend.config().task_definition,
+                "ecs backend may run, describe, list and stop its tasks"
+            ),
+            Err(e) => tracing::error!(
+                event = "ecs_backend_unavailable",
+                error = %e,
+                "ecs backend cannot start tasks; sessions will fail with TASK_START_FAILED until it can"
             ),
         }
     });

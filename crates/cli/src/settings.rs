@@ -237,6 +237,30 @@ pub struct ServeSettings {
     /// Docker backend: processes per container [default: 1024].
     #[arg(long, env = "AISHELL_DOCKER_PIDS_LIMIT")]
     pub docker_pids_limit: Option<i64>,
+    /// ECS backend: cluster name or ARN.
+    #[arg(long, env = "AISHELL_ECS_CLUSTER")]
+    pub ecs_cluster: Option<String>,
+    /// ECS backend: task definition every task runs (family, family:revision or ARN).
+    #[arg(long, env = "AISHELL_ECS_TASK_DEFINITION")]
+    pub ecs_task_definition: Option<String>,
+    /// ECS backend: the runner's container in that task definition [default: runner].
+    #[arg(long, env = "AISHELL_ECS_CONTAINER_NAME")]
+    pub ecs_container_name: Option<String>,
+    /// ECS backend: FARGATE or EC2, or `default` for the cluster's capacity provider strategy [default: FARGATE unless --ecs-capacity-providers].
+    #[arg(long, env = "AISHELL_ECS_LAUNCH_TYPE")]
+    pub ecs_launch_type: Option<String>,
+    /// ECS backend: capacity provider strategy, comma-separated name[:weight[:base]] (e.g. FARGATE_SPOT:3,FARGATE:1:1).
+    #[arg(long, env = "AISHELL_ECS_CAPACITY_PROVIDERS")]
+    pub ecs_capacity_providers: Option<String>,
+    /// ECS backend, awsvpc: comma-separated subnet ids of the tasks.
+    #[arg(long, env = "AISHELL_ECS_SUBNETS")]
+    pub ecs_subnets: Option<String>,
+    /// ECS backend, awsvpc: comma-separated security group ids of the tasks.
+    #[arg(long, env = "AISHELL_ECS_SECURITY_GROUPS")]
+    pub ecs_security_groups: Option<String>,
+    /// ECS backend, awsvpc: give each task a public IP [default: false].
+    #[arg(long, env = "AISHELL_ECS_ASSIGN_PUBLIC_IP")]
+    pub ecs_assign_public_ip: Option<bool>,
     /// A request's headers must arrive within this; slower clients are closed [default: 10s].
     #[arg(long, env = "AISHELL_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
@@ -345,6 +369,14 @@ impl ServeSettings {
             docker_memory,
             docker_cpus,
             docker_pids_limit,
+            ecs_cluster,
+            ecs_task_definition,
+            ecs_container_name,
+            ecs_launch_type,
+            ecs_capacity_providers,
+            ecs_subnets,
+            ecs_security_groups,
+            ecs_assign_public_ip,
             header_read_timeout,
             pre_upgrade_timeout,
             max_connections,
@@ -409,7 +441,7 @@ impl ServeSettings {
         if self.insecure_no_sandbox == Some(true) {
             return Ok("none");
         }
-        let default = if self.execution_mode()? == "docker" {
+        let default = if matches!(self.execution_mode()?, "docker" | "ecs") {
             "uid"
         } else {
             "bwrap"
@@ -546,6 +578,67 @@ impl ServeSettings {
         }
         if let Some(p) = self.docker_pids_limit {
             cfg.pids_limit = Some(p);
+        }
+        Ok(cfg)
+    }
+
+    /// The ECS backend's settings (EXECUTION_MODE=ecs); the AWS chain gives
+    /// region, credentials and `AWS_ENDPOINT_URL`.
+    #[cfg(feature = "ecs")]
+    pub fn ecs_config(
+        &self,
+        instance_id: String,
+    ) -> anyhow::Result<aishell_backend_ecs::EcsBackendConfig> {
+        use aishell_backend_ecs::{
+            AwsVpc, CapacityProviderShare, EcsBackendConfig, EcsLaunchType, Placement,
+        };
+        let list = |v: &Option<String>| -> Vec<String> {
+            v.as_deref()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let (Some(cluster), Some(task_definition)) = (&self.ecs_cluster, &self.ecs_task_definition)
+        else {
+            bail!("EXECUTION_MODE=ecs needs --ecs-cluster and --ecs-task-definition");
+        };
+        let mut cfg = EcsBackendConfig::new(cluster, task_definition, instance_id);
+        if let Some(name) = &self.ecs_container_name {
+            cfg.container_name = name.clone();
+        }
+        let providers = list(&self.ecs_capacity_providers);
+        cfg.placement = match (self.ecs_launch_type.as_deref(), providers.is_empty()) {
+            (Some(_), false) => {
+                bail!("--ecs-launch-type and --ecs-capacity-providers exclude each other")
+            }
+            (None, false) => Placement::CapacityProviders(
+                providers
+                    .iter()
+                    .map(|p| {
+                        CapacityProviderShare::parse(p).with_context(|| {
+                            format!("--ecs-capacity-providers: `{p}` is not name[:weight[:base]]")
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            (Some("default"), true) => Placement::ClusterDefault,
+            (Some(t), true) => {
+                Placement::LaunchType(EcsLaunchType::parse(t).with_context(|| {
+                    format!("--ecs-launch-type `{t}` is not FARGATE, EC2 or default")
+                })?)
+            }
+            (None, true) => Placement::LaunchType(EcsLaunchType::Fargate),
+        };
+        let subnets = list(&self.ecs_subnets);
+        if !subnets.is_empty() {
+            cfg.network = Some(AwsVpc {
+                subnets,
+                security_groups: list(&self.ecs_security_groups),
+                assign_public_ip: self.ecs_assign_public_ip.unwrap_or(false),
+            });
         }
         Ok(cfg)
     }
