@@ -743,17 +743,20 @@ impl Backend for EcsBackend {
         if spec.task_id.is_empty() {
             return Err(refused("launch", "empty task id".into()));
         }
-        // A known missing permission fails every start at once, in its words.
-        if let Some(missing) = self
+        // While a permission is known to be missing, each start checks
+        // again and fails at once in its words (and works once it is granted).
+        let known_missing = self
             .shared
             .permission
             .lock()
             .unwrap()
             .as_ref()
-            .and_then(|c| c.missing.clone())
-        {
-            self.shared.permission.lock().unwrap().take();
-            return Err(refused("launch", missing));
+            .is_some_and(|c| c.missing.is_some());
+        if known_missing && let Err(e) = self.check_permissions().await {
+            return Err(match e {
+                BackendError::Refused { reason, .. } => refused("launch", reason),
+                other => other,
+            });
         }
         let started = Instant::now();
         let out = self

@@ -382,19 +382,22 @@ async fn workspace_survives_an_idle_stop(egw: &EcsGateway, source: &str) {
         "started {source}: {}",
         pretty(&frames)
     );
-    let first = egw.running_with_tag("aishell.session", &c.session_id);
-    let first = if first.is_empty() {
-        // A warm task carries no session tag: the one running task.
-        egw.running_with_tag("aishell.mode", source)
-    } else {
-        first
-    };
-    assert_eq!(first.len(), 1, "one ECS task serves the session");
+    // The session's task, as the gateway names it (a warm task carries no
+    // session tag, and the pool has launched its replacement by now).
+    let ready = egw
+        .wait_log(
+            "the task's ready line",
+            |l| l["phase"] == "task_ready",
+            Duration::from_secs(5),
+        )
+        .await;
+    let task_id = ready["taskId"].as_str().expect("taskId").to_string();
     let task = egw
         .tasks()
         .into_iter()
-        .find(|t| t["taskArn"] == first[0])
-        .unwrap();
+        .find(|t| tag(t, "aishell.task").as_deref() == Some(task_id.as_str()))
+        .unwrap_or_else(|| panic!("an ECS task tagged {task_id}: {:?}", egw.tasks()));
+    let first = [task["taskArn"].as_str().unwrap().to_string()];
     assert_eq!(task["startedBy"], egw.instance.as_str());
     assert_eq!(
         tag(&task, "aishell.instance").as_deref(),
@@ -662,11 +665,15 @@ async fn a_task_definition_with_a_bad_image_gives_the_pull_error_to_the_client()
         .await;
     let err = &frames.last().unwrap()["error"];
     assert_eq!(err["code"], "TASK_START_FAILED", "{err}");
+    // ECS says CannotPullContainerError; the emulator, whose pull happens
+    // inside `docker run`, says ResourceInitializationError. Both stop the
+    // task with TaskFailedToStart and name the image.
+    let message = err["message"].as_str().unwrap_or("");
     assert!(
-        err["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("CannotPullContainerError"),
+        message.contains("TaskFailedToStart")
+            && (message.contains("CannotPullContainerError")
+                || message.contains("unable to pull image"))
+            && message.contains("aishell-missing"),
         "{err}"
     );
     assert!(
