@@ -175,7 +175,11 @@ fn sandboxes_get_no_aws_permissions_but_their_workspaces() {
         .iter()
         .filter_map(|r| r.get("aws_iam_role_policy"))
         .flat_map(|p| p.as_object().unwrap().values().cloned())
-        .filter(|p| strings(&p["role"]).concat().contains("aws_iam_role.sandbox"))
+        .filter(|p| {
+            strings(&p["role"])
+                .concat()
+                .contains("aws_iam_role.sandbox")
+        })
         .flat_map(|p| strings(&p["policy"]))
         .collect();
     assert_eq!(
