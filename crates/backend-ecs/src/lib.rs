@@ -1113,6 +1113,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn watch_reports_known_tasks_then_each_change_of_the_one_refresher() {
+        let backend = Arc::new(offline_backend());
+        backend.shared.tasks.lock().unwrap().insert(
+            "t1".into(),
+            Tracked {
+                arn: "arn:t1".into(),
+                mode: TaskMode::Warm,
+                session_id: None,
+                started_at: UNIX_EPOCH,
+                facts: TaskFacts {
+                    last_status: Some("RUNNING".into()),
+                    ..Default::default()
+                },
+            },
+        );
+        let shared = backend.shared.clone();
+        let mut a = backend.clone().watch();
+        let mut b = backend.watch();
+        for rx in [&mut a, &mut b] {
+            let first = rx.recv().await.unwrap();
+            assert_eq!(
+                (first.task_id.as_str(), first.status),
+                ("t1", TaskStatus::Running)
+            );
+        }
+        // Give both forwarders time to subscribe-and-snapshot before the change.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let gone = StatusChange {
+            task_id: "t1".into(),
+            status: TaskStatus::NotFound,
+        };
+        shared.changes.send(gone.clone()).unwrap();
+        for rx in [&mut a, &mut b] {
+            assert_eq!(rx.recv().await.unwrap(), gone);
+        }
+    }
+
+    #[tokio::test]
     async fn a_refused_describe_is_the_status_of_a_starting_task() {
         let backend = offline_backend();
         backend.shared.tasks.lock().unwrap().insert(

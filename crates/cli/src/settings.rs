@@ -910,6 +910,43 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "ecs")]
+    #[test]
+    fn ecs_settings_choose_placement_and_network() {
+        use aishell_backend_ecs::{EcsLaunchType, Placement};
+        let mut s = ServeSettings::default();
+        assert!(
+            s.ecs_config("gw".into()).is_err(),
+            "cluster and task definition are required"
+        );
+        s.ecs_cluster = Some("c".into());
+        s.ecs_task_definition = Some("td:3".into());
+        let cfg = s.ecs_config("gw".into()).unwrap();
+        assert_eq!(cfg.placement, Placement::LaunchType(EcsLaunchType::Fargate));
+        assert!(cfg.network.is_none());
+        s.ecs_capacity_providers = Some("FARGATE_SPOT:3, FARGATE:1:1".into());
+        s.ecs_subnets = Some("subnet-a,subnet-b".into());
+        s.ecs_security_groups = Some("sg-1".into());
+        let cfg = s.ecs_config("gw".into()).unwrap();
+        let Placement::CapacityProviders(shares) = &cfg.placement else {
+            panic!("a strategy: {:?}", cfg.placement)
+        };
+        assert_eq!((shares.len(), shares[0].weight, shares[1].base), (2, 3, 1));
+        let net = cfg.network.unwrap();
+        assert_eq!(net.subnets, ["subnet-a", "subnet-b"]);
+        assert!(!net.assign_public_ip);
+        s.ecs_launch_type = Some("EC2".into());
+        assert!(
+            s.ecs_config("gw".into()).is_err(),
+            "launch type and strategy exclude each other"
+        );
+        s.ecs_capacity_providers = None;
+        s.ecs_launch_type = Some("bogus".into());
+        assert!(s.ecs_config("gw".into()).is_err());
+        s.execution_mode = Some("ecs".into());
+        assert_eq!(s.sandbox_mode().unwrap(), "uid");
+    }
+
     use super::*;
 
     #[test]
