@@ -629,6 +629,7 @@ impl Runner {
                 Some(sandbox::Confinement {
                     limits,
                     cgroup: self.sandbox_cgroup(s),
+                    seccomp: Some(crate::seccomp::agent_filter()),
                     ..Default::default()
                 })
             }
@@ -663,6 +664,7 @@ impl Runner {
                     under_bwrap: true,
                     inherited_fds,
                     cgroup,
+                    seccomp: None,
                 })
             }
         };
