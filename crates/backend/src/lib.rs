@@ -117,7 +117,7 @@ pub enum Isolation {
 /// How often the default `watch` lists the backend's tasks.
 pub const WATCH_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// The runtime refused the call (permissions, quota, bad request...).
     /// The message is the runtime's reason, passed on to the user.

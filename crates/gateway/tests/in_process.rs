@@ -6,9 +6,10 @@ mod support;
 
 use std::time::Duration;
 
+use aishell_backend::TaskStatus;
 use aishell_store::SessionState;
 use serde_json::json;
-use support::{TestGateway, is_type, text_of};
+use support::{TestGateway, WAIT, is_type, text_of};
 
 #[tokio::test]
 async fn messages_sent_while_the_task_starts_are_queued_in_order() {
@@ -114,10 +115,11 @@ async fn a_refused_launch_fails_the_start_and_the_message_runs_on_the_next_one()
         .find(|f| is_type(f, "error"))
         .expect("an error");
     assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    assert_eq!(error["error"]["reason"], "backend_refused");
     let message = error["error"]["message"].as_str().unwrap();
     assert!(
         message.contains(
-            "the fake backend could not launch a sandbox: fake refused launch: no capacity"
+            "could not start your sandbox: the fake backend refused to launch a sandbox: no capacity"
         ),
         "{message}"
     );
@@ -128,6 +130,78 @@ async fn a_refused_launch_fails_the_start_and_the_message_runs_on_the_next_one()
     assert_eq!(text_of(&c.turn().await), "first");
     assert_eq!(text_of(&c.turn().await), "second");
     assert_eq!(gw.backend.launches(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_runtime_is_told_apart_from_a_refusing_one() {
+    let gw = TestGateway::start().await;
+    gw.backend.unreachable("connection refused");
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    let frames = c
+        .until(|v| is_type(v, "status") && v["state"] == "stopped")
+        .await;
+    let error = frames
+        .iter()
+        .find(|f| is_type(f, "error"))
+        .expect("an error");
+    assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    assert_eq!(error["error"]["reason"], "backend_unreachable");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "the fake backend could not be reached to launch a sandbox: connection refused"
+        ),
+        "{message}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_task_exit_reported_by_the_watch_fails_the_start_at_once() {
+    // The connect deadline is far: only the watch can end this start.
+    let gw = TestGateway::start_with(|cfg| cfg.deadlines.connect = Duration::from_secs(60)).await;
+    gw.backend.silence_runners();
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    c.until(|v| is_type(v, "status") && v["state"] == "starting")
+        .await;
+    let task_id = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(id) = gw.backend.task_ids().pop() {
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a launched task");
+    let reported = std::time::Instant::now();
+    gw.backend
+        .report(
+            &task_id,
+            TaskStatus::Exited {
+                code: Some(3),
+                reason: "exit code 3".into(),
+            },
+        )
+        .await;
+    let frames = c
+        .until(|v| is_type(v, "status") && v["state"] == "stopped")
+        .await;
+    assert!(reported.elapsed() < Duration::from_secs(2));
+    let error = frames
+        .iter()
+        .find(|f| is_type(f, "error"))
+        .expect("an error");
+    assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    assert_eq!(error["error"]["reason"], "task_exited");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the sandbox exited (exit code 3, code 3)"),
+        "{message}"
+    );
     gw.shutdown().await;
 }
 

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
+use aishell_backend::{Backend, BackendError, LaunchSpec, StatusChange, TaskInfo, TaskStatus};
 use aishell_gateway::{Gateway, GatewayConfig};
 use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::{AgentEvent, AgentInput, GatewayToRunner, RunnerToGateway};
@@ -41,8 +41,12 @@ struct FakeTask {
 pub struct FakeBackend {
     tasks: Mutex<HashMap<String, FakeTask>>,
     launches: Mutex<u32>,
-    /// Launches are refused with this reason.
-    refuse: Mutex<Option<String>>,
+    /// Launches fail with this error.
+    refuse: Mutex<Option<BackendError>>,
+    /// The watch's sender, once the gateway watches (see [`FakeBackend::report`]).
+    watch: Mutex<Option<tokio::sync::mpsc::Sender<StatusChange>>>,
+    /// Runners of new tasks do not dial back.
+    silent_runners: std::sync::atomic::AtomicBool,
     /// The content of every message the fake agents received, in order.
     received: Arc<Mutex<Vec<String>>>,
     /// Stops return only while this is true.
@@ -55,6 +59,8 @@ impl Default for FakeBackend {
             tasks: Default::default(),
             launches: Default::default(),
             refuse: Default::default(),
+            watch: Default::default(),
+            silent_runners: Default::default(),
             received: Default::default(),
             stops_open: tokio::sync::watch::Sender::new(true),
         }
@@ -82,7 +88,48 @@ impl FakeBackend {
 
     /// Refuse every launch from now on (`None`: accept again).
     pub fn refuse_launches(&self, reason: Option<&str>) {
-        *self.refuse.lock().unwrap() = reason.map(str::to_string);
+        *self.refuse.lock().unwrap() = reason.map(|reason| BackendError::Refused {
+            backend: "fake",
+            op: "launch",
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Every launch from now on finds the runtime unreachable.
+    pub fn unreachable(&self, reason: &str) {
+        *self.refuse.lock().unwrap() = Some(BackendError::Unavailable {
+            backend: "fake",
+            op: "launch",
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Runners of tasks launched from now on never dial back (their task
+    /// "runs" until the test reports it otherwise).
+    pub fn silence_runners(&self) {
+        self.silent_runners
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Report a status change on the gateway's watch, as a runtime would.
+    pub async fn report(&self, task_id: &str, status: TaskStatus) {
+        let tx = self
+            .watch
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the gateway watches");
+        tx.send(StatusChange {
+            task_id: task_id.to_string(),
+            status,
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Ids of the tasks launched and not stopped.
+    pub fn task_ids(&self) -> Vec<String> {
+        self.tasks.lock().unwrap().keys().cloned().collect()
     }
 }
 
@@ -102,15 +149,18 @@ impl Backend for FakeBackend {
 
     async fn launch(&self, spec: LaunchSpec) -> Result<(), BackendError> {
         *self.launches.lock().unwrap() += 1;
-        if let Some(reason) = self.refuse.lock().unwrap().clone() {
-            return Err(BackendError::Refused {
-                backend: "fake",
-                op: "launch",
-                reason,
-            });
+        if let Some(error) = self.refuse.lock().unwrap().clone() {
+            return Err(error);
         }
         let session_id = spec.session_id.clone();
-        let runner = tokio::spawn(fake_runner(spec.clone(), self.received.clone()));
+        let runner = if self
+            .silent_runners
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::spawn(std::future::pending())
+        } else {
+            tokio::spawn(fake_runner(spec.clone(), self.received.clone()))
+        };
         self.tasks
             .lock()
             .unwrap()
@@ -153,6 +203,13 @@ impl Backend for FakeBackend {
 
     fn workspace_path(&self, user_id: &str) -> String {
         format!("/fake/workspaces/{user_id}")
+    }
+
+    /// Changes are what the test reports (no polling).
+    fn watch(self: Arc<Self>) -> tokio::sync::mpsc::Receiver<StatusChange> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        *self.watch.lock().unwrap() = Some(tx);
+        rx
     }
 }
 
