@@ -5,6 +5,7 @@
 //! socket at claim time, which is what lets one warm pool serve every user.
 
 pub mod faults;
+pub mod workspaces;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -206,6 +206,28 @@ async fn a_task_exit_reported_by_the_watch_fails_the_start_at_once() {
 }
 
 #[tokio::test]
+async fn files_of_workspaces_the_gateway_cannot_reach_get_a_stable_code() {
+    let backend =
+        support::FakeBackend::reaching_workspaces(aishell_backend::WorkspaceAccess::ThroughRunner);
+    let gw = TestGateway::start_on(backend, |_| {}).await;
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/api/files", gw.addr))
+        .bearer_auth(&gw.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "WORKSPACE_UNAVAILABLE");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("files are reachable only inside your sandbox"),
+        "{message}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_duplicate_message_id_is_not_run_twice() {
     let gw = TestGateway::start().await;
     let mut c = gw.connect().await;

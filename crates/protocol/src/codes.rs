@@ -18,11 +18,13 @@ pub enum ErrorCode {
     BadFrame,
     SessionNotFound,
     Overloaded,
+    /// The gateway cannot reach the user's workspace (files API).
+    WorkspaceUnavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::TaskStartFailed,
         ErrorCode::TaskRestartFailed,
         ErrorCode::TaskConnectTimeout,
@@ -35,6 +37,7 @@ impl ErrorCode {
         ErrorCode::BadFrame,
         ErrorCode::SessionNotFound,
         ErrorCode::Overloaded,
+        ErrorCode::WorkspaceUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::BadFrame => "BAD_FRAME",
             ErrorCode::SessionNotFound => "SESSION_NOT_FOUND",
             ErrorCode::Overloaded => "OVERLOADED",
+            ErrorCode::WorkspaceUnavailable => "WORKSPACE_UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }
     }

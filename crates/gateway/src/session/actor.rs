@@ -661,12 +661,10 @@ impl SessionActor {
             });
             return;
         }
-        let backend = self.shared.backend.clone();
+        let workspaces = self.shared.workspaces.clone();
         let user_id = self.user_id.clone();
         self.preparing = Some(tokio::task::spawn_blocking(move || {
-            backend
-                .prepare_workspace(&user_id)
-                .map_err(|e| e.to_string())
+            workspaces.prepare(&user_id).map_err(|e| e.to_string())
         }));
     }
 

@@ -47,6 +47,8 @@ pub struct FakeBackend {
     watch: Mutex<Option<tokio::sync::mpsc::Sender<StatusChange>>>,
     /// Runners of new tasks do not dial back.
     silent_runners: std::sync::atomic::AtomicBool,
+    /// How the gateway reaches workspaces (its capabilities).
+    workspaces: aishell_backend::WorkspaceAccess,
     /// The content of every message the fake agents received, in order.
     received: Arc<Mutex<Vec<String>>>,
     /// Stops return only while this is true.
@@ -61,6 +63,7 @@ impl Default for FakeBackend {
             refuse: Default::default(),
             watch: Default::default(),
             silent_runners: Default::default(),
+            workspaces: aishell_backend::WorkspaceAccess::Local,
             received: Default::default(),
             stops_open: tokio::sync::watch::Sender::new(true),
         }
@@ -68,6 +71,13 @@ impl Default for FakeBackend {
 }
 
 impl FakeBackend {
+    /// A fake backend whose workspaces the gateway reaches this way.
+    pub fn reaching_workspaces(access: aishell_backend::WorkspaceAccess) -> Self {
+        let mut backend = FakeBackend::default();
+        backend.workspaces = access;
+        backend
+    }
+
     pub fn launches(&self) -> u32 {
         *self.launches.lock().unwrap()
     }
@@ -142,7 +152,7 @@ impl Backend for FakeBackend {
     fn capabilities(&self) -> aishell_backend::Capabilities {
         aishell_backend::Capabilities {
             typical_cold_start: std::time::Duration::from_millis(10),
-            workspaces: aishell_backend::WorkspaceAccess::Local,
+            workspaces: self.workspaces,
             isolation: aishell_backend::Isolation::Process,
         }
     }
@@ -342,6 +352,14 @@ impl TestGateway {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        Self::start_on(FakeBackend::default(), configure).await
+    }
+
+    /// A gateway on this fake backend.
+    pub async fn start_on(
+        backend: FakeBackend,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = GatewayConfig::new(dir.path().join("data"));
         cfg.bind = "127.0.0.1:0".parse().unwrap();
@@ -353,7 +371,7 @@ impl TestGateway {
             .create_token("alice", "test", false, None)
             .await
             .unwrap();
-        let backend = Arc::new(FakeBackend::default());
+        let backend = Arc::new(backend);
         let gateway = Gateway::bind(cfg, store.clone(), backend.clone())
             .await
             .unwrap();
