@@ -228,6 +228,38 @@ async fn files_of_workspaces_the_gateway_cannot_reach_get_a_stable_code() {
 }
 
 #[tokio::test]
+async fn an_orphan_reaped_after_a_restart_closes_its_usage_row() {
+    let backend = support::FakeBackend::default();
+    backend.left_running("t-orphan", "s-gone");
+    let gw = TestGateway::start_on(backend, |cfg| {
+        cfg.deadlines.orphan_grace = Duration::from_millis(1500)
+    })
+    .await;
+    // The previous gateway opened its usage row.
+    let record = aishell_store::SessionRecord::new("s-gone", "alice", "trace", "shell");
+    gw.store.create_session(&record).await.unwrap();
+    gw.store
+        .usage_start("t-orphan", "s-gone", "alice")
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !gw.backend.task_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the orphan is stopped");
+    // A closed row stops counting: a second apart, the same total.
+    let week_ago = time::OffsetDateTime::now_utc() - time::Duration::days(7);
+    let before = gw.store.usage_since(week_ago, Some("alice")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = gw.store.usage_since(week_ago, Some("alice")).await.unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].seconds, after[0].seconds, "the usage row is open");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_duplicate_message_id_is_not_run_twice() {
     let gw = TestGateway::start().await;
     let mut c = gw.connect().await;

@@ -137,6 +137,18 @@ impl FakeBackend {
         .unwrap();
     }
 
+    /// A task a previous gateway left running for `session_id`: listed,
+    /// its runner never dials.
+    pub fn left_running(&self, task_id: &str, session_id: &str) {
+        self.tasks.lock().unwrap().insert(
+            task_id.to_string(),
+            FakeTask {
+                runner: tokio::spawn(std::future::pending()),
+                session_id: Some(session_id.to_string()),
+            },
+        );
+    }
+
     /// Ids of the tasks launched and not stopped.
     pub fn task_ids(&self) -> Vec<String> {
         self.tasks.lock().unwrap().keys().cloned().collect()
