@@ -100,10 +100,7 @@ impl SqliteStore {
 fn make_private(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let io = |what: &std::path::Path, e: std::io::Error| {
-        StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("securing {}: {e}", what.display()),
-        )))
+        StoreError::Unavailable(format!("securing {}: {e}", what.display()))
     };
     let private = |p: &std::path::Path, mode: u32| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|e| io(p, e))
@@ -1121,7 +1118,7 @@ mod tests {
     async fn conversation_needs_its_session() {
         both!(|s| {
             let err = s.upsert_conversation("missing", "c1", None, None).await;
-            assert!(matches!(err, Err(StoreError::Sqlite(_))), "{err:?}");
+            assert!(matches!(err, Err(StoreError::Constraint(_))), "{err:?}");
         });
     }
 
@@ -1338,7 +1335,10 @@ mod tests {
         let orphan = s
             .insert_message(&message("no-such-session", "c1", Some("m"), "hi"))
             .await;
-        assert!(matches!(orphan, Err(StoreError::Sqlite(_))), "{orphan:?}");
+        assert!(
+            matches!(orphan, Err(StoreError::Constraint(_))),
+            "{orphan:?}"
+        );
         assert_eq!(rows(&s, "messages").await, 0);
     }
 
