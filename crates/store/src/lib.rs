@@ -217,10 +217,40 @@ pub struct MessageRecord {
     pub conversation_id: String,
     /// Client id of a user message (dedupe key within the session).
     pub client_msg_id: Option<String>,
-    /// `user` or `assistant`.
-    pub role: String,
+    pub role: MessageRole,
     pub content: String,
     pub created_at: OffsetDateTime,
+}
+
+/// Who wrote a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRole {
+    User,
+    Assistant,
+}
+
+impl MessageRole {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageRole::User => "user",
+            MessageRole::Assistant => "assistant",
+        }
+    }
+}
+
+impl std::str::FromStr for MessageRole {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "user" => Ok(MessageRole::User),
+            "assistant" => Ok(MessageRole::Assistant),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown message role `{other}`"
+            ))),
+        }
+    }
 }
 
 /// One gateway → client event as sent (JSON), kept for replay.
@@ -378,6 +408,35 @@ pub fn redact_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_round_trip_and_an_unknown_one_is_corrupt_data() {
+        for role in [MessageRole::User, MessageRole::Assistant] {
+            assert_eq!(role.as_str().parse::<MessageRole>().unwrap(), role);
+        }
+        assert!(matches!(
+            "system".parse::<MessageRole>(),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn driver_errors_become_store_errors_by_what_happened() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(matches!(StoreError::from(busy), StoreError::Unavailable(_)));
+        let unique = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE),
+            None,
+        );
+        assert!(StoreError::from(unique).is_constraint_violation());
+        assert!(matches!(
+            StoreError::from(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+    }
 
     #[test]
     fn passwords_are_redacted_from_urls() {

@@ -286,7 +286,7 @@ impl Store for PgStore {
         .bind(&message.session_id)
         .bind(&message.conversation_id)
         .bind(&message.client_msg_id)
-        .bind(&message.role)
+        .bind(message.role.as_str())
         .bind(&message.content)
         .bind(to_ms(message.created_at))
         .bind(now_ms())

@@ -278,7 +278,7 @@ impl MessageRow {
             session_id: self.session_id,
             conversation_id: self.conversation_id,
             client_msg_id: self.client_msg_id,
-            role: self.role,
+            role: self.role.parse()?,
             content: self.content,
             created_at: from_ms(self.created_at)?,
         })
@@ -514,7 +514,7 @@ impl Store for SqliteStore {
                         message.session_id,
                         message.conversation_id,
                         message.client_msg_id,
-                        message.role,
+                        message.role.as_str(),
                         message.content,
                         to_ms(message.created_at),
                     ])?;
@@ -756,7 +756,7 @@ mod tests {
             session_id: session.to_string(),
             conversation_id: conv.to_string(),
             client_msg_id: client.map(str::to_string),
-            role: "user".to_string(),
+            role: crate::MessageRole::User,
             content: content.to_string(),
             created_at: from_ms(1_700_000_000_000).unwrap(),
         }
@@ -981,7 +981,7 @@ mod tests {
                 .unwrap();
             for i in 0..3 {
                 let mut m = message("s1", "c1", None, &format!("reply {i}"));
-                m.role = "assistant".to_string();
+                m.role = crate::MessageRole::Assistant;
                 assert!(s.insert_message(&m).await.unwrap());
             }
             let contents: Vec<_> = s

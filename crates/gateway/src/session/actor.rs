@@ -551,7 +551,7 @@ impl SessionActor {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
             client_msg_id: id.clone(),
-            role: "user".into(),
+            role: aishell_store::MessageRole::User,
             content: content.clone(),
             created_at: OffsetDateTime::now_utc(),
         };
@@ -1062,7 +1062,7 @@ impl SessionActor {
             session_id: self.id.clone(),
             conversation_id: conversation_id.to_string(),
             client_msg_id: None,
-            role: "assistant".into(),
+            role: aishell_store::MessageRole::Assistant,
             content: reply,
             created_at: OffsetDateTime::now_utc(),
         };
