@@ -87,7 +87,7 @@ impl TaskWatch {
         }
     }
 
-    /// How many tasks have subscribers (for tests and `/health`).
+    /// How many tasks have subscribers.
     pub fn watched_tasks(&self) -> usize {
         self.state.lock().expect("task watch").subscribers.len()
     }

@@ -826,7 +826,7 @@ impl Machine {
         match task.phase {
             Phase::Launching | Phase::Pending => {
                 if task.phase == Phase::Launching {
-                    // The runner can dial before the first status poll says "running".
+                    // The runner can dial before the watch says "running".
                     let took = now - task.phase_started;
                     task.breakdown.push(("pending", ms(took)));
                     out.push(Effect::Log(Log::TaskPending {
