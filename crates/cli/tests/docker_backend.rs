@@ -564,6 +564,7 @@ async fn a_missing_image_is_a_clear_task_start_failed() {
         .await;
     let err = &frames.last().unwrap()["error"];
     assert_eq!(err["code"], "TASK_START_FAILED", "{err}");
+    assert_eq!(err["reason"], "backend_refused", "{err}");
     let message = err["message"].as_str().unwrap();
     assert!(
         message.contains(&format!("image {missing} not found"))
@@ -595,6 +596,7 @@ async fn an_unreachable_engine_is_a_clear_task_start_failed() {
         .await;
     let err = &frames.last().unwrap()["error"];
     assert_eq!(err["code"], "TASK_START_FAILED", "{err}");
+    assert_eq!(err["reason"], "backend_unreachable", "{err}");
     let message = err["message"].as_str().unwrap();
     assert!(
         message.contains("cannot reach the Docker engine") && message.contains(&host),
