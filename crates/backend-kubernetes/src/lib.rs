@@ -153,13 +153,14 @@ impl KubernetesBackend {
     async fn pods(&self, op: &'static str) -> Result<&Api<Pod>, BackendError> {
         self.pods
             .get_or_try_init(|| async {
-                let config = self.client_config().await.map_err(|reason| {
-                    BackendError::Unavailable {
-                        backend: NAME,
-                        op,
-                        reason,
-                    }
-                })?;
+                let config =
+                    self.client_config()
+                        .await
+                        .map_err(|reason| BackendError::Unavailable {
+                            backend: NAME,
+                            op,
+                            reason,
+                        })?;
                 let namespace = self
                     .cfg
                     .namespace

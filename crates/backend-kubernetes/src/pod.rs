@@ -130,10 +130,7 @@ pub fn task_pod(cfg: &KubernetesBackendConfig, spec: &LaunchSpec) -> Pod {
         image_pull_policy: cfg.image_pull_policy.clone(),
         env: Some(env),
         resources: Some(ResourceRequirements {
-            requests: quantities([
-                ("cpu", &cfg.cpu_request),
-                ("memory", &cfg.memory_request),
-            ]),
+            requests: quantities([("cpu", &cfg.cpu_request), ("memory", &cfg.memory_request)]),
             limits: quantities([("cpu", &cfg.cpu_limit), ("memory", &cfg.memory_limit)]),
             ..Default::default()
         }),

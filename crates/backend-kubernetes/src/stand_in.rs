@@ -57,12 +57,9 @@ pub struct DockerRuntime {
 impl DockerRuntime {
     /// On the local engine (`/var/run/docker.sock`).
     pub fn local(claims: HashMap<String, PathBuf>) -> Result<Self, String> {
-        let docker = Docker::connect_with_unix(
-            "/var/run/docker.sock",
-            30,
-            bollard::API_DEFAULT_VERSION,
-        )
-        .map_err(|e| e.to_string())?;
+        let docker =
+            Docker::connect_with_unix("/var/run/docker.sock", 30, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| e.to_string())?;
         Ok(Self { docker, claims })
     }
 }
@@ -480,7 +477,14 @@ async fn delete_pod(
     if !marked {
         return not_found(&name);
     }
-    let pod = stand_in.shared.state.lock().unwrap().pods.get(&name).cloned();
+    let pod = stand_in
+        .shared
+        .state
+        .lock()
+        .unwrap()
+        .pods
+        .get(&name)
+        .cloned();
     match stand_in.shared.runtime.clone() {
         Some(runtime) => {
             let stand_in = stand_in.clone();
@@ -489,7 +493,10 @@ async fn delete_pod(
                 let opts = StopContainerOptionsBuilder::new().t(grace as i32).build();
                 let _ = runtime.docker.stop_container(&container, Some(opts)).await;
                 let opts = RemoveContainerOptionsBuilder::new().force(true).build();
-                let _ = runtime.docker.remove_container(&container, Some(opts)).await;
+                let _ = runtime
+                    .docker
+                    .remove_container(&container, Some(opts))
+                    .await;
                 stand_in.remove(&name);
             });
         }
@@ -526,7 +533,15 @@ fn container_status(image: &str, state: ContainerState, ready: bool) -> Containe
 
 /// A pod's life as a container: create, start, wait, report.
 async fn run_pod(stand_in: StandIn, runtime: DockerRuntime, name: String) {
-    let Some(pod) = stand_in.shared.state.lock().unwrap().pods.get(&name).cloned() else {
+    let Some(pod) = stand_in
+        .shared
+        .state
+        .lock()
+        .unwrap()
+        .pods
+        .get(&name)
+        .cloned()
+    else {
         return;
     };
     let Some(spec) = pod.spec.clone() else { return };
