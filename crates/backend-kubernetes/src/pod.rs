@@ -387,3 +387,18 @@ pub fn task_info(pod: &Pod, cfg: &KubernetesBackendConfig) -> Option<TaskInfo> {
         started_at: started_at.max(UNIX_EPOCH).min(SystemTime::now()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_label_values_fit_the_apis_alphabets() {
+        assert_eq!(pod_name("t-ABC_1.2"), "aishell-t-abc-1-2");
+        assert!(pod_name(&"x".repeat(100)).len() <= 63);
+        assert_eq!(pod_name(&format!("{}-", "a".repeat(54))).len(), 62);
+        assert_eq!(label_value("gw-1"), "gw-1");
+        assert_eq!(label_value("-a b/c-"), "a-b-c");
+        assert_eq!(label_value(&"y".repeat(80)).len(), 63);
+    }
+}
