@@ -15,10 +15,28 @@ fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
 }
 
+/// The virtualenv `.ci/run` installs the pinned Python tools into.
+const TOOLS_VENV: &str = "aishell-k8s-tools-checkov-3.3.30-kv-1.37.0";
+
+/// `program` from PATH, else from the tools' virtualenv.
+fn locate(program: &str) -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    let in_venv = cache.map(|c| c.join(TOOLS_VENV).join("bin").join(program));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    match in_venv {
+        Some(path) if !on_path && path.is_file() => path,
+        _ => PathBuf::from(program),
+    }
+}
+
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
+    let out = Command::new(locate(program)).args(args).output().unwrap_or_else(|e| {
         panic!(
-            "cannot run {program} ({e}): the manifest test needs kubectl, and `pip install kubernetes-validate checkov` (see .ci/run for the pinned versions)"
+            "cannot run {program} ({e}): the manifest test needs kubectl, kubernetes-validate and checkov; .ci/run installs the pinned Python tools in ~/.cache/{TOOLS_VENV}"
         )
     });
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
