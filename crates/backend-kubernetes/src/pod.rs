@@ -170,6 +170,10 @@ pub fn task_pod(cfg: &KubernetesBackendConfig, spec: &LaunchSpec) -> Pod {
             restart_policy: Some("Never".into()),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
+            // The pod's pause process as PID 1 (as docker-init in the docker
+            // backend): it reaps the agents' orphans, and the runner, not
+            // being PID 1, gets the kubelet's SIGTERM with its default action.
+            share_process_namespace: Some(true),
             termination_grace_period_seconds: Some(cfg.stop_grace_secs.max(0)),
             security_context: Some(PodSecurityContext {
                 seccomp_profile: Some(runtime_default()),

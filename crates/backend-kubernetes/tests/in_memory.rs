@@ -66,6 +66,7 @@ async fn the_task_pod_is_labelled_hardened_and_carries_only_task_settings() {
     let spec = p.spec.unwrap();
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.share_process_namespace, Some(true), "pause is PID 1");
     let c = &spec.containers[0];
     let env: Vec<(String, String)> = c
         .env
