@@ -136,8 +136,6 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 None => instance_id(&cfg.data_dir.join("kubernetes-backend"))?,
             };
             let kube_cfg = settings.kubernetes_config(instance_id)?;
-            std::fs::create_dir_all(&cfg.workspaces_root)
-                .with_context(|| format!("cannot create {}", cfg.workspaces_root.display()))?;
             Arc::new(aishell_backend_kubernetes::KubernetesBackend::new(kube_cfg))
         }
         other => bail!(

@@ -42,6 +42,10 @@ pub struct ServeSettings {
     /// Root of per-user workspaces [default: <data-dir>/workspaces].
     #[arg(long, env = "AISHELL_WORKSPACES_ROOT")]
     pub workspaces_root: Option<PathBuf>,
+    /// Mount path on the gateway of a backend's shared workspace volume
+    /// (EFS, a ReadWriteMany volume), for the files API.
+    #[arg(long, env = "AISHELL_WORKSPACES_MOUNT")]
+    pub workspaces_mount: Option<PathBuf>,
     /// Stop a session's task after it has been idle this long (e.g. 900, 15m) [default: 900s].
     #[arg(long, env = "SESSION_IDLE_TIMEOUT")]
     pub session_idle_timeout: Option<String>,
@@ -252,7 +256,7 @@ pub struct ServeSettings {
     /// Kubernetes backend: this gateway's identity on its pods' labels, stable across restarts [default: generated once, kept in the data dir].
     #[arg(long, env = "AISHELL_KUBE_INSTANCE_ID")]
     pub kube_instance_id: Option<String>,
-    /// Kubernetes backend: ReadWriteMany claim holding every workspace, mounted in task pods (and in the gateway at --workspaces-root) [default: aishell-workspaces].
+    /// Kubernetes backend: ReadWriteMany claim holding every workspace, mounted in task pods (and in the gateway at --workspaces-mount) [default: aishell-workspaces].
     #[arg(long, env = "AISHELL_KUBE_WORKSPACES_CLAIM")]
     pub kube_workspaces_claim: Option<String>,
     /// Kubernetes backend: CPU request of a task pod [default: 250m].
@@ -311,6 +315,7 @@ impl ServeSettings {
             agent,
             agent_command,
             workspaces_root,
+            workspaces_mount,
             session_idle_timeout,
             disconnect_processing_timeout,
             runner_url,
@@ -639,6 +644,9 @@ impl ServeSettings {
         );
         if let Some(root) = &self.workspaces_root {
             cfg.workspaces_root = absolute(root)?;
+        }
+        if let Some(mount) = &self.workspaces_mount {
+            cfg.workspaces_mount = Some(absolute(mount)?);
         }
         if let Some(kind) = &self.agent {
             if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str())

@@ -177,7 +177,7 @@ impl KubeGateway {
                 all.extend([
                     "--kube-image".into(),
                     image.unwrap_or(test_image()).to_string(),
-                    "--workspaces-root".into(),
+                    "--workspaces-mount".into(),
                     workspaces.path().display().to_string(),
                 ]);
             }
@@ -342,6 +342,10 @@ async fn a_session_runs_in_a_pod_stops_when_idle_and_is_adopted_after_a_gateway_
             marker,
             "the file is on the shared workspaces volume"
         );
+        // The files API reads it there too (the gateway's mount of the volume).
+        let (status, listing) = kgw.http("GET", "/api/files?dir=", Some(&kgw.token), None);
+        assert_eq!(status, 200, "{listing}");
+        assert!(listing.to_string().contains("note.txt"), "{listing}");
     }
 
     // Idle stop: the pod is deleted, and gone.
