@@ -241,6 +241,36 @@ pub struct ServeSettings {
     /// Docker backend: processes per container [default: 1024].
     #[arg(long, env = "AISHELL_DOCKER_PIDS_LIMIT")]
     pub docker_pids_limit: Option<i64>,
+    /// Kubernetes backend: image every task pod runs, from a registry the cluster pulls from [default: aishell:local].
+    #[arg(long, env = "AISHELL_KUBE_IMAGE")]
+    pub kube_image: Option<String>,
+    /// Kubernetes backend: imagePullPolicy of task pods: Always, IfNotPresent, Never [default: the cluster's].
+    #[arg(long, env = "AISHELL_KUBE_IMAGE_PULL_POLICY")]
+    pub kube_image_pull_policy: Option<String>,
+    /// Kubernetes backend: kubeconfig file [default: in-cluster configuration, then KUBECONFIG, then ~/.kube/config].
+    #[arg(long, env = "AISHELL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes backend: namespace of task pods [default: the configuration's].
+    #[arg(long, env = "AISHELL_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// Kubernetes backend: this gateway's identity on its pods' labels, stable across restarts [default: generated once, kept in the data dir].
+    #[arg(long, env = "AISHELL_KUBE_INSTANCE_ID")]
+    pub kube_instance_id: Option<String>,
+    /// Kubernetes backend: ReadWriteMany claim holding every workspace, mounted in task pods (and in the gateway at --workspaces-mount) [default: aishell-workspaces].
+    #[arg(long, env = "AISHELL_KUBE_WORKSPACES_CLAIM")]
+    pub kube_workspaces_claim: Option<String>,
+    /// Kubernetes backend: CPU request of a task pod [default: 250m].
+    #[arg(long, env = "AISHELL_KUBE_CPU_REQUEST")]
+    pub kube_cpu_request: Option<String>,
+    /// Kubernetes backend: CPU limit of a task pod [default: 1].
+    #[arg(long, env = "AISHELL_KUBE_CPU_LIMIT")]
+    pub kube_cpu_limit: Option<String>,
+    /// Kubernetes backend: memory request of a task pod [default: 256Mi].
+    #[arg(long, env = "AISHELL_KUBE_MEMORY_REQUEST")]
+    pub kube_memory_request: Option<String>,
+    /// Kubernetes backend: memory limit of a task pod [default: 2Gi].
+    #[arg(long, env = "AISHELL_KUBE_MEMORY_LIMIT")]
+    pub kube_memory_limit: Option<String>,
     /// A request's headers must arrive within this; slower clients are closed [default: 10s].
     #[arg(long, env = "AISHELL_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
@@ -350,6 +380,16 @@ impl ServeSettings {
             docker_memory,
             docker_cpus,
             docker_pids_limit,
+            kube_image,
+            kube_image_pull_policy,
+            kubeconfig,
+            kube_namespace,
+            kube_instance_id,
+            kube_workspaces_claim,
+            kube_cpu_request,
+            kube_cpu_limit,
+            kube_memory_request,
+            kube_memory_limit,
             header_read_timeout,
             pre_upgrade_timeout,
             max_connections,
@@ -408,13 +448,13 @@ impl ServeSettings {
     }
 
     /// `bwrap`, `uid` or `none`; `--insecure-no-sandbox` means `none`.
-    /// The docker backend defaults to `uid` (a per-user UID inside the
-    /// container; bwrap would need extra capabilities there).
+    /// The docker and kubernetes backends default to `uid` (a per-user UID
+    /// inside the container; bwrap would need extra capabilities there).
     pub fn sandbox_mode(&self) -> anyhow::Result<&str> {
         if self.insecure_no_sandbox == Some(true) {
             return Ok("none");
         }
-        let default = if self.execution_mode()? == "docker" {
+        let default = if matches!(self.execution_mode()?, "docker" | "kubernetes") {
             "uid"
         } else {
             "bwrap"
@@ -552,6 +592,42 @@ impl ServeSettings {
         if let Some(p) = self.docker_pids_limit {
             cfg.pids_limit = Some(p);
         }
+        Ok(cfg)
+    }
+
+    /// The kubernetes backend's settings (EXECUTION_MODE=kubernetes).
+    #[cfg(feature = "kubernetes")]
+    pub fn kubernetes_config(
+        &self,
+        instance_id: String,
+    ) -> anyhow::Result<aishell_backend_kubernetes::KubernetesBackendConfig> {
+        let mut cfg = aishell_backend_kubernetes::KubernetesBackendConfig::new(instance_id);
+        if let Some(image) = &self.kube_image {
+            cfg.image = image.clone();
+        }
+        if let Some(policy) = &self.kube_image_pull_policy {
+            if !matches!(policy.as_str(), "Always" | "IfNotPresent" | "Never") {
+                bail!(
+                    "--kube-image-pull-policy `{policy}` is not one of Always, IfNotPresent, Never"
+                );
+            }
+            cfg.image_pull_policy = Some(policy.clone());
+        }
+        cfg.kubeconfig = self.kubeconfig.clone();
+        cfg.namespace = self.kube_namespace.clone();
+        if let Some(claim) = &self.kube_workspaces_claim {
+            cfg.workspaces_claim = claim.clone();
+        }
+        let quantity = |given: &Option<String>, default: Option<String>| {
+            given
+                .clone()
+                .or(default)
+                .filter(|q| !q.is_empty() && q != "none")
+        };
+        cfg.cpu_request = quantity(&self.kube_cpu_request, cfg.cpu_request);
+        cfg.cpu_limit = quantity(&self.kube_cpu_limit, cfg.cpu_limit);
+        cfg.memory_request = quantity(&self.kube_memory_request, cfg.memory_request);
+        cfg.memory_limit = quantity(&self.kube_memory_limit, cfg.memory_limit);
         Ok(cfg)
     }
 
