@@ -82,6 +82,7 @@ pub(crate) fn error_event(
         error: ErrorBody {
             code: code.to_string(),
             message: message.into(),
+            reason: None,
         },
     }
 }

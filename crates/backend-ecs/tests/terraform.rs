@@ -191,8 +191,8 @@ fn sandboxes_get_no_aws_permissions_but_their_workspaces() {
 
 #[test]
 fn checkov_reports_no_failed_check() {
-    // CHECKOV: checkov in a virtualenv of its own (its hcl2 fork would
-    // replace python-hcl2's module of the same name).
+    // CHECKOV, else the `checkov` on PATH (CI: a virtualenv of its own, as
+    // its hcl2 fork would replace python-hcl2's module of the same name).
     let checkov = std::env::var("CHECKOV").unwrap_or_else(|_| "checkov".into());
     let out = Command::new(checkov)
         .args([

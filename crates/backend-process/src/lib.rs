@@ -8,6 +8,10 @@
 //! re-adopts those still running (checked by pid *and* by the task id in the
 //! process's environment, so a reused pid is never adopted) and watches them by
 //! polling, since they are no longer its children.
+//!
+//! `watch` is pushed, not polled: the reaper of each child (and the poller
+//! of adopted tasks) reports an exit the moment it sees it, so a runner
+//! that dies before dialling back fails its session at once.
 
 mod os;
 pub mod quota;
@@ -19,10 +23,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskMode, TaskStatus};
+use aishell_backend::{
+    Backend, BackendError, LaunchSpec, StatusChange, TaskInfo, TaskMode, TaskStatus,
+};
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::state::PersistedTask;
 
@@ -90,6 +96,9 @@ struct Inner {
     journal: Mutex<state::Journal>,
     /// Size-limited workspaces, when the gateway asked for them.
     workspace_quota: std::sync::OnceLock<quota::WorkspaceQuota>,
+    /// Receivers of `watch`; told of every change with `tasks` locked, so
+    /// in the table's order.
+    watchers: Mutex<Vec<mpsc::UnboundedSender<StatusChange>>>,
 }
 
 struct Entry {
@@ -172,6 +181,18 @@ impl Inner {
         }
     }
 
+    /// Tell every watcher; called with the task table locked.
+    fn publish(&self, task_id: &str, status: &TaskStatus) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|tx| {
+            tx.send(StatusChange {
+                task_id: task_id.to_string(),
+                status: status.clone(),
+            })
+            .is_ok()
+        });
+    }
+
     /// Record that the task `task_id` running as `pid` ended.
     fn mark_exited(&self, task_id: &str, pid: i32, code: Option<i32>, reason: String) {
         let mut tasks = self.lock();
@@ -183,12 +204,20 @@ impl Inner {
         }
         e.status = TaskStatus::Exited { code, reason };
         e.exited_at = Some(Instant::now());
+        self.publish(task_id, &e.status);
         self.persist_or_warn(&tasks);
     }
-}
 
-fn prune_exited(tasks: &mut Tasks) {
-    tasks.retain(|_, e| e.exited_at.is_none_or(|at| at.elapsed() < EXITED_RETENTION));
+    /// Forget exited tasks after their retention; watchers hear `NotFound`.
+    fn prune_exited(&self, tasks: &mut Tasks) {
+        tasks.retain(|id, e| {
+            let keep = e.exited_at.is_none_or(|at| at.elapsed() < EXITED_RETENTION);
+            if !keep {
+                self.publish(id, &TaskStatus::NotFound);
+            }
+            keep
+        });
+    }
 }
 
 impl ProcessBackend {
@@ -257,6 +286,7 @@ impl ProcessBackend {
             tasks: Mutex::new(Tasks::new()),
             journal,
             workspace_quota: std::sync::OnceLock::new(),
+            watchers: Mutex::new(Vec::new()),
         });
         inner.persist(&tasks)?;
         *inner.lock() = tasks;
@@ -432,7 +462,7 @@ impl Backend for ProcessBackend {
         let started = Instant::now();
         let (pid, child, done_tx) = {
             let mut tasks = self.inner.lock();
-            prune_exited(&mut tasks);
+            self.inner.prune_exited(&mut tasks);
             if tasks.contains_key(&spec.task_id) {
                 return Err(refused(
                     "launch",
@@ -464,6 +494,7 @@ impl Backend for ProcessBackend {
                     done_tx: None,
                 },
             );
+            self.inner.publish(&spec.task_id, &TaskStatus::Running);
             self.inner.persist_or_warn(&tasks);
             (pid, child, tx)
         };
@@ -504,6 +535,7 @@ impl Backend for ProcessBackend {
             };
             if !e.status.is_alive() {
                 tasks.remove(task_id);
+                self.inner.publish(task_id, &TaskStatus::NotFound);
                 self.inner.persist_or_warn(&tasks);
                 return Ok(());
             }
@@ -536,6 +568,7 @@ impl Backend for ProcessBackend {
             let ours = tasks.get(task_id).is_some_and(|e| e.pid == pid);
             if ours {
                 tasks.remove(task_id);
+                self.inner.publish(task_id, &TaskStatus::NotFound);
                 self.inner.persist_or_warn(&tasks);
             }
             ours
@@ -556,7 +589,7 @@ impl Backend for ProcessBackend {
 
     async fn list(&self) -> Result<Vec<TaskInfo>, BackendError> {
         let mut tasks = self.inner.lock();
-        prune_exited(&mut tasks);
+        self.inner.prune_exited(&mut tasks);
         let mut out: Vec<TaskInfo> = tasks.iter().map(|(id, e)| e.info(id)).collect();
         out.sort_by(|a, b| {
             a.started_at
@@ -588,6 +621,41 @@ impl Backend for ProcessBackend {
             workspaces: aishell_backend::WorkspaceAccess::Local,
             isolation: aishell_backend::Isolation::Process,
         }
+    }
+
+    /// Every task's status now, then each change as the reapers (and the
+    /// adopted tasks' poller) record it: no listing, no delay.
+    fn watch(self: Arc<Self>) -> mpsc::Receiver<StatusChange> {
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        {
+            let tasks = self.inner.lock();
+            for (id, e) in tasks.iter() {
+                let _ = tx.send(StatusChange {
+                    task_id: id.clone(),
+                    status: e.status.clone(),
+                });
+            }
+            self.inner
+                .watchers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(tx);
+        }
+        // The trait's stream is bounded; the reapers must never wait on it.
+        let (out, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    change = changes.recv() => change,
+                    _ = out.closed() => return,
+                };
+                let Some(change) = change else { return };
+                if out.send(change).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
     }
 
     fn workspace_path(&self, user_id: &str) -> String {

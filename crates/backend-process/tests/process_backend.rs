@@ -254,6 +254,54 @@ async fn self_exit_is_noticed_with_its_code() {
     assert!(b.list().await.unwrap().is_empty());
 }
 
+async fn next(
+    changes: &mut tokio::sync::mpsc::Receiver<aishell_backend::StatusChange>,
+) -> aishell_backend::StatusChange {
+    tokio::time::timeout(SECOND * 2, changes.recv())
+        .await
+        .expect("a change within 2 s (no polling)")
+        .expect("the watch goes on")
+}
+
+#[tokio::test]
+async fn watch_reports_an_exit_as_the_reaper_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = std::sync::Arc::new(
+        ProcessBackend::new(config(dir.path(), "sleep 0.3; exit 5", SECOND)).unwrap(),
+    );
+    let mut cleanup = Cleanup::default();
+    let mut changes = b.clone().watch();
+    let id = unique_id("watch");
+    launch_tracked(&b, spec(&id, &[]), &mut cleanup).await;
+    let first = next(&mut changes).await;
+    assert_eq!(
+        (first.task_id.as_str(), first.status),
+        (id.as_str(), TaskStatus::Running)
+    );
+    let exited = next(&mut changes).await;
+    assert_eq!(exited.task_id, id);
+    assert_eq!(
+        exited.status,
+        TaskStatus::Exited {
+            code: Some(5),
+            reason: "exited with code 5".into()
+        }
+    );
+    b.stop(&id).await.unwrap();
+    let gone = next(&mut changes).await;
+    assert_eq!(
+        (gone.task_id.as_str(), gone.status),
+        (id.as_str(), TaskStatus::NotFound)
+    );
+    // A late watcher learns every task's current status first.
+    let id2 = unique_id("watch");
+    launch_tracked(&b, spec(&id2, &[]), &mut cleanup).await;
+    let mut late = b.clone().watch();
+    let now = next(&mut late).await;
+    assert_eq!(now.task_id, id2);
+    b.stop(&id2).await.unwrap();
+}
+
 #[tokio::test]
 async fn kill_from_outside_is_noticed_with_the_signal() {
     let dir = tempfile::tempdir().unwrap();

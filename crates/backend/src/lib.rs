@@ -5,6 +5,7 @@
 //! socket at claim time, which is what lets one warm pool serve every user.
 
 pub mod faults;
+pub mod workspaces;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -117,7 +118,7 @@ pub enum Isolation {
 /// How often the default `watch` lists the backend's tasks.
 pub const WATCH_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// The runtime refused the call (permissions, quota, bad request...).
     /// The message is the runtime's reason, passed on to the user.

@@ -65,8 +65,8 @@ fn main() -> std::process::ExitCode {
     let workspace_slot =
         warm_runner.then(aishell_runner::prestart::WorkspaceSlot::enter_private_namespace);
     if warm_runner {
-        // Refills run on CPU nothing else wants, until the claim.
-        aishell_runner::priority::idle_until_claimed();
+        // Refills run on CPU nothing else wants, until ready to be claimed.
+        aishell_runner::priority::idle_until_ready();
         prefault::populate_executable();
     }
     // `serve` settles its settings, data directory and logger while the

@@ -138,8 +138,17 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             start_ecs_permission_check(backend.clone());
             backend
         }
+        #[cfg(feature = "kubernetes")]
+        "kubernetes" => {
+            let instance_id = match &settings.kube_instance_id {
+                Some(id) => id.clone(),
+                None => instance_id(&cfg.data_dir.join("kubernetes-backend"))?,
+            };
+            let kube_cfg = settings.kubernetes_config(instance_id)?;
+            Arc::new(aishell_backend_kubernetes::KubernetesBackend::new(kube_cfg))
+        }
         other => bail!(
-            "EXECUTION_MODE={other} is not available in this build; use process or docker (ecs needs the `ecs` cargo feature)"
+            "EXECUTION_MODE={other} is not available in this build; use process or docker (kubernetes and ecs need their cargo features)"
         ),
     };
     // Test hook: reproduce backend failures (see aishell_backend::faults).
@@ -286,8 +295,8 @@ async fn check_model_endpoint(endpoint: String) {
     );
 }
 
-/// This gateway's identity on the Docker engine (the `aishell.instance`
-/// label): generated once and kept in the data dir, so a restarted gateway
+/// This gateway's identity on the Docker engine or the cluster (the
+/// instance label): generated once and kept in the data dir, so a restarted gateway
 /// lists, adopts or removes the containers its predecessor started.
 fn instance_id(dir: &Path) -> anyhow::Result<String> {
     let path = dir.join("instance-id");

@@ -42,6 +42,10 @@ pub struct ServeSettings {
     /// Root of per-user workspaces [default: <data-dir>/workspaces].
     #[arg(long, env = "AISHELL_WORKSPACES_ROOT")]
     pub workspaces_root: Option<PathBuf>,
+    /// Mount path on the gateway of a backend's shared workspace volume
+    /// (EFS, a ReadWriteMany volume), for the files API.
+    #[arg(long, env = "AISHELL_WORKSPACES_MOUNT")]
+    pub workspaces_mount: Option<PathBuf>,
     /// Stop a session's task after it has been idle this long (e.g. 900, 15m) [default: 900s].
     #[arg(long, env = "SESSION_IDLE_TIMEOUT")]
     pub session_idle_timeout: Option<String>,
@@ -261,6 +265,36 @@ pub struct ServeSettings {
     /// ECS backend, awsvpc: give each task a public IP [default: false].
     #[arg(long, env = "AISHELL_ECS_ASSIGN_PUBLIC_IP")]
     pub ecs_assign_public_ip: Option<bool>,
+    /// Kubernetes backend: image every task pod runs, from a registry the cluster pulls from [default: aishell:local].
+    #[arg(long, env = "AISHELL_KUBE_IMAGE")]
+    pub kube_image: Option<String>,
+    /// Kubernetes backend: imagePullPolicy of task pods: Always, IfNotPresent, Never [default: the cluster's].
+    #[arg(long, env = "AISHELL_KUBE_IMAGE_PULL_POLICY")]
+    pub kube_image_pull_policy: Option<String>,
+    /// Kubernetes backend: kubeconfig file [default: in-cluster configuration, then KUBECONFIG, then ~/.kube/config].
+    #[arg(long, env = "AISHELL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes backend: namespace of task pods [default: the configuration's].
+    #[arg(long, env = "AISHELL_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// Kubernetes backend: this gateway's identity on its pods' labels, stable across restarts [default: generated once, kept in the data dir].
+    #[arg(long, env = "AISHELL_KUBE_INSTANCE_ID")]
+    pub kube_instance_id: Option<String>,
+    /// Kubernetes backend: ReadWriteMany claim holding every workspace, mounted in task pods (and in the gateway at --workspaces-mount) [default: aishell-workspaces].
+    #[arg(long, env = "AISHELL_KUBE_WORKSPACES_CLAIM")]
+    pub kube_workspaces_claim: Option<String>,
+    /// Kubernetes backend: CPU request of a task pod [default: 250m].
+    #[arg(long, env = "AISHELL_KUBE_CPU_REQUEST")]
+    pub kube_cpu_request: Option<String>,
+    /// Kubernetes backend: CPU limit of a task pod [default: 1].
+    #[arg(long, env = "AISHELL_KUBE_CPU_LIMIT")]
+    pub kube_cpu_limit: Option<String>,
+    /// Kubernetes backend: memory request of a task pod [default: 256Mi].
+    #[arg(long, env = "AISHELL_KUBE_MEMORY_REQUEST")]
+    pub kube_memory_request: Option<String>,
+    /// Kubernetes backend: memory limit of a task pod [default: 2Gi].
+    #[arg(long, env = "AISHELL_KUBE_MEMORY_LIMIT")]
+    pub kube_memory_limit: Option<String>,
     /// A request's headers must arrive within this; slower clients are closed [default: 10s].
     #[arg(long, env = "AISHELL_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
@@ -305,6 +339,7 @@ impl ServeSettings {
             agent,
             agent_command,
             workspaces_root,
+            workspaces_mount,
             session_idle_timeout,
             disconnect_processing_timeout,
             runner_url,
@@ -377,6 +412,16 @@ impl ServeSettings {
             ecs_subnets,
             ecs_security_groups,
             ecs_assign_public_ip,
+            kube_image,
+            kube_image_pull_policy,
+            kubeconfig,
+            kube_namespace,
+            kube_instance_id,
+            kube_workspaces_claim,
+            kube_cpu_request,
+            kube_cpu_limit,
+            kube_memory_request,
+            kube_memory_limit,
             header_read_timeout,
             pre_upgrade_timeout,
             max_connections,
@@ -435,13 +480,13 @@ impl ServeSettings {
     }
 
     /// `bwrap`, `uid` or `none`; `--insecure-no-sandbox` means `none`.
-    /// The docker backend defaults to `uid` (a per-user UID inside the
-    /// container; bwrap would need extra capabilities there).
+    /// The docker and kubernetes backends default to `uid` (a per-user UID
+    /// inside the container; bwrap would need extra capabilities there).
     pub fn sandbox_mode(&self) -> anyhow::Result<&str> {
         if self.insecure_no_sandbox == Some(true) {
             return Ok("none");
         }
-        let default = if matches!(self.execution_mode()?, "docker" | "ecs") {
+        let default = if matches!(self.execution_mode()?, "docker" | "kubernetes" | "ecs") {
             "uid"
         } else {
             "bwrap"
@@ -643,6 +688,42 @@ impl ServeSettings {
         Ok(cfg)
     }
 
+    /// The kubernetes backend's settings (EXECUTION_MODE=kubernetes).
+    #[cfg(feature = "kubernetes")]
+    pub fn kubernetes_config(
+        &self,
+        instance_id: String,
+    ) -> anyhow::Result<aishell_backend_kubernetes::KubernetesBackendConfig> {
+        let mut cfg = aishell_backend_kubernetes::KubernetesBackendConfig::new(instance_id);
+        if let Some(image) = &self.kube_image {
+            cfg.image = image.clone();
+        }
+        if let Some(policy) = &self.kube_image_pull_policy {
+            if !matches!(policy.as_str(), "Always" | "IfNotPresent" | "Never") {
+                bail!(
+                    "--kube-image-pull-policy `{policy}` is not one of Always, IfNotPresent, Never"
+                );
+            }
+            cfg.image_pull_policy = Some(policy.clone());
+        }
+        cfg.kubeconfig = self.kubeconfig.clone();
+        cfg.namespace = self.kube_namespace.clone();
+        if let Some(claim) = &self.kube_workspaces_claim {
+            cfg.workspaces_claim = claim.clone();
+        }
+        let quantity = |given: &Option<String>, default: Option<String>| {
+            given
+                .clone()
+                .or(default)
+                .filter(|q| !q.is_empty() && q != "none")
+        };
+        cfg.cpu_request = quantity(&self.kube_cpu_request, cfg.cpu_request);
+        cfg.cpu_limit = quantity(&self.kube_cpu_limit, cfg.cpu_limit);
+        cfg.memory_request = quantity(&self.kube_memory_request, cfg.memory_request);
+        cfg.memory_limit = quantity(&self.kube_memory_limit, cfg.memory_limit);
+        Ok(cfg)
+    }
+
     pub fn user(&self) -> &str {
         self.user.as_deref().unwrap_or("local")
     }
@@ -656,6 +737,9 @@ impl ServeSettings {
         );
         if let Some(root) = &self.workspaces_root {
             cfg.workspaces_root = absolute(root)?;
+        }
+        if let Some(mount) = &self.workspaces_mount {
+            cfg.workspaces_mount = Some(absolute(mount)?);
         }
         if let Some(kind) = &self.agent {
             if !aishell_agents::BUILTIN_KINDS.contains(&kind.as_str())

@@ -564,6 +564,7 @@ async fn a_missing_image_is_a_clear_task_start_failed() {
         .await;
     let err = &frames.last().unwrap()["error"];
     assert_eq!(err["code"], "TASK_START_FAILED", "{err}");
+    assert_eq!(err["reason"], "backend_refused", "{err}");
     let message = err["message"].as_str().unwrap();
     assert!(
         message.contains(&format!("image {missing} not found"))
@@ -595,6 +596,7 @@ async fn an_unreachable_engine_is_a_clear_task_start_failed() {
         .await;
     let err = &frames.last().unwrap()["error"];
     assert_eq!(err["code"], "TASK_START_FAILED", "{err}");
+    assert_eq!(err["reason"], "backend_unreachable", "{err}");
     let message = err["message"].as_str().unwrap();
     assert!(
         message.contains("cannot reach the Docker engine") && message.contains(&host),
@@ -737,6 +739,26 @@ async fn users_cannot_reach_each_others_workspaces(dgw: &DockerGateway) {
         );
     }
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // aishell's seccomp filter on top of whatever the engine installs: the
+    // agent's commands carry one filter more than the container's PID 1.
+    let frames = say(
+        &mut b,
+        "seccomp",
+        "grep -h Seccomp_filters /proc/1/status /proc/self/status",
+    )
+    .await;
+    let text = text_of(&frames);
+    let counts: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "{text}");
+    assert_eq!(
+        counts[1],
+        counts[0] + 1,
+        "no filter of aishell's in bob's agent:\n{text}"
+    );
 }
 
 /// A network this test creates (and removes).

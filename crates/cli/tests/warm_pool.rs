@@ -365,18 +365,41 @@ fn policy(pid: i32) -> Option<u32> {
         .ok()
 }
 
-/// A sandbox waiting in the pool (runner, bwrap, pre-started agent) runs
-/// at idle priority, so refills never take CPU from sessions; the claim
-/// puts all of it back to normal (root only: undoing it needs CAP_SYS_NICE).
+/// A sandbox being started for the pool (runner, bwrap, pre-started agent)
+/// runs at idle priority, so refills never take CPU from sessions; once it
+/// is ready all of it is back to normal, so its claim never waits for a CPU
+/// nothing else wants (root only: undoing it needs CAP_SYS_NICE).
 #[tokio::test]
-async fn waiting_sandboxes_run_at_idle_priority_until_claimed() {
+async fn warm_sandboxes_start_at_idle_priority_and_wait_at_normal() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root: skipped");
         return;
     }
     const SCHED_IDLE: u32 = 5;
-    let gw = Gateway::start(&["--agent", "shell", "--warm-pool-target-size", "1"]);
+    // Each runner waits 2 s before it dials: long enough to see it starting.
+    let faults = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(faults.path(), "runner_dial_delay=2000\n").unwrap();
+    let gw = Gateway::start_with_env(
+        &["--agent", "shell", "--warm-pool-target-size", "1"],
+        &[("AISHELL_TEST_FAULTS_FILE", faults.path().to_str().unwrap())],
+    );
+    let deadline = Instant::now() + WAIT;
+    let starting = loop {
+        let runners = warm_runner_pids();
+        if !runners.is_empty() {
+            break runners;
+        }
+        assert!(Instant::now() < deadline, "no warm runner started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for pid in &starting {
+        assert_eq!(
+            policy(*pid),
+            Some(SCHED_IDLE),
+            "the starting runner {pid} is not at idle priority"
+        );
+    }
     gw.wait_pool_ready(1, WAIT).await;
     gw.wait_log(
         "agent_prestarted",
@@ -384,41 +407,36 @@ async fn waiting_sandboxes_run_at_idle_priority_until_claimed() {
         WAIT,
     )
     .await;
-    let waiting = descendants(gw.pid() as i32);
-    let agents: Vec<i32> = waiting
-        .iter()
-        .filter(|(_, cmd)| cmd.contains("agent shell"))
-        .map(|(p, _)| *p)
-        .collect();
-    assert!(!agents.is_empty(), "no pre-started agent: {waiting:?}");
-    for (pid, cmd) in &waiting {
-        assert_eq!(
-            policy(*pid),
-            Some(SCHED_IDLE),
-            "{cmd} ({pid}) waits in the pool at normal priority"
+    // `Prepared` is sent, then the tree is put back: give it a moment.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let waiting = descendants(gw.pid() as i32);
+        assert!(
+            waiting.iter().any(|(_, cmd)| cmd.contains("agent shell")),
+            "no pre-started agent: {waiting:?}"
         );
+        let idle: Vec<_> = waiting
+            .iter()
+            .filter(|(pid, _)| policy(*pid) == Some(SCHED_IDLE))
+            .collect();
+        if idle.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ready and still at idle priority: {idle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut c = gw.connect().await;
     c.message("m1", "sh -c 'cat /proc/self/stat'").await;
     let frames = c.turn().await;
     assert_eq!(of_type(&frames, "status")[0]["source"], "warm");
-    // A command the claimed agent ran inherited its normal priority.
+    // A command the claimed agent ran has normal priority.
     let text = pretty(&frames);
     let field = text
         .split(')')
         .nth(1)
         .and_then(|rest| rest.split_whitespace().nth(38).map(String::from));
     assert_eq!(field.as_deref(), Some("0"), "{text}");
-    for pid in agents {
-        assert_eq!(
-            policy(pid),
-            Some(0),
-            "the claimed agent {pid} is still idle"
-        );
-    }
-    let runners: Vec<i32> = warm_runner_pids();
-    assert!(
-        runners.iter().any(|p| policy(*p) == Some(0)),
-        "no claimed runner at normal priority: {runners:?}"
-    );
 }

@@ -19,6 +19,10 @@ pub struct GatewayConfig {
     /// None when the gateway writes none.
     pub log_dir: Option<PathBuf>,
     pub workspaces_root: PathBuf,
+    /// Where a backend's shared workspace volume (EFS, a ReadWriteMany
+    /// volume) is mounted on the gateway; used by backends whose
+    /// workspaces are `SharedVolume` (see aishell_backend::workspaces).
+    pub workspaces_mount: Option<PathBuf>,
     /// Agent every session runs unless configured otherwise.
     pub agent: AgentSpec,
     /// Extra settings passed to the agent's `init`.
@@ -140,6 +144,7 @@ impl GatewayConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 5174)),
             runner_url: None,
             workspaces_root: data_dir.join("workspaces"),
+            workspaces_mount: None,
             log_dir: Some(data_dir.join("logs")),
             data_dir,
             agent: AgentSpec {

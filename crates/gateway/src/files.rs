@@ -9,10 +9,10 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aishell_backend::workspaces::{WorkspaceError, Workspaces};
 use aishell_protocol::ErrorCode;
 use axum::Router;
 use axum::body::Body;
@@ -158,24 +158,26 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
     Ok(parts)
 }
 
-/// The caller's workspace directory, opened (created if new). The gateway's
-/// own path, not `Backend::workspace_path` (the runner's view, which is
-/// `/workspaces/<user>` inside a docker task).
+/// The caller's workspace directory, opened (created if new) through the
+/// gateway's [`Workspaces`]: the gateway's own path, not
+/// `Backend::workspace_path` (the runner's view, which is `/workspaces/<user>`
+/// inside a docker task).
 fn open_workspace(workspace: &Workspace) -> Result<OwnedFd, ApiError> {
-    // A size-limited workspace is mounted here the first time it is used.
-    workspace
-        .backend
-        .prepare_workspace(&workspace.user_id)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })?;
-    std::fs::create_dir_all(&workspace.path).map_err(|e| io_error("workspace", e))?;
-    let dir = std::fs::File::open(&workspace.path).map_err(|e| io_error("workspace", e))?;
-    Ok(OwnedFd::from(dir))
+    // A size-limited workspace is mounted the first time it is used.
+    match workspace.workspaces.open(&workspace.user_id) {
+        Ok(dir) => Ok(OwnedFd::from(dir)),
+        Err(WorkspaceError::NotOnGateway(why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::WorkspaceUnavailable,
+            why,
+        )),
+        Err(WorkspaceError::Prepare(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal,
+            e.to_string(),
+        )),
+        Err(WorkspaceError::Io { source, .. }) => Err(io_error("workspace", source)),
+    }
 }
 
 /// Under per-user UID isolation (docker backend) a workspace belongs to its
@@ -236,19 +238,17 @@ struct ListQuery {
     dir: Option<String>,
 }
 
-/// The caller's workspace: the gateway's path of it, and the backend that
-/// prepares it (blocking: it may format and mount a file system).
+/// The caller's workspace: whose, and the gateway's way to it (blocking:
+/// it may format and mount a file system).
 struct Workspace {
-    path: PathBuf,
     user_id: String,
-    backend: Arc<dyn aishell_backend::Backend>,
+    workspaces: Arc<dyn Workspaces>,
 }
 
 fn workspace_of(shared: &Shared, who: &Identity) -> Workspace {
     Workspace {
-        path: shared.cfg.workspaces_root.join(&who.user_id),
         user_id: who.user_id.clone(),
-        backend: shared.backend.clone(),
+        workspaces: shared.workspaces.clone(),
     }
 }
 

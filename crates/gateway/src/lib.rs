@@ -16,6 +16,7 @@ pub mod recent;
 mod runner_ws;
 mod server;
 pub mod session;
+pub mod task_watch;
 mod web;
 
 use std::collections::HashMap;
@@ -38,6 +39,11 @@ pub struct Shared {
     pub queued_starts: std::sync::atomic::AtomicUsize,
     pub store: Arc<dyn Store>,
     pub backend: Arc<dyn Backend>,
+    /// Users' workspaces as this gateway reaches them (files API, and
+    /// prepared before a task starts).
+    pub workspaces: Arc<dyn aishell_backend::workspaces::Workspaces>,
+    /// The one watch of the backend's task statuses (task_watch.rs).
+    pub task_watch: Arc<task_watch::TaskWatch>,
     pub credentials: credential::CredentialSigner,
     pub sessions: session::SessionManager,
     /// Which session each live task belongs to (for orphan cleanup and /health).

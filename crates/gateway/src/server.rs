@@ -92,7 +92,15 @@ impl Gateway {
         let model_proxy = (!cfg.model_providers.iter().all(|p| p.keys.is_empty()))
             .then(|| crate::model_proxy::ModelProxy::new(&cfg.model_providers))
             .transpose()?;
+        let task_watch = crate::task_watch::TaskWatch::start(backend.clone());
+        let workspaces = aishell_backend::workspaces::for_backend(
+            backend.clone(),
+            cfg.workspaces_root.clone(),
+            cfg.workspaces_mount.clone(),
+        );
         let shared = Arc::new(Shared {
+            workspaces,
+            task_watch,
             model_proxy,
             auth,
             connections: Default::default(),

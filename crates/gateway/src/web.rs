@@ -295,7 +295,7 @@ async fn conversation_messages(
                 .into_iter()
                 .map(|m| {
                     json!({
-                        "role": m.role,
+                        "role": m.role.as_str(),
                         "content": m.content,
                         "id": m.client_msg_id,
                         "created_at": m.created_at.unix_timestamp(),

@@ -6,9 +6,10 @@ mod support;
 
 use std::time::Duration;
 
+use aishell_backend::TaskStatus;
 use aishell_store::SessionState;
 use serde_json::json;
-use support::{TestGateway, is_type, text_of};
+use support::{TestGateway, WAIT, is_type, text_of};
 
 #[tokio::test]
 async fn messages_sent_while_the_task_starts_are_queued_in_order() {
@@ -114,10 +115,11 @@ async fn a_refused_launch_fails_the_start_and_the_message_runs_on_the_next_one()
         .find(|f| is_type(f, "error"))
         .expect("an error");
     assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    assert_eq!(error["error"]["reason"], "backend_refused");
     let message = error["error"]["message"].as_str().unwrap();
     assert!(
         message.contains(
-            "the fake backend could not launch a sandbox: fake refused launch: no capacity"
+            "could not start your sandbox: the fake backend refused to launch a sandbox: no capacity"
         ),
         "{message}"
     );
@@ -128,6 +130,132 @@ async fn a_refused_launch_fails_the_start_and_the_message_runs_on_the_next_one()
     assert_eq!(text_of(&c.turn().await), "first");
     assert_eq!(text_of(&c.turn().await), "second");
     assert_eq!(gw.backend.launches(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_runtime_is_told_apart_from_a_refusing_one() {
+    let gw = TestGateway::start().await;
+    gw.backend.unreachable("connection refused");
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    let frames = c
+        .until(|v| is_type(v, "status") && v["state"] == "stopped")
+        .await;
+    let error = frames
+        .iter()
+        .find(|f| is_type(f, "error"))
+        .expect("an error");
+    assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    assert_eq!(error["error"]["reason"], "backend_unreachable");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "the fake backend could not be reached to launch a sandbox: connection refused"
+        ),
+        "{message}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_task_exit_reported_by_the_watch_fails_the_start_at_once() {
+    // The connect deadline is far: only the watch can end this start.
+    let gw = TestGateway::start_with(|cfg| cfg.deadlines.connect = Duration::from_secs(60)).await;
+    gw.backend.silence_runners();
+    let mut c = gw.connect().await;
+    c.message("m1", "first").await;
+    c.until(|v| is_type(v, "status") && v["state"] == "starting")
+        .await;
+    let task_id = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(id) = gw.backend.task_ids().pop() {
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a launched task");
+    let reported = std::time::Instant::now();
+    gw.backend
+        .report(
+            &task_id,
+            TaskStatus::Exited {
+                code: Some(3),
+                reason: "exit code 3".into(),
+            },
+        )
+        .await;
+    let frames = c
+        .until(|v| is_type(v, "status") && v["state"] == "stopped")
+        .await;
+    assert!(reported.elapsed() < Duration::from_secs(2));
+    let error = frames
+        .iter()
+        .find(|f| is_type(f, "error"))
+        .expect("an error");
+    assert_eq!(error["error"]["code"], "TASK_START_FAILED");
+    assert_eq!(error["error"]["reason"], "task_exited");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the sandbox exited (exit code 3, code 3)"),
+        "{message}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn files_of_workspaces_the_gateway_cannot_reach_get_a_stable_code() {
+    let backend =
+        support::FakeBackend::reaching_workspaces(aishell_backend::WorkspaceAccess::ThroughRunner);
+    let gw = TestGateway::start_on(backend, |_| {}).await;
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/api/files", gw.addr))
+        .bearer_auth(&gw.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "WORKSPACE_UNAVAILABLE");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("files are reachable only inside your sandbox"),
+        "{message}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_orphan_reaped_after_a_restart_closes_its_usage_row() {
+    let backend = support::FakeBackend::default();
+    backend.left_running("t-orphan", "s-gone");
+    let gw = TestGateway::start_on(backend, |cfg| {
+        cfg.deadlines.orphan_grace = Duration::from_millis(1500)
+    })
+    .await;
+    // The previous gateway opened its usage row.
+    let record = aishell_store::SessionRecord::new("s-gone", "alice", "trace", "shell");
+    gw.store.create_session(&record).await.unwrap();
+    gw.store
+        .usage_start("t-orphan", "s-gone", "alice")
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !gw.backend.task_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the orphan is stopped");
+    // A closed row stops counting: a second apart, the same total.
+    let week_ago = time::OffsetDateTime::now_utc() - time::Duration::days(7);
+    let before = gw.store.usage_since(week_ago, Some("alice")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = gw.store.usage_since(week_ago, Some("alice")).await.unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].seconds, after[0].seconds, "the usage row is open");
     gw.shutdown().await;
 }
 

@@ -263,6 +263,18 @@ impl ServerEvent {
         })
     }
 
+    /// A session-level `error` event with a [`reason`](crate::codes::ErrorReason).
+    pub fn error_because(
+        code: ErrorCode,
+        reason: crate::codes::ErrorReason,
+        message: impl Into<String>,
+    ) -> Self {
+        ServerEvent::Agent(AgentEvent::Error {
+            conversation_id: None,
+            error: ErrorBody::new(code, message).because(reason),
+        })
+    }
+
     /// The error code if this is an `error` event.
     pub fn error_code(&self) -> Option<&str> {
         match self {

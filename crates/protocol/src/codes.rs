@@ -18,11 +18,13 @@ pub enum ErrorCode {
     BadFrame,
     SessionNotFound,
     Overloaded,
+    /// The gateway cannot reach the user's workspace (files API).
+    WorkspaceUnavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::TaskStartFailed,
         ErrorCode::TaskRestartFailed,
         ErrorCode::TaskConnectTimeout,
@@ -35,6 +37,7 @@ impl ErrorCode {
         ErrorCode::BadFrame,
         ErrorCode::SessionNotFound,
         ErrorCode::Overloaded,
+        ErrorCode::WorkspaceUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::BadFrame => "BAD_FRAME",
             ErrorCode::SessionNotFound => "SESSION_NOT_FOUND",
             ErrorCode::Overloaded => "OVERLOADED",
+            ErrorCode::WorkspaceUnavailable => "WORKSPACE_UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -63,9 +67,64 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// Why a task could not be started or was lost, finer than its
+/// [`ErrorCode`]: the `reason` of an `error` frame. Like codes, these
+/// strings are stable and never renamed; new ones may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorReason {
+    /// The runtime answered and refused (permissions, quota, bad request,
+    /// no capacity): retrying as is will likely fail again.
+    BackendRefused,
+    /// The runtime could not be reached (network, API down, timeout):
+    /// retrying later may work.
+    BackendUnreachable,
+    /// The task itself ended (exited, was killed, vanished) before it was
+    /// ready or while it ran.
+    TaskExited,
+}
+
+impl ErrorReason {
+    pub const ALL: [ErrorReason; 3] = [
+        ErrorReason::BackendRefused,
+        ErrorReason::BackendUnreachable,
+        ErrorReason::TaskExited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorReason::BackendRefused => "backend_refused",
+            ErrorReason::BackendUnreachable => "backend_unreachable",
+            ErrorReason::TaskExited => "task_exited",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_without_a_reason_is_the_frame_it_always_was() {
+        let body = ErrorBody::new(ErrorCode::Internal, "x");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"INTERNAL","message":"x"}"#
+        );
+        let old: ErrorBody = serde_json::from_str(r#"{"code":"INTERNAL","message":"x"}"#).unwrap();
+        assert_eq!(old, body);
+        let with = ErrorBody::new(ErrorCode::TaskStartFailed, "y")
+            .because(ErrorReason::BackendUnreachable);
+        assert_eq!(
+            serde_json::to_value(&with).unwrap()["reason"],
+            "backend_unreachable"
+        );
+    }
 
     #[test]
     fn serde_name_matches_as_str() {
@@ -82,6 +141,11 @@ mod tests {
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
+    /// Why, finer than the code (an [`ErrorReason`] from the gateway; a
+    /// string, like `code`). Optional within protocol version 1: absent
+    /// means the code is all there is to know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ErrorBody {
@@ -89,6 +153,13 @@ impl ErrorBody {
         ErrorBody {
             code: code.as_str().to_string(),
             message: message.into(),
+            reason: None,
         }
+    }
+
+    /// The same error, with why.
+    pub fn because(mut self, reason: ErrorReason) -> Self {
+        self.reason = Some(reason.as_str().to_string());
+        self
     }
 }

@@ -16,7 +16,7 @@ pub mod runner;
 
 pub use agent::{AgentEvent, AgentInput, ConversationRef, TokenUsage};
 pub use client::{ClientFrame, ErrorBody, ServerEvent, ServerFrame, SessionState};
-pub use codes::ErrorCode;
+pub use codes::{ErrorCode, ErrorReason};
 pub use runner::{GatewayToRunner, RunnerToGateway, TaskMode};
 
 /// Version of the client protocol (`session.protocol`).

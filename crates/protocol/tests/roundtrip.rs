@@ -77,7 +77,11 @@ fn conversation_ref() -> impl Strategy<Value = ConversationRef> {
 
 fn error_body() -> impl Strategy<Value = ErrorBody> {
     prop_oneof![
-        (s(), s()).prop_map(|(code, message)| ErrorBody { code, message }),
+        (s(), s()).prop_map(|(code, message)| ErrorBody {
+            code,
+            message,
+            reason: None,
+        }),
         (proptest::sample::select(ErrorCode::ALL.to_vec()), s())
             .prop_map(|(code, message)| ErrorBody::new(code, message)),
     ]

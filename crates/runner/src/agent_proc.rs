@@ -101,7 +101,9 @@ impl AgentProcess {
                     .iter()
                     .map(|fd| fd.as_raw_fd())
                     .collect();
-                confinement.limits.apply(&mut cmd, join, keep);
+                confinement
+                    .limits
+                    .apply(&mut cmd, join, keep, confinement.seccomp);
                 cgroup = confinement.cgroup;
                 inherited_fds = confinement.inherited_fds;
             }

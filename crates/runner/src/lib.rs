@@ -373,8 +373,9 @@ impl Runner {
                     }
                     return Ok(false);
                 }
-                // A warm runner waited at idle priority; its user does not.
-                priority::claimed();
+                // Claimed before it was ready: its user does not wait at
+                // idle priority.
+                priority::ready();
                 tracing::info!(event = "runner_init_user", sessionId = %session_id, userId = %user_id, traceId = trace_id.as_deref().unwrap_or(""), "binding task to user");
                 self.binding = Some(Binding {
                     session_id: session_id.clone(),
@@ -391,6 +392,8 @@ impl Runner {
             GatewayToRunner::Prepare { settings } => {
                 let prestarted = self.prepare(settings).await;
                 send(ws, &RunnerToGateway::Prepared { prestarted }).await?;
+                // Started at idle priority; nothing left to do until the claim.
+                priority::ready();
             }
             GatewayToRunner::Agent { seq, frame } => {
                 // Unnumbered (0) inputs come from older gateways.
@@ -629,6 +632,7 @@ impl Runner {
                 Some(sandbox::Confinement {
                     limits,
                     cgroup: self.sandbox_cgroup(s),
+                    seccomp: Some(crate::seccomp::agent_filter()),
                     ..Default::default()
                 })
             }
@@ -663,6 +667,7 @@ impl Runner {
                     under_bwrap: true,
                     inherited_fds,
                     cgroup,
+                    seccomp: None,
                 })
             }
         };

@@ -1,15 +1,18 @@
-//! A warm runner starts, and waits in the pool, at the lowest CPU priority
-//! (`SCHED_IDLE`), it and everything it starts (bwrap, the pre-started
-//! agent); the claim puts it all back to normal.
+//! A warm runner starts at the lowest CPU priority (`SCHED_IDLE`), it and
+//! everything it starts (bwrap, the pre-started agent), and goes back to
+//! normal once it is ready to be claimed.
 //!
 //! Why: the pool refills right behind a burst of claims, and each refill
 //! costs several milliseconds of CPU (exec, bwrap, namespaces, the agent's
 //! start). On a small machine those starts competed with the very sessions
 //! that had just been claimed. Under `SCHED_IDLE` they run only on CPU that
 //! nothing else wants, so a claim never waits behind a refill, and a pool
-//! still fills as fast as the machine is otherwise idle.
+//! still fills as fast as the machine is otherwise idle. Once ready, a warm
+//! runner has nothing left to do until its claim, so normal priority costs
+//! nothing then; kept idle, its claim would wait for a CPU nothing else
+//! wants, which in a burst means behind every other session.
 //!
-//! Only where the claim can undo it: going back from `SCHED_IDLE` needs
+//! Only where it can be undone: going back from `SCHED_IDLE` needs
 //! `CAP_SYS_NICE` (a root runner on the host has it; one in a container
 //! usually does not, and then stays at normal priority throughout).
 
@@ -38,8 +41,8 @@ fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
 
 /// Lower this process to `SCHED_IDLE`. Call on the main thread before any
 /// other starts, so every thread and child inherits it. Returns whether it
-/// did (only when [`claimed`] can undo it).
-pub fn idle_until_claimed() -> bool {
+/// did (only when [`ready`] can undo it).
+pub fn idle_until_ready() -> bool {
     if !can_raise_priority() || !set_policy(0, libc::SCHED_IDLE) {
         return false;
     }
@@ -47,9 +50,10 @@ pub fn idle_until_claimed() -> bool {
     true
 }
 
-/// The claim: this process's threads and all its descendants' back to
-/// `SCHED_OTHER`. Does nothing unless [`idle_until_claimed`] lowered them.
-pub fn claimed() {
+/// Ready (or claimed first): this process's threads and all its
+/// descendants' back to `SCHED_OTHER`. Does nothing unless
+/// [`idle_until_ready`] lowered them, so only the first call walks.
+pub fn ready() {
     if !IDLED.swap(false, Ordering::SeqCst) {
         return;
     }
@@ -88,10 +92,10 @@ pub fn policy_of(tid: libc::pid_t) -> libc::c_int {
 mod tests {
     use super::*;
 
-    /// A forked child lowers itself and starts a grandchild, then claims:
-    /// both end at `SCHED_OTHER` again (root only: needs CAP_SYS_NICE).
+    /// A forked child lowers itself and starts a grandchild, then is
+    /// ready: both end at `SCHED_OTHER` again (root only: needs CAP_SYS_NICE).
     #[test]
-    fn the_claim_restores_the_whole_tree() {
+    fn readiness_restores_the_whole_tree() {
         if !can_raise_priority() {
             eprintln!("no CAP_SYS_NICE: skipped");
             return;
@@ -114,7 +118,7 @@ mod tests {
         if std::env::var("AISHELL_PRIORITY_TREE_CHILD").is_err() {
             return;
         }
-        assert!(idle_until_claimed());
+        assert!(idle_until_ready());
         let mut grandchild = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
@@ -129,7 +133,7 @@ mod tests {
         };
         let before = name(policy_of(0));
         let gbefore = name(policy_of(gpid));
-        claimed();
+        ready();
         println!(
             "{before}-before {gbefore}-grandchild {}-after {}-grandchild",
             name(policy_of(0)),

@@ -312,6 +312,8 @@ pub struct Confinement {
     pub inherited_fds: Vec<OwnedFd>,
     /// The sandbox's cgroups, joined before exec; removed when the agent exits.
     pub cgroup: Option<crate::cgroup::SandboxCgroup>,
+    /// A seccomp filter to install before exec (bwrap installs its own).
+    pub seccomp: Option<Vec<crate::seccomp::Instruction>>,
 }
 
 impl Limits {
@@ -326,8 +328,15 @@ impl Limits {
     }
 
     /// Install the limits on `cmd`'s child process; it also joins the
-    /// cgroups whose `cgroup.procs` are `join` and keeps `keep` open.
-    pub fn apply(self, cmd: &mut tokio::process::Command, join: Vec<RawFd>, keep: Vec<RawFd>) {
+    /// cgroups whose `cgroup.procs` are `join`, keeps `keep` open and, last,
+    /// installs `filter` (UID isolation has no bwrap to install it).
+    pub fn apply(
+        self,
+        cmd: &mut tokio::process::Command,
+        join: Vec<RawFd>,
+        keep: Vec<RawFd>,
+        filter: Option<Vec<crate::seccomp::Instruction>>,
+    ) {
         // SAFETY: the closure only calls write/fcntl/setrlimit/prctl/
         // setgroups/setgid/setuid/getuid, which are async-signal-safe,
         // between fork and exec.
@@ -367,7 +376,9 @@ impl Limits {
                 set(libc::RLIMIT_NOFILE, self.max_files)?;
                 set(libc::RLIMIT_CPU, self.cpu_seconds)?;
                 // Runs after the UID switch: no set-uid binary can undo it.
-                if matches!(self.identity, AgentIdentity::User(_))
+                // A pre-started agent becomes its user itself and needs no
+                // set-uid binary for that; the filter needs it either way.
+                if (matches!(self.identity, AgentIdentity::User(_)) || filter.is_some())
                     && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 {
                     return Err(std::io::Error::last_os_error());
@@ -377,6 +388,10 @@ impl Limits {
                 // user on `init` takes the limit along.
                 if libc::getuid() != 0 || self.identity == AgentIdentity::UserAtInit {
                     set(libc::RLIMIT_NPROC, self.max_processes)?;
+                }
+                // Last: every call above is one the filter refuses or might.
+                if let Some(program) = &filter {
+                    crate::seccomp::install(program)?;
                 }
                 Ok(())
             });

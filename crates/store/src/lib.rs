@@ -22,15 +22,11 @@ pub mod token;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+/// What went wrong in a store, in words of its own: no driver types (the
+/// drivers' errors are mapped by the `From` impls below), so callers match
+/// on what happened, not on which database said it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// A write failed (writes run through rusqlite: see `group_commit`).
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported DATABASE_URL `{0}`: expected sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
     /// A `postgres://` URL given to a build without PostgreSQL support.
@@ -43,8 +39,6 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database write failed: {0}")]
     Write(String),
-    // The variants below carry no driver types: the PostgreSQL store reports
-    // through them only.
     /// A write broke a constraint: a row it references is missing, or its
     /// unique key is taken.
     #[error("database constraint violated: {0}")]
@@ -64,19 +58,58 @@ impl StoreError {
     /// Whether the database refused a write because a row it references is
     /// missing or its unique key is taken (whichever store reported it).
     pub fn is_constraint_violation(&self) -> bool {
-        match self {
-            StoreError::Constraint(_) => true,
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                e.code == rusqlite::ErrorCode::ConstraintViolation
-            }
-            StoreError::Database(sqlx::Error::Database(e)) => matches!(
-                e.kind(),
-                sqlx::error::ErrorKind::UniqueViolation
+        matches!(self, StoreError::Constraint(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                let message = format!("{} (code {code})", db.message());
+                match db.kind() {
+                    sqlx::error::ErrorKind::UniqueViolation
                     | sqlx::error::ErrorKind::ForeignKeyViolation
                     | sqlx::error::ErrorKind::NotNullViolation
-                    | sqlx::error::ErrorKind::CheckViolation
-            ),
-            _ => false,
+                    | sqlx::error::ErrorKind::CheckViolation => StoreError::Constraint(message),
+                    _ => StoreError::Backend(message),
+                }
+            }
+            e @ (sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed) => StoreError::Unavailable(e.to_string()),
+            e @ (sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::TypeNotFound { .. }) => StoreError::Corrupt(e.to_string()),
+            sqlx::Error::Migrate(e) => StoreError::Migration(e.to_string()),
+            e => StoreError::Backend(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migration(e.to_string())
+    }
+}
+
+/// Writes run through rusqlite (see `group_commit`).
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+                rusqlite::ErrorCode::ConstraintViolation => StoreError::Constraint(e.to_string()),
+                rusqlite::ErrorCode::DatabaseBusy
+                | rusqlite::ErrorCode::DatabaseLocked
+                | rusqlite::ErrorCode::CannotOpen => StoreError::Unavailable(e.to_string()),
+                _ => StoreError::Backend(e.to_string()),
+            },
+            _ => StoreError::Backend(e.to_string()),
         }
     }
 }
@@ -184,10 +217,40 @@ pub struct MessageRecord {
     pub conversation_id: String,
     /// Client id of a user message (dedupe key within the session).
     pub client_msg_id: Option<String>,
-    /// `user` or `assistant`.
-    pub role: String,
+    pub role: MessageRole,
     pub content: String,
     pub created_at: OffsetDateTime,
+}
+
+/// Who wrote a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRole {
+    User,
+    Assistant,
+}
+
+impl MessageRole {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageRole::User => "user",
+            MessageRole::Assistant => "assistant",
+        }
+    }
+}
+
+impl std::str::FromStr for MessageRole {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "user" => Ok(MessageRole::User),
+            "assistant" => Ok(MessageRole::Assistant),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown message role `{other}`"
+            ))),
+        }
+    }
 }
 
 /// One gateway → client event as sent (JSON), kept for replay.
@@ -345,6 +408,35 @@ pub fn redact_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_round_trip_and_an_unknown_one_is_corrupt_data() {
+        for role in [MessageRole::User, MessageRole::Assistant] {
+            assert_eq!(role.as_str().parse::<MessageRole>().unwrap(), role);
+        }
+        assert!(matches!(
+            "system".parse::<MessageRole>(),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn driver_errors_become_store_errors_by_what_happened() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(matches!(StoreError::from(busy), StoreError::Unavailable(_)));
+        let unique = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE),
+            None,
+        );
+        assert!(StoreError::from(unique).is_constraint_violation());
+        assert!(matches!(
+            StoreError::from(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+    }
 
     #[test]
     fn passwords_are_redacted_from_urls() {

@@ -64,29 +64,7 @@ impl PgStore {
 
 /// The driver's error as a [`StoreError`] that names no driver type.
 fn from_sqlx(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            let message = format!("{} (SQLSTATE {code})", db.message());
-            // Class 23: integrity constraint violation.
-            if code.starts_with("23") {
-                StoreError::Constraint(message)
-            } else {
-                StoreError::Backend(message)
-            }
-        }
-        e @ (sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed) => StoreError::Unavailable(e.to_string()),
-        e @ (sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::TypeNotFound { .. }) => StoreError::Corrupt(e.to_string()),
-        e => StoreError::Backend(e.to_string()),
-    }
+    StoreError::from(e)
 }
 
 #[async_trait]
@@ -308,7 +286,7 @@ impl Store for PgStore {
         .bind(&message.session_id)
         .bind(&message.conversation_id)
         .bind(&message.client_msg_id)
-        .bind(&message.role)
+        .bind(message.role.as_str())
         .bind(&message.content)
         .bind(to_ms(message.created_at))
         .bind(now_ms())

@@ -100,10 +100,7 @@ impl SqliteStore {
 fn make_private(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let io = |what: &std::path::Path, e: std::io::Error| {
-        StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("securing {}: {e}", what.display()),
-        )))
+        StoreError::Unavailable(format!("securing {}: {e}", what.display()))
     };
     let private = |p: &std::path::Path, mode: u32| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|e| io(p, e))
@@ -281,7 +278,7 @@ impl MessageRow {
             session_id: self.session_id,
             conversation_id: self.conversation_id,
             client_msg_id: self.client_msg_id,
-            role: self.role,
+            role: self.role.parse()?,
             content: self.content,
             created_at: from_ms(self.created_at)?,
         })
@@ -517,7 +514,7 @@ impl Store for SqliteStore {
                         message.session_id,
                         message.conversation_id,
                         message.client_msg_id,
-                        message.role,
+                        message.role.as_str(),
                         message.content,
                         to_ms(message.created_at),
                     ])?;
@@ -759,7 +756,7 @@ mod tests {
             session_id: session.to_string(),
             conversation_id: conv.to_string(),
             client_msg_id: client.map(str::to_string),
-            role: "user".to_string(),
+            role: crate::MessageRole::User,
             content: content.to_string(),
             created_at: from_ms(1_700_000_000_000).unwrap(),
         }
@@ -984,7 +981,7 @@ mod tests {
                 .unwrap();
             for i in 0..3 {
                 let mut m = message("s1", "c1", None, &format!("reply {i}"));
-                m.role = "assistant".to_string();
+                m.role = crate::MessageRole::Assistant;
                 assert!(s.insert_message(&m).await.unwrap());
             }
             let contents: Vec<_> = s
@@ -1121,7 +1118,7 @@ mod tests {
     async fn conversation_needs_its_session() {
         both!(|s| {
             let err = s.upsert_conversation("missing", "c1", None, None).await;
-            assert!(matches!(err, Err(StoreError::Sqlite(_))), "{err:?}");
+            assert!(matches!(err, Err(StoreError::Constraint(_))), "{err:?}");
         });
     }
 
@@ -1338,7 +1335,10 @@ mod tests {
         let orphan = s
             .insert_message(&message("no-such-session", "c1", Some("m"), "hi"))
             .await;
-        assert!(matches!(orphan, Err(StoreError::Sqlite(_))), "{orphan:?}");
+        assert!(
+            matches!(orphan, Err(StoreError::Constraint(_))),
+            "{orphan:?}"
+        );
         assert_eq!(rows(&s, "messages").await, 0);
     }
 

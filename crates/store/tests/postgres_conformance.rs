@@ -89,7 +89,7 @@ async fn several_gateways_share_one_database() {
         session_id: "s1".into(),
         conversation_id: "c1".into(),
         client_msg_id: Some("m1".into()),
-        role: "user".into(),
+        role: aishell_store::MessageRole::User,
         content: "hi".into(),
         created_at: time::OffsetDateTime::now_utc(),
     };
@@ -195,7 +195,7 @@ async fn a_nul_character_is_refused_whole() {
         session_id: "s1".into(),
         conversation_id: "c1".into(),
         client_msg_id: Some("m1".into()),
-        role: "user".into(),
+        role: aishell_store::MessageRole::User,
         content: "before\0after".into(),
         created_at: time::OffsetDateTime::now_utc(),
     };

@@ -155,6 +155,24 @@ pub fn fd_count(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
+/// How many of `pid`'s open descriptors are the SQLite store's files (the
+/// database, its WAL and SHM: three per pooled connection).
+pub fn database_fd_count(pid: u32) -> Option<usize> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|target| {
+                target
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("aishell.db"))
+            })
+            .count(),
+    )
+}
+
 /// PSS and process count per kind over the gateway's tree.
 pub fn memory_by_kind(root: u32) -> BTreeMap<ProcessKind, (usize, u64)> {
     let mut out: BTreeMap<ProcessKind, (usize, u64)> = BTreeMap::new();

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aishell_backend::{LaunchSpec, TaskMode, TaskStatus};
+use aishell_backend::{BackendError, LaunchSpec, TaskMode};
 use aishell_protocol::client::ConversationSummary;
 use aishell_protocol::{
     AgentEvent, AgentInput, ClientFrame, ConversationRef, ErrorCode, GatewayToRunner,
@@ -17,7 +17,6 @@ use aishell_store::{MessageRecord, SessionRecord, StoredEvent};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use super::delivery::{AckBatcher, AttachReply, CatchUpBatch, Delivery};
 use super::machine::turns::QueuedMessage;
@@ -87,11 +86,7 @@ pub enum SessionCmd {
     },
     Launched {
         task_id: String,
-        result: Result<Duration, String>,
-    },
-    Observed {
-        task_id: String,
-        status: Result<TaskStatus, String>,
+        result: Result<Duration, BackendError>,
     },
     Stopped {
         task_id: String,
@@ -154,7 +149,7 @@ pub fn spawn(
         persist_tx,
         runner: None,
         offered_runner: None,
-        watch: None,
+        watching: None,
         preparing: None,
         last_runner_seq: 0,
         acks: AckBatcher::default(),
@@ -189,8 +184,8 @@ struct SessionActor {
     /// A runner socket offered to the machine while it steps
     /// (`Effect::UseRunner` takes it).
     offered_runner: Option<RunnerTx>,
-    /// Stops the status poller.
-    watch: Option<CancellationToken>,
+    /// The current task's status, from the gateway's watch of the backend.
+    watching: Option<crate::task_watch::Subscription>,
     /// The workspace being prepared on the blocking pool.
     preparing: Option<JoinHandle<Result<(), String>>>,
     /// Highest agent frame seq received from the current task's runner.
@@ -212,6 +207,10 @@ impl SessionActor {
                 cmd = rx.recv() => cmd,
                 prepared = wait_prepared(&mut self.preparing) => {
                     self.apply(Input::WorkspacePrepared(prepared));
+                    continue;
+                }
+                (task_id, status) = next_status(&mut self.watching) => {
+                    self.apply(Input::Observed { task_id, status });
                     continue;
                 }
                 _ = sleep_until_opt(deadline) => {
@@ -286,9 +285,6 @@ impl SessionActor {
             SessionCmd::Launched { task_id, result } => {
                 self.apply(Input::Launched { task_id, result });
             }
-            SessionCmd::Observed { task_id, status } => {
-                self.apply(Input::Observed { task_id, status });
-            }
             SessionCmd::Stopped { task_id, result } => {
                 self.apply(Input::Stopped { task_id, result });
             }
@@ -327,11 +323,7 @@ impl SessionActor {
             Effect::ClaimOrLaunch => self.claim_or_launch(),
             Effect::Launch { task_id } => self.launch(task_id),
             Effect::WatchStatus { task_id } => self.watch_status(task_id),
-            Effect::StopWatching => {
-                if let Some(watch) = self.watch.take() {
-                    watch.cancel();
-                }
-            }
+            Effect::StopWatching => self.watching = None,
             Effect::UseRunner => self.runner = self.offered_runner.take(),
             Effect::DropRunner => self.runner = None,
             Effect::SendInitUser => self.send_init_user(),
@@ -559,7 +551,7 @@ impl SessionActor {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
             client_msg_id: id.clone(),
-            role: "user".into(),
+            role: aishell_store::MessageRole::User,
             content: content.clone(),
             created_at: OffsetDateTime::now_utc(),
         };
@@ -669,12 +661,10 @@ impl SessionActor {
             });
             return;
         }
-        let backend = self.shared.backend.clone();
+        let workspaces = self.shared.workspaces.clone();
         let user_id = self.user_id.clone();
         self.preparing = Some(tokio::task::spawn_blocking(move || {
-            backend
-                .prepare_workspace(&user_id)
-                .map_err(|e| e.to_string())
+            workspaces.prepare(&user_id).map_err(|e| e.to_string())
         }));
     }
 
@@ -761,11 +751,7 @@ impl SessionActor {
                 .queued_starts
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let started = Instant::now();
-            let result = backend
-                .launch(spec)
-                .await
-                .map(|_| started.elapsed())
-                .map_err(|e| e.to_string());
+            let result = backend.launch(spec).await.map(|_| started.elapsed());
             let _ = tx.send(SessionCmd::Launched { task_id, result }).await;
         });
     }
@@ -779,44 +765,12 @@ impl SessionActor {
         }
     }
 
-    /// Poll the backend until the task runs or ends (launched → running), and
-    /// keep watching until the runner connects, so a task that dies before
-    /// dialling back fails fast instead of waiting for the connect deadline.
-    /// Replaces any poller still running.
+    /// Follow the task's status until the runner connects (launched →
+    /// running), so a task that dies before dialling back fails fast
+    /// instead of waiting for the connect deadline. Replaces any
+    /// subscription; the gateway's one watch of the backend feeds it.
     fn watch_status(&mut self, task_id: String) {
-        if let Some(old) = self.watch.take() {
-            old.cancel();
-        }
-        let watch = CancellationToken::new();
-        self.watch = Some(watch.clone());
-        let backend = self.shared.backend.clone();
-        let tx = self.self_tx.clone();
-        tokio::spawn(async move {
-            let mut delay = Duration::from_millis(20);
-            loop {
-                let status = tokio::select! {
-                    s = backend.status(&task_id) => s.map_err(|e| e.to_string()),
-                    _ = watch.cancelled() => return,
-                };
-                let done = !matches!(status, Ok(TaskStatus::Pending | TaskStatus::Running));
-                if tx
-                    .send(SessionCmd::Observed {
-                        task_id: task_id.clone(),
-                        status,
-                    })
-                    .await
-                    .is_err()
-                    || done
-                {
-                    return;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = watch.cancelled() => return,
-                }
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
-        });
+        self.watching = Some(self.shared.task_watch.subscribe(&task_id));
     }
 
     fn send_init_user(&self) {
@@ -1108,7 +1062,7 @@ impl SessionActor {
             session_id: self.id.clone(),
             conversation_id: conversation_id.to_string(),
             client_msg_id: None,
-            role: "assistant".into(),
+            role: aishell_store::MessageRole::Assistant,
             content: reply,
             created_at: OffsetDateTime::now_utc(),
         };
@@ -1237,6 +1191,19 @@ impl SessionActor {
     /// A connection-local answer (pong, BAD_FRAME, lists): never replayed.
     fn reply(&self, conn_id: u64, event: ServerEvent) {
         self.delivery.reply(conn_id, event);
+    }
+}
+
+/// The next status of the watched task (never while none is watched).
+async fn next_status(
+    watching: &mut Option<crate::task_watch::Subscription>,
+) -> (String, crate::task_watch::Observation) {
+    match watching.as_mut() {
+        Some(subscription) => {
+            let status = subscription.next().await;
+            (subscription.task_id.clone(), status)
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aishell_backend::{Backend, BackendError, LaunchSpec, TaskInfo, TaskStatus};
+use aishell_backend::{Backend, BackendError, LaunchSpec, StatusChange, TaskInfo, TaskStatus};
 use aishell_gateway::{Gateway, GatewayConfig};
 use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::{AgentEvent, AgentInput, GatewayToRunner, RunnerToGateway};
@@ -41,8 +41,14 @@ struct FakeTask {
 pub struct FakeBackend {
     tasks: Mutex<HashMap<String, FakeTask>>,
     launches: Mutex<u32>,
-    /// Launches are refused with this reason.
-    refuse: Mutex<Option<String>>,
+    /// Launches fail with this error.
+    refuse: Mutex<Option<BackendError>>,
+    /// The watch's sender, once the gateway watches (see [`FakeBackend::report`]).
+    watch: Mutex<Option<tokio::sync::mpsc::Sender<StatusChange>>>,
+    /// Runners of new tasks do not dial back.
+    silent_runners: std::sync::atomic::AtomicBool,
+    /// How the gateway reaches workspaces (its capabilities).
+    workspaces: aishell_backend::WorkspaceAccess,
     /// The content of every message the fake agents received, in order.
     received: Arc<Mutex<Vec<String>>>,
     /// Stops return only while this is true.
@@ -55,6 +61,9 @@ impl Default for FakeBackend {
             tasks: Default::default(),
             launches: Default::default(),
             refuse: Default::default(),
+            watch: Default::default(),
+            silent_runners: Default::default(),
+            workspaces: aishell_backend::WorkspaceAccess::Local,
             received: Default::default(),
             stops_open: tokio::sync::watch::Sender::new(true),
         }
@@ -62,6 +71,13 @@ impl Default for FakeBackend {
 }
 
 impl FakeBackend {
+    /// A fake backend whose workspaces the gateway reaches this way.
+    pub fn reaching_workspaces(access: aishell_backend::WorkspaceAccess) -> Self {
+        let mut backend = FakeBackend::default();
+        backend.workspaces = access;
+        backend
+    }
+
     pub fn launches(&self) -> u32 {
         *self.launches.lock().unwrap()
     }
@@ -82,7 +98,60 @@ impl FakeBackend {
 
     /// Refuse every launch from now on (`None`: accept again).
     pub fn refuse_launches(&self, reason: Option<&str>) {
-        *self.refuse.lock().unwrap() = reason.map(str::to_string);
+        *self.refuse.lock().unwrap() = reason.map(|reason| BackendError::Refused {
+            backend: "fake",
+            op: "launch",
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Every launch from now on finds the runtime unreachable.
+    pub fn unreachable(&self, reason: &str) {
+        *self.refuse.lock().unwrap() = Some(BackendError::Unavailable {
+            backend: "fake",
+            op: "launch",
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Runners of tasks launched from now on never dial back (their task
+    /// "runs" until the test reports it otherwise).
+    pub fn silence_runners(&self) {
+        self.silent_runners
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Report a status change on the gateway's watch, as a runtime would.
+    pub async fn report(&self, task_id: &str, status: TaskStatus) {
+        let tx = self
+            .watch
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the gateway watches");
+        tx.send(StatusChange {
+            task_id: task_id.to_string(),
+            status,
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A task a previous gateway left running for `session_id`: listed,
+    /// its runner never dials.
+    pub fn left_running(&self, task_id: &str, session_id: &str) {
+        self.tasks.lock().unwrap().insert(
+            task_id.to_string(),
+            FakeTask {
+                runner: tokio::spawn(std::future::pending()),
+                session_id: Some(session_id.to_string()),
+            },
+        );
+    }
+
+    /// Ids of the tasks launched and not stopped.
+    pub fn task_ids(&self) -> Vec<String> {
+        self.tasks.lock().unwrap().keys().cloned().collect()
     }
 }
 
@@ -95,22 +164,25 @@ impl Backend for FakeBackend {
     fn capabilities(&self) -> aishell_backend::Capabilities {
         aishell_backend::Capabilities {
             typical_cold_start: std::time::Duration::from_millis(10),
-            workspaces: aishell_backend::WorkspaceAccess::Local,
+            workspaces: self.workspaces,
             isolation: aishell_backend::Isolation::Process,
         }
     }
 
     async fn launch(&self, spec: LaunchSpec) -> Result<(), BackendError> {
         *self.launches.lock().unwrap() += 1;
-        if let Some(reason) = self.refuse.lock().unwrap().clone() {
-            return Err(BackendError::Refused {
-                backend: "fake",
-                op: "launch",
-                reason,
-            });
+        if let Some(error) = self.refuse.lock().unwrap().clone() {
+            return Err(error);
         }
         let session_id = spec.session_id.clone();
-        let runner = tokio::spawn(fake_runner(spec.clone(), self.received.clone()));
+        let runner = if self
+            .silent_runners
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::spawn(std::future::pending())
+        } else {
+            tokio::spawn(fake_runner(spec.clone(), self.received.clone()))
+        };
         self.tasks
             .lock()
             .unwrap()
@@ -153,6 +225,13 @@ impl Backend for FakeBackend {
 
     fn workspace_path(&self, user_id: &str) -> String {
         format!("/fake/workspaces/{user_id}")
+    }
+
+    /// Changes are what the test reports (no polling).
+    fn watch(self: Arc<Self>) -> tokio::sync::mpsc::Receiver<StatusChange> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        *self.watch.lock().unwrap() = Some(tx);
+        rx
     }
 }
 
@@ -285,6 +364,14 @@ impl TestGateway {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        Self::start_on(FakeBackend::default(), configure).await
+    }
+
+    /// A gateway on this fake backend.
+    pub async fn start_on(
+        backend: FakeBackend,
+        configure: impl FnOnce(&mut GatewayConfig),
+    ) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = GatewayConfig::new(dir.path().join("data"));
         cfg.bind = "127.0.0.1:0".parse().unwrap();
@@ -296,7 +383,7 @@ impl TestGateway {
             .create_token("alice", "test", false, None)
             .await
             .unwrap();
-        let backend = Arc::new(FakeBackend::default());
+        let backend = Arc::new(backend);
         let gateway = Gateway::bind(cfg, store.clone(), backend.clone())
             .await
             .unwrap();

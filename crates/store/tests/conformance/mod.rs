@@ -87,7 +87,7 @@ fn message(session: &str, conv: &str, client: Option<&str>, content: &str) -> Me
         session_id: session.to_string(),
         conversation_id: conv.to_string(),
         client_msg_id: client.map(str::to_string),
-        role: "user".to_string(),
+        role: aishell_store::MessageRole::User,
         content: content.to_string(),
         created_at: from_ms(1_700_000_000_000),
     }
@@ -334,7 +334,7 @@ pub async fn messages_without_client_id_never_collide(s: S) {
     let mut sent = Vec::new();
     for i in 0..3 {
         let mut m = message("s1", "c1", None, &format!("reply {i}"));
-        m.role = "assistant".to_string();
+        m.role = aishell_store::MessageRole::Assistant;
         assert!(s.insert_message(&m).await.unwrap());
         sent.push(m);
     }

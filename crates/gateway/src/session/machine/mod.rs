@@ -18,12 +18,12 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
-use aishell_backend::TaskStatus;
+use aishell_backend::{BackendError, TaskStatus};
 use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::client::{TaskPhase, TaskSource};
 use aishell_protocol::{
-    AgentEvent, AgentInput, ConversationRef, ErrorBody, ErrorCode, GatewayToRunner, ServerEvent,
-    SessionState,
+    AgentEvent, AgentInput, ConversationRef, ErrorBody, ErrorCode, ErrorReason, GatewayToRunner,
+    ServerEvent, SessionState,
 };
 
 use super::inputs::InputLog;
@@ -142,13 +142,16 @@ pub enum Input {
         task_id: String,
         warm: Option<WarmClaim>,
     },
+    /// The backend answered a cold launch (how long it took, or why not).
     Launched {
         task_id: String,
-        result: Result<Duration, String>,
+        result: Result<Duration, BackendError>,
     },
+    /// The task's status, as the gateway's watch of the backend saw it, or
+    /// why the backend could not tell.
     Observed {
         task_id: String,
-        status: Result<TaskStatus, String>,
+        status: Result<TaskStatus, BackendError>,
     },
     /// A runner socket completed its `hello`.
     RunnerConnected(RunnerHello),
@@ -228,8 +231,8 @@ pub enum Effect {
     Launch {
         task_id: String,
     },
-    /// Poll the task's status until it runs or ends (replacing any poller);
-    /// `Observed` comes back.
+    /// Subscribe to the task's status (replacing any subscription);
+    /// `Observed` comes back, for each change, until `StopWatching`.
     WatchStatus {
         task_id: String,
     },
@@ -717,7 +720,7 @@ impl Machine {
     fn launched(
         &mut self,
         task_id: String,
-        result: Result<Duration, String>,
+        result: Result<Duration, BackendError>,
         now: Instant,
         out: &mut Vec<Effect>,
     ) {
@@ -740,12 +743,10 @@ impl Machine {
                     out.push(Effect::WatchStatus { task_id });
                 }
             }
-            Err(reason) => {
-                let why = format!(
-                    "the {} backend could not launch a sandbox: {reason}",
-                    self.cfg.backend_name
-                );
-                self.fail_start(why, now, out);
+            Err(error) => {
+                let (why, cause) =
+                    backend_failure(&self.cfg.backend_name, "launch a sandbox", &error);
+                self.fail_start_because(why, Some(cause), now, out);
             }
         }
     }
@@ -753,7 +754,7 @@ impl Machine {
     fn observed(
         &mut self,
         task_id: &str,
-        status: Result<TaskStatus, String>,
+        status: Result<TaskStatus, BackendError>,
         now: Instant,
         out: &mut Vec<Effect>,
     ) {
@@ -782,23 +783,22 @@ impl Machine {
                     "the sandbox exited ({reason}{})",
                     code.map(|c| format!(", code {c}")).unwrap_or_default()
                 );
-                self.task_lost(why, now, out);
+                self.task_lost_because(why, Some(ErrorReason::TaskExited), now, out);
             }
-            Ok(TaskStatus::NotFound) => {
-                self.task_lost("the backend no longer knows this sandbox".into(), now, out)
-            }
-            Err(reason) => {
-                let ready = task.phase == Phase::Ready;
-                // Class 1: a failing status call is a failure, never swallowed.
-                let why = format!(
-                    "the {} backend could not report the sandbox's status: {reason}",
-                    self.cfg.backend_name
+            Ok(TaskStatus::NotFound) => self.task_lost_because(
+                "the backend no longer knows this sandbox".into(),
+                Some(ErrorReason::TaskExited),
+                now,
+                out,
+            ),
+            // Class 1: a failing status call is a failure, never swallowed.
+            Err(error) => {
+                let (why, cause) = backend_failure(
+                    &self.cfg.backend_name,
+                    "report the sandbox's status",
+                    &error,
                 );
-                if !ready {
-                    self.fail_start(why, now, out);
-                } else {
-                    self.task_lost(why, now, out);
-                }
+                self.task_lost_because(why, Some(cause), now, out);
             }
         }
     }
@@ -826,7 +826,7 @@ impl Machine {
         match task.phase {
             Phase::Launching | Phase::Pending => {
                 if task.phase == Phase::Launching {
-                    // The runner can dial before the first status poll says "running".
+                    // The runner can dial before the watch says "running".
                     let took = now - task.phase_started;
                     task.breakdown.push(("pending", ms(took)));
                     out.push(Effect::Log(Log::TaskPending {
@@ -1064,6 +1064,17 @@ impl Machine {
     /// A start failed: tell the client with a stable code, clean the task up.
     /// Queued messages are kept and run on the next successful start.
     fn fail_start(&mut self, reason: String, now: Instant, out: &mut Vec<Effect>) {
+        self.fail_start_because(reason, None, now, out);
+    }
+
+    /// [`fail_start`](Self::fail_start) with why, for the client's `reason`.
+    fn fail_start_because(
+        &mut self,
+        reason: String,
+        cause: Option<ErrorReason>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
         let Some(task) = self.task() else { return };
         let (code, verb) = if task.is_restart {
             (ErrorCode::TaskRestartFailed, "restart")
@@ -1073,6 +1084,7 @@ impl Machine {
         self.fail_start_with(
             code,
             &format!("could not {verb} your sandbox: {reason}. Send your message again to retry."),
+            cause,
             now,
             out,
         );
@@ -1082,6 +1094,7 @@ impl Machine {
         &mut self,
         code: ErrorCode,
         message: &str,
+        cause: Option<ErrorReason>,
         now: Instant,
         out: &mut Vec<Effect>,
     ) {
@@ -1102,16 +1115,31 @@ impl Machine {
                 success: false,
             }));
         }
-        out.push(Effect::Emit(ServerEvent::error(code, message)));
+        out.push(Effect::Emit(match cause {
+            Some(cause) => ServerEvent::error_because(code, cause, message),
+            None => ServerEvent::error(code, message),
+        }));
         out.push(stopped_status());
         self.begin_stop("start failed", now, out);
     }
 
     /// The task died or became unreachable.
     fn task_lost(&mut self, why: String, now: Instant, out: &mut Vec<Effect>) {
+        self.task_lost_because(why, None, now, out);
+    }
+
+    /// [`task_lost`](Self::task_lost) with why, for the client's `reason`
+    /// when the task was still starting.
+    fn task_lost_because(
+        &mut self,
+        why: String,
+        cause: Option<ErrorReason>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
         let Some(task) = self.task() else { return };
         if task.phase != Phase::Ready {
-            self.fail_start(why, now, out);
+            self.fail_start_because(why, cause, now, out);
             return;
         }
         out.push(Effect::Log(Log::TaskLost {
@@ -1226,7 +1254,7 @@ impl Machine {
                 "could not restart your sandbox within {}s. Send your message again to retry.",
                 d.restart.as_secs()
             );
-            self.fail_start_with(ErrorCode::TaskRestartFailed, &msg, now, out);
+            self.fail_start_with(ErrorCode::TaskRestartFailed, &msg, None, now, out);
             return;
         }
         if task.phase_deadline.is_some_and(|t| now >= t) {
@@ -1242,6 +1270,7 @@ impl Machine {
                         "the sandbox started but did not connect back within {}s. Send your message again to retry.",
                         d.connect.as_secs()
                     ),
+                    None,
                     now,
                     out,
                 ),
@@ -1306,4 +1335,23 @@ fn stopped_status() -> Effect {
         source: None,
         eta_ms: None,
     })
+}
+
+/// A backend's failure as a sentence for the user (what it could not do,
+/// and the runtime's own reason) and the `reason` the client gets.
+fn backend_failure(backend: &str, doing: &str, error: &BackendError) -> (String, ErrorReason) {
+    match error {
+        BackendError::Refused { reason, .. } => (
+            format!("the {backend} backend refused to {doing}: {reason}"),
+            ErrorReason::BackendRefused,
+        ),
+        BackendError::Unavailable { reason, .. } => (
+            format!("the {backend} backend could not be reached to {doing}: {reason}"),
+            ErrorReason::BackendUnreachable,
+        ),
+        BackendError::NotFound { .. } => (
+            format!("the {backend} backend no longer knows this sandbox"),
+            ErrorReason::TaskExited,
+        ),
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use aishell_backend::TaskStatus;
+use aishell_backend::{BackendError, TaskStatus};
 use aishell_protocol::agent::AgentInfo;
 use aishell_protocol::client::{TaskPhase, TaskSource};
 use aishell_protocol::{
@@ -193,6 +193,35 @@ fn errors(effects: &[Effect]) -> Vec<(String, String)> {
             _ => None,
         })
         .collect()
+}
+
+/// The `reason` of each error event.
+fn error_reasons(effects: &[Effect]) -> Vec<Option<String>> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Emit(ServerEvent::Agent(AgentEvent::Error { error, .. })) => {
+                Some(error.reason.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn refused(op: &'static str, reason: &str) -> BackendError {
+    BackendError::Refused {
+        backend: "process",
+        op,
+        reason: reason.into(),
+    }
+}
+
+fn unreachable(op: &'static str, reason: &str) -> BackendError {
+    BackendError::Unavailable {
+        backend: "process",
+        op,
+        reason: reason.into(),
+    }
 }
 
 fn error_codes(effects: &[Effect]) -> Vec<String> {
@@ -843,14 +872,18 @@ fn class1_a_launch_error_fails_the_start_and_keeps_the_messages() {
     r.step(assigned_cold("t1"));
     let effects = r.step(Input::Launched {
         task_id: "t1".into(),
-        result: Err("no such image".into()),
+        result: Err(refused("launch", "no such image")),
     });
     assert_eq!(
         errors(&effects),
         vec![(
             "TASK_START_FAILED".into(),
-            "could not start your sandbox: the process backend could not launch a sandbox: no such image. Send your message again to retry.".into()
+            "could not start your sandbox: the process backend refused to launch a sandbox: no such image. Send your message again to retry.".into()
         )]
+    );
+    assert_eq!(
+        error_reasons(&effects),
+        vec![Some("backend_refused".into())]
     );
     assert_eq!(stops(&effects), vec!["t1"]);
     assert_eq!(queued(&r.m), vec![("first".into(), 0)]);
@@ -861,7 +894,7 @@ fn class1_a_failing_status_call_fails_a_start_or_loses_a_ready_task() {
     let failing = |r: &mut Rig| {
         r.step(Input::Observed {
             task_id: "t1".into(),
-            status: Err("api down".into()),
+            status: Err(refused("status", "api down")),
         })
     };
     let mut starting = Rig::fresh();
@@ -871,7 +904,7 @@ fn class1_a_failing_status_call_fails_a_start_or_loses_a_ready_task() {
     assert!(
         errors(&effects)[0]
             .1
-            .contains("could not report the sandbox's status: api down")
+            .contains("refused to report the sandbox's status: api down")
     );
 
     let mut ready = Rig::fresh();
@@ -884,6 +917,58 @@ fn class1_a_failing_status_call_fails_a_start_or_loses_a_ready_task() {
         "no turn: no error"
     );
     assert_eq!(statuses(&effects), vec![TaskPhase::Stopped]);
+}
+
+#[test]
+fn a_refusing_and_an_unreachable_runtime_reach_the_client_apart() {
+    let launch_failing = |error: BackendError| {
+        let mut r = Rig::fresh();
+        r.obtain();
+        r.step(assigned_cold("t1"));
+        r.step(Input::Launched {
+            task_id: "t1".into(),
+            result: Err(error),
+        })
+    };
+    let refusal = launch_failing(refused("launch", "AccessDenied"));
+    let outage = launch_failing(unreachable("launch", "connection refused"));
+    assert_eq!(error_codes(&refusal), vec!["TASK_START_FAILED"]);
+    assert_eq!(error_codes(&outage), vec!["TASK_START_FAILED"]);
+    assert_eq!(
+        error_reasons(&refusal),
+        vec![Some("backend_refused".into())]
+    );
+    assert_eq!(
+        error_reasons(&outage),
+        vec![Some("backend_unreachable".into())]
+    );
+    assert!(
+        errors(&refusal)[0]
+            .1
+            .contains("refused to launch a sandbox: AccessDenied")
+    );
+    assert!(
+        errors(&outage)[0]
+            .1
+            .contains("could not be reached to launch a sandbox: connection refused")
+    );
+    // A task that exits before its runner dials back: task_exited.
+    let mut r = Rig::fresh();
+    r.cold_pending();
+    let effects = r.step(observed(
+        "t1",
+        TaskStatus::Exited {
+            code: Some(2),
+            reason: "exit code 2".into(),
+        },
+    ));
+    assert_eq!(error_reasons(&effects), vec![Some("task_exited".into())]);
+    // A deadline is no runtime's answer: no reason.
+    let mut r = Rig::fresh();
+    r.obtain();
+    r.step(assigned_cold("t1"));
+    let effects = r.tick_after(Duration::from_secs(60));
+    assert_eq!(error_reasons(&effects), vec![None]);
 }
 
 #[test]
@@ -923,7 +1008,7 @@ fn class2_a_launch_that_answers_after_we_gave_up_is_stopped() {
     // One that failed: nothing to clean.
     let effects = r.step(Input::Launched {
         task_id: "t-old".into(),
-        result: Err("x".into()),
+        result: Err(refused("launch", "x")),
     });
     assert_eq!(effects, vec![]);
     // A runner of the abandoned task dialling late is refused.
