@@ -276,7 +276,9 @@ async fn copy_table(
     };
     let mut after: Option<Vec<Value>> = None;
     loop {
-        let rows = spec.read_batch(source, after.as_deref(), batch_rows).await?;
+        let rows = spec
+            .read_batch(source, after.as_deref(), batch_rows)
+            .await?;
         let Some(last) = rows.last() else { break };
         after = Some(spec.key_of(last));
         let inserted = spec.write_batch(target, &rows).await?;
@@ -614,14 +616,10 @@ impl TableSpec {
             unnest(self.key_columns())
         );
         let keys: Vec<RowValues> = rows.iter().map(|r| self.key_of(r)).collect();
-        let stored = bind_columns(
-            sqlx::query(&read_back),
-            self.key_columns(),
-            &keys,
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(target_err)?;
+        let stored = bind_columns(sqlx::query(&read_back), self.key_columns(), &keys)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(target_err)?;
         let mut stored: HashMap<RowValues, RowValues> = stored
             .iter()
             .map(|row| {
@@ -644,8 +642,9 @@ impl TableSpec {
         for row in rows {
             let key = self.key_of(row);
             let difference = match stored.remove(&key) {
-                None => "no row under this key: another row holds one of its unique values"
-                    .to_string(),
+                None => {
+                    "no row under this key: another row holds one of its unique values".to_string()
+                }
                 Some(there) if &there == row => continue,
                 Some(there) => self
                     .columns

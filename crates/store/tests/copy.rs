@@ -64,7 +64,10 @@ async fn fill(s: &SqliteStore) -> Tokens {
     let (revoked_record, revoked) = s.create_token("alice", "old", false, None).await.unwrap();
     assert!(s.revoke_token(&revoked_record.id).await.unwrap());
     let past = OffsetDateTime::now_utc() - Duration::hours(1);
-    let (_, expired) = s.create_token("bob", "ci", false, Some(past)).await.unwrap();
+    let (_, expired) = s
+        .create_token("bob", "ci", false, Some(past))
+        .await
+        .unwrap();
     let future = OffsetDateTime::now_utc() + Duration::days(30);
     s.create_token("bob", "phone", false, Some(future))
         .await
@@ -77,9 +80,14 @@ async fn fill(s: &SqliteStore) -> Tokens {
         ("sb2", "bob", SessionState::Stopped, 0),
     ];
     for (i, (id, user, state, n_events)) in sessions.into_iter().enumerate() {
-        s.create_session(&SessionRecord::new(id, user, &format!("trace-{id}"), "shell"))
-            .await
-            .unwrap();
+        s.create_session(&SessionRecord::new(
+            id,
+            user,
+            &format!("trace-{id}"),
+            "shell",
+        ))
+        .await
+        .unwrap();
         let task = format!("task-{id}");
         s.set_session_task(id, Some(&task)).await.unwrap();
         s.usage_start(&task, id, user).await.unwrap();
@@ -174,10 +182,7 @@ fn dump_sql(table: &str, columns: &str, key: &str, order_column: &str) -> (Strin
         })
         .unzip();
     (
-        format!(
-            "SELECT {} FROM {table} ORDER BY {key}",
-            names.join(", ")
-        ),
+        format!("SELECT {} FROM {table} ORDER BY {key}", names.join(", ")),
         kinds,
     )
 }
@@ -205,12 +210,17 @@ async fn dump_sqlite(url: &str) -> Vec<(String, Vec<String>)> {
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
         .unwrap()
         .read_only(true);
-    let mut db = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    let mut db = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
     let mut dump = Vec::new();
     for (table, columns, key) in DUMPS {
         let (sql, kinds) = dump_sql(table, columns, key, "rowid");
         let rows = sqlx::query(&sql).fetch_all(&mut db).await.unwrap();
-        dump.push((table.to_string(), rows.iter().map(|r| render(r, &kinds)).collect()));
+        dump.push((
+            table.to_string(),
+            rows.iter().map(|r| render(r, &kinds)).collect(),
+        ));
     }
     db.close().await.unwrap();
     dump
@@ -222,7 +232,10 @@ async fn dump_postgres(url: &str) -> Vec<(String, Vec<String>)> {
     for (table, columns, key) in DUMPS {
         let (sql, kinds) = dump_sql(table, columns, key, "position");
         let rows = sqlx::query(&sql).fetch_all(&mut db).await.unwrap();
-        dump.push((table.to_string(), rows.iter().map(|r| render(r, &kinds)).collect()));
+        dump.push((
+            table.to_string(),
+            rows.iter().map(|r| render(r, &kinds)).collect(),
+        ));
     }
     db.close().await.unwrap();
     dump
@@ -302,7 +315,10 @@ async fn an_install_is_copied_whole_once_and_conflicts_are_refused() {
         .iter()
         .find(|t| t.table == Table::SessionEvents)
         .unwrap();
-    assert_eq!((copied_events.copied, copied_events.already_there), (420, 0));
+    assert_eq!(
+        (copied_events.copied, copied_events.already_there),
+        (420, 0)
+    );
     assert!(report.iter().all(|t| t.already_there == 0 && t.copied > 0));
     assert_tables_equal(&sqlite_url, &target.url).await;
 
@@ -318,7 +334,12 @@ async fn an_install_is_copied_whole_once_and_conflicts_are_refused() {
     assert!(pg.verify_token(&tokens.expired).await.unwrap().is_none());
     let sa1 = pg.get_session("sa1").await.unwrap().unwrap();
     assert_eq!(
-        (sa1.state, sa1.last_seq, sa1.runner_seq, sa1.task_id.as_deref()),
+        (
+            sa1.state,
+            sa1.last_seq,
+            sa1.runner_seq,
+            sa1.task_id.as_deref()
+        ),
         (SessionState::Running, 260, 260, Some("task-sa1"))
     );
 
@@ -368,13 +389,11 @@ async fn an_install_is_copied_whole_once_and_conflicts_are_refused() {
         other => panic!("expected a conflict, got {other}"),
     }
     assert!(err.to_string().contains("json is \"{}\" there"), "{err}");
-    sqlx::query(
-        "UPDATE session_events SET json = $1 WHERE session_id = 'sa1' AND seq = 7",
-    )
-    .bind(&events(7..=7)[0].json)
-    .execute(&mut db)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE session_events SET json = $1 WHERE session_id = 'sa1' AND seq = 7")
+        .bind(&events(7..=7)[0].json)
+        .execute(&mut db)
+        .await
+        .unwrap();
     run_copy(&sqlite_url, &target.url).await.unwrap();
 
     // The gateway on PostgreSQL numbers new rows after the copied ones: a
