@@ -94,7 +94,8 @@ pub enum CopyError {
     Source(StoreError),
     #[error(
         "the source database's schema is at migration {found}, this build's at {expected}: \
-         start this version's gateway on it once (it migrates on start), stop it, then copy"
+         copy with the aishell version of the gateway that wrote it (an older store is \
+         brought up to date by starting this version's gateway on it once)"
     )]
     SourceSchema { found: i64, expected: i64 },
     #[error("cannot write the target database: {0}")]
