@@ -303,6 +303,9 @@ async fn an_install_is_copied_whole_once_and_conflicts_are_refused() {
     let sqlite_url = format!("sqlite://{}", db_path.display());
     let source = SqliteStore::open(&sqlite_url).await.unwrap();
     let tokens = fill(&source).await;
+    // Read before any copy: opening the file read-write again could
+    // change its bytes, which must stay the same through every copy.
+    let source_view = read_all(&source).await;
     source.close().await;
     let source_digest = file_digest(&db_path);
     let target = TestDatabase::create().await;
@@ -324,10 +327,8 @@ async fn an_install_is_copied_whole_once_and_conflicts_are_refused() {
 
     // The same through each store's own read methods; tokens verify as
     // they did (hashes copied as they are).
-    let source = SqliteStore::open(&sqlite_url).await.unwrap();
     let pg = PgStore::open(&target.url).await.unwrap();
-    assert_eq!(read_all(&source).await, read_all(&pg).await);
-    source.close().await;
+    assert_eq!(source_view, read_all(&pg).await);
     let record = pg.verify_token(&tokens.valid).await.unwrap().unwrap();
     assert_eq!((record.user_id.as_str(), record.is_admin), ("alice", true));
     assert!(pg.verify_token(&tokens.revoked).await.unwrap().is_none());
