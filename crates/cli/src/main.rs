@@ -9,6 +9,7 @@ mod prefault;
 mod report;
 mod serve;
 mod settings;
+mod store_cmd;
 mod token;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     Image(image::ImageArgs),
     /// Sandbox hours per user (the basis of weekly quotas).
     Usage(token::UsageArgs),
+    /// Store maintenance: copy a SQLite store into PostgreSQL.
+    Store(store_cmd::StoreArgs),
     /// The supervisor inside a sandbox (started by a backend, not by hand).
     Runner,
     /// Run a built-in agent on stdin/stdout (started by the runner).
@@ -142,6 +145,7 @@ fn main() -> std::process::ExitCode {
             Command::Chat(args) => chat::run(args).await,
             Command::Token(args) => token::run(args).await,
             Command::Usage(args) => token::usage(args).await,
+            Command::Store(args) => store_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Report(args) => report::run(args).await,
             Command::Image(args) => image::run(args).await,

@@ -12,6 +12,8 @@ pub use aishell_protocol::SessionState;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+#[cfg(feature = "postgres")]
+pub mod copy;
 mod group_commit;
 #[cfg(feature = "postgres")]
 mod postgres;

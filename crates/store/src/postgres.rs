@@ -21,7 +21,7 @@ use crate::{
     StoreError, StoredEvent, TokenRecord, UsageSummary, token,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
 
 /// Connections one gateway keeps to the server.
 const POOL_SIZE: u32 = 16;

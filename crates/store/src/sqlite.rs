@@ -17,7 +17,7 @@ use crate::{
     StoreError, StoredEvent, TokenRecord, token,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connections kept for a file database (WAL lets readers run alongside the
 /// single writer).
