@@ -552,6 +552,16 @@ impl Backend for DockerBackend {
                 })
             })
             .collect();
+        // The summary has no exit code or OOM flag, and its words change
+        // every second ("Exited (137) 2 seconds ago"): an exited container
+        // is inspected for the reason `status` gives (it is removed soon).
+        for task in &mut out {
+            if matches!(task.status, TaskStatus::Exited { .. })
+                && let Ok(status @ TaskStatus::Exited { .. }) = self.status(&task.task_id).await
+            {
+                task.status = status;
+            }
+        }
         out.sort_by(|a, b| {
             a.started_at
                 .cmp(&b.started_at)
