@@ -54,6 +54,11 @@ pub enum StoreError {
     /// Any other error the database server reported.
     #[error("database error: {0}")]
     Backend(String),
+    /// A fenced session write from a gateway that no longer holds the
+    /// session's lease at that epoch (another gateway took the session
+    /// over): nothing was written.
+    #[error("session {session_id} is no longer owned by this gateway at epoch {epoch}")]
+    LeaseLost { session_id: String, epoch: u64 },
 }
 
 impl StoreError {
@@ -125,6 +130,46 @@ pub struct SessionWrite<'a> {
     /// `(task_id, seq)`: the last agent frame of that task among `events`.
     pub runner_ack: Option<(&'a str, u64)>,
     pub state: Option<SessionState>,
+    /// Several gateways: write only while this lease holds (else
+    /// [`StoreError::LeaseLost`] and nothing is written). `None`: one
+    /// gateway, no check.
+    pub fence: Option<Fence<'a>>,
+}
+
+/// A session lease as its holder knows it: every write of a session by a
+/// gateway of several carries one, and the store refuses the write unless
+/// the lease row still names this gateway at this epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence<'a> {
+    pub gateway_id: &'a str,
+    pub epoch: u64,
+}
+
+/// The answer to [`Store::claim_lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseClaim {
+    /// The caller holds the lease now, until the database's clock passes
+    /// `ttl` from now; `epoch` fences its writes.
+    Acquired { epoch: u64 },
+    /// Another gateway holds an unexpired lease.
+    HeldBy {
+        gateway_id: String,
+        /// Its internal URL, from its registration (`None` if it has none).
+        internal_url: Option<String>,
+        epoch: u64,
+    },
+}
+
+/// One gateway of several sharing the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRecord {
+    pub id: String,
+    /// Where other gateways reach it (relay) and its runners dial.
+    pub internal_url: String,
+    pub started_at: OffsetDateTime,
+    pub heartbeat_at: OffsetDateTime,
+    /// Unexpired session leases it holds.
+    pub leases: u64,
 }
 
 impl<'a> SessionWrite<'a> {
@@ -147,6 +192,10 @@ impl<'a> SessionWrite<'a> {
             runner_ack: Some((task_id, seq)),
             ..self
         }
+    }
+
+    pub fn fenced(self, fence: Option<Fence<'a>>) -> Self {
+        SessionWrite { fence, ..self }
     }
 }
 
@@ -321,7 +370,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<MessageRecord>>;
 
     /// Bind the session to a task (or to none), resetting its `runner_seq`.
-    async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()>;
+    /// With a fence, only while that lease holds (as [`SessionWrite::fence`]).
+    async fn set_session_task(
+        &self,
+        session_id: &str,
+        task_id: Option<&str>,
+        fence: Option<Fence<'_>>,
+    ) -> Result<()>;
 
     /// One write of a session's ordered persister, in one transaction:
     /// append `events` (ascending seq; re-appending an existing seq is a
@@ -352,6 +407,50 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>>;
+
+    // Several gateways on one database (docs/cluster.md). Lease times are
+    // the database's clock (PostgreSQL's `now()`), never a gateway's.
+
+    /// Register (or re-register after a restart) a gateway; its heartbeat
+    /// is now.
+    async fn register_gateway(&self, gateway_id: &str, internal_url: &str) -> Result<()>;
+    /// The gateway is alive: its heartbeat is now.
+    async fn heartbeat_gateway(&self, gateway_id: &str) -> Result<()>;
+    /// A gateway leaving cleanly: its registration and all its leases go
+    /// (expired at once, epochs kept).
+    async fn remove_gateway(&self, gateway_id: &str) -> Result<()>;
+    /// Every registered gateway, oldest first.
+    async fn list_gateways(&self) -> Result<Vec<GatewayRecord>>;
+    /// Take or renew the lease of one session (which need not be stored
+    /// yet). Acquired when there is no lease, it has expired, or
+    /// `gateway_id` holds it: then it runs until `ttl` from now. The epoch
+    /// rises by one each time the lease changes hands or is taken after it
+    /// expired or was released, and never falls; a holder renewing keeps its
+    /// epoch.
+    async fn claim_lease(
+        &self,
+        session_id: &str,
+        gateway_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseClaim>;
+    /// Renew, in one statement, every unexpired lease `gateway_id` holds,
+    /// to `ttl` from now; returns those it still holds `(session_id, epoch)`.
+    /// A lease that expired is not revived (another gateway may own it).
+    async fn renew_leases(
+        &self,
+        gateway_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<(String, u64)>>;
+    /// Give a lease up (the session went idle here): expired at once, only
+    /// if `gateway_id` still holds it at `epoch`.
+    async fn release_lease(&self, session_id: &str, gateway_id: &str, epoch: u64) -> Result<()>;
+    /// A secret all gateways share (`name` e.g. "runner-credential"): the
+    /// stored one, or `candidate` stored now if there was none (the first
+    /// gateway's wins a race).
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+    /// Sessions of `user_id` bound to a task right now (whichever gateway
+    /// runs them): per-user task limits across gateways.
+    async fn count_user_tasks(&self, user_id: &str) -> Result<u64>;
 }
 
 /// Sandbox time of one user over a period.
