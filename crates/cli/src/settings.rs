@@ -52,9 +52,23 @@ pub struct ServeSettings {
     /// Keep a task running this long after its client left mid-turn [default: 900s].
     #[arg(long, env = "DISCONNECT_PROCESSING_TIMEOUT")]
     pub disconnect_processing_timeout: Option<String>,
-    /// Base URL runners dial back to [default: ws://<bind>:<port>].
+    /// Base URL runners dial back to, and (several gateways on one
+    /// PostgreSQL) other gateways relay to [default: ws://<bind>:<port>].
     #[arg(long, env = "AISHELL_RUNNER_URL")]
     pub runner_url: Option<String>,
+    /// Several gateways on one PostgreSQL: this gateway's unique name
+    /// [default: gw-<random>].
+    #[arg(long, env = "AISHELL_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Several gateways: the address in front of them all (a load
+    /// balancer), which runners re-dial when their gateway is gone, e.g.
+    /// ws://lb:8080.
+    #[arg(long, env = "AISHELL_SHARED_URL")]
+    pub shared_url: Option<String>,
+    /// Several gateways: how long a session lease lasts unless renewed (a
+    /// dead gateway's sessions move after at most this) [default: 10s].
+    #[arg(long, env = "AISHELL_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
     /// Largest client frame in bytes; larger frames close with 1009 [default: 1048576].
     #[arg(long, env = "AISHELL_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -343,6 +357,9 @@ impl ServeSettings {
             session_idle_timeout,
             disconnect_processing_timeout,
             runner_url,
+            gateway_id,
+            shared_url,
+            lease_ttl,
             max_frame_bytes,
             replay_buffer,
             start_on_connect,
@@ -763,6 +780,39 @@ impl ServeSettings {
             };
         }
         cfg.runner_url = self.runner_url.clone();
+        // On PostgreSQL a gateway may be one of several: it takes leases of
+        // the sessions it runs (docs/cluster.md).
+        if aishell_store::is_postgres_url(&self.database_url()) {
+            let mut lease_ttl = std::time::Duration::from_secs(10);
+            if let Some(v) = &self.lease_ttl {
+                lease_ttl =
+                    parse_duration(v).with_context(|| format!("AISHELL_LEASE_TTL `{v}`"))?;
+            }
+            if lease_ttl < std::time::Duration::from_millis(500) {
+                bail!(
+                    "AISHELL_LEASE_TTL must be at least 500ms (leases are renewed every third of it)"
+                );
+            }
+            let gateway_id = self.gateway_id.clone().unwrap_or_else(|| {
+                format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+            });
+            if !aishell_gateway::auth::validate_conversation_id(&gateway_id) {
+                bail!("AISHELL_GATEWAY_ID `{gateway_id}` must be 1-128 of A-Z a-z 0-9 _ -");
+            }
+            cfg.cluster = Some(aishell_gateway::cluster::ClusterConfig {
+                gateway_id,
+                shared_url: self
+                    .shared_url
+                    .clone()
+                    .map(|u| u.trim_end_matches('/').to_string()),
+                lease_ttl,
+            });
+        } else if self.gateway_id.is_some() || self.shared_url.is_some() || self.lease_ttl.is_some()
+        {
+            bail!(
+                "--gateway-id, --shared-url and --lease-ttl are for several gateways on one PostgreSQL (DATABASE_URL=postgres://...)"
+            );
+        }
         if let Some(n) = self.max_frame_bytes {
             cfg.max_frame_bytes = n;
         }

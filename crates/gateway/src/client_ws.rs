@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 
 use crate::Shared;
 use crate::auth::{self, Identity};
-use crate::session::{Lagging, Outbound, SessionCmd, SessionHandle, SessionManager};
+use crate::session::{Found, Lagging, Outbound, SessionCmd, SessionHandle, SessionManager};
 
 /// Close code for a frame over the size limit (RFC 6455 "message too big").
 const CLOSE_TOO_BIG: u16 = 1009;
@@ -90,9 +90,62 @@ pub async fn handler(
         .max_frame_size(hard_cap)
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
-            connection(shared, identity, session_id, last_seq, socket).await;
+            connection(shared, identity, session_id, last_seq, socket, Via::Client).await;
             drop(slot);
         })
+}
+
+/// `GET /internal/relay/{session_id}`: a client relayed by another gateway
+/// of several (docs/cluster.md); its grant names the user and the session.
+pub async fn relayed(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(session_id): axum::extract::Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(cluster) = shared.cluster.clone() else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound,
+            "this gateway is not one of several",
+        );
+    };
+    let grant = headers
+        .get(crate::cluster::relay::RELAY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let identity = match cluster.relay_signer().verify(grant, &session_id) {
+        Ok(identity) => identity,
+        Err(why) => {
+            tracing::warn!(event = "relay_refused", sessionId = %session_id, reason = why, "relayed client refused");
+            return error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, why);
+        }
+    };
+    let last_seq = query.get("last_seq").and_then(|s| s.parse::<u64>().ok());
+    let max = shared.cfg.max_frame_bytes;
+    let hard_cap = max.saturating_mul(2).max(max + 1024);
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
+        .on_upgrade(move |socket| {
+            connection(
+                shared,
+                identity,
+                Some(session_id),
+                last_seq,
+                socket,
+                Via::Relay,
+            )
+        })
+}
+
+/// How a client reached this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Client,
+    /// Relayed by another gateway: never relayed on again.
+    Relay,
 }
 
 fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Response {
@@ -106,10 +159,57 @@ async fn connection(
     session_id: Option<String>,
     last_seq: Option<u64>,
     mut socket: WebSocket,
+    via: Via,
 ) {
     let conn_id = shared.next_id();
-    let attached = match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await
-    {
+    // One of several gateways: a session another one runs is relayed there;
+    // one whose owner does not answer is taken over once its lease expires.
+    let give_up = tokio::time::Instant::now()
+        + shared
+            .cluster
+            .as_ref()
+            .map(|c| c.cfg.lease_ttl + std::time::Duration::from_secs(2))
+            .unwrap_or_default();
+    let attached = loop {
+        match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await {
+            Ok(Attachment::Here(a)) => break Ok(a),
+            Err(e) => break Err(e),
+            Ok(Attachment::Elsewhere(owner)) => {
+                let sid = session_id.clone().unwrap_or_default();
+                if via == Via::Relay {
+                    let _ = socket
+                        .send(crate::cluster::relay::moved(
+                            "this gateway does not run the session; reconnect",
+                        ))
+                        .await;
+                    return;
+                }
+                if let Some(url) = owner_url(&owner) {
+                    let cluster = shared.cluster.as_ref().expect("only a cluster relays");
+                    let grant = cluster.relay_signer().grant(&identity, &sid);
+                    match crate::cluster::relay::open(&url, &sid, last_seq, &grant).await {
+                        Ok(link) => {
+                            tracing::info!(event = "relay_open", sessionId = %sid, owner = %url, "client relayed to the session's gateway");
+                            crate::cluster::relay::pipe(socket, link).await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(event = "relay_failed", sessionId = %sid, owner = %url, error = %e, "the session's gateway did not answer; waiting for its lease to expire");
+                        }
+                    }
+                }
+                if tokio::time::Instant::now() >= give_up {
+                    break Err((
+                        ErrorCode::Internal,
+                        crate::cluster::relay::CLOSE_MOVED,
+                        "the gateway running this session does not answer; reconnect".to_string(),
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let attached = match attached {
         Ok(a) => a,
         Err((code, close, message)) => {
             crate::metrics::error(code.as_str());
@@ -343,6 +443,19 @@ async fn catch_up(
     }
 }
 
+fn owner_url(owner: &crate::cluster::Owner) -> Option<String> {
+    match owner {
+        crate::cluster::Owner::Elsewhere { internal_url, .. } => internal_url.clone(),
+        crate::cluster::Owner::Here { .. } => None,
+    }
+}
+
+enum Attachment {
+    Here(Attached),
+    /// Another gateway of several runs it.
+    Elsewhere(crate::cluster::Owner),
+}
+
 /// Find or create the session and attach to it (with replay).
 async fn attach(
     shared: &Arc<Shared>,
@@ -350,7 +463,7 @@ async fn attach(
     session_id: Option<&str>,
     conn_id: u64,
     last_seq: Option<u64>,
-) -> Result<Attached, (ErrorCode, u16, String)> {
+) -> Result<Attachment, (ErrorCode, u16, String)> {
     let internal = |e: aishell_store::StoreError| {
         (
             ErrorCode::Internal,
@@ -370,11 +483,14 @@ async fn attach(
     // An actor may leave memory between lookup and attach; retry with a fresh one.
     for _ in 0..3 {
         let handle = match session_id {
-            None => SessionManager::create(shared, &identity.user_id),
+            None => SessionManager::create(shared, &identity.user_id)
+                .await
+                .map_err(internal)?,
             // Session ids have a conversation id's shape.
             Some(id) if !auth::validate_conversation_id(id) => return Err(not_found()),
             Some(id) => match SessionManager::open(shared, id).await.map_err(internal)? {
-                Some(h) => h,
+                Some(Found::Here(h)) => h,
+                Some(Found::Elsewhere(owner)) => return Ok(Attachment::Elsewhere(owner)),
                 None => return Err(not_found()),
             },
         };
@@ -390,7 +506,12 @@ async fn attach(
             })
             .await
         {
-            return Ok((handle, reply.frames, reply.rx, reply.lagging));
+            return Ok(Attachment::Here((
+                handle,
+                reply.frames,
+                reply.rx,
+                reply.lagging,
+            )));
         }
     }
     Err((

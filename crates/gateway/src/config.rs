@@ -87,6 +87,8 @@ pub struct GatewayConfig {
     /// Bytes of events kept in memory per session for replay, besides the
     /// `replay_buffer` count (older ones come from the store).
     pub replay_buffer_bytes: usize,
+    /// One of several gateways sharing the database (docs/cluster.md).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Every transitional state has a deadline: nothing waits forever.
@@ -179,6 +181,7 @@ impl GatewayConfig {
             max_pending_connections_per_address: 256,
             max_turn_output_bytes: 16 << 20,
             replay_buffer_bytes: 8 << 20,
+            cluster: None,
         }
     }
 }

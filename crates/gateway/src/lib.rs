@@ -4,6 +4,7 @@
 mod api;
 pub mod auth;
 mod client_ws;
+pub mod cluster;
 pub mod config;
 pub mod credential;
 mod files;
@@ -55,6 +56,8 @@ pub struct Shared {
     pub launch_slots: Arc<tokio::sync::Semaphore>,
     /// Forwards agents' model calls with pooled API keys; `None`: no keys.
     pub model_proxy: Option<model_proxy::ModelProxy>,
+    /// This gateway as one of several on one database; `None`: the only one.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     next_id: AtomicU64,
 }
 

@@ -159,6 +159,8 @@ pub struct WarmPool {
     credentials: CredentialSigner,
     credential_ttl: Duration,
     runner_url: String,
+    /// Extra environment of every runner (`cluster::runner_env`).
+    runner_env: std::collections::BTreeMap<String, String>,
     launch_slots: Arc<Semaphore>,
     state: Mutex<State>,
     wake: Notify,
@@ -172,6 +174,7 @@ impl WarmPool {
         credentials: CredentialSigner,
         credential_ttl: Duration,
         runner_url: String,
+        runner_env: std::collections::BTreeMap<String, String>,
         launch_slots: Arc<Semaphore>,
     ) -> Arc<Self> {
         Arc::new(WarmPool {
@@ -181,6 +184,7 @@ impl WarmPool {
             credentials,
             credential_ttl,
             runner_url,
+            runner_env,
             launch_slots,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
@@ -497,7 +501,7 @@ impl WarmPool {
                 mode: TaskMode::Warm,
                 session_id: None,
                 gateway_url: self.runner_url.clone(),
-                env: Default::default(),
+                env: self.runner_env.clone(),
             };
             self.counters.launch.fetch_add(1, Ordering::Relaxed);
             tracing::info!(event = "task_lifecycle", phase = "warm_pool", action = "launch", taskId = %task_id, "launching warm task");

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::Shared;
 use crate::credential::{CredentialError, RunnerClaims};
-use crate::session::{RunnerAttach, SessionCmd, SessionHandle, SessionManager};
+use crate::session::{Found, RunnerAttach, SessionCmd, SessionHandle, SessionManager};
 
 /// A runner that says nothing (not even a heartbeat) this long is gone.
 const RUNNER_SILENCE: Duration = Duration::from_secs(30);
@@ -33,7 +33,7 @@ pub async fn cold(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let claims = match verify(&shared, &headers, &session_id) {
+    let (claims, launched_here) = match verify(&shared, &headers, &session_id) {
         Ok(c) => c,
         Err(resp) => return *resp,
     };
@@ -45,6 +45,9 @@ pub async fn cold(
         )
             .into_response();
     }
+    if !launched_here && !bound_in_store(&shared, &session_id, &claims.task_id).await {
+        return refused_not_launched(&claims.task_id);
+    }
     // Class 2: the runner may dial before its session is registered.
     let handle = match SessionManager::open_with_grace(
         &shared,
@@ -53,7 +56,8 @@ pub async fn cold(
     )
     .await
     {
-        Ok(Some(h)) => h,
+        Ok(Some(Found::Here(h))) => h,
+        Ok(Some(Found::Elsewhere(owner))) => return owned_elsewhere(&session_id, &owner),
         Ok(None) => {
             tracing::warn!(event = "runner_unknown_session", sessionId = %session_id, taskId = %claims.task_id, "runner dialled back for a session that does not exist");
             return (StatusCode::NOT_FOUND, "no such session").into_response();
@@ -68,7 +72,7 @@ pub async fn cold(
     };
     ws.max_message_size(64 << 20)
         .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| connection(shared, claims, Some(handle), socket))
+        .on_upgrade(move |socket| connection(shared, claims, true, Some(handle), socket))
 }
 
 pub async fn warm(
@@ -77,7 +81,7 @@ pub async fn warm(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let claims = match verify(&shared, &headers, &task_id) {
+    let (claims, launched_here) = match verify(&shared, &headers, &task_id) {
         Ok(c) => c,
         Err(resp) => return *resp,
     };
@@ -91,16 +95,51 @@ pub async fn warm(
     }
     ws.max_message_size(64 << 20)
         .read_buffer_size(aishell_protocol::WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| connection(shared, claims, None, socket))
+        .on_upgrade(move |socket| connection(shared, claims, launched_here, None, socket))
+}
+
+/// One of several gateways: whether the store binds `session_id` to
+/// `task_id` (a task another gateway launched for a session this one may
+/// take over; a stopped task is bound to nothing).
+async fn bound_in_store(shared: &Shared, session_id: &str, task_id: &str) -> bool {
+    if shared.cluster.is_none() {
+        return false;
+    }
+    match shared.store.get_session(session_id).await {
+        Ok(Some(s)) => s.task_id.as_deref() == Some(task_id),
+        _ => false,
+    }
+}
+
+fn refused_not_launched(task_id: &str) -> Response {
+    tracing::warn!(event = "runner_auth_failed", taskId = %task_id, reason = %CredentialError::NotLaunched, "runner refused");
+    (
+        StatusCode::FORBIDDEN,
+        CredentialError::NotLaunched.to_string(),
+    )
+        .into_response()
+}
+
+/// Another gateway runs the session: not final for the runner, which
+/// re-dials (its own gateway, then the shared address) until it reaches it.
+fn owned_elsewhere(session_id: &str, owner: &crate::cluster::Owner) -> Response {
+    tracing::info!(event = "runner_redirected", sessionId = %session_id, owner = ?owner, "runner dialled a gateway that does not run its session");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "another gateway runs this session; dial again",
+    )
+        .into_response()
 }
 
 /// Check a dial-back's credential; `target` is the session or task id of
-/// the URL (for the log).
+/// the URL (for the log). With it: whether this gateway launched (or
+/// adopted) the task. Only one of several gateways accepts a task it did not
+/// launch, and only once the store shows it bound to its session.
 fn verify(
     shared: &Shared,
     headers: &HeaderMap,
     target: &str,
-) -> Result<RunnerClaims, Box<Response>> {
+) -> Result<(RunnerClaims, bool), Box<Response>> {
     let Some(token) = crate::auth::bearer_token(headers, None) else {
         tracing::warn!(
             event = "runner_auth_failed",
@@ -113,14 +152,24 @@ fn verify(
         ));
     };
     // Signature, expiry, and a task this gateway launched and has not stopped.
-    shared.credentials.accept(&token).map_err(|e| {
+    let refused = |e: CredentialError| {
         tracing::warn!(event = "runner_auth_failed", target = %target, reason = %e, "runner refused");
         let status = match e {
             CredentialError::NotLaunched => StatusCode::FORBIDDEN,
             _ => StatusCode::UNAUTHORIZED,
         };
         Box::new((status, e.to_string()).into_response())
-    })
+    };
+    match shared.credentials.accept(&token) {
+        Ok(claims) => Ok((claims, true)),
+        // Signature and expiry hold (`accept` checks them first).
+        Err(CredentialError::NotLaunched) if shared.cluster.is_some() => shared
+            .credentials
+            .verify(&token)
+            .map(|claims| (claims, false))
+            .map_err(refused),
+        Err(e) => Err(refused(e)),
+    }
 }
 
 /// One runner socket. `session` is known for cold dial-backs; a warm runner
@@ -129,6 +178,7 @@ fn verify(
 async fn connection(
     shared: Arc<Shared>,
     claims: RunnerClaims,
+    launched_here: bool,
     session: Option<SessionHandle>,
     mut socket: WebSocket,
 ) {
@@ -161,6 +211,19 @@ async fn connection(
         refuse(socket, 4400, &reason).await;
         return;
     }
+    // A claimed warm task another gateway launched: only for the session
+    // the store binds it to (an unclaimed one belongs to its own pool).
+    if !launched_here
+        && session.is_none()
+        && !match &session_id {
+            Some(sid) => bound_in_store(&shared, sid, &task_id).await,
+            None => false,
+        }
+    {
+        tracing::warn!(event = "runner_auth_failed", taskId = %task_id, reason = %CredentialError::NotLaunched, "runner refused");
+        refuse(socket, 4403, &CredentialError::NotLaunched.to_string()).await;
+        return;
+    }
     let generation = shared.next_id();
     let (tx, mut rx) = mpsc::unbounded_channel::<GatewayToRunner>();
     // A warm runner that is already bound re-attaches to its session (after
@@ -177,7 +240,18 @@ async fn connection(
         )
         .await
         {
-            Ok(Some(h)) => Some(h),
+            Ok(Some(Found::Here(h))) => Some(h),
+            Ok(Some(Found::Elsewhere(owner))) => {
+                tracing::info!(event = "runner_redirected", sessionId = %sid, owner = ?owner, "runner dialled a gateway that does not run its session");
+                // Not final: the runner dials again until it reaches the owner.
+                refuse(
+                    socket,
+                    1013,
+                    "another gateway runs this session; dial again",
+                )
+                .await;
+                return;
+            }
             _ => {
                 refuse(
                     socket,

@@ -33,8 +33,33 @@ impl Gateway {
         backend: Arc<dyn Backend>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.workspaces_root)?;
-        let credentials =
-            CredentialSigner::load_or_create(&cfg.data_dir.join("runner-credential.key"))?;
+        let listener = TcpListener::bind(cfg.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
+        let local = listener.local_addr()?;
+        let runner_url = cfg
+            .runner_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{local}"));
+        let key_path = cfg.data_dir.join("runner-credential.key");
+        let mut credentials = CredentialSigner::load_or_create(&key_path)?;
+        // One of several: every gateway signs runner credentials with the
+        // same key, so whichever takes a session over accepts its runner.
+        let cluster = match &cfg.cluster {
+            Some(cluster_cfg) => {
+                let (cluster, key) = crate::cluster::Cluster::join(
+                    cluster_cfg.clone(),
+                    store.clone(),
+                    runner_url.clone(),
+                    &std::fs::read(&key_path)?,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot join the gateways on this database: {e}"))?;
+                credentials = CredentialSigner::new(key);
+                Some(cluster)
+            }
+            None => None,
+        };
         // Every launch and stop passes through it, so only live tasks'
         // credentials are accepted.
         let backend = TrackingBackend::wrap(backend, credentials.clone());
@@ -46,18 +71,17 @@ impl Gateway {
                 Vec::new()
             }
         };
+        // One of several: a task this instance launched before its restart
+        // may be another gateway's now (it took the session over); it is
+        // not this gateway's to adopt or stop.
+        let listed = match &cluster {
+            Some(_) => moved_away(store.as_ref(), listed).await,
+            None => listed,
+        };
         for task in &listed {
             credentials.adopt(&task.task_id);
         }
-        let listener = TcpListener::bind(cfg.bind)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
-        let local = listener.local_addr()?;
         crate::metrics::install();
-        let runner_url = cfg
-            .runner_url
-            .clone()
-            .unwrap_or_else(|| format!("ws://{local}"));
         let launch_slots = Arc::new(tokio::sync::Semaphore::new(
             cfg.max_concurrent_launches.max(1),
         ));
@@ -71,6 +95,7 @@ impl Gateway {
             credentials.clone(),
             warm_credential_ttl,
             runner_url.clone(),
+            crate::cluster::runner_env(&cfg),
             launch_slots.clone(),
         );
         let adopted = pool.adopt(
@@ -114,6 +139,7 @@ impl Gateway {
             sessions: SessionManager::default(),
             tasks: Default::default(),
             runner_url,
+            cluster,
             next_id: Default::default(),
         });
         Ok(Gateway {
@@ -138,6 +164,9 @@ impl Gateway {
         tokio::spawn(reap_orphans(shared.clone(), self.listed));
         tokio::spawn(stop_expired_tasks(shared.clone()));
         tokio::spawn(shared.pool.clone().run());
+        if let Some(cluster) = &shared.cluster {
+            tokio::spawn(cluster.clone().keep(Arc::downgrade(&shared)));
+        }
         let limits = crate::http::HttpLimits::from_config(&shared.cfg);
         crate::http::serve(self.listener, router(shared.clone()), limits, shutdown).await;
         stop_all(&shared).await;
@@ -163,6 +192,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(client_ws::handler))
         .route("/internal/task/{session_id}", get(runner_ws::cold))
         .route("/internal/warm/{task_id}", get(runner_ws::warm))
+        .route("/internal/relay/{session_id}", get(client_ws::relayed))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -270,10 +300,42 @@ async fn stop_expired_tasks(shared: Arc<Shared>) {
     }
 }
 
+/// The listed tasks to adopt as this instance's own: those bound to no
+/// session (warm ones, orphans). A bound task belongs to whichever gateway
+/// holds its session's lease: its runner re-dials and is accepted there
+/// (runner_ws.rs), here or elsewhere.
+async fn moved_away(store: &dyn Store, listed: Vec<TaskInfo>) -> Vec<TaskInfo> {
+    if listed.is_empty() {
+        return listed;
+    }
+    let bound: std::collections::HashSet<String> = match store.list_sessions(None).await {
+        Ok(sessions) => sessions.into_iter().filter_map(|s| s.task_id).collect(),
+        Err(e) => {
+            // Adopting nothing is safe: runners re-dial and are adopted
+            // by their sessions; only true orphans are left to stop.
+            tracing::error!(event = "orphan_scan_failed", error = %e, "could not read the sessions' tasks; adopting none of the listed tasks");
+            return Vec::new();
+        }
+    };
+    listed
+        .into_iter()
+        .filter(|t| !bound.contains(&t.task_id))
+        .collect()
+}
+
 /// Graceful shutdown: stop every task (a crash instead leaves them running
-/// for the next gateway to adopt).
+/// for the next gateway to adopt). One of several gateways hands its
+/// sessions over instead: they step down, their tasks keep running, and
+/// their runners and clients reconnect through the shared address.
 async fn stop_all(shared: &Arc<Shared>) {
     shared.pool.drain().await;
+    if let Some(cluster) = &shared.cluster {
+        for handle in shared.sessions.live_handles() {
+            handle.send(SessionCmd::StepDown).await;
+        }
+        cluster.leave().await;
+        return;
+    }
     for handle in shared.sessions.live_handles() {
         handle
             .send(SessionCmd::StopTask {

@@ -9,6 +9,11 @@ use aishell_protocol::TaskMode;
 pub struct RunnerConfig {
     /// Gateway base URL, e.g. `ws://127.0.0.1:5174`.
     pub gateway_url: String,
+    /// The address in front of several gateways
+    /// (`AISHELL_GATEWAY_FALLBACK_URL`): dialled, in turn with its own, while
+    /// its own gateway does not answer, so whichever gateway takes its
+    /// session over adopts it.
+    pub fallback_url: Option<String>,
     pub task_id: String,
     pub mode: TaskMode,
     /// Session a cold task was launched for.
@@ -69,6 +74,10 @@ impl RunnerConfig {
             gateway_url: get("AISHELL_GATEWAY_URL")?
                 .trim_end_matches('/')
                 .to_string(),
+            fallback_url: std::env::var("AISHELL_GATEWAY_FALLBACK_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .map(|u| u.trim_end_matches('/').to_string()),
             task_id: get("AISHELL_TASK_ID")?,
             mode,
             session_id,
@@ -83,13 +92,16 @@ impl RunnerConfig {
         })
     }
 
-    /// Where this runner dials: its session (cold) or the warm pool.
-    pub fn dial_url(&self) -> String {
+    /// Where this runner dials: its session (cold) or the warm pool, at its
+    /// own gateway or (`fallback`) at the shared address when there is one.
+    pub fn dial_url(&self, fallback: bool) -> String {
+        let base = match (&self.fallback_url, fallback) {
+            (Some(url), true) => url,
+            _ => &self.gateway_url,
+        };
         match (self.mode, &self.session_id) {
-            (TaskMode::Cold, Some(session)) => {
-                format!("{}/internal/task/{session}", self.gateway_url)
-            }
-            _ => format!("{}/internal/warm/{}", self.gateway_url, self.task_id),
+            (TaskMode::Cold, Some(session)) => format!("{base}/internal/task/{session}"),
+            _ => format!("{base}/internal/warm/{}", self.task_id),
         }
     }
 }

@@ -155,8 +155,11 @@ impl Runner {
             // Test hook (fault injection): dial late, like a slow network.
             tokio::time::sleep(delay).await;
         }
+        // Several gateways: a dial that failed is tried next at the other
+        // address (own gateway, shared address, in turn).
+        let mut fallback = false;
         loop {
-            match self.connect().await {
+            match self.connect(fallback).await {
                 Ok(ws) => {
                     backoff.reset();
                     lost_since = None;
@@ -178,6 +181,7 @@ impl Runner {
                     tracing::warn!(event = "runner_dial_failed", taskId = %self.cfg.task_id, traceId = self.trace_id(), reason = %reason, "gateway not reachable; retrying");
                 }
             }
+            fallback = !fallback && self.cfg.fallback_url.is_some();
             let since = *lost_since.get_or_insert_with(Instant::now);
             if since.elapsed() > self.cfg.reconnect_deadline {
                 self.kill_agent().await;
@@ -194,8 +198,8 @@ impl Runner {
         }
     }
 
-    async fn connect(&self) -> Result<Ws, ConnectError> {
-        let url = self.cfg.dial_url();
+    async fn connect(&self, fallback: bool) -> Result<Ws, ConnectError> {
+        let url = self.cfg.dial_url(fallback);
         let mut request = url
             .as_str()
             .into_client_request()

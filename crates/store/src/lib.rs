@@ -316,6 +316,15 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap round-trip proving the database answers (for `/ready`).
     async fn ping(&self) -> Result<()>;
 
+    /// Whether writes handed to the store commit in the order they were
+    /// handed over, even when the caller does not wait for one before the
+    /// next (SQLite's single writer does; a PostgreSQL pool runs them on
+    /// several connections at once). Callers overlap dependent writes only
+    /// when it does.
+    fn orders_writes(&self) -> bool {
+        false
+    }
+
     /// Create the user if missing (ids are validated by the caller).
     async fn ensure_user(&self, user_id: &str) -> Result<()>;
 
@@ -473,7 +482,8 @@ pub async fn open(database_url: &str) -> Result<Arc<dyn Store>> {
     }
 }
 
-fn is_postgres_url(url: &str) -> bool {
+/// Whether a `DATABASE_URL` names PostgreSQL.
+pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 

@@ -79,9 +79,9 @@ impl Gateway {
             .arg("--data-dir")
             .arg(&self.data_dir);
         cmd.args(&self.args);
+        cmd.env("RUST_LOG", "info");
         cmd.envs(self.env.iter().cloned());
-        cmd.env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
         // Runners must be able to outlive the gateway (restart tests), but not the test run.

@@ -102,6 +102,10 @@ pub enum SessionCmd {
     StopTask {
         reason: String,
     },
+    /// One of several gateways lost (or gave up) this session's lease:
+    /// leave memory without touching the task, which is the new owner's;
+    /// clients and the runner reconnect and find it (docs/cluster.md).
+    StepDown,
 }
 
 pub fn spawn(
@@ -113,6 +117,7 @@ pub fn spawn(
 ) {
     let persist_tx = persister::spawn(
         shared.store.clone(),
+        shared.cluster.clone(),
         record.id.clone(),
         record.task_id.clone(),
         self_tx.clone(),
@@ -224,12 +229,20 @@ impl SessionActor {
                 }
             };
             let Some(cmd) = cmd else { break };
+            if let SessionCmd::StepDown = cmd {
+                self.step_down();
+                break;
+            }
             self.handle(cmd).await;
             if self.should_evict() && rx.is_empty() {
                 break;
             }
         }
         self.shared.sessions.remove(&self.id, &self.self_tx);
+        if let Some(cluster) = &self.shared.cluster {
+            // Nothing when it stepped down: the lease is gone already.
+            cluster.release(&self.id);
+        }
         crate::metrics::session_state(self.last_state, None);
         tracing::debug!(event = "session_evicted", sessionId = %self.id, "session actor left memory");
     }
@@ -292,6 +305,23 @@ impl SessionActor {
             SessionCmd::StopTask { reason } => {
                 self.apply(Input::StopRequested { reason });
             }
+            SessionCmd::StepDown => self.step_down(),
+        }
+    }
+
+    /// Another gateway owns the session now (or will): tell the clients to
+    /// reconnect, let go of the runner (it re-dials and is adopted by the
+    /// owner) and of the task, which keeps running. Nothing more is written.
+    fn step_down(&mut self) {
+        tracing::warn!(event = "session_step_down", sessionId = %self.id, "session handed over to another gateway");
+        self.delivery.close_all(
+            crate::cluster::relay::CLOSE_MOVED,
+            "this session moved to another gateway; reconnect",
+        );
+        self.runner = None;
+        self.watching = None;
+        if let Some(task_id) = self.machine.current_task_id() {
+            self.shared.tasks.lock().expect("task map").remove(task_id);
         }
     }
 
@@ -543,10 +573,26 @@ impl SessionActor {
         // write is handed to the store first (the writer runs writes in
         // the order they reach it) and commits in the same group as the
         // task's binding and the message, instead of one commit earlier.
-        let store_session = self
+        let mut store_session = self
             .reserved
             .take()
             .map(|record| store_session(self.shared.store.clone(), record, self.last_state));
+        // A store that may commit writes in another order than they were
+        // handed over (PostgreSQL) gets the session's row first: the
+        // message, the task's binding and the events all refer to it.
+        if !self.shared.store.orders_writes()
+            && let Some(create) = store_session.take()
+            && let Err(e) = self.after_store_reserved(create.await)
+        {
+            self.reply(
+                conn_id,
+                ServerEvent::error(
+                    ErrorCode::Internal,
+                    format!("could not save your session: {e}"),
+                ),
+            );
+            return;
+        }
         let record = MessageRecord {
             session_id: self.id.clone(),
             conversation_id: conversation_id.clone(),
@@ -735,7 +781,7 @@ impl SessionActor {
                 Some(&self.id),
                 self.shared.cfg.runner_credential_ttl,
             ),
-            env: Default::default(),
+            env: crate::cluster::runner_env(&self.shared.cfg),
         };
         let backend = self.shared.backend.clone();
         let slots = self.shared.launch_slots.clone();

@@ -176,6 +176,16 @@ impl Delivery {
         }
     }
 
+    /// Close every client's connection with `code` (they reconnect).
+    pub fn close_all(&mut self, code: u16, reason: &str) {
+        for client in self.clients.drain(..) {
+            // A full queue: dropping it closes the connection all the same.
+            let _ = client
+                .tx
+                .try_send(Outbound::Close(code, reason.to_string()));
+        }
+    }
+
     /// Forget a client; false if it was not attached.
     pub fn remove(&mut self, conn_id: u64) -> bool {
         let before = self.clients.len();

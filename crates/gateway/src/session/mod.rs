@@ -25,6 +25,13 @@ use crate::Shared;
 /// How many commands may wait for one session actor.
 const MAILBOX: usize = 1024;
 
+/// Where a session runs.
+pub enum Found {
+    Here(SessionHandle),
+    /// Another gateway holds its lease (docs/cluster.md).
+    Elsewhere(crate::cluster::Owner),
+}
+
 /// A way to talk to one live session actor.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -79,21 +86,33 @@ impl SessionManager {
     /// Reserve a new session for a user and start its actor. Nothing is
     /// stored until its client sends a message (or a task starts on
     /// connect), so connections that send nothing leave no sessions behind.
-    pub fn create(shared: &Arc<Shared>, user_id: &str) -> SessionHandle {
+    /// One of several gateways takes the new session's lease first.
+    pub async fn create(shared: &Arc<Shared>, user_id: &str) -> Result<SessionHandle, StoreError> {
         let record = SessionRecord::new(
             &format!("s-{}", uuid::Uuid::new_v4().simple()),
             user_id,
             &uuid::Uuid::new_v4().simple().to_string(),
             &shared.cfg.agent.kind,
         );
-        Self::start_actor(shared, record, true)
+        if let Some(cluster) = &shared.cluster
+            && let crate::cluster::Owner::Elsewhere { gateway_id, .. } =
+                cluster.claim(&record.id).await?
+        {
+            // A fresh random id: only a bug or a forged id gets here.
+            return Err(StoreError::LeaseLost {
+                session_id: format!("{} (held by {gateway_id})", record.id),
+                epoch: 0,
+            });
+        }
+        Ok(Self::start_actor(shared, record, true))
     }
 
-    /// The live actor of a session, loading it from the store if needed.
-    /// `None` when no such session exists.
-    pub async fn open(shared: &Arc<Shared>, id: &str) -> Result<Option<SessionHandle>, StoreError> {
+    /// The live actor of a session, loading it from the store if needed;
+    /// one of several gateways loads it only if it gets the session's
+    /// lease. `None` when no such session exists.
+    pub async fn open(shared: &Arc<Shared>, id: &str) -> Result<Option<Found>, StoreError> {
         if let Some(h) = shared.sessions.get(id) {
-            return Ok(Some(h));
+            return Ok(Some(Found::Here(h)));
         }
         let Some(record) = shared.store.get_session(id).await? else {
             return Ok(None);
@@ -101,7 +120,18 @@ impl SessionManager {
         if record.state == SessionState::Terminated {
             return Ok(None);
         }
-        Ok(Some(Self::start_actor(shared, record, false)))
+        if let Some(cluster) = &shared.cluster {
+            let owner = cluster.claim(id).await?;
+            if let crate::cluster::Owner::Elsewhere { .. } = owner {
+                return Ok(Some(Found::Elsewhere(owner)));
+            }
+            // Another gateway may have written since the read above.
+            let Some(record) = shared.store.get_session(id).await? else {
+                return Ok(None);
+            };
+            return Ok(Some(Found::Here(Self::start_actor(shared, record, false))));
+        }
+        Ok(Some(Found::Here(Self::start_actor(shared, record, false))))
     }
 
     /// Like [`open`](Self::open), but a session that does not exist yet may
@@ -111,7 +141,7 @@ impl SessionManager {
         shared: &Arc<Shared>,
         id: &str,
         grace: Duration,
-    ) -> Result<Option<SessionHandle>, StoreError> {
+    ) -> Result<Option<Found>, StoreError> {
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let notified = shared.sessions.registered.notified();

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aishell_store::{SessionState, SessionWrite, Store, StoredEvent};
+use aishell_store::{SessionState, SessionWrite, Store, StoreError, StoredEvent};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
@@ -70,10 +70,25 @@ enum Unit {
     Usage(Usage),
 }
 
-type Write = BoxFuture<'static, (Unit, bool)>;
+/// How one write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Stored,
+    /// Retried until stored.
+    Failed,
+    /// One of several gateways no longer holds the session's lease: nothing
+    /// more may be written here (docs/cluster.md).
+    LeaseLost,
+}
+
+type Write = BoxFuture<'static, (Unit, Outcome)>;
+
+/// Session writes of one of several gateways carry its lease's fence.
+type Cluster = Option<Arc<crate::cluster::Cluster>>;
 
 pub(super) fn spawn(
     store: Arc<dyn Store>,
+    cluster: Cluster,
     session_id: String,
     bound_task: Option<String>,
     tx: mpsc::Sender<SessionCmd>,
@@ -90,16 +105,24 @@ pub(super) fn spawn(
             tokio::select! {
                 // Report completions first: they are what clients wait for.
                 biased;
-                Some((unit, ok)) = in_flight.next(), if !in_flight.is_empty() => {
+                Some((unit, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                     let mut done = vec![unit];
-                    if !ok {
+                    let mut lost = outcome == Outcome::LeaseLost;
+                    if outcome != Outcome::Stored {
                         // Let the writes behind it settle, then redo them all in order.
                         while let Some((unit, _)) = in_flight.next().await {
                             done.push(unit);
                         }
                         for unit in &done {
-                            write_until_stored(store.as_ref(), &session_id, unit).await;
+                            if lost {
+                                break;
+                            }
+                            lost = !write_until_stored(store.as_ref(), &cluster, &session_id, unit).await;
                         }
+                    }
+                    if lost {
+                        let _ = tx.send(SessionCmd::StepDown).await;
+                        return;
                     }
                     for unit in done {
                         if !report(&tx, unit).await {
@@ -113,7 +136,7 @@ pub(super) fn spawn(
                         continue;
                     }
                     for unit in units(items.drain(..), &mut task) {
-                        in_flight.push_back(write_once(&store, &session_id, unit));
+                        in_flight.push_back(write_once(&store, &cluster, &session_id, unit));
                     }
                 }
             }
@@ -192,17 +215,29 @@ async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
     }
 }
 
-async fn try_write(store: &dyn Store, session_id: &str, unit: &Unit) -> bool {
+async fn try_write(store: &dyn Store, cluster: &Cluster, session_id: &str, unit: &Unit) -> Outcome {
+    let fence = match cluster {
+        Some(cluster) => match cluster.fence(session_id) {
+            Some(epoch) => Some(cluster.fence_of(epoch)),
+            None => return Outcome::LeaseLost,
+        },
+        None => None,
+    };
     let result = match unit {
         Unit::Session { events, ack, state } => {
             let write = SessionWrite {
                 events,
                 runner_ack: ack.as_ref().map(|(t, s)| (t.as_str(), *s)),
                 state: *state,
+                fence,
             };
             store.write_session(session_id, write).await
         }
-        Unit::Bind(task) => store.set_session_task(session_id, task.as_deref()).await,
+        Unit::Bind(task) => {
+            store
+                .set_session_task(session_id, task.as_deref(), fence)
+                .await
+        }
         // Both are idempotent: a start that exists is kept, an end only
         // closes an open row.
         Unit::Usage(Usage::Start { task_id, user_id }) => {
@@ -211,27 +246,47 @@ async fn try_write(store: &dyn Store, session_id: &str, unit: &Unit) -> bool {
         Unit::Usage(Usage::End { task_id }) => store.usage_end(task_id).await,
     };
     match result {
-        Ok(()) => true,
+        Ok(()) => Outcome::Stored,
+        Err(StoreError::LeaseLost { epoch, .. }) => {
+            tracing::warn!(event = "fenced_write_refused", sessionId = %session_id, epoch, "the store refused a write: another gateway owns this session now");
+            Outcome::LeaseLost
+        }
         Err(e) => {
             tracing::error!(event = "store_error", sessionId = %session_id, error = %e, "could not persist the session's events, task or usage; retrying");
-            false
+            Outcome::Failed
         }
     }
 }
 
 /// One attempt, handed to the store now; the unit comes back with the outcome.
-fn write_once(store: &Arc<dyn Store>, session_id: &Arc<str>, unit: Unit) -> Write {
-    let (store, session_id) = (store.clone(), session_id.clone());
+fn write_once(
+    store: &Arc<dyn Store>,
+    cluster: &Cluster,
+    session_id: &Arc<str>,
+    unit: Unit,
+) -> Write {
+    let (store, cluster, session_id) = (store.clone(), cluster.clone(), session_id.clone());
     Box::pin(async move {
-        let ok = try_write(store.as_ref(), &session_id, &unit).await;
-        (unit, ok)
+        let outcome = try_write(store.as_ref(), &cluster, &session_id, &unit).await;
+        (unit, outcome)
     })
 }
 
-/// Retry with backoff until the store takes it.
-async fn write_until_stored(store: &dyn Store, session_id: &str, unit: &Unit) {
+/// Retry with backoff until the store takes it; false when the lease is
+/// lost (it never will).
+async fn write_until_stored(
+    store: &dyn Store,
+    cluster: &Cluster,
+    session_id: &str,
+    unit: &Unit,
+) -> bool {
     let mut delay = Duration::from_millis(50);
-    while !try_write(store, session_id, unit).await {
+    loop {
+        match try_write(store, cluster, session_id, unit).await {
+            Outcome::Stored => return true,
+            Outcome::LeaseLost => return false,
+            Outcome::Failed => {}
+        }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
@@ -280,8 +335,15 @@ mod tests {
             }
             self.inner.write_session(session_id, write).await
         }
-        async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
-            self.inner.set_session_task(session_id, task_id).await
+        async fn set_session_task(
+            &self,
+            session_id: &str,
+            task_id: Option<&str>,
+            fence: Option<aishell_store::Fence<'_>>,
+        ) -> Result<()> {
+            self.inner
+                .set_session_task(session_id, task_id, fence)
+                .await
         }
         async fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>> {
             self.inner.get_session(session_id).await
@@ -291,6 +353,38 @@ mod tests {
         }
         // The persister uses nothing else.
         async fn ping(&self) -> Result<()> {
+            unimplemented!()
+        }
+        async fn register_gateway(&self, _: &str, _: &str) -> Result<()> {
+            unimplemented!()
+        }
+        async fn heartbeat_gateway(&self, _: &str) -> Result<()> {
+            unimplemented!()
+        }
+        async fn remove_gateway(&self, _: &str) -> Result<()> {
+            unimplemented!()
+        }
+        async fn list_gateways(&self) -> Result<Vec<aishell_store::GatewayRecord>> {
+            unimplemented!()
+        }
+        async fn claim_lease(
+            &self,
+            _: &str,
+            _: &str,
+            _: Duration,
+        ) -> Result<aishell_store::LeaseClaim> {
+            unimplemented!()
+        }
+        async fn renew_leases(&self, _: &str, _: Duration) -> Result<Vec<(String, u64)>> {
+            unimplemented!()
+        }
+        async fn release_lease(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            unimplemented!()
+        }
+        async fn shared_secret(&self, _: &str, _: &[u8]) -> Result<Vec<u8>> {
+            unimplemented!()
+        }
+        async fn count_user_tasks(&self, _: &str) -> Result<u64> {
             unimplemented!()
         }
         async fn ensure_user(&self, _: &str) -> Result<()> {
@@ -385,7 +479,7 @@ mod tests {
             calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
-        let persist = spawn(flaky.clone(), "s1".into(), Some("t-old".into()), tx);
+        let persist = spawn(flaky.clone(), None, "s1".into(), Some("t-old".into()), tx);
         // One item per round, so each is its own pipelined write.
         let items = [
             event(1),
@@ -461,7 +555,7 @@ mod tests {
             calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
-        let persist = spawn(store.clone(), "s1".into(), None, tx);
+        let persist = spawn(store.clone(), None, "s1".into(), None, tx);
         let start = |t: &str| {
             PersistItem::Usage(Usage::Start {
                 task_id: t.into(),

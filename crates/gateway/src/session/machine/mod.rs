@@ -422,6 +422,11 @@ impl Machine {
         self.detached_at
     }
 
+    /// The task the session has, if any.
+    pub fn current_task_id(&self) -> Option<&str> {
+        self.task().map(|t| t.id.as_str())
+    }
+
     /// Whether frames of this runner socket are the current task's.
     pub fn is_current_runner(&self, task_id: &str, generation: u64) -> bool {
         self.task()
