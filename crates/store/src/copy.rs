@@ -37,7 +37,11 @@ pub enum Table {
 }
 
 impl Table {
-    /// Every table, parents before the rows that reference them.
+    /// Every table, parents before the rows that reference them. Not the
+    /// tables of several gateways (`gateways`, `session_leases`,
+    /// `shared_secrets`, docs/cluster.md): they are runtime state, rebuilt
+    /// by the gateways that run on the target (SQLite never has more than
+    /// one).
     pub const ALL: [Table; 7] = [
         Table::Users,
         Table::Tokens,

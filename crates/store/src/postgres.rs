@@ -13,12 +13,12 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use time::OffsetDateTime;
 
 use crate::sqlite::{
-    ConversationRow, MessageRow, SESSION_COLUMNS, SessionRow, TOKEN_COLUMNS, TokenRow, from_ms,
-    now_ms, seq_from_db, seq_to_db, to_ms,
+    ConversationRow, GatewayRow, MessageRow, SESSION_COLUMNS, SessionRow, TOKEN_COLUMNS, TokenRow,
+    epoch_from_db, from_ms, lease_lost, now_ms, seq_from_db, seq_to_db, to_ms, ttl_to_ms,
 };
 use crate::{
-    ConversationRecord, MessageRecord, Result, SessionRecord, SessionState, SessionWrite, Store,
-    StoreError, StoredEvent, TokenRecord, UsageSummary, token,
+    ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, Result, SessionRecord,
+    SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord, UsageSummary, token,
 };
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
@@ -60,6 +60,24 @@ impl PgStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The database's clock in unix milliseconds: every lease and gateway time
+/// is taken from it (docs/cluster.md), so gateways whose clocks disagree
+/// still agree on when a lease expires. `clock_timestamp()`, not `now()`:
+/// a statement that waited for a lock judges expiry as of when it runs.
+/// Used as `(SELECT {DB_NOW_MS} AS ms) AS clock`, evaluated once per
+/// statement so every comparison in it sees the same instant.
+const DB_NOW_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// How often `claim_lease` retries when the lease it lost changed hands
+/// again (freed) before it could read the holder.
+const CLAIM_ATTEMPTS: usize = 5;
+
+/// The fence's epoch as stored, or `LeaseLost` (an epoch beyond the stored
+/// range was never granted).
+fn fence_epoch(session_id: &str, fence: &Fence<'_>) -> Result<i64> {
+    i64::try_from(fence.epoch).map_err(|_| lease_lost(session_id, fence.epoch))
 }
 
 /// The driver's error as a [`StoreError`] that names no driver type.
@@ -315,7 +333,38 @@ impl Store for PgStore {
         .collect()
     }
 
-    async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
+    async fn set_session_task(
+        &self,
+        session_id: &str,
+        task_id: Option<&str>,
+        fence: Option<Fence<'_>>,
+    ) -> Result<()> {
+        if let Some(fence) = fence {
+            // As `write_session`'s fenced statement: the lease row locked
+            // FOR SHARE, the update only if it still matches.
+            let held: bool = sqlx::query_scalar(
+                "WITH lease AS MATERIALIZED ( \
+                     SELECT 1 FROM session_leases \
+                     WHERE session_id = $3 AND owner = $4 AND epoch = $5 FOR SHARE), \
+                 bound AS ( \
+                     UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 \
+                     WHERE id = $3 AND EXISTS (SELECT 1 FROM lease)) \
+                 SELECT EXISTS (SELECT 1 FROM lease)",
+            )
+            .bind(task_id)
+            .bind(now_ms())
+            .bind(session_id)
+            .bind(fence.gateway_id)
+            .bind(fence_epoch(session_id, &fence)?)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+            return if held {
+                Ok(())
+            } else {
+                Err(lease_lost(session_id, fence.epoch))
+            };
+        }
         sqlx::query(
             "UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 WHERE id = $3",
         )
@@ -349,6 +398,51 @@ impl Store for PgStore {
             Some((task, seq)) => (Some(task), Some(seq_to_db(seq)?)),
             None => (None, None),
         };
+        if let Some(fence) = write.fence {
+            // Several gateways: the same statement, guarded by the lease.
+            // The lease row is locked FOR SHARE before anything is written,
+            // so a takeover (whose claim locks the row FOR UPDATE) either
+            // waits for this write to commit, or commits first and this
+            // statement, re-reading the row, finds the epoch raised and
+            // writes nothing. Expiry is not checked: fencing is by epoch.
+            let held: bool = sqlx::query_scalar(
+                "WITH lease AS MATERIALIZED ( \
+                     SELECT 1 FROM session_leases \
+                     WHERE session_id = $1 AND owner = $9 AND epoch = $10 FOR SHARE), \
+                 appended AS ( \
+                     INSERT INTO session_events (session_id, seq, json, created_at) \
+                     SELECT $1, e.seq, e.json, $7 FROM UNNEST($2::BIGINT[], $3::TEXT[]) AS e (seq, json) \
+                     WHERE EXISTS (SELECT 1 FROM lease) \
+                     ON CONFLICT (session_id, seq) DO NOTHING), \
+                 updated AS ( \
+                     UPDATE sessions SET \
+                         last_seq = GREATEST(last_seq, COALESCE($4::BIGINT, last_seq)), \
+                         runner_seq = CASE WHEN $5::BIGINT IS NOT NULL AND task_id IS NOT DISTINCT FROM $6::TEXT \
+                             THEN GREATEST(runner_seq, $5::BIGINT) ELSE runner_seq END, \
+                         state = COALESCE($8::TEXT, state), \
+                         updated_at = CASE WHEN $8::TEXT IS NULL THEN updated_at ELSE $7 END \
+                     WHERE id = $1 AND EXISTS (SELECT 1 FROM lease)) \
+                 SELECT EXISTS (SELECT 1 FROM lease)",
+            )
+            .bind(session_id)
+            .bind(&seqs)
+            .bind(&jsons)
+            .bind(max_seq)
+            .bind(ack_seq)
+            .bind(ack_task)
+            .bind(now_ms())
+            .bind(write.state.map(SessionState::as_str))
+            .bind(fence.gateway_id)
+            .bind(fence_epoch(session_id, &fence)?)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+            return if held {
+                Ok(())
+            } else {
+                Err(lease_lost(session_id, fence.epoch))
+            };
+        }
         // One statement: the events and the session's counters and state
         // together. A seq already stored (or repeated in the batch) keeps
         // its first payload.
@@ -460,5 +554,212 @@ impl Store for PgStore {
             })
         })
         .collect()
+    }
+
+    async fn register_gateway(&self, gateway_id: &str, internal_url: &str) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO gateways (id, internal_url, started_at, heartbeat_at) \
+             SELECT $1, $2, clock.ms, clock.ms FROM (SELECT {DB_NOW_MS} AS ms) AS clock \
+             ON CONFLICT (id) DO UPDATE SET internal_url = excluded.internal_url, \
+                 started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at"
+        );
+        sqlx::query(&sql)
+            .bind(gateway_id)
+            .bind(internal_url)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn heartbeat_gateway(&self, gateway_id: &str) -> Result<()> {
+        let sql = format!("UPDATE gateways SET heartbeat_at = {DB_NOW_MS} WHERE id = $1");
+        sqlx::query(&sql)
+            .bind(gateway_id)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn remove_gateway(&self, gateway_id: &str) -> Result<()> {
+        // One statement: the registration and its leases together. A freed
+        // lease keeps its epoch (the next claim raises it).
+        let sql = format!(
+            "WITH gone AS (DELETE FROM gateways WHERE id = $1) \
+             UPDATE session_leases SET owner = NULL, expires_at = LEAST(expires_at, {DB_NOW_MS}) \
+             WHERE owner = $1"
+        );
+        sqlx::query(&sql)
+            .bind(gateway_id)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn list_gateways(&self) -> Result<Vec<GatewayRecord>> {
+        let sql = format!(
+            "SELECT g.id, g.internal_url, g.started_at, g.heartbeat_at, \
+                    (SELECT COUNT(*) FROM session_leases l \
+                     WHERE l.owner = g.id AND l.expires_at > clock.ms) AS leases \
+             FROM gateways g, (SELECT {DB_NOW_MS} AS ms) AS clock \
+             ORDER BY g.started_at, g.id"
+        );
+        sqlx::query_as::<_, GatewayRow>(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)?
+            .into_iter()
+            .map(GatewayRow::into_record)
+            .collect()
+    }
+
+    async fn claim_lease(
+        &self,
+        session_id: &str,
+        gateway_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseClaim> {
+        // One statement decides, so gateways racing for a session cannot
+        // both win: the row's lock (or the primary key, for a first claim)
+        // serializes them, and the loser re-evaluates the WHERE against the
+        // winner's row. Taken when free (released), expired, or already
+        // ours; the epoch stays only for a holder renewing before expiry.
+        // `excluded.expires_at - $3` is the statement's one `now`.
+        let claim = format!(
+            "INSERT INTO session_leases AS l (session_id, owner, epoch, expires_at) \
+             SELECT $1, $2, 1, clock.ms + $3 FROM (SELECT {DB_NOW_MS} AS ms) AS clock \
+             ON CONFLICT (session_id) DO UPDATE SET \
+                 epoch = CASE WHEN l.owner = excluded.owner \
+                         AND l.expires_at > excluded.expires_at - $3 \
+                     THEN l.epoch ELSE l.epoch + 1 END, \
+                 owner = excluded.owner, \
+                 expires_at = excluded.expires_at \
+             WHERE l.owner IS NULL OR l.owner = excluded.owner \
+                 OR l.expires_at <= excluded.expires_at - $3 \
+             RETURNING l.epoch"
+        );
+        // A statement of its own (a fresh snapshot): the claim's snapshot
+        // may predate the winner's row.
+        let holder = format!(
+            "SELECT l.owner, l.epoch, g.internal_url, \
+                    (l.owner IS NOT NULL AND l.expires_at > {DB_NOW_MS}) AS held \
+             FROM session_leases l LEFT JOIN gateways g ON g.id = l.owner \
+             WHERE l.session_id = $1"
+        );
+        let ttl = ttl_to_ms(ttl);
+        for _ in 0..CLAIM_ATTEMPTS {
+            let claimed: Option<i64> = sqlx::query_scalar(&claim)
+                .bind(session_id)
+                .bind(gateway_id)
+                .bind(ttl)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(from_sqlx)?;
+            if let Some(epoch) = claimed {
+                return Ok(LeaseClaim::Acquired {
+                    epoch: epoch_from_db(epoch)?,
+                });
+            }
+            let row: Option<(Option<String>, i64, Option<String>, bool)> =
+                sqlx::query_as(&holder)
+                    .bind(session_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(from_sqlx)?;
+            match row {
+                Some((Some(owner), epoch, internal_url, true)) if owner != gateway_id => {
+                    return Ok(LeaseClaim::HeldBy {
+                        gateway_id: owner,
+                        internal_url,
+                        epoch: epoch_from_db(epoch)?,
+                    });
+                }
+                // Freed or expired between the two statements: claim again.
+                _ => continue,
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "the lease of session {session_id} kept changing hands; not claimed"
+        )))
+    }
+
+    async fn renew_leases(&self, gateway_id: &str, ttl: Duration) -> Result<Vec<(String, u64)>> {
+        // A lease a takeover changed meanwhile is re-read before it is
+        // updated (READ COMMITTED), and no longer matches `owner`.
+        let sql = format!(
+            "UPDATE session_leases AS l SET expires_at = clock.ms + $2 \
+             FROM (SELECT {DB_NOW_MS} AS ms) AS clock \
+             WHERE l.owner = $1 AND l.expires_at > clock.ms \
+             RETURNING l.session_id, l.epoch"
+        );
+        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+            .bind(gateway_id)
+            .bind(ttl_to_ms(ttl))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        let mut held = rows
+            .into_iter()
+            .map(|(session_id, epoch)| Ok((session_id, epoch_from_db(epoch)?)))
+            .collect::<Result<Vec<_>>>()?;
+        held.sort();
+        Ok(held)
+    }
+
+    async fn release_lease(&self, session_id: &str, gateway_id: &str, epoch: u64) -> Result<()> {
+        // An epoch beyond the stored range cannot be held.
+        let Ok(epoch) = i64::try_from(epoch) else {
+            return Ok(());
+        };
+        // Owner NULL: free for anyone, this gateway included, at the next
+        // epoch; its own fenced writes stop too.
+        let sql = format!(
+            "UPDATE session_leases SET owner = NULL, expires_at = LEAST(expires_at, {DB_NOW_MS}) \
+             WHERE session_id = $1 AND owner = $2 AND epoch = $3"
+        );
+        sqlx::query(&sql)
+            .bind(session_id)
+            .bind(gateway_id)
+            .bind(epoch)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        // Inserted unless present; a racing first insert is waited for, so
+        // the loser's read (a statement of its own, a fresh snapshot) sees
+        // the winner's value.
+        let inserted: Option<Vec<u8>> = sqlx::query_scalar(
+            "INSERT INTO shared_secrets (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO NOTHING RETURNING value",
+        )
+        .bind(name)
+        .bind(candidate)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        if let Some(value) = inserted {
+            return Ok(value);
+        }
+        sqlx::query_scalar("SELECT value FROM shared_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(from_sqlx)
+    }
+
+    async fn count_user_tasks(&self, user_id: &str) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sessions WHERE user_id = $1 AND task_id IS NOT NULL",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 }

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 
 use crate::group_commit::{WriteQueue, WriterConnection};
 use crate::{
-    ConversationRecord, MessageRecord, Result, SessionRecord, SessionState, SessionWrite, Store,
-    StoreError, StoredEvent, TokenRecord, token,
+    ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, Result, SessionRecord,
+    SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord, token,
 };
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -174,6 +174,61 @@ pub(crate) fn seq_from_db(seq: i64) -> Result<u64> {
     u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative event seq {seq}")))
 }
 
+/// A lease's time to live in milliseconds, clamped so that `now + ttl`
+/// cannot overflow (a ttl of centuries is as good as forever).
+pub(crate) fn ttl_to_ms(ttl: Duration) -> i64 {
+    const CENTURIES: i64 = 1 << 50; // about 35,000 years
+    i64::try_from(ttl.as_millis()).map_or(CENTURIES, |ms| ms.min(CENTURIES))
+}
+
+pub(crate) fn epoch_from_db(epoch: i64) -> Result<u64> {
+    u64::try_from(epoch).map_err(|_| StoreError::Corrupt(format!("negative lease epoch {epoch}")))
+}
+
+pub(crate) fn lease_lost(session_id: &str, epoch: u64) -> StoreError {
+    StoreError::LeaseLost {
+        session_id: session_id.to_string(),
+        epoch,
+    }
+}
+
+/// A fence as the writer's closure keeps it (owned: it outlives the call).
+struct OwnedFence {
+    gateway_id: String,
+    epoch: u64,
+}
+
+impl OwnedFence {
+    fn of(fence: Option<Fence<'_>>) -> Option<Self> {
+        fence.map(|f| OwnedFence {
+            gateway_id: f.gateway_id.to_string(),
+            epoch: f.epoch,
+        })
+    }
+
+    /// `LeaseLost` unless the lease row still names this gateway at this
+    /// epoch. Expiry is not checked: a lease that ran out but was not taken
+    /// over is still this gateway's (a takeover raises the epoch). Runs in
+    /// the write's own savepoint on the single writer, so no takeover can
+    /// come between the check and the write; failing, it rolls back only
+    /// that savepoint, not the other operations of the group commit.
+    fn check(&self, c: &rusqlite::Connection, session_id: &str) -> Result<()> {
+        let Ok(epoch) = i64::try_from(self.epoch) else {
+            return Err(lease_lost(session_id, self.epoch));
+        };
+        let held = c
+            .prepare_cached(
+                "SELECT 1 FROM session_leases WHERE session_id = ? AND owner = ? AND epoch = ?",
+            )?
+            .exists(params![session_id, self.gateway_id, epoch])?;
+        if held {
+            Ok(())
+        } else {
+            Err(lease_lost(session_id, self.epoch))
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct TokenRow {
     id: String,
@@ -281,6 +336,27 @@ impl MessageRow {
             role: self.role.parse()?,
             content: self.content,
             created_at: from_ms(self.created_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct GatewayRow {
+    id: String,
+    internal_url: String,
+    started_at: i64,
+    heartbeat_at: i64,
+    leases: i64,
+}
+
+impl GatewayRow {
+    pub(crate) fn into_record(self) -> Result<GatewayRecord> {
+        Ok(GatewayRecord {
+            id: self.id,
+            internal_url: self.internal_url,
+            started_at: from_ms(self.started_at)?,
+            heartbeat_at: from_ms(self.heartbeat_at)?,
+            leases: u64::try_from(self.leases).unwrap_or(0),
         })
     }
 }
@@ -600,10 +676,19 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn set_session_task(&self, session_id: &str, task_id: Option<&str>) -> Result<()> {
+    async fn set_session_task(
+        &self,
+        session_id: &str,
+        task_id: Option<&str>,
+        fence: Option<Fence<'_>>,
+    ) -> Result<()> {
         let (session_id, task_id) = (session_id.to_string(), task_id.map(str::to_string));
+        let fence = OwnedFence::of(fence);
         self.writes
             .write(move |c| {
+                if let Some(fence) = &fence {
+                    fence.check(c, &session_id)?;
+                }
                 c.prepare_cached(
                     "UPDATE sessions SET task_id = ?, runner_seq = 0, updated_at = ? WHERE id = ?",
                 )?
@@ -636,8 +721,13 @@ impl Store for SqliteStore {
         };
         let state = write.state.map(SessionState::as_str);
         let session_id = session_id.to_string();
+        let fence = OwnedFence::of(write.fence);
         self.writes
             .write(move |c| {
+                // Unfenced (one gateway): no lease query at all.
+                if let Some(fence) = &fence {
+                    fence.check(c, &session_id)?;
+                }
                 // One operation, one savepoint: the events and the
                 // session's counters and state together.
                 let mut insert = c.prepare_cached(
@@ -688,6 +778,197 @@ impl Store for SqliteStore {
             })
         })
         .collect()
+    }
+
+    // Several gateways (docs/cluster.md). SQLite is one machine's database,
+    // so its clock is the local one; every lease operation runs on the
+    // single writer, which orders them.
+
+    async fn register_gateway(&self, gateway_id: &str, internal_url: &str) -> Result<()> {
+        let (gateway_id, internal_url) = (gateway_id.to_string(), internal_url.to_string());
+        self.writes
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO gateways (id, internal_url, started_at, heartbeat_at) \
+                     VALUES (?1, ?2, ?3, ?3) \
+                     ON CONFLICT(id) DO UPDATE SET internal_url = excluded.internal_url, \
+                         started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+                )?
+                .execute(params![gateway_id, internal_url, now_ms()])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn heartbeat_gateway(&self, gateway_id: &str) -> Result<()> {
+        let gateway_id = gateway_id.to_string();
+        self.writes
+            .write(move |c| {
+                c.prepare_cached("UPDATE gateways SET heartbeat_at = ? WHERE id = ?")?
+                    .execute(params![now_ms(), gateway_id])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn remove_gateway(&self, gateway_id: &str) -> Result<()> {
+        let gateway_id = gateway_id.to_string();
+        self.writes
+            .write(move |c| {
+                // One savepoint: the registration and its leases together.
+                // A freed lease keeps its epoch (the next claim raises it).
+                c.prepare_cached("DELETE FROM gateways WHERE id = ?")?
+                    .execute(params![gateway_id])?;
+                c.prepare_cached(
+                    "UPDATE session_leases SET owner = NULL, expires_at = MIN(expires_at, ?) \
+                     WHERE owner = ?",
+                )?
+                .execute(params![now_ms(), gateway_id])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn list_gateways(&self) -> Result<Vec<GatewayRecord>> {
+        sqlx::query_as::<_, GatewayRow>(
+            "SELECT g.id, g.internal_url, g.started_at, g.heartbeat_at, \
+                    (SELECT COUNT(*) FROM session_leases l \
+                     WHERE l.owner = g.id AND l.expires_at > ?) AS leases \
+             FROM gateways g ORDER BY g.started_at, g.id",
+        )
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(GatewayRow::into_record)
+        .collect()
+    }
+
+    async fn claim_lease(
+        &self,
+        session_id: &str,
+        gateway_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseClaim> {
+        let ttl = ttl_to_ms(ttl);
+        let (session_id, gateway_id) = (session_id.to_string(), gateway_id.to_string());
+        self.writes
+            .write(move |c| {
+                let now = now_ms();
+                // Taken when free (released), expired, or already ours; the
+                // epoch stays only for a holder renewing before expiry.
+                let claimed: Option<i64> = c
+                    .prepare_cached(
+                        "INSERT INTO session_leases (session_id, owner, epoch, expires_at) \
+                         VALUES (?1, ?2, 1, ?4) \
+                         ON CONFLICT(session_id) DO UPDATE SET \
+                             epoch = CASE WHEN owner = excluded.owner AND expires_at > ?3 \
+                                 THEN epoch ELSE epoch + 1 END, \
+                             owner = excluded.owner, \
+                             expires_at = excluded.expires_at \
+                         WHERE owner IS NULL OR owner = excluded.owner OR expires_at <= ?3 \
+                         RETURNING epoch",
+                    )?
+                    .query_row(
+                        params![session_id, gateway_id, now, now.saturating_add(ttl)],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if let Some(epoch) = claimed {
+                    return Ok(LeaseClaim::Acquired {
+                        epoch: epoch_from_db(epoch)?,
+                    });
+                }
+                let (holder, epoch, internal_url): (Option<String>, i64, Option<String>) = c
+                    .prepare_cached(
+                        "SELECT l.owner, l.epoch, g.internal_url FROM session_leases l \
+                         LEFT JOIN gateways g ON g.id = l.owner WHERE l.session_id = ?",
+                    )?
+                    .query_row(params![session_id], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?;
+                let gateway_id = holder.ok_or_else(|| {
+                    StoreError::Corrupt(format!("free lease of {session_id} was not claimed"))
+                })?;
+                Ok(LeaseClaim::HeldBy {
+                    gateway_id,
+                    internal_url,
+                    epoch: epoch_from_db(epoch)?,
+                })
+            })
+            .await
+    }
+
+    async fn renew_leases(&self, gateway_id: &str, ttl: Duration) -> Result<Vec<(String, u64)>> {
+        let ttl = ttl_to_ms(ttl);
+        let gateway_id = gateway_id.to_string();
+        self.writes
+            .write(move |c| {
+                let now = now_ms();
+                let mut renew = c.prepare_cached(
+                    "UPDATE session_leases SET expires_at = ?3 \
+                     WHERE owner = ?1 AND expires_at > ?2 RETURNING session_id, epoch",
+                )?;
+                let rows = renew.query_map(
+                    params![gateway_id, now, now.saturating_add(ttl)],
+                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+                )?;
+                let mut held = Vec::new();
+                for row in rows {
+                    let (session_id, epoch) = row?;
+                    held.push((session_id, epoch_from_db(epoch)?));
+                }
+                held.sort();
+                Ok(held)
+            })
+            .await
+    }
+
+    async fn release_lease(&self, session_id: &str, gateway_id: &str, epoch: u64) -> Result<()> {
+        // An epoch beyond the stored range cannot be held.
+        let Ok(epoch) = i64::try_from(epoch) else {
+            return Ok(());
+        };
+        let (session_id, gateway_id) = (session_id.to_string(), gateway_id.to_string());
+        self.writes
+            .write(move |c| {
+                // Owner NULL: free for anyone, this gateway included, at
+                // the next epoch; its own fenced writes stop too.
+                c.prepare_cached(
+                    "UPDATE session_leases SET owner = NULL, expires_at = MIN(expires_at, ?) \
+                     WHERE session_id = ? AND owner = ? AND epoch = ?",
+                )?
+                .execute(params![now_ms(), session_id, gateway_id, epoch])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        let (name, candidate) = (name.to_string(), candidate.to_vec());
+        self.writes
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO shared_secrets (name, value) VALUES (?, ?) \
+                     ON CONFLICT(name) DO NOTHING",
+                )?
+                .execute(params![name, candidate])?;
+                let value = c
+                    .prepare_cached("SELECT value FROM shared_secrets WHERE name = ?")?
+                    .query_row(params![name], |row| row.get(0))?;
+                Ok(value)
+            })
+            .await
+    }
+
+    async fn count_user_tasks(&self, user_id: &str) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sessions WHERE user_id = ? AND task_id IS NOT NULL",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 }
 
@@ -1485,7 +1766,7 @@ mod task_binding_tests {
             .create_session(&SessionRecord::new("s1", "u", "t", "echo"))
             .await
             .unwrap();
-        store.set_session_task("s1", Some("t-1")).await.unwrap();
+        store.set_session_task("s1", Some("t-1"), None).await.unwrap();
         let ev = |seq| StoredEvent {
             seq,
             json: format!("{{\"seq\":{seq}}}"),
@@ -1516,7 +1797,7 @@ mod task_binding_tests {
             store.get_session("s1").await.unwrap().unwrap().runner_seq,
             7
         );
-        store.set_session_task("s1", Some("t-2")).await.unwrap();
+        store.set_session_task("s1", Some("t-2"), None).await.unwrap();
         let got = store.get_session("s1").await.unwrap().unwrap();
         assert_eq!((got.task_id.as_deref(), got.runner_seq), (Some("t-2"), 0));
         // The old task's late batch is stored but does not count for the
@@ -1535,7 +1816,7 @@ mod task_binding_tests {
             store.get_session("s1").await.unwrap().unwrap().runner_seq,
             2
         );
-        store.set_session_task("s1", None).await.unwrap();
+        store.set_session_task("s1", None, None).await.unwrap();
         assert_eq!(
             store.get_session("s1").await.unwrap().unwrap().task_id,
             None

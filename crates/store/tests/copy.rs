@@ -89,7 +89,7 @@ async fn fill(s: &SqliteStore) -> Tokens {
         .await
         .unwrap();
         let task = format!("task-{id}");
-        s.set_session_task(id, Some(&task)).await.unwrap();
+        s.set_session_task(id, Some(&task), None).await.unwrap();
         s.usage_start(&task, id, user).await.unwrap();
         for chunk in events(1..=n_events).chunks(50) {
             let last = chunk.last().unwrap().seq;
@@ -102,7 +102,7 @@ async fn fill(s: &SqliteStore) -> Tokens {
             .unwrap();
         if state == SessionState::Stopped {
             s.usage_end(&task).await.unwrap();
-            s.set_session_task(id, None).await.unwrap();
+            s.set_session_task(id, None, None).await.unwrap();
         }
         // Conversations with resume handles, in creation order, and their
         // messages (client ids on the user's, none on the replies).

@@ -616,7 +616,7 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
     .unwrap();
     assert_eq!(get(&s, "s1").await.runner_seq, 0);
 
-    s.set_session_task("s1", Some("t-1")).await.unwrap();
+    s.set_session_task("s1", Some("t-1"), None).await.unwrap();
     s.write_session(
         "s1",
         SessionWrite::events(&events(2..=3)).with_ack("t-1", 7),
@@ -642,7 +642,7 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
     assert_eq!(get(&s, "s1").await.runner_seq, 7);
 
     // Binding a new task resets the count.
-    s.set_session_task("s1", Some("t-2")).await.unwrap();
+    s.set_session_task("s1", Some("t-2"), None).await.unwrap();
     let got = get(&s, "s1").await;
     assert_eq!((got.task_id.as_deref(), got.runner_seq), (Some("t-2"), 0));
     // The old task's late batch is stored but does not count for the new
@@ -663,10 +663,10 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
     .unwrap();
     assert_eq!(get(&s, "s1").await.runner_seq, 2);
     // Rebinding the same task resets the count too.
-    s.set_session_task("s1", Some("t-2")).await.unwrap();
+    s.set_session_task("s1", Some("t-2"), None).await.unwrap();
     assert_eq!(get(&s, "s1").await.runner_seq, 0);
 
-    s.set_session_task("s1", None).await.unwrap();
+    s.set_session_task("s1", None, None).await.unwrap();
     let got = get(&s, "s1").await;
     assert_eq!((got.task_id, got.runner_seq), (None, 0));
 }
@@ -675,7 +675,7 @@ pub async fn runner_seq_only_rises_and_only_for_the_bound_task(s: S) {
 /// session (the SQLite behaviour, pinned: the callers only write to
 /// sessions they created).
 pub async fn writes_to_a_missing_session_are_no_ops(s: S) {
-    s.set_session_task("ghost", Some("t")).await.unwrap();
+    s.set_session_task("ghost", Some("t"), None).await.unwrap();
     s.write_session(
         "ghost",
         SessionWrite {
