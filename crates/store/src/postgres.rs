@@ -662,12 +662,11 @@ impl Store for PgStore {
                     epoch: epoch_from_db(epoch)?,
                 });
             }
-            let row: Option<(Option<String>, i64, Option<String>, bool)> =
-                sqlx::query_as(&holder)
-                    .bind(session_id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(from_sqlx)?;
+            let row: Option<(Option<String>, i64, Option<String>, bool)> = sqlx::query_as(&holder)
+                .bind(session_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(from_sqlx)?;
             match row {
                 Some((Some(owner), epoch, internal_url, true)) if owner != gateway_id => {
                     return Ok(LeaseClaim::HeldBy {

@@ -909,10 +909,10 @@ impl Store for SqliteStore {
                     "UPDATE session_leases SET expires_at = ?3 \
                      WHERE owner = ?1 AND expires_at > ?2 RETURNING session_id, epoch",
                 )?;
-                let rows = renew.query_map(
-                    params![gateway_id, now, now.saturating_add(ttl)],
-                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
-                )?;
+                let rows = renew
+                    .query_map(params![gateway_id, now, now.saturating_add(ttl)], |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                    })?;
                 let mut held = Vec::new();
                 for row in rows {
                     let (session_id, epoch) = row?;
@@ -1766,7 +1766,10 @@ mod task_binding_tests {
             .create_session(&SessionRecord::new("s1", "u", "t", "echo"))
             .await
             .unwrap();
-        store.set_session_task("s1", Some("t-1"), None).await.unwrap();
+        store
+            .set_session_task("s1", Some("t-1"), None)
+            .await
+            .unwrap();
         let ev = |seq| StoredEvent {
             seq,
             json: format!("{{\"seq\":{seq}}}"),
@@ -1797,7 +1800,10 @@ mod task_binding_tests {
             store.get_session("s1").await.unwrap().unwrap().runner_seq,
             7
         );
-        store.set_session_task("s1", Some("t-2"), None).await.unwrap();
+        store
+            .set_session_task("s1", Some("t-2"), None)
+            .await
+            .unwrap();
         let got = store.get_session("s1").await.unwrap().unwrap();
         assert_eq!((got.task_id.as_deref(), got.runner_seq), (Some("t-2"), 0));
         // The old task's late batch is stored but does not count for the

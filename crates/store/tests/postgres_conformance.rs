@@ -12,8 +12,11 @@ mod support {
 }
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use aishell_store::{PgStore, SessionRecord, SessionWrite, Store, StoreError, StoredEvent};
+use aishell_store::{
+    Fence, LeaseClaim, PgStore, SessionRecord, SessionWrite, Store, StoreError, StoredEvent,
+};
 use sqlx::Connection;
 use support::postgres::TestDatabase;
 
@@ -202,4 +205,300 @@ async fn a_nul_character_is_refused_whole() {
     let err = s.insert_message(&message).await.expect_err("NUL in text");
     assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
     assert!(s.list_conversations("s1").await.unwrap().is_empty());
+}
+
+/// Gateways racing to claim the same sessions, free or expired: exactly one
+/// wins each, and the other is told who did, at the winner's epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claims_have_exactly_one_winner_per_session() {
+    const SESSIONS: usize = 50;
+    let db = TestDatabase::create().await;
+    let (a, b) = tokio::join!(PgStore::open(&db.url), PgStore::open(&db.url));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    a.register_gateway("gw-a", "http://a").await.unwrap();
+    b.register_gateway("gw-b", "http://b").await.unwrap();
+    let url = |gateway: &str| format!("http://{}", gateway.trim_start_matches("gw-"));
+    // Round 1: no lease yet (both insert). Round 2: every lease expired
+    // (both update the same row, one of them its last holder).
+    let ttls = [Duration::from_millis(300), Duration::from_secs(60)];
+    for (round, ttl) in ttls.into_iter().enumerate() {
+        let epoch = round as u64 + 1;
+        let start = Arc::new(tokio::sync::Barrier::new(2 * SESSIONS));
+        let mut claims = Vec::new();
+        for i in 0..SESSIONS {
+            for (store, gateway) in [(a.clone(), "gw-a"), (b.clone(), "gw-b")] {
+                let start = start.clone();
+                claims.push(tokio::spawn(async move {
+                    start.wait().await;
+                    let claim = store
+                        .claim_lease(&format!("s{i}"), gateway, ttl)
+                        .await
+                        .unwrap();
+                    (i, gateway, claim)
+                }));
+            }
+        }
+        let mut outcomes: Vec<Vec<(&str, LeaseClaim)>> = vec![Vec::new(); SESSIONS];
+        for claim in claims {
+            let (i, gateway, claim) = claim.await.unwrap();
+            outcomes[i].push((gateway, claim));
+        }
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let winners: Vec<&str> = outcome
+                .iter()
+                .filter(|(_, c)| *c == LeaseClaim::Acquired { epoch })
+                .map(|(g, _)| *g)
+                .collect();
+            assert_eq!(winners.len(), 1, "round {round}, s{i}: {outcome:?}");
+            let winner = winners[0];
+            let loser = outcome.iter().find(|(g, _)| *g != winner).unwrap();
+            assert_eq!(
+                loser.1,
+                LeaseClaim::HeldBy {
+                    gateway_id: winner.to_string(),
+                    internal_url: Some(url(winner)),
+                    epoch,
+                },
+                "round {round}, s{i}"
+            );
+        }
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(450)).await;
+        }
+    }
+    let leases: u64 = a
+        .list_gateways()
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.leases)
+        .sum();
+    assert_eq!(leases, SESSIONS as u64);
+    a.close().await;
+    b.close().await;
+}
+
+/// A takeover racing the old holder's fenced writes: each of those writes
+/// either committed before the takeover changed the epoch, or was refused
+/// whole (`LeaseLost`) — none lands after it, even one already under way
+/// when the takeover committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_fences_out_the_old_holders_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let db = TestDatabase::create().await;
+    let (a, b) = tokio::join!(PgStore::open(&db.url), PgStore::open(&db.url));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    a.create_session(&SessionRecord::new("s1", "alice", "trace", "echo"))
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(300);
+    assert_eq!(
+        a.claim_lease("s1", "gw-a", ttl).await.unwrap(),
+        LeaseClaim::Acquired { epoch: 1 }
+    );
+    let taken_over = Arc::new(AtomicBool::new(false));
+
+    // The old holder: two writers (seqs odd and even), each writing until
+    // it has been refused a few times in a row.
+    let mut writers = Vec::new();
+    for writer in 0..2u64 {
+        let (a, taken_over) = (a.clone(), taken_over.clone());
+        writers.push(tokio::spawn(async move {
+            let mut log = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut refused = 0;
+            for k in 0.. {
+                let seq = 1 + writer + 2 * k;
+                let started_after_takeover = taken_over.load(Ordering::SeqCst);
+                let event = [StoredEvent {
+                    seq,
+                    json: format!(r#"{{"old":{seq}}}"#),
+                }];
+                let write = SessionWrite::events(&event).fenced(Some(Fence {
+                    gateway_id: "gw-a",
+                    epoch: 1,
+                }));
+                let result = a.write_session("s1", write).await;
+                let ok = match result {
+                    Ok(()) => true,
+                    Err(StoreError::LeaseLost {
+                        ref session_id,
+                        epoch,
+                    }) if session_id == "s1" && epoch == 1 => false,
+                    Err(e) => panic!("write {seq}: {e}"),
+                };
+                log.push((seq, started_after_takeover, ok));
+                refused = if ok { 0 } else { refused + 1 };
+                if refused >= 5 || std::time::Instant::now() > deadline {
+                    break;
+                }
+            }
+            log
+        }));
+    }
+
+    // The other gateway takes over as soon as the lease expires.
+    let epoch = loop {
+        match b
+            .claim_lease("s1", "gw-b", Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
+            LeaseClaim::Acquired { epoch } => break epoch,
+            LeaseClaim::HeldBy { gateway_id, .. } => assert_eq!(gateway_id, "gw-a"),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    taken_over.store(true, Ordering::SeqCst);
+    assert_eq!(epoch, 2);
+    // Read once the takeover committed: an old-holder event that turns up
+    // only later was committed after the epoch changed.
+    let at_takeover: std::collections::BTreeSet<u64> = b
+        .events_after("s1", 0, u32::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+
+    let mut written = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    for w in writers {
+        let log = w.await.unwrap();
+        let mut seen_refusal = false;
+        for (seq, started_after_takeover, ok) in log {
+            if started_after_takeover {
+                assert!(!ok, "write {seq} began after the takeover and was stored");
+            }
+            // Refused once, refused for good.
+            assert!(!(seen_refusal && ok), "write {seq} stored after a refusal");
+            seen_refusal |= !ok;
+            if ok {
+                written.insert(seq);
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(seen_refusal, "every writer was fenced out");
+    }
+    assert!(
+        !written.is_empty() && refused > 0,
+        "the race happened ({} written, {refused} refused)",
+        written.len()
+    );
+    // What is stored is exactly what was acknowledged: no refused write
+    // left an event or moved the session's counter.
+    let stored: std::collections::BTreeSet<u64> = b
+        .events_after("s1", 0, u32::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(stored, written);
+    assert_eq!(
+        stored, at_takeover,
+        "old-holder events stored after the takeover"
+    );
+    let last = *written.iter().next_back().unwrap();
+    assert_eq!(b.get_session("s1").await.unwrap().unwrap().last_seq, last);
+
+    // The new holder writes at its epoch.
+    let event = [StoredEvent {
+        seq: last + 1,
+        json: r#"{"new":1}"#.into(),
+    }];
+    b.write_session(
+        "s1",
+        SessionWrite::events(&event).fenced(Some(Fence {
+            gateway_id: "gw-b",
+            epoch,
+        })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.get_session("s1").await.unwrap().unwrap().last_seq,
+        last + 1
+    );
+    a.close().await;
+    b.close().await;
+}
+
+/// The old holder's fenced writes wait for a takeover in progress (they
+/// lock the lease row a takeover locks to change it): when it commits they
+/// are refused, when it rolls back they land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_waits_for_a_takeover_in_progress() {
+    let (s, db) = fresh().await;
+    s.create_session(&SessionRecord::new("s1", "alice", "trace", "echo"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseClaim::Acquired { epoch: 1 }
+    );
+    let fence = || {
+        Some(Fence {
+            gateway_id: "gw-a",
+            epoch: 1,
+        })
+    };
+    let write = |seq: u64| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let event = events(seq..=seq);
+            let wrote = s
+                .write_session("s1", SessionWrite::events(&event).fenced(fence()))
+                .await;
+            let bound = s.set_session_task("s1", Some("t"), fence()).await;
+            (wrote, bound)
+        })
+    };
+    let mut takeover = sqlx::PgConnection::connect(&db.url).await.unwrap();
+
+    // A takeover that locks the row and then gives up: the write waits,
+    // then lands.
+    let mut tx = takeover.begin().await.unwrap();
+    sqlx::query("SELECT epoch FROM session_leases WHERE session_id = 's1' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let pending = write(1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "the write waits for the lease row");
+    tx.rollback().await.unwrap();
+    let (wrote, bound) = pending.await.unwrap();
+    wrote.unwrap();
+    bound.unwrap();
+    assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 1);
+
+    // A takeover that commits: the waiting write is refused whole.
+    s.set_session_task("s1", None, fence()).await.unwrap();
+    let mut tx = takeover.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE session_leases SET owner = 'gw-b', epoch = epoch + 1 WHERE session_id = 's1'",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let pending = write(2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "the write waits for the lease row");
+    tx.commit().await.unwrap();
+    let (wrote, bound) = pending.await.unwrap();
+    assert!(
+        matches!(wrote, Err(StoreError::LeaseLost { epoch: 1, .. })),
+        "{wrote:?}"
+    );
+    assert!(
+        matches!(bound, Err(StoreError::LeaseLost { epoch: 1, .. })),
+        "{bound:?}"
+    );
+    let got = s.get_session("s1").await.unwrap().unwrap();
+    assert_eq!((got.last_seq, got.task_id), (1, None));
+    assert_eq!(s.events_after("s1", 0, 10).await.unwrap(), events(1..=1));
+    takeover.close().await.unwrap();
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aishell_store::{
-    MessageRecord, SessionRecord, SessionState, SessionWrite, Store, StoredEvent, UsageSummary,
-    token,
+    Fence, LeaseClaim, MessageRecord, SessionRecord, SessionState, SessionWrite, Store, StoreError,
+    StoredEvent, UsageSummary, token,
 };
 use time::OffsetDateTime;
 
@@ -50,6 +50,15 @@ macro_rules! conformance_tests {
             usage_is_clipped_to_the_window,
             concurrent_writes_succeed_or_fail_alone,
             text_roundtrips_unchanged,
+            a_lease_is_claimed_renewed_by_its_holder_and_taken_over_after_expiry,
+            fenced_writes_need_the_current_lease,
+            a_refused_fenced_write_fails_alone,
+            renew_leases_extends_only_unexpired_leases,
+            a_released_lease_is_free_at_once,
+            removing_a_gateway_frees_its_leases,
+            gateways_list_oldest_first_with_their_lease_counts,
+            the_first_shared_secret_wins,
+            count_user_tasks_counts_bound_sessions,
         );
     };
     (@each $open:expr; $($name:ident),* $(,)?) => {
@@ -844,4 +853,540 @@ pub async fn text_roundtrips_unchanged(s: S) {
     assert_eq!(s.events_after(nasty, 0, 1).await.unwrap(), vec![big]);
     let (rec, plain) = s.create_token(nasty, nasty, false, None).await.unwrap();
     assert_eq!(s.verify_token(&plain).await.unwrap(), Some(rec));
+}
+
+// Several gateways on one database (docs/cluster.md).
+
+/// A ttl that outlives any test.
+const LONG: Duration = Duration::from_secs(60);
+/// A ttl a test waits out with [`SHORT_EXPIRED`].
+const SHORT: Duration = Duration::from_millis(300);
+/// Sleeping this long after a claim with [`SHORT`] lets it expire.
+const SHORT_EXPIRED: Duration = Duration::from_millis(450);
+
+fn acquired(epoch: u64) -> LeaseClaim {
+    LeaseClaim::Acquired { epoch }
+}
+
+fn held_by(gateway_id: &str, internal_url: Option<&str>, epoch: u64) -> LeaseClaim {
+    LeaseClaim::HeldBy {
+        gateway_id: gateway_id.to_string(),
+        internal_url: internal_url.map(str::to_string),
+        epoch,
+    }
+}
+
+fn fence(gateway_id: &str, epoch: u64) -> Option<Fence<'_>> {
+    Some(Fence { gateway_id, epoch })
+}
+
+fn assert_lease_lost(result: aishell_store::Result<()>, session: &str, epoch: u64) {
+    match result {
+        Err(StoreError::LeaseLost {
+            session_id,
+            epoch: lost,
+        }) => assert_eq!((session_id.as_str(), lost), (session, epoch)),
+        other => panic!("expected LeaseLost for {session} at {epoch}, got {other:?}"),
+    }
+}
+
+pub async fn a_lease_is_claimed_renewed_by_its_holder_and_taken_over_after_expiry(s: S) {
+    s.register_gateway("gw-a", "http://a:9000").await.unwrap();
+    s.register_gateway("gw-b", "http://b:9000").await.unwrap();
+    // No session row needed: a lease comes first.
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", SHORT).await.unwrap(),
+        acquired(1)
+    );
+    // The holder renewing keeps its epoch.
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", SHORT).await.unwrap(),
+        acquired(1)
+    );
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", SHORT).await.unwrap(),
+        held_by("gw-a", Some("http://a:9000"), 1)
+    );
+    // A holder that never registered has no URL to give.
+    assert_eq!(
+        s.claim_lease("s2", "gw-x", LONG).await.unwrap(),
+        acquired(1)
+    );
+    assert_eq!(
+        s.claim_lease("s2", "gw-a", LONG).await.unwrap(),
+        held_by("gw-x", None, 1)
+    );
+
+    tokio::time::sleep(SHORT_EXPIRED).await;
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", LONG).await.unwrap(),
+        acquired(2)
+    );
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", LONG).await.unwrap(),
+        held_by("gw-b", Some("http://b:9000"), 2)
+    );
+    // A holder whose own lease expired takes it back at a new epoch (its
+    // writes of the old epoch may have been overtaken).
+    assert_eq!(
+        s.claim_lease("s3", "gw-a", SHORT).await.unwrap(),
+        acquired(1)
+    );
+    tokio::time::sleep(SHORT_EXPIRED).await;
+    assert_eq!(
+        s.claim_lease("s3", "gw-a", LONG).await.unwrap(),
+        acquired(2)
+    );
+}
+
+pub async fn fenced_writes_need_the_current_lease(s: S) {
+    s.create_session(&session("s1", "alice", 1_000))
+        .await
+        .unwrap();
+    // No lease at all: a fenced write is refused.
+    assert_lease_lost(
+        s.write_session(
+            "s1",
+            SessionWrite::events(&events(1..=1)).fenced(fence("gw-a", 1)),
+        )
+        .await,
+        "s1",
+        1,
+    );
+    assert!(seqs(&s, "s1").await.is_empty());
+
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", SHORT).await.unwrap(),
+        acquired(1)
+    );
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(1..=2)).fenced(fence("gw-a", 1)),
+    )
+    .await
+    .unwrap();
+    s.set_session_task("s1", Some("t-a"), fence("gw-a", 1))
+        .await
+        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(3..=3))
+            .with_ack("t-a", 5)
+            .fenced(fence("gw-a", 1)),
+    )
+    .await
+    .unwrap();
+    // Expired but not taken over: still this gateway's (fencing is by
+    // epoch, not by expiry).
+    tokio::time::sleep(SHORT_EXPIRED).await;
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(4..=4)).fenced(fence("gw-a", 1)),
+    )
+    .await
+    .unwrap();
+    // Another gateway's fence never passes.
+    assert_lease_lost(
+        s.write_session(
+            "s1",
+            SessionWrite::events(&events(5..=5)).fenced(fence("gw-b", 1)),
+        )
+        .await,
+        "s1",
+        1,
+    );
+
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", LONG).await.unwrap(),
+        acquired(2)
+    );
+    let before = get(&s, "s1").await;
+    assert_eq!(
+        (
+            before.last_seq,
+            before.task_id.as_deref(),
+            before.runner_seq
+        ),
+        (4, Some("t-a"), 5)
+    );
+    // The old holder: refused, nothing written (events, counters, state,
+    // task binding).
+    assert_lease_lost(
+        s.write_session(
+            "s1",
+            SessionWrite {
+                state: Some(SessionState::Stopped),
+                ..SessionWrite::events(&events(5..=6)).with_ack("t-a", 9)
+            }
+            .fenced(fence("gw-a", 1)),
+        )
+        .await,
+        "s1",
+        1,
+    );
+    assert_lease_lost(
+        s.write_session(
+            "s1",
+            SessionWrite::state(SessionState::Stopped).fenced(fence("gw-a", 1)),
+        )
+        .await,
+        "s1",
+        1,
+    );
+    assert_lease_lost(
+        s.set_session_task("s1", Some("t-stale"), fence("gw-a", 1))
+            .await,
+        "s1",
+        1,
+    );
+    assert_lease_lost(
+        s.set_session_task("s1", None, fence("gw-a", 1)).await,
+        "s1",
+        1,
+    );
+    // The new holder at the old epoch is refused too.
+    assert_lease_lost(
+        s.write_session(
+            "s1",
+            SessionWrite::events(&events(5..=5)).fenced(fence("gw-b", 1)),
+        )
+        .await,
+        "s1",
+        1,
+    );
+    assert_eq!(get(&s, "s1").await, before);
+    assert_eq!(seqs(&s, "s1").await, [1, 2, 3, 4]);
+
+    // The new holder writes at its epoch.
+    s.set_session_task("s1", Some("t-b"), fence("gw-b", 2))
+        .await
+        .unwrap();
+    s.write_session(
+        "s1",
+        SessionWrite {
+            state: Some(SessionState::Stopped),
+            ..SessionWrite::events(&events(5..=6)).with_ack("t-b", 2)
+        }
+        .fenced(fence("gw-b", 2)),
+    )
+    .await
+    .unwrap();
+    let got = get(&s, "s1").await;
+    assert_eq!(
+        (
+            got.last_seq,
+            got.task_id.as_deref(),
+            got.runner_seq,
+            got.state
+        ),
+        (6, Some("t-b"), 2, SessionState::Stopped)
+    );
+    // Unfenced writes (one gateway) are never checked.
+    s.write_session("s1", SessionWrite::events(&events(7..=7)))
+        .await
+        .unwrap();
+    s.set_session_task("s1", None, None).await.unwrap();
+    assert_eq!(seqs(&s, "s1").await, [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(get(&s, "s1").await.task_id, None);
+    // The events the refused writes carried are stored by nobody.
+    let stored = s.events_after("s1", 4, 10).await.unwrap();
+    assert_eq!(stored, events(5..=7));
+}
+
+/// Concurrent writes (which the SQLite store commits together) each stand
+/// alone: a fenced write refused for a lost lease takes none of the others
+/// with it.
+pub async fn a_refused_fenced_write_fails_alone(s: S) {
+    for id in ["lost", "held", "plain"] {
+        s.create_session(&session(id, "alice", 1_000))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.claim_lease("lost", "gw-a", LONG).await.unwrap(),
+        acquired(1)
+    );
+    s.release_lease("lost", "gw-a", 1).await.unwrap();
+    assert_eq!(
+        s.claim_lease("lost", "gw-b", LONG).await.unwrap(),
+        acquired(2)
+    );
+    assert_eq!(
+        s.claim_lease("held", "gw-a", LONG).await.unwrap(),
+        acquired(1)
+    );
+    let mut handles = Vec::new();
+    for i in 1..=60u64 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let batch = events(i..=i);
+            let (session, result) = match i % 3 {
+                0 => (
+                    "lost",
+                    s.write_session(
+                        "lost",
+                        SessionWrite::events(&batch).fenced(fence("gw-a", 1)),
+                    )
+                    .await,
+                ),
+                1 => (
+                    "held",
+                    s.write_session(
+                        "held",
+                        SessionWrite::events(&batch).fenced(fence("gw-a", 1)),
+                    )
+                    .await,
+                ),
+                _ => (
+                    "plain",
+                    s.write_session("plain", SessionWrite::events(&batch)).await,
+                ),
+            };
+            (i, session, result)
+        }));
+    }
+    for h in handles {
+        let (i, session, result) = h.await.unwrap();
+        if session == "lost" {
+            assert_lease_lost(result, "lost", 1);
+        } else {
+            result.unwrap_or_else(|e| panic!("write {i} to {session}: {e}"));
+        }
+    }
+    assert!(seqs(&s, "lost").await.is_empty());
+    assert_eq!(get(&s, "lost").await.last_seq, 0);
+    let expected = |r: u64| -> Vec<u64> { (1..=60).filter(|i| i % 3 == r).collect() };
+    assert_eq!(seqs(&s, "held").await, expected(1));
+    assert_eq!(seqs(&s, "plain").await, expected(2));
+}
+
+pub async fn renew_leases_extends_only_unexpired_leases(s: S) {
+    let first = Duration::from_millis(600);
+    for id in ["s1", "s2"] {
+        assert_eq!(s.claim_lease(id, "gw-a", first).await.unwrap(), acquired(1));
+    }
+    assert_eq!(
+        s.claim_lease("s3", "gw-a", Duration::from_millis(100))
+            .await
+            .unwrap(),
+        acquired(1)
+    );
+    assert_eq!(
+        s.claim_lease("other", "gw-b", LONG).await.unwrap(),
+        acquired(1)
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // s3 expired: not revived, not returned.
+    assert_eq!(
+        s.renew_leases("gw-a", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        [("s1".to_string(), 1), ("s2".to_string(), 1)]
+    );
+    // Past the first ttl: held thanks to the renewal.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", LONG).await.unwrap(),
+        held_by("gw-a", None, 1)
+    );
+    assert_eq!(
+        s.claim_lease("s3", "gw-b", LONG).await.unwrap(),
+        acquired(2)
+    );
+    assert_eq!(
+        s.renew_leases("gw-b", LONG).await.unwrap(),
+        [("other".to_string(), 1), ("s3".to_string(), 2)]
+    );
+    assert_eq!(
+        s.renew_leases("gw-a", LONG).await.unwrap(),
+        [("s1".to_string(), 1), ("s2".to_string(), 1)]
+    );
+    assert!(s.renew_leases("gw-none", LONG).await.unwrap().is_empty());
+}
+
+pub async fn a_released_lease_is_free_at_once(s: S) {
+    s.register_gateway("gw-a", "http://a").await.unwrap();
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", LONG).await.unwrap(),
+        acquired(1)
+    );
+    // A stale epoch, or another gateway, releases nothing.
+    s.release_lease("s1", "gw-a", 2).await.unwrap();
+    s.release_lease("s1", "gw-a", 0).await.unwrap();
+    s.release_lease("s1", "gw-b", 1).await.unwrap();
+    s.release_lease("missing", "gw-a", 1).await.unwrap();
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", LONG).await.unwrap(),
+        held_by("gw-a", Some("http://a"), 1)
+    );
+
+    s.release_lease("s1", "gw-a", 1).await.unwrap();
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", LONG).await.unwrap(),
+        acquired(2)
+    );
+    // The gateway that let it go no longer writes it.
+    s.create_session(&session("s1", "alice", 1_000))
+        .await
+        .unwrap();
+    assert_lease_lost(
+        s.write_session(
+            "s1",
+            SessionWrite::events(&events(1..=1)).fenced(fence("gw-a", 1)),
+        )
+        .await,
+        "s1",
+        1,
+    );
+    // Released and claimed again by the same gateway: a new epoch.
+    s.release_lease("s1", "gw-b", 2).await.unwrap();
+    assert!(s.renew_leases("gw-b", LONG).await.unwrap().is_empty());
+    assert_eq!(
+        s.claim_lease("s1", "gw-b", LONG).await.unwrap(),
+        acquired(3)
+    );
+}
+
+pub async fn removing_a_gateway_frees_its_leases(s: S) {
+    s.register_gateway("gw-a", "http://a").await.unwrap();
+    s.register_gateway("gw-b", "http://b").await.unwrap();
+    for id in ["s1", "s2"] {
+        assert_eq!(s.claim_lease(id, "gw-a", LONG).await.unwrap(), acquired(1));
+    }
+    assert_eq!(
+        s.claim_lease("s3", "gw-b", LONG).await.unwrap(),
+        acquired(1)
+    );
+    s.remove_gateway("gw-a").await.unwrap();
+    let ids: Vec<String> = s
+        .list_gateways()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(ids, ["gw-b"]);
+    assert!(s.renew_leases("gw-a", LONG).await.unwrap().is_empty());
+    // Epochs kept: the next holder's is higher.
+    for id in ["s1", "s2"] {
+        assert_eq!(s.claim_lease(id, "gw-b", LONG).await.unwrap(), acquired(2));
+    }
+    // Another gateway's leases are untouched.
+    assert_eq!(
+        s.claim_lease("s3", "gw-c", LONG).await.unwrap(),
+        held_by("gw-b", Some("http://b"), 1)
+    );
+    // Removing an unknown gateway is a no-op.
+    s.remove_gateway("gw-none").await.unwrap();
+    assert_eq!(s.list_gateways().await.unwrap().len(), 1);
+}
+
+pub async fn gateways_list_oldest_first_with_their_lease_counts(s: S) {
+    assert!(s.list_gateways().await.unwrap().is_empty());
+    let before = OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    s.register_gateway("gw-b", "http://b-old").await.unwrap();
+    tick().await;
+    s.register_gateway("gw-a", "http://a").await.unwrap();
+    for id in ["s1", "s2"] {
+        s.claim_lease(id, "gw-a", LONG).await.unwrap();
+    }
+    s.claim_lease("s3", "gw-a", Duration::from_millis(50))
+        .await
+        .unwrap();
+    s.claim_lease("s4", "gw-b", LONG).await.unwrap();
+    s.claim_lease("s5", "gw-none", LONG).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let list = s.list_gateways().await.unwrap();
+    let summary: Vec<(&str, &str, u64)> = list
+        .iter()
+        .map(|g| (g.id.as_str(), g.internal_url.as_str(), g.leases))
+        .collect();
+    // s3 expired: not counted.
+    assert_eq!(
+        summary,
+        [("gw-b", "http://b-old", 1), ("gw-a", "http://a", 2)]
+    );
+    let after = OffsetDateTime::now_utc() + time::Duration::seconds(5);
+    for g in &list {
+        assert!(before < g.started_at && g.started_at < after, "{g:?}");
+        assert_eq!(g.heartbeat_at, g.started_at, "{g:?}");
+    }
+
+    // A heartbeat moves only its gateway's time.
+    tick().await;
+    s.heartbeat_gateway("gw-a").await.unwrap();
+    s.heartbeat_gateway("gw-none").await.unwrap();
+    let list = s.list_gateways().await.unwrap();
+    assert!(list[1].heartbeat_at > list[1].started_at, "{:?}", list[1]);
+    assert_eq!(list[0].heartbeat_at, list[0].started_at, "{:?}", list[0]);
+    assert_eq!(list.len(), 2);
+
+    // Re-registering (a restart) takes the new URL and start time: now the
+    // youngest.
+    tick().await;
+    s.register_gateway("gw-b", "http://b-new").await.unwrap();
+    let list = s.list_gateways().await.unwrap();
+    let summary: Vec<(&str, &str, u64)> = list
+        .iter()
+        .map(|g| (g.id.as_str(), g.internal_url.as_str(), g.leases))
+        .collect();
+    assert_eq!(
+        summary,
+        [("gw-a", "http://a", 2), ("gw-b", "http://b-new", 1)]
+    );
+    assert_eq!(
+        s.claim_lease("s4", "gw-a", LONG).await.unwrap(),
+        held_by("gw-b", Some("http://b-new"), 1)
+    );
+}
+
+pub async fn the_first_shared_secret_wins(s: S) {
+    assert_eq!(
+        s.shared_secret("runner-credential", b"first\x00\xff")
+            .await
+            .unwrap(),
+        b"first\x00\xff"
+    );
+    assert_eq!(
+        s.shared_secret("runner-credential", b"second")
+            .await
+            .unwrap(),
+        b"first\x00\xff"
+    );
+    assert_eq!(s.shared_secret("other", b"mine").await.unwrap(), b"mine");
+    // Concurrent first calls all get the one value stored.
+    let mut handles = Vec::new();
+    for i in 0..16u8 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            s.shared_secret("raced", &[i; 32]).await.unwrap()
+        }));
+    }
+    let mut values = HashSet::new();
+    for h in handles {
+        values.insert(h.await.unwrap());
+    }
+    assert_eq!(values.len(), 1, "{values:?}");
+    let stored = s.shared_secret("raced", b"late").await.unwrap();
+    assert!(values.contains(&stored));
+}
+
+pub async fn count_user_tasks_counts_bound_sessions(s: S) {
+    for (id, user) in [
+        ("a1", "alice"),
+        ("a2", "alice"),
+        ("a3", "alice"),
+        ("b1", "bob"),
+    ] {
+        s.create_session(&session(id, user, 1_000)).await.unwrap();
+    }
+    assert_eq!(s.count_user_tasks("alice").await.unwrap(), 0);
+    s.set_session_task("a1", Some("t1"), None).await.unwrap();
+    s.set_session_task("a2", Some("t2"), None).await.unwrap();
+    s.set_session_task("b1", Some("t3"), None).await.unwrap();
+    assert_eq!(s.count_user_tasks("alice").await.unwrap(), 2);
+    assert_eq!(s.count_user_tasks("bob").await.unwrap(), 1);
+    assert_eq!(s.count_user_tasks("carol").await.unwrap(), 0);
+    s.set_session_task("a1", None, None).await.unwrap();
+    assert_eq!(s.count_user_tasks("alice").await.unwrap(), 1);
 }
