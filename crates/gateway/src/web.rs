@@ -1,7 +1,8 @@
 //! The embedded web UI: the chat page (`/`), the admin dashboard (`/admin`),
 //! their static assets (`/assets/*`, compiled into the binary, no build step)
 //! and the small JSON API behind them: `GET /api/me`, and for admins
-//! `GET /api/admin/overview`, `POST /api/admin/sessions/{id}/stop`,
+//! `GET /api/admin/overview`, `GET /api/admin/gateways`,
+//! `POST /api/admin/sessions/{id}/stop`,
 //! `POST /api/admin/pool`.
 //!
 //! Pages and assets are public (they hold no data); every API call needs a
@@ -38,6 +39,7 @@ pub fn routes() -> Router<Arc<Shared>> {
             get(conversation_messages),
         )
         .route("/api/admin/overview", get(overview))
+        .route("/api/admin/gateways", get(gateways))
         .route("/api/admin/sessions/{session_id}/stop", post(stop_session))
         .route("/api/admin/pool", post(pool_action))
         .route("/api/admin/report", get(daily_report))
@@ -362,9 +364,14 @@ async fn overview(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
             })
         })
         .collect();
+    let gateways = match gateways_view(&shared).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let recent = crate::recent::recent().snapshot();
     let latency = |key: &str| recent.series.get(key).cloned();
     no_store(json!({
+        "gateways": gateways,
         "version": env!("CARGO_PKG_VERSION"),
         "backend": shared.backend.name(),
         "uptime_s": recent.uptime_s,
@@ -389,6 +396,49 @@ async fn overview(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
             "first_event": latency("message_roundtrip"),
         },
     }))
+}
+
+/// Every gateway sharing the database (`null` for the only one): id,
+/// internal URL, seconds since its heartbeat, whether that is within a
+/// lease (alive), its leases, and which one answered.
+async fn gateways_view(shared: &Shared) -> Result<serde_json::Value, Response> {
+    let Some(cluster) = &shared.cluster else {
+        return Ok(serde_json::Value::Null);
+    };
+    let list = shared.store.list_gateways().await.map_err(|e| {
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal,
+            format!("cannot read the gateways from the store: {e}"),
+        )
+    })?;
+    let now = time::OffsetDateTime::now_utc();
+    let ttl = cluster.cfg.lease_ttl.as_secs_f64();
+    Ok(list
+        .into_iter()
+        .map(|g| {
+            let age = (now - g.heartbeat_at).as_seconds_f64().max(0.0);
+            json!({
+                "gateway_id": g.id,
+                "internal_url": g.internal_url,
+                "started_at": g.started_at.unix_timestamp(),
+                "heartbeat_age_s": (age * 10.0).round() / 10.0,
+                "alive": age <= ttl,
+                "leases": g.leases,
+                "this": g.id == cluster.id(),
+            })
+        })
+        .collect())
+}
+
+async fn gateways(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&shared, &headers).await {
+        return r;
+    }
+    match gateways_view(&shared).await {
+        Ok(g) => no_store(json!({ "gateways": g })),
+        Err(r) => r,
+    }
 }
 
 async fn stop_session(

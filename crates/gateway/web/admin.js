@@ -78,7 +78,16 @@ function render(d) {
   $('admin-error').hidden = true;
   $('updated').textContent = `live · ${new Date().toLocaleTimeString()}`;
   $('updated').className = 'status status-ok';
-  $('gateway-info').textContent = `v${d.version} · ${d.backend} backend · up ${Math.round(d.uptime_s / 60)} min`;
+  let cluster = '';
+  if (d.gateways) {
+    // Several gateways on one database: this one, and how the others are.
+    const me = d.gateways.find((g) => g.this);
+    const others = d.gateways.filter((g) => !g.this)
+      .map((g) => `${g.gateway_id} ${g.alive ? 'up' : `silent ${g.heartbeat_age_s}s`} (${g.leases} sessions)`);
+    cluster = ` · gateway ${me ? me.gateway_id : '?'} (${me ? me.leases : 0} sessions)` +
+      (others.length ? ` · others: ${others.join(', ')}` : '');
+  }
+  $('gateway-info').textContent = `v${d.version} · ${d.backend} backend · up ${Math.round(d.uptime_s / 60)} min${cluster}`;
 
   const s = d.sessions;
   $('sessions-total').textContent = s.total;

@@ -565,7 +565,10 @@ impl SessionActor {
         // already, after a gateway restart) leaves a started task idle (the
         // idle timer stops it), never a message lost or run twice.
         let quota_message = if self.machine.has_no_task() {
-            self.weekly_quota_exceeded().await
+            match self.weekly_quota_exceeded().await {
+                Some(sentence) => Some(sentence),
+                None => self.task_limit_across_gateways().await,
+            }
         } else {
             None
         };
@@ -912,6 +915,25 @@ impl SessionActor {
 
     fn log_stderr(&self, lines: &[String], outcome: super::agent_stderr::Outcome) {
         super::agent_stderr::log_all(&self.id, &self.user_id, &self.trace_id, lines, outcome);
+    }
+
+    /// One of several gateways: the user's sandboxes on every gateway count
+    /// against `max_tasks_per_user` (the store knows each session's task;
+    /// this gateway's own map knows only its own).
+    async fn task_limit_across_gateways(&self) -> Option<String> {
+        self.shared.cluster.as_ref()?;
+        let limit = self.shared.cfg.max_tasks_per_user as u64;
+        let running = match self.shared.store.count_user_tasks(&self.user_id).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(event = "store_error", sessionId = %self.id, error = %e, "could not count the user's sandboxes; not enforcing the limit across gateways");
+                return None;
+            }
+        };
+        (running >= limit).then(|| {
+            tracing::warn!(event = "quota_exceeded", sessionId = %self.id, userId = %self.user_id, running, "task quota reached across gateways");
+            format!("you already have {running} sandboxes running (limit {limit}); wait for one to go idle or stop it, then send your message again")
+        })
     }
 
     /// A sentence for the user when their weekly sandbox hours are used up.
