@@ -122,7 +122,7 @@ async fn own_writer(db: Connection, mut checkpoints: Checkpointer, mut queue: Qu
             tokio::select! {
                 more = queue.next_batch(&mut batch) => more,
                 () = tokio::time::sleep(CHECKPOINT_WHEN_IDLE) => {
-                    checkpoints.start();
+                    checkpoints.start_idle();
                     continue;
                 }
             }
@@ -163,6 +163,12 @@ struct Checkpointer {
 
 /// Writer idle this long: checkpoint.
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(100);
+/// A WAL larger than this is truncated (to zero) by the checkpoint of an
+/// idle writer. A `PASSIVE` checkpoint copies the WAL into the database but
+/// leaves the file at its largest (a burst of big turns left hundreds of
+/// MB on disk at rest); `TRUNCATE` takes the write lock for the moment it
+/// runs, so it runs only when the writer is idle and the WAL is big.
+pub(crate) const WAL_TRUNCATE_ABOVE_BYTES: u64 = if cfg!(test) { 4 << 20 } else { 64 << 20 };
 /// Checkpoint at least this often while writes keep coming.
 const CHECKPOINT_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 
@@ -189,21 +195,41 @@ impl Checkpointer {
         }
     }
 
+    /// The writer is idle: checkpoint, truncating a WAL that grew large.
+    fn start_idle(&mut self) {
+        self.run(true);
+    }
+
     /// Start a checkpoint in the background unless one is running.
     fn start(&mut self) {
+        self.run(false);
+    }
+
+    fn run(&mut self, idle: bool) {
         (self.owed, self.last_started) = (false, Instant::now());
         let slot = self.db.clone();
         let Some(db) = slot.lock().expect("checkpoint connection").take() else {
             return; // one is running; it covers these commits too, or the next will
         };
         tokio::task::spawn_blocking(move || {
-            let result = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            let wal_bytes = db
+                .path()
+                .and_then(|p| std::fs::metadata(format!("{p}-wal")).ok())
+                .map_or(0, |m| m.len());
+            let mode = if idle && wal_bytes > WAL_TRUNCATE_ABOVE_BYTES {
+                "TRUNCATE"
+            } else {
+                "PASSIVE"
+            };
+            let result = db.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
                 Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
             });
             match result {
                 Ok((wal_frames, copied)) => {
                     tracing::debug!(
                         event = "store_checkpoint",
+                        mode,
+                        wal_bytes,
                         wal_frames,
                         copied,
                         "WAL checkpointed"

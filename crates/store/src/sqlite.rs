@@ -1721,6 +1721,60 @@ mod tests {
         assert_eq!(rows(&s, "session_events").await, 500);
     }
 
+    /// A burst that grew the WAL past the limit leaves no big WAL at rest:
+    /// the idle writer's checkpoint truncates it.
+    #[tokio::test]
+    async fn a_big_wal_is_truncated_once_writes_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = file(&dir).await;
+        s.create_session(&session("s1", "alice", 1_000))
+            .await
+            .unwrap();
+        let wal = format!("{}-wal", file_path(&dir).display());
+        let payload = "x".repeat(8000);
+        let limit = crate::group_commit::WAL_TRUNCATE_ABOVE_BYTES;
+        let mut peak = 0;
+        let mut seq = 0;
+        // Batches back to back (no idle pause): the WAL grows past the limit.
+        while peak <= limit {
+            let events: Vec<StoredEvent> = (0..50)
+                .map(|_| {
+                    seq += 1;
+                    StoredEvent {
+                        seq,
+                        json: payload.clone(),
+                    }
+                })
+                .collect();
+            s.write_session("s1", SessionWrite::events(&events))
+                .await
+                .unwrap();
+            peak = peak.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            assert!(seq < 5_000, "the WAL never grew past {limit} bytes");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let at_rest = loop {
+            let len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+            if len <= limit || std::time::Instant::now() > deadline {
+                break len;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            at_rest <= limit,
+            "the WAL peaked at {peak} bytes and is still {at_rest} at rest (limit {limit})"
+        );
+        // Nothing was lost by the truncation, and writing goes on.
+        assert_eq!(rows(&s, "session_events").await, seq as i64);
+        let more = [StoredEvent {
+            seq: seq + 1,
+            json: "{}".into(),
+        }];
+        s.write_session("s1", SessionWrite::events(&more))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn memory_store_survives_idle_connections() {
         let s = memory().await;
