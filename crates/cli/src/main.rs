@@ -7,6 +7,7 @@ mod image;
 mod logging;
 mod prefault;
 mod report;
+mod sandbox_roles;
 mod serve;
 mod settings;
 mod store_cmd;
@@ -58,20 +59,16 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Runner => return sandbox_roles::run(sandbox_roles::Role::Runner),
+        Command::Agent { kind, await_init } => {
+            return sandbox_roles::run(sandbox_roles::Role::Agent { kind, await_init });
+        }
+        _ => {}
+    }
     // One rustls crypto provider for every HTTPS client in the process
     // (model endpoints); chosen explicitly so no dependency can make it ambiguous.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // A warm runner's mount namespace must be entered while this process
-    // still has one thread (mount namespaces are per thread).
-    let warm_runner = matches!(cli.command, Command::Runner)
-        && std::env::var("AISHELL_TASK_MODE").as_deref() == Ok("warm");
-    let workspace_slot =
-        warm_runner.then(aishell_runner::prestart::WorkspaceSlot::enter_private_namespace);
-    if warm_runner {
-        // Refills run on CPU nothing else wants, until ready to be claimed.
-        aishell_runner::priority::idle_until_ready();
-        prefault::populate_executable();
-    }
     // `serve` settles its settings, data directory and logger while the
     // process still has one thread (it hands its console form to runners
     // in the environment).
@@ -88,14 +85,6 @@ fn main() -> std::process::ExitCode {
         }
     }
     let runtime = match cli.command {
-        // Agents and runners are small; keep their footprint small too.
-        // Blocking-pool threads (a terminal's stdio, tools) otherwise exit
-        // after 10 s idle, and a warm agent claimed after a minute in the
-        // pool would pay for new threads in the middle of its first reply.
-        Command::Agent { .. } | Command::Runner => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .thread_keep_alive(std::time::Duration::from_secs(24 * 3600))
-            .build(),
         // The load generator shares the machine with the gateway it
         // measures: one thread keeps its own cost (and cross-thread
         // wake-ups) out of the figures as far as possible.
@@ -107,35 +96,6 @@ fn main() -> std::process::ExitCode {
             .build(),
     }
     .expect("tokio runtime");
-    // An agent started ahead of its claim waits for `init` here, with its
-    // runtime and logging already set up (so the claim does not pay for
-    // them) and still on one thread (a current-thread runtime starts none
-    // until used): the identity change must be the whole process's.
-    if matches!(cli.command, Command::Agent { .. }) {
-        logging::init("aishell-agent", logging::Target::Stderr);
-    }
-    let already_read = match &cli.command {
-        Command::Agent {
-            kind,
-            await_init: true,
-        } => {
-            if let Err(e) = aishell_agents::check_kind(kind) {
-                eprintln!("aishell: {e}");
-                return std::process::ExitCode::FAILURE;
-            }
-            prefault::populate_executable();
-            match aishell_agents::await_init() {
-                Ok(Some(bytes)) => bytes,
-                // Stopped before any claim.
-                Ok(None) => return std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("aishell: {e:#}");
-                    return std::process::ExitCode::FAILURE;
-                }
-            }
-        }
-        _ => Vec::new(),
-    };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(_) => match serve_prepared {
@@ -149,19 +109,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Report(args) => report::run(args).await,
             Command::Image(args) => image::run(args).await,
-            Command::Runner => {
-                logging::init("aishell-runner", logging::Target::Stdout);
-                let mut cfg = aishell_runner::RunnerConfig::from_env()?;
-                match workspace_slot {
-                    Some(Ok(slot)) => cfg.workspace_slot = Some(slot),
-                    Some(Err(reason)) => {
-                        tracing::info!(event = "agent_prestart_unavailable", taskId = %cfg.task_id, reason = %reason, "agents under bubblewrap start at claim time")
-                    }
-                    None => {}
-                }
-                aishell_runner::run(cfg).await.map_err(anyhow::Error::from)
-            }
-            Command::Agent { kind, .. } => aishell_agents::run_stdio(&kind, already_read).await,
+            Command::Runner | Command::Agent { .. } => unreachable!("run above"),
         }
     });
     match result {

@@ -103,8 +103,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     ])?;
     let backend: Arc<dyn Backend> = match settings.execution_mode()? {
         "process" => {
-            let program =
-                std::env::current_exe().context("cannot locate the aishell binary for runners")?;
+            let program = runner_program()?;
             let backend_cfg = ProcessBackendConfig::new(
                 program,
                 cfg.workspaces_root.clone(),
@@ -425,4 +424,18 @@ fn single_user_fallback(
     cfg.sandbox = None;
     cfg.only_user = Some(user);
     Ok(())
+}
+
+/// What the process backend runs as runner (and the runner as agent):
+/// `aishell-sandbox` beside this binary, which links only those roles and
+/// so costs each of a cold start's two execs less (`sandbox_roles.rs`); this
+/// binary itself where it is missing (a copy of `aishell` alone).
+fn runner_program() -> anyhow::Result<std::path::PathBuf> {
+    let this = std::env::current_exe().context("cannot locate the aishell binary for runners")?;
+    let sandbox = this.with_file_name("aishell-sandbox");
+    if sandbox.is_file() {
+        return Ok(sandbox);
+    }
+    tracing::info!(event = "sandbox_binary_missing", expected = %sandbox.display(), "runners run as `aishell runner` (install aishell-sandbox beside aishell for cheaper starts)");
+    Ok(this)
 }

@@ -447,3 +447,50 @@ async fn warm_sandboxes_start_at_idle_priority_and_wait_at_normal() {
         .and_then(|rest| rest.split_whitespace().nth(38).map(String::from));
     assert_eq!(field.as_deref(), Some("0"), "{text}");
 }
+
+/// The process backend runs its runners and their built-in agents as
+/// `aishell-sandbox`, the binary with only those roles (cheaper to exec and
+/// relocate than the whole `aishell`), and a session still works.
+#[tokio::test]
+async fn runners_and_agents_run_the_small_sandbox_binary() {
+    let gw = Gateway::start(&["--agent", "shell", "--warm-pool-target-size", "1"]);
+    gw.wait_pool_ready(1, WAIT).await;
+    let runners = warm_runner_pids();
+    assert!(!runners.is_empty(), "no warm runner");
+    let exe = |pid: i32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    for pid in &runners {
+        assert_eq!(
+            exe(*pid).as_deref(),
+            Some("aishell-sandbox"),
+            "runner {pid}"
+        );
+    }
+    let mut c = gw.connect().await;
+    c.message("m1", "echo hello from the sandbox").await;
+    let frames = c.turn().await;
+    assert!(
+        text_of(&frames).contains("hello from the sandbox"),
+        "{}",
+        pretty(&frames)
+    );
+    // The agent that answered is the sandbox binary too.
+    let agents: Vec<i32> = descendants(gw.pid() as i32)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("agent shell"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(!agents.is_empty(), "no agent process");
+    for pid in agents {
+        // bwrap's own process has the agent's command line too; only the
+        // agent itself execs the binary.
+        let name = exe(pid);
+        assert!(
+            name.as_deref() == Some("aishell-sandbox") || name.as_deref() == Some("bwrap"),
+            "agent {pid} runs {name:?}"
+        );
+    }
+}
