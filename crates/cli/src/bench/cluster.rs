@@ -6,8 +6,9 @@
 //! (process backend, loopback ports, `--gateway-id gwK`, the shared address
 //! `--shared-url`, one `--workspaces-root`), HAProxy with the shipped
 //! `deploy/haproxy/haproxy.cfg`, and one gateway on SQLite; each setup's
-//! warm pools hold the whole burst. Then, round after round, alternating
-//! the setups (so a busy neighbour on the machine weighs on both alike):
+//! warm pools hold the whole burst. Then, after `--warmup-rounds` bursts
+//! not counted, round after round, alternating the setups (so a busy
+//! neighbour on the machine weighs on both alike):
 //! `--concurrency` new sessions at once, each sending one message, timed
 //! from the message to the first agent event (the plain bench's
 //! measurement), and each gateway's CPU during the burst divided by the
@@ -21,11 +22,13 @@
 //! (found by a marker in its environment), HAProxy, PostgreSQL, temp dirs.
 //!
 //! JSON (`--format json`): `{ date, command, machine, gateways,
-//! concurrency, rounds, database, haproxy, warm_pool: { cluster_per_gateway,
+//! concurrency, rounds, warmup_rounds, warmup_failures, database, haproxy,
+//! spawn_args, warm_pool: { cluster_per_gateway,
 //! single: { target, max } }, cluster|single: { level (as the plain bench's),
 //! warm_first_event_ms: {p50,p90,p99,max}, gateways: [ { id, pid, sessions,
 //! cpu_ms, cpu_ms_per_session } ], haproxy_cpu_ms_per_session,
-//! postgres_cpu_ms_per_session, cpu_ms_per_session_total, bursts_not_settled },
+//! postgres_cpu_ms_per_session, cpu_ms_per_session_total, bursts_not_settled,
+//! per_burst_warm_first_event_ms: [ {p50,p90,p99,max} ] },
 //! ratio: { p50, p99 }, target: { max_ratio, met }, first_error, started:
 //! { run_id, postgres_pid, haproxy_pid, gateway_pids, single_pid, dirs },
 //! runners_swept }`.
@@ -65,6 +68,11 @@ pub struct ClusterArgs {
     /// Bursts per setup (samples are pooled).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Bursts per setup before those measured, not counted: the first
+    /// burst on a fresh gateway also opens its PostgreSQL connections
+    /// (up to 16 each), which a gateway in service has open already.
+    #[arg(long, default_value_t = 1)]
+    warmup_rounds: usize,
     /// An existing PostgreSQL to use as is instead of a throwaway one (the
     /// bench's gateways, tokens and sessions stay in it: use a scratch
     /// database).
@@ -261,6 +269,8 @@ struct Setup {
     helpers: Vec<(&'static str, u32)>,
     helper_cpu_ns: HashMap<&'static str, u64>,
     samples: Vec<Sample>,
+    /// Each measured burst's warm first-event percentiles, in order.
+    per_burst: Vec<Value>,
     not_settled: usize,
 }
 
@@ -274,6 +284,7 @@ impl Setup {
             helpers: Vec::new(),
             helper_cpu_ns: HashMap::new(),
             samples: Vec::new(),
+            per_burst: Vec::new(),
             not_settled: 0,
         }
     }
@@ -337,6 +348,12 @@ impl Setup {
             m.sessions += claims_after[i].saturating_sub(claims_before[i]);
         }
         self.stop_sessions(&samples).await;
+        let mut warm: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.source == "warm" && s.error.is_none())
+            .filter_map(|s| s.first_event_ms)
+            .collect();
+        self.per_burst.push(super::percentiles(&mut warm));
         self.samples.extend(samples);
         Ok(())
     }
@@ -370,6 +387,18 @@ impl Setup {
         }
     }
 
+    /// Forget what was measured so far (after the warm-up bursts).
+    fn reset(&mut self) {
+        for m in &mut self.members {
+            m.cpu_ns = Some(0);
+            m.sessions = 0;
+        }
+        self.helper_cpu_ns.clear();
+        self.samples.clear();
+        self.per_burst.clear();
+        self.not_settled = 0;
+    }
+
     fn report(&self, rounds: usize, n: usize) -> Value {
         let level = level_json(n, rounds, &self.samples);
         let per = |ns: u64, sessions: u64| round2(ns as f64 / 1e6 / sessions.max(1) as f64);
@@ -401,6 +430,7 @@ impl Setup {
             "postgres_cpu_ms_per_session": helper("postgres"),
             "cpu_ms_per_session_total": total,
             "bursts_not_settled": self.not_settled,
+            "per_burst_warm_first_event_ms": self.per_burst,
         })
     }
 }
@@ -528,6 +558,23 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
     rig.single = Some(single);
 
     progress("filling the warm pools");
+    for round in 1..=args.warmup_rounds {
+        for setup in [&mut cluster, &mut alone] {
+            progress(&format!(
+                "warm-up {round}/{}: {n} new sessions on the {} (not counted)",
+                args.warmup_rounds, setup.name
+            ));
+            setup.burst(n, timeout).await?;
+        }
+    }
+    let warmup_errors: Vec<String> = cluster
+        .samples
+        .iter()
+        .chain(&alone.samples)
+        .filter_map(|s| s.error.clone())
+        .collect();
+    cluster.reset();
+    alone.reset();
     for round in 1..=args.rounds {
         for setup in [&mut cluster, &mut alone] {
             progress(&format!(
@@ -558,7 +605,8 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
         .samples
         .iter()
         .chain(&alone.samples)
-        .find_map(|s| s.error.clone());
+        .find_map(|s| s.error.clone())
+        .or_else(|| warmup_errors.first().cloned());
     Ok(json!({
         "date": provenance["date"],
         "command": provenance["command"],
@@ -566,6 +614,8 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
         "gateways": args.gateways,
         "concurrency": n,
         "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds,
+        "warmup_failures": warmup_errors.len(),
         "database": database,
         "haproxy": haproxy_version,
         "spawn_args": args.spawn_args,
@@ -604,8 +654,8 @@ fn print_table(r: &Value) {
         }
     );
     println!(
-        "load: {} new sessions at once, {} rounds per setup, alternating; message → first agent event (echo agent)",
-        r["concurrency"], r["rounds"]
+        "load: {} new sessions at once, {} rounds per setup after {} warm-up round(s), alternating; message → first agent event (echo agent)",
+        r["concurrency"], r["rounds"], r["warmup_rounds"]
     );
     println!();
     println!(
@@ -673,6 +723,20 @@ fn print_table(r: &Value) {
         if n > 0 {
             println!("  note: {n} {key} bursts started before every pool was full (90 s wait)");
         }
+    }
+    println!();
+    println!("warm first event per measured burst, p50/p99 ms:");
+    for key in ["cluster", "single"] {
+        let bursts: Vec<String> = r[key]["per_burst_warm_first_event_ms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}/{}", num(&p["p50"]), num(&p["p99"])))
+            .collect();
+        println!("  {key:<8} {}", bursts.join("  "));
+    }
+    if let Some(n) = r["warmup_failures"].as_u64().filter(|n| *n > 0) {
+        println!("warm-up failures: {n}");
     }
     if let Some(e) = r["first_error"].as_str() {
         println!("first error: {e}");
