@@ -18,7 +18,9 @@
 //! "first_error" }`.
 //!
 //! The scale modes (`aishell bench idle|live|soak`) live in their own
-//! modules: [`idle`], [`live`], [`soak`].
+//! modules: [`idle`], [`live`], [`soak`]; `aishell bench cluster` (several
+//! gateways on PostgreSQL behind HAProxy against one on SQLite) in
+//! `cluster` (binaries built with `--features postgres`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -32,6 +34,8 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+#[cfg(feature = "postgres")]
+mod cluster;
 mod idle;
 mod live;
 mod soak;
@@ -80,17 +84,35 @@ enum ScaleMode {
     Live(live::LiveArgs),
     /// Bounded churn; exits non-zero if a turn was lost or anything leaked.
     Soak(soak::SoakArgs),
+    /// Several gateways on one PostgreSQL behind HAProxy against one
+    /// gateway on SQLite: warm first-event latency and CPU per session.
+    #[cfg(feature = "postgres")]
+    Cluster(cluster::ClusterArgs),
+    /// Several gateways on one PostgreSQL behind HAProxy (this binary was
+    /// built without `--features postgres`, so it cannot run this).
+    #[cfg(not(feature = "postgres"))]
+    Cluster(NoPostgres),
+}
+
+/// Whatever `bench cluster` was given, in a binary that cannot run it.
+#[cfg(not(feature = "postgres"))]
+#[derive(Args)]
+struct NoPostgres {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<String>,
 }
 
 pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One new-session sample.
-struct Sample {
+pub(crate) struct Sample {
     source: String,
     connect_ms: f64,
     first_event_ms: Option<f64>,
     error: Option<String>,
+    /// From the `session` frame, so the session can be stopped afterwards.
+    session_id: Option<String>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -98,6 +120,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(ScaleMode::Idle(a)) => return idle::run(a).await,
         Some(ScaleMode::Live(a)) => return live::run(a).await,
         Some(ScaleMode::Soak(a)) => return soak::run(a).await,
+        #[cfg(feature = "postgres")]
+        Some(ScaleMode::Cluster(a)) => return cluster::run(a).await,
+        #[cfg(not(feature = "postgres"))]
+        Some(ScaleMode::Cluster(_)) => bail!(
+            "BENCH_NEEDS_POSTGRES: `aishell bench cluster` runs gateways on PostgreSQL, and this aishell was built without it; build it with `cargo build --release -p aishell --features postgres`."
+        ),
         None => {}
     }
     let mut spawned = None;
@@ -122,11 +150,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             wait_for_pool(&url, n).await;
             let cpu_before = pid.and_then(cpu_ns);
             perf_control("enable");
-            let tasks: Vec<_> = (0..n)
-                .map(|_| tokio::spawn(new_session(url.clone(), token.clone(), timeout)))
-                .collect();
-            for t in tasks {
-                let s = t.await.context("bench task panicked")?;
+            for s in burst(&url, &token, n, timeout).await? {
                 if first_error.is_none() {
                     first_error.clone_from(&s.error);
                 }
@@ -177,6 +201,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `n` new sessions at once, each sending one message; their samples.
+pub(crate) async fn burst(
+    url: &str,
+    token: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Sample>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(new_session(url.to_string(), token.to_string(), timeout)))
+        .collect();
+    let mut samples = Vec::with_capacity(n);
+    for t in tasks {
+        samples.push(t.await.context("bench task panicked")?);
+    }
+    Ok(samples)
+}
+
 /// Connect on a fresh session, send one message, time it.
 async fn new_session(url: String, token: String, timeout: Duration) -> Sample {
     let started = Instant::now();
@@ -185,6 +226,7 @@ async fn new_session(url: String, token: String, timeout: Duration) -> Sample {
         connect_ms: 0.0,
         first_event_ms: None,
         error: None,
+        session_id: None,
     };
     let mut ws = match connect(&url, &token).await {
         Ok(ws) => ws,
@@ -194,7 +236,10 @@ async fn new_session(url: String, token: String, timeout: Duration) -> Sample {
         }
     };
     match next_json(&mut ws, timeout).await {
-        Some(v) if v["type"] == "session" => sample.connect_ms = ms(started.elapsed()),
+        Some(v) if v["type"] == "session" => {
+            sample.connect_ms = ms(started.elapsed());
+            sample.session_id = v["session_id"].as_str().map(str::to_string);
+        }
         other => {
             sample.error = Some(format!("expected session frame, got {other:?}"));
             return sample;
@@ -295,7 +340,7 @@ async fn echo_roundtrips(
 
 /// Wait (up to 60 s) until the gateway's warm pool is as full as it will get
 /// for a burst of `n`: `min(n, target)` ready and nothing launching.
-async fn wait_for_pool(ws_url: &str, n: usize) {
+pub(crate) async fn wait_for_pool(ws_url: &str, n: usize) {
     let Ok(url) = url::Url::parse(ws_url) else {
         return;
     };
@@ -324,7 +369,7 @@ async fn wait_for_pool(ws_url: &str, n: usize) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-async fn health(host: &str, port: u16) -> Option<Value> {
+pub(crate) async fn health(host: &str, port: u16) -> Option<Value> {
     http_json(host, port, "GET", "/health", None, None).await
 }
 
@@ -400,7 +445,7 @@ pub(crate) fn percentiles(v: &mut [f64]) -> Value {
     json!({ "p50": r(at(0.50)), "p90": r(at(0.90)), "p99": r(at(0.99)), "max": r(v[v.len() - 1]) })
 }
 
-fn level_json(n: usize, rounds: usize, samples: &[Sample]) -> Value {
+pub(crate) fn level_json(n: usize, rounds: usize, samples: &[Sample]) -> Value {
     let mut by_source: BTreeMap<&str, Vec<&Sample>> = BTreeMap::new();
     for s in samples {
         by_source.entry(s.source.as_str()).or_default().push(s);
@@ -586,6 +631,18 @@ impl SpawnedGateway {
     ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("aishell-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        Self::start_in(0, dir, &[], settings, extra)
+    }
+
+    /// As [`Self::start_with`], on `port` (0: any), with data directory
+    /// `dir`, and `env` set (`None`: removed) in the gateway's environment.
+    pub(crate) fn start_in(
+        port: u16,
+        dir: std::path::PathBuf,
+        env: &[(&str, Option<String>)],
+        settings: &[(&str, String)],
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let overridden = |flag: &str| {
             extra
@@ -593,7 +650,13 @@ impl SpawnedGateway {
                 .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
         };
         let mut cmd = Command::new(exe);
-        cmd.args(["serve", "--port", "0"]);
+        cmd.args(["serve", "--port", &port.to_string()]);
+        for (name, value) in env {
+            match value {
+                Some(v) => cmd.env(name, v),
+                None => cmd.env_remove(name),
+            };
+        }
         // SAFETY: prctl only, between fork and exec.
         unsafe {
             use std::os::unix::process::CommandExt;
@@ -632,9 +695,15 @@ impl SpawnedGateway {
                 }
             }
         });
-        let banner = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("the spawned gateway did not start")?;
+        let banner = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(banner) => banner,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&dir);
+                bail!("the spawned gateway did not start");
+            }
+        };
         let url = banner.split_whitespace().nth(3).context("banner")?;
         let (http, token) = url.split_once("/?token=").context("banner token")?;
         let port = http
