@@ -41,6 +41,7 @@ pub struct Prepared {
 /// the runners (local processes sharing this terminal) in the environment,
 /// which may only be changed while the process has one thread.
 pub fn prepare(args: ServeArgs) -> anyhow::Result<Prepared> {
+    limit_malloc_arenas();
     let mut settings = args.settings;
     let config = data_dir::config_file(args.config.as_deref());
     if let Some(path) = &config {
@@ -438,4 +439,18 @@ fn runner_program() -> anyhow::Result<std::path::PathBuf> {
     }
     tracing::info!(event = "sandbox_binary_missing", expected = %sandbox.display(), "runners run as `aishell runner` (install aishell-sandbox beside aishell for cheaper starts)");
     Ok(this)
+}
+
+/// One glibc malloc arena per core, not eight: each tokio worker that ever
+/// met contention got an arena of its own, and freed memory stays in
+/// whichever arena it came from, so a gateway at rest after a busy period
+/// held megabytes more than before it (the soak's RSS check).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const M_ARENA_MAX: libc::c_int = -8;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // SAFETY: a plain setting of the allocator, before other threads start.
+        unsafe { libc::mallopt(M_ARENA_MAX, cores.clamp(1, 64) as libc::c_int) };
+    }
 }

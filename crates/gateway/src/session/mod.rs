@@ -180,6 +180,12 @@ impl SessionManager {
         let mut live = self.live.lock().expect("session registry");
         if live.get(id).is_some_and(|h| h.tx.same_channel(tx)) {
             live.remove(id);
+            if live.is_empty() {
+                // The gateway is at rest: hand back what the sessions freed
+                // (glibc keeps it otherwise, and a gateway at rest after a
+                // busy hour held several MiB more than before it).
+                output::release_freed_memory();
+            }
         }
     }
 }
