@@ -196,11 +196,25 @@ impl Cluster {
                 return;
             };
             let started = Instant::now();
-            let renewed = async {
+            // A renewal that outlasts the lease renews nothing: an
+            // unreachable database is retried by the store until its pool
+            // gives up (10 s), long after the leases expired and another
+            // gateway may have taken them. Give up when the lease would
+            // have, and step down then (below).
+            let left = (last_renewed + self.cfg.lease_ttl)
+                .saturating_duration_since(started)
+                .max(Duration::from_millis(100));
+            let renewed = tokio::time::timeout(left, async {
                 self.store.heartbeat_gateway(self.id()).await?;
                 self.store.renew_leases(self.id(), self.cfg.lease_ttl).await
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {} ms",
+                    left.as_millis()
+                )))
+            });
             let lost: Vec<String> = match renewed {
                 Ok(still) => {
                     last_renewed = Instant::now();
