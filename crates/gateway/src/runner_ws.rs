@@ -45,8 +45,12 @@ pub async fn cold(
         )
             .into_response();
     }
-    if !launched_here && !bound_in_store(&shared, &session_id, &claims.task_id).await {
-        return refused_not_launched(&claims.task_id);
+    if !launched_here {
+        match bound_in_store(&shared, &session_id, &claims.task_id).await {
+            Ok(true) => {}
+            Ok(false) => return refused_not_launched(&claims.task_id),
+            Err(e) => return store_unavailable(&e),
+        }
     }
     // Class 2: the runner may dial before its session is registered.
     let handle = match SessionManager::open_with_grace(
@@ -101,14 +105,31 @@ pub async fn warm(
 /// One of several gateways: whether the store binds `session_id` to
 /// `task_id` (a task another gateway launched for a session this one may
 /// take over; a stopped task is bound to nothing).
-async fn bound_in_store(shared: &Shared, session_id: &str, task_id: &str) -> bool {
+/// A store that cannot answer is an error, not a "no": refusing would be
+/// final for the runner (it kills its agent), and the task may well be
+/// bound.
+async fn bound_in_store(
+    shared: &Shared,
+    session_id: &str,
+    task_id: &str,
+) -> Result<bool, aishell_store::StoreError> {
     if shared.cluster.is_none() {
-        return false;
+        return Ok(false);
     }
-    match shared.store.get_session(session_id).await {
-        Ok(Some(s)) => s.task_id.as_deref() == Some(task_id),
-        _ => false,
-    }
+    Ok(shared
+        .store
+        .get_session(session_id)
+        .await?
+        .is_some_and(|s| s.task_id.as_deref() == Some(task_id)))
+}
+
+/// The store did not answer: not final for the runner, which dials again.
+fn store_unavailable(e: &aishell_store::StoreError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("store unavailable: {e}; dial again"),
+    )
+        .into_response()
 }
 
 fn refused_not_launched(task_id: &str) -> Response {
@@ -213,13 +234,18 @@ async fn connection(
     }
     // A claimed warm task another gateway launched: only for the session
     // the store binds it to (an unclaimed one belongs to its own pool).
-    if !launched_here
-        && session.is_none()
-        && !match &session_id {
-            Some(sid) => bound_in_store(&shared, sid, &task_id).await,
-            None => false,
+    let bound = match &session_id {
+        Some(sid) if !launched_here && session.is_none() => {
+            bound_in_store(&shared, sid, &task_id).await
         }
-    {
+        _ => Ok(false),
+    };
+    if let Err(e) = &bound {
+        // Not final: the runner dials again.
+        refuse(socket, 1013, &format!("store unavailable: {e}")).await;
+        return;
+    }
+    if !launched_here && session.is_none() && bound.as_ref().is_ok_and(|b| !b) {
         tracing::warn!(event = "runner_auth_failed", taskId = %task_id, reason = %CredentialError::NotLaunched, "runner refused");
         refuse(socket, 4403, &CredentialError::NotLaunched.to_string()).await;
         return;
@@ -252,7 +278,12 @@ async fn connection(
                 .await;
                 return;
             }
-            _ => {
+            Err(e) => {
+                // Not final: the runner dials again.
+                refuse(socket, 1013, &format!("store unavailable: {e}")).await;
+                return;
+            }
+            Ok(None) => {
                 refuse(
                     socket,
                     4404,
