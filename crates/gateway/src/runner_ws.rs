@@ -143,13 +143,37 @@ fn refused_not_launched(task_id: &str) -> Response {
 
 /// Another gateway runs the session: not final for the runner, which
 /// re-dials (its own gateway, then the shared address) until it reaches it.
+/// The owner's address rides along, so the runner dials it next instead of
+/// hoping the shared address lands there (docs/cluster.md).
 fn owned_elsewhere(session_id: &str, owner: &crate::cluster::Owner) -> Response {
     tracing::info!(event = "runner_redirected", sessionId = %session_id, owner = ?owner, "runner dialled a gateway that does not run its session");
-    (
+    let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,
         "another gateway runs this session; dial again",
     )
-        .into_response()
+        .into_response();
+    if let Some(url) = owner_url(owner)
+        && let Ok(value) = axum::http::HeaderValue::from_str(url)
+    {
+        response.headers_mut().insert(OWNER_HEADER, value);
+    }
+    response
+}
+
+/// How a runner learns which gateway runs its session: a header of the 503
+/// before the upgrade, or the start of the 1013 close reason after `hello`
+/// (the runner's side: crates/runner/src/lib.rs).
+const OWNER_HEADER: &str = "x-aishell-owner";
+const OWNER_REASON: &str = "owner ";
+
+fn owner_url(owner: &crate::cluster::Owner) -> Option<&str> {
+    match owner {
+        crate::cluster::Owner::Elsewhere {
+            internal_url: Some(url),
+            ..
+        } => Some(url),
+        _ => None,
+    }
 }
 
 /// Check a dial-back's credential; `target` is the session or task id of
@@ -270,12 +294,11 @@ async fn connection(
             Ok(Some(Found::Elsewhere(owner))) => {
                 tracing::info!(event = "runner_redirected", sessionId = %sid, owner = ?owner, "runner dialled a gateway that does not run its session");
                 // Not final: the runner dials again until it reaches the owner.
-                refuse(
-                    socket,
-                    1013,
-                    "another gateway runs this session; dial again",
-                )
-                .await;
+                let reason = match owner_url(&owner) {
+                    Some(url) => format!("{OWNER_REASON}{url}"),
+                    None => "another gateway runs this session; dial again".into(),
+                };
+                refuse(socket, 1013, &reason).await;
                 return;
             }
             Err(e) => {
