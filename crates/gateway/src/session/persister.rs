@@ -83,16 +83,34 @@ enum Outcome {
 
 type Write = BoxFuture<'static, (Unit, Outcome)>;
 
-/// Session writes of one of several gateways carry its lease's fence.
-type Cluster = Option<Arc<crate::cluster::Cluster>>;
+/// Session writes of one of several gateways carry its lease's fence: the
+/// epoch the session's actor was started under, and no other.
+type Cluster = Option<Lease>;
+
+#[derive(Clone)]
+struct Lease {
+    cluster: Arc<crate::cluster::Cluster>,
+    /// The epoch held when this persister started (its actor's); `None`
+    /// if none was held (nothing may be written).
+    epoch: Option<u64>,
+}
 
 pub(super) fn spawn(
     store: Arc<dyn Store>,
-    cluster: Cluster,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     session_id: String,
     bound_task: Option<String>,
     tx: mpsc::Sender<SessionCmd>,
 ) -> mpsc::UnboundedSender<PersistItem> {
+    // The actor starts right after its lease was claimed: this is its epoch.
+    // A persister outlives its actor while it retries writes; if this
+    // gateway claims the session again meanwhile (a new actor, a new
+    // epoch), the old writes must be refused, not stored under the new
+    // epoch over the new actor's numbering.
+    let cluster = cluster.map(|cluster| Lease {
+        epoch: cluster.fence(&session_id),
+        cluster,
+    });
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
         let session_id: Arc<str> = session_id.into();
@@ -217,8 +235,11 @@ async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
 
 async fn try_write(store: &dyn Store, cluster: &Cluster, session_id: &str, unit: &Unit) -> Outcome {
     let fence = match cluster {
-        Some(cluster) => match cluster.fence(session_id) {
-            Some(epoch) => Some(cluster.fence_of(epoch)),
+        Some(lease) => match lease
+            .epoch
+            .filter(|e| lease.cluster.fence(session_id) == Some(*e))
+        {
+            Some(epoch) => Some(lease.cluster.fence_of(epoch)),
             None => return Outcome::LeaseLost,
         },
         None => None,
