@@ -111,15 +111,30 @@ pub(super) fn spawn(
         epoch: cluster.fence(&session_id),
         cluster,
     });
+    // One write at a time for one of several gateways. PostgreSQL runs
+    // pipelined writes on as many pooled connections, in no set order: a
+    // later batch could commit (raising `last_seq` and `runner_seq`) while
+    // an earlier one failed, and if this gateway then steps down or dies
+    // before redoing it, the new owner starts past a hole and the events in
+    // it are lost for good (the runner was told they are stored). Batches
+    // still form: what queues meanwhile goes out together next.
+    let max_in_flight = if cluster.is_some() { 1 } else { usize::MAX };
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
         let session_id: Arc<str> = session_id.into();
         // The task the store will have bound once the queued writes ran.
         let mut task = bound_task;
         let mut in_flight: FuturesOrdered<Write> = FuturesOrdered::new();
+        // Formed, not yet handed to the store (only while one is in flight).
+        let mut queued: std::collections::VecDeque<Unit> = Default::default();
         let mut items = Vec::with_capacity(64);
         let mut open = true;
-        while open || !in_flight.is_empty() {
+        while open || !in_flight.is_empty() || !queued.is_empty() {
+            while in_flight.len() < max_in_flight
+                && let Some(unit) = queued.pop_front()
+            {
+                in_flight.push_back(write_once(&store, &cluster, &session_id, unit));
+            }
             tokio::select! {
                 // Report completions first: they are what clients wait for.
                 biased;
@@ -148,14 +163,12 @@ pub(super) fn spawn(
                         }
                     }
                 }
-                n = rx.recv_many(&mut items, MAX_ITEMS), if open => {
+                n = rx.recv_many(&mut items, MAX_ITEMS), if open && queued.is_empty() => {
                     if n == 0 {
                         open = false;
                         continue;
                     }
-                    for unit in units(items.drain(..), &mut task) {
-                        in_flight.push_back(write_once(&store, &cluster, &session_id, unit));
-                    }
+                    queued.extend(units(items.drain(..), &mut task));
                 }
             }
         }
