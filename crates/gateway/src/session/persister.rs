@@ -115,9 +115,9 @@ pub(super) fn spawn(
     // pipelined writes on as many pooled connections, in no set order: a
     // later batch could commit (raising `last_seq` and `runner_seq`) while
     // an earlier one failed, and if this gateway then steps down or dies
-    // before redoing it, the new owner starts past a hole and the events in
-    // it are lost for good (the runner was told they are stored). Batches
-    // still form: what queues meanwhile goes out together next.
+    // before redoing it, the new owner starts past a hole and drops the
+    // runner's resent frames for it as already stored: lost for good.
+    // Batches still form: what queues meanwhile goes out together next.
     let max_in_flight = if cluster.is_some() { 1 } else { usize::MAX };
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
