@@ -23,6 +23,12 @@ const CLOSE_UNAUTHORIZED: u16 = 4401;
 const CLOSE_NOT_FOUND: u16 = 4404;
 const CLOSE_TOO_SLOW: u16 = 4408;
 
+/// Longest a new connection waits for the store to check its token. An
+/// unreachable database is otherwise retried until the store's pool gives
+/// up (10 s), and the client sees a hang instead of an error it can act on
+/// (docs/cluster.md, "What a failure looks like to a user").
+const STORE_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A client connection's WebSocket read buffer, allocated at the upgrade
 /// and held for the connection's life, idle or not. Client frames are a few
 /// hundred bytes; a larger one gets its whole length reserved when its
@@ -37,13 +43,29 @@ pub async fn handler(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = auth::bearer_token(&headers, query.get("token").map(String::as_str));
-    let identity = match shared
-        .auth
-        .authenticate(shared.store.as_ref(), token.as_deref())
-        .await
-    {
-        Ok(id) => id,
-        Err(auth::AuthError::Store(e)) => {
+    let checked = tokio::time::timeout(
+        STORE_ANSWER_WAIT,
+        shared
+            .auth
+            .authenticate(shared.store.as_ref(), token.as_deref()),
+    )
+    .await;
+    let identity = match checked {
+        Err(_) => {
+            tracing::error!(
+                event = "auth_store_timeout",
+                waitedMs = STORE_ANSWER_WAIT.as_millis() as u64,
+                "token store did not answer"
+            );
+            crate::metrics::error(ErrorCode::Internal.as_str());
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                "the gateway cannot check tokens right now (its database does not answer); try again",
+            );
+        }
+        Ok(Ok(id)) => id,
+        Ok(Err(auth::AuthError::Store(e))) => {
             tracing::error!(event = "auth_store_error", error = %e, "token store unavailable");
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -51,7 +73,7 @@ pub async fn handler(
                 "the gateway cannot check tokens right now; try again",
             );
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(event = "auth_failed", reason = %e, "client refused");
             crate::metrics::error(ErrorCode::Unauthorized.as_str());
             return error_response(

@@ -45,8 +45,12 @@ pub async fn cold(
         )
             .into_response();
     }
-    if !launched_here && !bound_in_store(&shared, &session_id, &claims.task_id).await {
-        return refused_not_launched(&claims.task_id);
+    if !launched_here {
+        match bound_in_store(&shared, &session_id, &claims.task_id).await {
+            Ok(true) => {}
+            Ok(false) => return refused_not_launched(&claims.task_id),
+            Err(e) => return store_unavailable(&e),
+        }
     }
     // Class 2: the runner may dial before its session is registered.
     let handle = match SessionManager::open_with_grace(
@@ -101,14 +105,31 @@ pub async fn warm(
 /// One of several gateways: whether the store binds `session_id` to
 /// `task_id` (a task another gateway launched for a session this one may
 /// take over; a stopped task is bound to nothing).
-async fn bound_in_store(shared: &Shared, session_id: &str, task_id: &str) -> bool {
+/// A store that cannot answer is an error, not a "no": refusing would be
+/// final for the runner (it kills its agent), and the task may well be
+/// bound.
+async fn bound_in_store(
+    shared: &Shared,
+    session_id: &str,
+    task_id: &str,
+) -> Result<bool, aishell_store::StoreError> {
     if shared.cluster.is_none() {
-        return false;
+        return Ok(false);
     }
-    match shared.store.get_session(session_id).await {
-        Ok(Some(s)) => s.task_id.as_deref() == Some(task_id),
-        _ => false,
-    }
+    Ok(shared
+        .store
+        .get_session(session_id)
+        .await?
+        .is_some_and(|s| s.task_id.as_deref() == Some(task_id)))
+}
+
+/// The store did not answer: not final for the runner, which dials again.
+fn store_unavailable(e: &aishell_store::StoreError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("store unavailable: {e}; dial again"),
+    )
+        .into_response()
 }
 
 fn refused_not_launched(task_id: &str) -> Response {
@@ -122,13 +143,37 @@ fn refused_not_launched(task_id: &str) -> Response {
 
 /// Another gateway runs the session: not final for the runner, which
 /// re-dials (its own gateway, then the shared address) until it reaches it.
+/// The owner's address rides along, so the runner dials it next instead of
+/// hoping the shared address lands there (docs/cluster.md).
 fn owned_elsewhere(session_id: &str, owner: &crate::cluster::Owner) -> Response {
     tracing::info!(event = "runner_redirected", sessionId = %session_id, owner = ?owner, "runner dialled a gateway that does not run its session");
-    (
+    let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,
         "another gateway runs this session; dial again",
     )
-        .into_response()
+        .into_response();
+    if let Some(url) = owner_url(owner)
+        && let Ok(value) = axum::http::HeaderValue::from_str(url)
+    {
+        response.headers_mut().insert(OWNER_HEADER, value);
+    }
+    response
+}
+
+/// How a runner learns which gateway runs its session: a header of the 503
+/// before the upgrade, or the start of the 1013 close reason after `hello`
+/// (the runner's side: crates/runner/src/lib.rs).
+const OWNER_HEADER: &str = "x-aishell-owner";
+const OWNER_REASON: &str = "owner ";
+
+fn owner_url(owner: &crate::cluster::Owner) -> Option<&str> {
+    match owner {
+        crate::cluster::Owner::Elsewhere {
+            internal_url: Some(url),
+            ..
+        } => Some(url),
+        _ => None,
+    }
 }
 
 /// Check a dial-back's credential; `target` is the session or task id of
@@ -213,13 +258,18 @@ async fn connection(
     }
     // A claimed warm task another gateway launched: only for the session
     // the store binds it to (an unclaimed one belongs to its own pool).
-    if !launched_here
-        && session.is_none()
-        && !match &session_id {
-            Some(sid) => bound_in_store(&shared, sid, &task_id).await,
-            None => false,
+    let bound = match &session_id {
+        Some(sid) if !launched_here && session.is_none() => {
+            bound_in_store(&shared, sid, &task_id).await
         }
-    {
+        _ => Ok(false),
+    };
+    if let Err(e) = &bound {
+        // Not final: the runner dials again.
+        refuse(socket, 1013, &format!("store unavailable: {e}")).await;
+        return;
+    }
+    if !launched_here && session.is_none() && bound.as_ref().is_ok_and(|b| !b) {
         tracing::warn!(event = "runner_auth_failed", taskId = %task_id, reason = %CredentialError::NotLaunched, "runner refused");
         refuse(socket, 4403, &CredentialError::NotLaunched.to_string()).await;
         return;
@@ -244,15 +294,19 @@ async fn connection(
             Ok(Some(Found::Elsewhere(owner))) => {
                 tracing::info!(event = "runner_redirected", sessionId = %sid, owner = ?owner, "runner dialled a gateway that does not run its session");
                 // Not final: the runner dials again until it reaches the owner.
-                refuse(
-                    socket,
-                    1013,
-                    "another gateway runs this session; dial again",
-                )
-                .await;
+                let reason = match owner_url(&owner) {
+                    Some(url) => format!("{OWNER_REASON}{url}"),
+                    None => "another gateway runs this session; dial again".into(),
+                };
+                refuse(socket, 1013, &reason).await;
                 return;
             }
-            _ => {
+            Err(e) => {
+                // Not final: the runner dials again.
+                refuse(socket, 1013, &format!("store unavailable: {e}")).await;
+                return;
+            }
+            Ok(None) => {
                 refuse(
                     socket,
                     4404,

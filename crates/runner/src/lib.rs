@@ -135,6 +135,9 @@ pub async fn run(cfg: RunnerConfig) -> Result<(), RunnerError> {
 enum SessionEnd {
     /// Socket dropped: re-dial.
     Disconnected,
+    /// The gateway does not run this task's session; the one at this
+    /// address does: dial it next.
+    Moved(String),
     /// Gateway said shutdown, or the agent exited and that was reported.
     Finished,
 }
@@ -158,8 +161,14 @@ impl Runner {
         // Several gateways: a dial that failed is tried next at the other
         // address (own gateway, shared address, in turn).
         let mut fallback = false;
+        // The gateway that runs the session, as another gateway named it
+        // (docs/cluster.md): the shared address balances dials over every
+        // gateway, and may not reach the owner before the reconnect
+        // deadline.
+        let mut owner: Option<String> = None;
         loop {
-            match self.connect(fallback).await {
+            let dialled = self.connect(fallback, owner.take()).await;
+            match dialled {
                 Ok(ws) => {
                     backoff.reset();
                     lost_since = None;
@@ -167,6 +176,7 @@ impl Runner {
                     match self.serve(ws).await {
                         Ok(SessionEnd::Finished) => return Ok(()),
                         Ok(SessionEnd::Disconnected) => {}
+                        Ok(SessionEnd::Moved(url)) => owner = Some(url),
                         Err(e) => {
                             tracing::warn!(event = "runner_socket_error", taskId = %self.cfg.task_id, traceId = self.trace_id(), error = %e, "gateway socket failed")
                         }
@@ -180,6 +190,10 @@ impl Runner {
                 Err(ConnectError::Transient(reason)) => {
                     tracing::warn!(event = "runner_dial_failed", taskId = %self.cfg.task_id, traceId = self.trace_id(), reason = %reason, "gateway not reachable; retrying");
                 }
+                Err(ConnectError::Moved(url)) => {
+                    tracing::info!(event = "runner_dial_owner", taskId = %self.cfg.task_id, traceId = self.trace_id(), owner = %url, "another gateway runs this session; dialling it");
+                    owner = Some(url);
+                }
             }
             fallback = !fallback && self.cfg.fallback_url.is_some();
             let since = *lost_since.get_or_insert_with(Instant::now);
@@ -188,7 +202,11 @@ impl Runner {
                 return Err(RunnerError::GatewayLost(self.cfg.reconnect_deadline));
             }
             // Keep draining agent output while away so its pipes never fill.
-            let pause = backoff.next_delay();
+            // The owner named: dial it almost at once.
+            let pause = match owner {
+                Some(_) => Duration::from_millis(20),
+                None => backoff.next_delay(),
+            };
             let until = Instant::now() + pause;
             while Instant::now() < until {
                 if !self.pump_agent_until(until).await {
@@ -198,8 +216,15 @@ impl Runner {
         }
     }
 
-    async fn connect(&self, fallback: bool) -> Result<Ws, ConnectError> {
-        let url = self.cfg.dial_url(fallback);
+    async fn connect(&self, fallback: bool, owner: Option<String>) -> Result<Ws, ConnectError> {
+        let url = match owner {
+            // The same path at the owner's address.
+            Some(base) => {
+                let own = self.cfg.dial_url(false);
+                format!("{base}{}", &own[self.cfg.gateway_url.len()..])
+            }
+            None => self.cfg.dial_url(fallback),
+        };
         let mut request = url
             .as_str()
             .into_client_request()
@@ -217,6 +242,14 @@ impl Runner {
             Ok(Ok((ws, _))) => Ok(ws),
             Ok(Err(tungstenite::Error::Http(resp))) => {
                 let status = resp.status();
+                if let Some(owner) = resp
+                    .headers()
+                    .get(OWNER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|u| u.starts_with("ws://") || u.starts_with("wss://"))
+                {
+                    return Err(ConnectError::Moved(owner.to_string()));
+                }
                 let body = resp
                     .body()
                     .as_ref()
@@ -281,6 +314,9 @@ impl Runner {
                             tracing::error!(event = "runner_refused", taskId = %self.cfg.task_id, traceId = self.trace_id(), code = u16::from(frame.code), reason = %frame.reason, "gateway refused this runner");
                             self.kill_agent().await;
                             return Err(RunnerError::Refused(frame.reason.to_string()));
+                        }
+                        Ok(Message::Close(Some(ref frame))) if frame.reason.starts_with(OWNER_REASON) => {
+                            return Ok(SessionEnd::Moved(frame.reason[OWNER_REASON.len()..].to_string()));
                         }
                         Ok(Message::Close(_)) => return Ok(SessionEnd::Disconnected),
                         Ok(_) => continue,
@@ -913,7 +949,15 @@ async fn feed(ws: &mut Ws, frame: &RunnerToGateway) -> Result<(), RunnerError> {
 enum ConnectError {
     Refused(String),
     Transient(String),
+    /// Another gateway runs the session: dial this address.
+    Moved(String),
 }
+
+/// How a gateway that does not run a runner's session names the one that
+/// does (docs/cluster.md): a header of its 503 before the upgrade, or the
+/// start of its close reason (code 1013) after `hello`.
+const OWNER_HEADER: &str = "x-aishell-owner";
+const OWNER_REASON: &str = "owner ";
 
 /// Exponential backoff with jitter: 100 ms doubling to 5 s.
 struct Backoff {

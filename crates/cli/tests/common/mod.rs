@@ -121,6 +121,13 @@ impl Gateway {
         self.child = Some(child);
     }
 
+    /// Whether the process is still alive (not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -345,7 +352,11 @@ impl Client {
             hello: Value::Null,
             last_seq: 0,
         };
-        let hello = client.next(WAIT).await.expect("first frame");
+        // A gateway going away may close a just-upgraded socket: an error
+        // the caller can retry on, not a panic.
+        let Some(hello) = client.next(WAIT).await else {
+            return Err(tungstenite::Error::ConnectionClosed);
+        };
         client.session_id = hello["session_id"].as_str().unwrap_or_default().to_string();
         client.hello = hello;
         Ok(client)

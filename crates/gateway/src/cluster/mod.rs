@@ -196,14 +196,40 @@ impl Cluster {
                 return;
             };
             let started = Instant::now();
-            let renewed = async {
+            let ttl = self.cfg.lease_ttl;
+            // A lease is known to last until TTL after it was last
+            // confirmed: claimed, or renewed (by a renewal that started
+            // before the database ran it).
+            let confirmed = |claimed: Instant| claimed.max(last_renewed);
+            // A renewal that outlasts the leases renews nothing: an
+            // unreachable database is retried by the store until its pool
+            // gives up (10 s), long after the leases expired and another
+            // gateway may have taken them. Give up when the first of them
+            // would have, and step down from those (below).
+            let first_expiry = self
+                .held
+                .lock()
+                .expect("leases")
+                .values()
+                .map(|(_, claimed)| confirmed(*claimed) + ttl)
+                .min();
+            let left = first_expiry
+                .map_or(ttl, |at| at.saturating_duration_since(started))
+                .max(Duration::from_millis(100));
+            let renewed = tokio::time::timeout(left, async {
                 self.store.heartbeat_gateway(self.id()).await?;
-                self.store.renew_leases(self.id(), self.cfg.lease_ttl).await
-            }
-            .await;
+                self.store.renew_leases(self.id(), ttl).await
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {} ms",
+                    left.as_millis()
+                )))
+            });
             let lost: Vec<String> = match renewed {
                 Ok(still) => {
-                    last_renewed = Instant::now();
+                    last_renewed = started;
                     let still: HashMap<String, u64> = still.into_iter().collect();
                     let mut held = self.held.lock().expect("leases");
                     // A lease claimed while the renewal ran may be missing
@@ -220,20 +246,26 @@ impl Cluster {
                     }
                     lost
                 }
-                Err(e) if last_renewed.elapsed() < self.cfg.lease_ttl => {
-                    tracing::warn!(event = "lease_renew_failed", error = %e, "could not renew session leases; retrying");
-                    continue;
-                }
                 Err(e) => {
                     // Cut off from the database for a whole lease: another
-                    // gateway may own every one of them now.
-                    tracing::error!(event = "leases_expired", error = %e, "could not renew session leases for a whole lease; stepping down from every session");
-                    self.held
-                        .lock()
-                        .expect("leases")
-                        .drain()
-                        .map(|(s, _)| s)
-                        .collect()
+                    // gateway may own those sessions now. Leases claimed
+                    // since (the database came back) are still good.
+                    let now = Instant::now();
+                    let mut held = self.held.lock().expect("leases");
+                    let expired: Vec<String> = held
+                        .iter()
+                        .filter(|(_, (_, claimed))| now >= confirmed(*claimed) + ttl)
+                        .map(|(sid, _)| sid.clone())
+                        .collect();
+                    if expired.is_empty() {
+                        tracing::warn!(event = "lease_renew_failed", error = %e, "could not renew session leases; retrying");
+                        continue;
+                    }
+                    tracing::error!(event = "leases_expired", error = %e, sessions = expired.len(), "could not renew session leases for a whole lease; stepping down from those sessions");
+                    for sid in &expired {
+                        held.remove(sid);
+                    }
+                    expired
                 }
             };
             for sid in lost {

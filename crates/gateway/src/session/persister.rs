@@ -83,25 +83,58 @@ enum Outcome {
 
 type Write = BoxFuture<'static, (Unit, Outcome)>;
 
-/// Session writes of one of several gateways carry its lease's fence.
-type Cluster = Option<Arc<crate::cluster::Cluster>>;
+/// Session writes of one of several gateways carry its lease's fence: the
+/// epoch the session's actor was started under, and no other.
+type Cluster = Option<Lease>;
+
+#[derive(Clone)]
+struct Lease {
+    cluster: Arc<crate::cluster::Cluster>,
+    /// The epoch held when this persister started (its actor's); `None`
+    /// if none was held (nothing may be written).
+    epoch: Option<u64>,
+}
 
 pub(super) fn spawn(
     store: Arc<dyn Store>,
-    cluster: Cluster,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     session_id: String,
     bound_task: Option<String>,
     tx: mpsc::Sender<SessionCmd>,
 ) -> mpsc::UnboundedSender<PersistItem> {
+    // The actor starts right after its lease was claimed: this is its epoch.
+    // A persister outlives its actor while it retries writes; if this
+    // gateway claims the session again meanwhile (a new actor, a new
+    // epoch), the old writes must be refused, not stored under the new
+    // epoch over the new actor's numbering.
+    let cluster = cluster.map(|cluster| Lease {
+        epoch: cluster.fence(&session_id),
+        cluster,
+    });
+    // One write at a time for one of several gateways. PostgreSQL runs
+    // pipelined writes on as many pooled connections, in no set order: a
+    // later batch could commit (raising `last_seq` and `runner_seq`) while
+    // an earlier one failed, and if this gateway then steps down or dies
+    // before redoing it, the new owner starts past a hole and drops the
+    // runner's resent frames for it as already stored: lost for good.
+    // Batches still form: what queues meanwhile goes out together next.
+    let max_in_flight = if cluster.is_some() { 1 } else { usize::MAX };
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
         let session_id: Arc<str> = session_id.into();
         // The task the store will have bound once the queued writes ran.
         let mut task = bound_task;
         let mut in_flight: FuturesOrdered<Write> = FuturesOrdered::new();
+        // Formed, not yet handed to the store (only while one is in flight).
+        let mut queued: std::collections::VecDeque<Unit> = Default::default();
         let mut items = Vec::with_capacity(64);
         let mut open = true;
-        while open || !in_flight.is_empty() {
+        while open || !in_flight.is_empty() || !queued.is_empty() {
+            while in_flight.len() < max_in_flight
+                && let Some(unit) = queued.pop_front()
+            {
+                in_flight.push_back(write_once(&store, &cluster, &session_id, unit));
+            }
             tokio::select! {
                 // Report completions first: they are what clients wait for.
                 biased;
@@ -130,14 +163,12 @@ pub(super) fn spawn(
                         }
                     }
                 }
-                n = rx.recv_many(&mut items, MAX_ITEMS), if open => {
+                n = rx.recv_many(&mut items, MAX_ITEMS), if open && queued.is_empty() => {
                     if n == 0 {
                         open = false;
                         continue;
                     }
-                    for unit in units(items.drain(..), &mut task) {
-                        in_flight.push_back(write_once(&store, &cluster, &session_id, unit));
-                    }
+                    queued.extend(units(items.drain(..), &mut task));
                 }
             }
         }
@@ -217,8 +248,11 @@ async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
 
 async fn try_write(store: &dyn Store, cluster: &Cluster, session_id: &str, unit: &Unit) -> Outcome {
     let fence = match cluster {
-        Some(cluster) => match cluster.fence(session_id) {
-            Some(epoch) => Some(cluster.fence_of(epoch)),
+        Some(lease) => match lease
+            .epoch
+            .filter(|e| lease.cluster.fence(session_id) == Some(*e))
+        {
+            Some(epoch) => Some(lease.cluster.fence_of(epoch)),
             None => return Outcome::LeaseLost,
         },
         None => None,

@@ -278,7 +278,7 @@ fn read(path: &Path) -> String {
 
 /// Where the server's programs are: `AISHELL_PG_BIN`, else the newest
 /// /usr/lib/postgresql/<version>/bin (Debian), else `pg_config --bindir`.
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("AISHELL_PG_BIN") {
         return dir.into();
     }
@@ -303,12 +303,12 @@ fn bin_dir() -> PathBuf {
 }
 
 /// The user the cluster runs as: `postgres` when we are root, else us.
-struct Owner {
+pub struct Owner {
     ids: Option<(u32, u32)>,
 }
 
 impl Owner {
-    fn for_server() -> Owner {
+    pub fn for_server() -> Owner {
         // SAFETY: plain libc calls; getpwnam's result is read at once, and
         // the tests look up no other user concurrently.
         let ids = unsafe {
@@ -327,7 +327,7 @@ impl Owner {
     }
 
     /// Hand `dir` to the server's user.
-    fn take(&self, dir: &Path) {
+    pub fn take(&self, dir: &Path) {
         if let Some((uid, gid)) = self.ids {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).expect("chown the cluster dir");
         }
@@ -335,7 +335,7 @@ impl Owner {
 
     /// `program` run as the server's user, from `cwd` (a directory that
     /// user can enter).
-    fn command(&self, program: &Path, cwd: &Path) -> Command {
+    pub fn command(&self, program: &Path, cwd: &Path) -> Command {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new(program);
         command.current_dir(cwd);
