@@ -72,9 +72,15 @@ fn classify(pid: u32, comm: &str, root: u32) -> ProcessKind {
         .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "aishell".into());
     let own_comm: String = own.chars().take(15).collect();
+    // The process backend runs `aishell-sandbox` (the sandbox roles
+    // alone) beside this binary when it is there.
+    const SANDBOX: &str = "aishell-sandbox";
+    let sandbox_comm: String = SANDBOX.chars().take(15).collect();
     let is_aishell = program.rsplit('/').next() == Some(own.as_str())
         || comm == own_comm
-        || program.ends_with("aishell");
+        || program.ends_with("aishell")
+        || program.ends_with(SANDBOX)
+        || comm == sandbox_comm;
     match (is_aishell, first.as_ref(), comm) {
         (true, "runner", _) => ProcessKind::Runner,
         (true, "agent", _) => ProcessKind::Agent,
