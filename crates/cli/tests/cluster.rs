@@ -1134,3 +1134,81 @@ async fn a_gateway_cut_off_from_postgresql_hands_its_session_over() {
     drop(proxy);
     eprintln!("cut off: total {:?}", t0.elapsed());
 }
+
+/// The admin view lists every gateway sharing the database, and says
+/// which one is silent; a user's sandboxes count against their limit on
+/// every gateway (the store knows them all), not per gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_see_every_gateway_and_a_users_limit_spans_them() {
+    if !have("haproxy") || !have("bwrap") {
+        eprintln!("haproxy or bubblewrap missing: skipped");
+        return;
+    }
+    let mut cluster = Cluster::start(&[
+        "--agent",
+        "shell",
+        "--enable-warm-pool",
+        "false",
+        "--max-tasks-per-user",
+        "1",
+    ])
+    .await;
+    let (status, body) = cluster.gateways[0].http_get("/api/admin/gateways");
+    assert_eq!(status, 200, "{body}");
+    let listed = body["gateways"].as_array().expect("gateways").clone();
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|g| g["gateway_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["gw1", "gw2", "gw3"], "{body}");
+    assert!(listed.iter().all(|g| g["alive"] == true), "{body}");
+    assert_eq!(
+        listed.iter().filter(|g| g["this"] == true).count(),
+        1,
+        "{body}"
+    );
+    // One sandbox on gw1 ...
+    let token = cluster.token().to_string();
+    let mut first = Client::connect(&cluster.gateways[0].ws_url(), &token, None)
+        .await
+        .expect("connect gw1");
+    first.message("m1", "echo one").await;
+    let frames = first.turn().await;
+    assert!(text_of(&frames).contains("one"), "{}", pretty(&frames));
+    // ... so a second session of the same user on gw2 is over the limit.
+    let mut second = Client::connect(&cluster.gateways[1].ws_url(), &token, None)
+        .await
+        .expect("connect gw2");
+    second.message("m2", "echo two").await;
+    let refused = second.until(|v| is_type(v, "error"), WAIT).await;
+    let error = refused.last().unwrap();
+    assert_eq!(
+        error["error"]["code"],
+        "QUOTA_EXCEEDED",
+        "{}",
+        pretty(&refused)
+    );
+    assert!(
+        !text_of(&refused).contains("two"),
+        "the message ran anyway: {}",
+        pretty(&refused)
+    );
+    // A gateway that dies shows as silent once a lease has passed.
+    cluster.gateways[2].kill9();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = cluster.gateways[0].http_get("/api/admin/gateways");
+        let gw3 = body["gateways"]
+            .as_array()
+            .and_then(|l| l.iter().find(|g| g["gateway_id"] == "gw3").cloned());
+        if gw3.as_ref().is_some_and(|g| g["alive"] == false) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gw3 still shown alive: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sessions = [first.session_id.clone(), second.session_id.clone()];
+    first.close().await;
+    second.close().await;
+    cluster.stop_and_wait_for_runners(&sessions).await;
+}
