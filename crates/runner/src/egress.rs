@@ -241,12 +241,29 @@ async fn attach_pasta(pid: u32, model_port: Option<u16>) -> Result<Egress, Strin
     })
     .await
     .map_err(|_| "bubblewrap did not set up the sandbox's loopback in time".to_string())?;
-    let mut egress = start_pasta(pid, model_port)?;
-    tokio::time::timeout(SETUP_TIMEOUT, wait_configured(pid, model_port, &mut egress))
-        .await
-        .map_err(|_| "pasta did not configure the sandbox's network in time".to_string())??;
-    Ok(egress)
+    // Should pasta still exit before it configured anything, a second
+    // attempt a little later costs little next to a failed start.
+    let mut failed = String::new();
+    for attempt in 1..=PASTA_ATTEMPTS {
+        let mut egress = start_pasta(pid, model_port)?;
+        match tokio::time::timeout(SETUP_TIMEOUT, wait_configured(pid, model_port, &mut egress))
+            .await
+        {
+            Ok(Ok(())) => return Ok(egress),
+            Ok(Err(why)) => {
+                tracing::warn!(event = "sandbox_network_retry", attempt, reason = %why, "pasta failed; trying again");
+                failed = why;
+                // bubblewrap may still be setting the sandbox up.
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+            Err(_) => return Err("pasta did not configure the sandbox's network in time".into()),
+        }
+    }
+    Err(failed)
 }
+
+/// How many times `pasta` is started before the sandbox's start fails.
+const PASTA_ATTEMPTS: u32 = 3;
 
 /// The pid of bwrap's sandbox child, from `--info-fd` (`{"child-pid": N}`).
 async fn sandbox_pid(info: OwnedFd) -> Result<u32, String> {
@@ -279,11 +296,30 @@ fn start_pasta(pid: u32, model_port: Option<u16>) -> Result<Egress, String> {
             .map_err(|e| format!("cannot open the sandbox's {ns} namespace: {e}"))
     };
     let net = open("net")?;
-    let user = open("user")?;
-    let same_user_ns =
-        |path: &str| std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-    let own_user_ns = same_user_ns(&format!("/proc/{pid}/ns/user")).ok()
-        == same_user_ns("/proc/self/ns/user").ok();
+    // The user namespace that owns the network namespace, asked of the
+    // namespace itself: the sandbox process may be in another one by now
+    // (bubblewrap can unshare a further user namespace after it set the
+    // network up), and pasta joined to that one could not enter the
+    // network namespace ("Couldn't switch to pasta namespaces").
+    // SAFETY: NS_GET_USERNS on a namespace fd returns a new fd or -1.
+    let owner = unsafe { libc::ioctl(net.as_raw_fd(), libc::NS_GET_USERNS) };
+    if owner < 0 {
+        return Err(format!(
+            "cannot find the owner of the sandbox's network namespace: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh descriptor the ioctl just returned, owned here only.
+    let user = unsafe { OwnedFd::from_raw_fd(owner) };
+    let inode = |fd: &OwnedFd| {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+    let own_user_ns = inode(&user)
+        == std::fs::metadata("/proc/self/ns/user")
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok();
     let forward = model_port.map_or("none".to_string(), |p| p.to_string());
     let mut cmd = tokio::process::Command::new("pasta");
     cmd.args(["--foreground", "--quiet", "--config-net", "--no-map-gw"])
