@@ -160,11 +160,7 @@ fn owned_elsewhere(session_id: &str, owner: &crate::cluster::Owner) -> Response 
     response
 }
 
-/// How a runner learns which gateway runs its session: a header of the 503
-/// before the upgrade, or the start of the 1013 close reason after `hello`
-/// (the runner's side: crates/runner/src/lib.rs).
-const OWNER_HEADER: &str = "x-aishell-owner";
-const OWNER_REASON: &str = "owner ";
+use aishell_protocol::runner::{OWNER_CLOSE_REASON_PREFIX as OWNER_REASON, OWNER_HEADER};
 
 fn owner_url(owner: &crate::cluster::Owner) -> Option<&str> {
     match owner {

@@ -353,3 +353,10 @@ impl GatewayToRunner {
         crate::decode(text, Self::TYPES)
     }
 }
+
+/// Several gateways (docs/cluster.md): how a gateway that does not run a
+/// runner's session names the one that does. A header of its 503 before the
+/// upgrade, or the start of its close reason (code 1013) after `hello`,
+/// followed by the owner's base URL.
+pub const OWNER_HEADER: &str = "x-aishell-owner";
+pub const OWNER_CLOSE_REASON_PREFIX: &str = "owner ";

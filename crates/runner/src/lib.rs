@@ -953,11 +953,7 @@ enum ConnectError {
     Moved(String),
 }
 
-/// How a gateway that does not run a runner's session names the one that
-/// does (docs/cluster.md): a header of its 503 before the upgrade, or the
-/// start of its close reason (code 1013) after `hello`.
-const OWNER_HEADER: &str = "x-aishell-owner";
-const OWNER_REASON: &str = "owner ";
+use aishell_protocol::runner::{OWNER_CLOSE_REASON_PREFIX as OWNER_REASON, OWNER_HEADER};
 
 /// Exponential backoff with jitter: 100 ms doubling to 5 s.
 struct Backoff {

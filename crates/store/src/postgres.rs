@@ -80,6 +80,15 @@ fn fence_epoch(session_id: &str, fence: &Fence<'_>) -> Result<i64> {
     i64::try_from(fence.epoch).map_err(|_| lease_lost(session_id, fence.epoch))
 }
 
+/// A fenced statement's answer: written, or refused because the lease moved.
+fn fenced_outcome(held: bool, session_id: &str, fence: &Fence<'_>) -> Result<()> {
+    if held {
+        Ok(())
+    } else {
+        Err(lease_lost(session_id, fence.epoch))
+    }
+}
+
 /// The driver's error as a [`StoreError`] that names no driver type.
 fn from_sqlx(e: sqlx::Error) -> StoreError {
     StoreError::from(e)
@@ -359,11 +368,7 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(from_sqlx)?;
-            return if held {
-                Ok(())
-            } else {
-                Err(lease_lost(session_id, fence.epoch))
-            };
+            return fenced_outcome(held, session_id, &fence);
         }
         sqlx::query(
             "UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 WHERE id = $3",
@@ -437,11 +442,7 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(from_sqlx)?;
-            return if held {
-                Ok(())
-            } else {
-                Err(lease_lost(session_id, fence.epoch))
-            };
+            return fenced_outcome(held, session_id, &fence);
         }
         // One statement: the events and the session's counters and state
         // together. A seq already stored (or repeated in the batch) keeps
