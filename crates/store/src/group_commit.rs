@@ -142,8 +142,12 @@ async fn own_writer(db: Connection, mut checkpoints: Checkpointer, mut queue: Qu
         }
         checkpoints.committed();
     }
-    // Closed before the queue (and with it `close`'s wait) ends.
+    // Both connections closed (the last one's close checkpoints into the
+    // database file) before the queue, and with it `close`'s wait, ends:
+    // once closed, nothing touches the file.
     drop(db);
+    checkpoints.close().await;
+    drop(queue);
 }
 
 /// A commit past SQLite's automatic checkpoint threshold (1000 pages) used
@@ -159,6 +163,8 @@ struct Checkpointer {
     /// Commits since the last checkpoint started.
     owed: bool,
     last_started: Instant,
+    /// The checkpoint last started, if it may still run.
+    running: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Writer idle this long: checkpoint.
@@ -178,7 +184,16 @@ impl Checkpointer {
             db: Arc::new(std::sync::Mutex::new(Some(db))),
             owed: false,
             last_started: Instant::now(),
+            running: None,
         }
+    }
+
+    /// Wait for a running checkpoint, then close the connection.
+    async fn close(mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.await;
+        }
+        drop(self.db.lock().expect("checkpoint connection").take());
     }
 
     /// Whether commits wait for a checkpoint (run once the writer idles).
@@ -211,7 +226,7 @@ impl Checkpointer {
         let Some(db) = slot.lock().expect("checkpoint connection").take() else {
             return; // one is running; it covers these commits too, or the next will
         };
-        tokio::task::spawn_blocking(move || {
+        self.running = Some(tokio::task::spawn_blocking(move || {
             let wal_bytes = db
                 .path()
                 .and_then(|p| std::fs::metadata(format!("{p}-wal")).ok())
@@ -240,7 +255,7 @@ impl Checkpointer {
                 }
             }
             *slot.lock().expect("checkpoint connection") = Some(db);
-        });
+        }));
     }
 }
 

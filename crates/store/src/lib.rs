@@ -27,7 +27,7 @@ pub use sqlite::SqliteStore;
 /// What went wrong in a store, in words of its own: no driver types (the
 /// drivers' errors are mapped by the `From` impls below), so callers match
 /// on what happened, not on which database said it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("unsupported DATABASE_URL `{0}`: expected sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),

@@ -502,3 +502,171 @@ async fn a_fenced_write_waits_for_a_takeover_in_progress() {
     assert_eq!(s.events_after("s1", 0, 10).await.unwrap(), events(1..=1));
     takeover.close().await.unwrap();
 }
+
+/// Session writes of many sessions arriving together commit together: far
+/// fewer transactions than writes (the store's writer groups them), and
+/// each write still gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_many_sessions_commit_in_few_transactions() {
+    let (s, db) = fresh().await;
+    let n = 100;
+    for i in 0..n {
+        s.create_session(&SessionRecord::new(
+            &format!("s{i}"),
+            "alice",
+            "trace",
+            "echo",
+        ))
+        .await
+        .unwrap();
+    }
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let commits = async |probe: &mut sqlx::PgConnection| -> i64 {
+        sqlx::query_scalar(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(probe)
+        .await
+        .unwrap()
+    };
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut probe)
+        .await
+        .unwrap();
+    let before = commits(&mut probe).await;
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let batch = events(1..=2);
+            s.write_session(&format!("s{i}"), SessionWrite::events(&batch))
+                .await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    // Statistics reach the view within the stats interval (up to 1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut probe)
+        .await
+        .unwrap();
+    let after = commits(&mut probe).await;
+    for i in 0..n {
+        let got = s.get_session(&format!("s{i}")).await.unwrap().unwrap();
+        assert_eq!(got.last_seq, 2, "s{i}");
+    }
+    // The probe's own statements and the reads above count too; one
+    // transaction per write would be over 200.
+    assert!(
+        after - before < (n as i64) / 2 + 110,
+        "{} transactions for {n} writes",
+        after - before
+    );
+}
+
+/// A TCP proxy to PostgreSQL that can stop passing bytes on while keeping
+/// every connection open, as a network that drops packets would.
+struct StallingProxy {
+    port: u16,
+    stalled: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl StallingProxy {
+    async fn start(target_port: u16) -> StallingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(tokio::sync::watch::channel(false).0);
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let (a_read, a_write) = inbound.into_split();
+                let (b_read, b_write) = outbound.into_split();
+                tokio::spawn(pass_on(a_read, b_write, flag.subscribe()));
+                tokio::spawn(pass_on(b_read, a_write, flag.subscribe()));
+            }
+        });
+        StallingProxy { port, stalled }
+    }
+
+    fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+/// Copy `from` to `to`, holding every chunk while stalled.
+async fn pass_on(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A database that stops answering without closing the connection holds
+/// session writes at most the writer's deadline: they fail as unavailable
+/// (callers retry), and once it answers again the next write lands on a
+/// new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_fails_writes_in_time_and_the_writer_recovers() {
+    let db = TestDatabase::create().await;
+    let port: u16 = db
+        .url
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let proxy = StallingProxy::start(port).await;
+    let url = db
+        .url
+        .replacen(&format!(":{port}/"), &format!(":{}/", proxy.port), 1);
+    let s = PgStore::open(&url).await.unwrap();
+    s.create_session(&SessionRecord::new("s1", "alice", "trace", "echo"))
+        .await
+        .unwrap();
+
+    proxy.stall(true);
+    let started = std::time::Instant::now();
+    let stalled = s
+        .write_session("s1", SessionWrite::events(&events(1..=1)))
+        .await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(stalled, Err(StoreError::Unavailable(_))),
+        "{stalled:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(20),
+        "gave up after {waited:?}"
+    );
+
+    proxy.stall(false);
+    s.write_session("s1", SessionWrite::events(&events(2..=2)))
+        .await
+        .unwrap();
+    let got = s.get_session("s1").await.unwrap().unwrap();
+    assert_eq!(got.last_seq, 2);
+    s.close().await;
+}

@@ -28,6 +28,8 @@
 //! warm_first_event_ms: {p50,p90,p99,max}, gateways: [ { id, pid, sessions,
 //! cpu_ms, cpu_ms_per_session } ], haproxy_cpu_ms_per_session,
 //! postgres_cpu_ms_per_session, cpu_ms_per_session_total, bursts_not_settled,
+//! postgres_statements: { per_session, top: [ { query, per_session, mean_ms
+//! } ] } (cluster only, null where the server does not count statements),
 //! per_burst_warm_first_event_ms: [ {p50,p90,p99,max} ] },
 //! ratio: { p50, p99 }, target: { max_ratio, met }, first_error, started:
 //! { run_id, postgres_pid, haproxy_pid, gateway_pids, single_pid, dirs },
@@ -35,6 +37,7 @@
 
 mod haproxy;
 mod postgres;
+mod statements;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -501,7 +504,7 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
     settings.push(("--shared-url", shared_url));
     settings.push(("--workspaces-root", workspaces.display().to_string()));
     let env = [
-        ("DATABASE_URL", Some(database_url)),
+        ("DATABASE_URL", Some(database_url.clone())),
         (RUN_MARKER, Some(rig.run_id.clone())),
     ];
     for (k, port) in ports.iter().enumerate() {
@@ -575,6 +578,7 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
         .collect();
     cluster.reset();
     alone.reset();
+    let counting = statements::reset(&database_url).await.is_some();
     for round in 1..=args.rounds {
         for setup in [&mut cluster, &mut alone] {
             progress(&format!(
@@ -585,8 +589,11 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
         }
     }
 
-    let c = cluster.report(args.rounds, n);
+    let mut c = cluster.report(args.rounds, n);
     let s = alone.report(args.rounds, n);
+    if counting {
+        c["postgres_statements"] = statements::per_session(&database_url, args.rounds * n).await;
+    }
     let ratio = |p: &str| {
         let (Some(a), Some(b)) = (
             c["warm_first_event_ms"][p].as_f64(),
@@ -718,6 +725,22 @@ fn print_table(r: &Value) {
         num(&c["postgres_cpu_ms_per_session"]),
         num(&c["cpu_ms_per_session_total"])
     );
+    let statements = &c["postgres_statements"];
+    if !statements.is_null() {
+        println!();
+        println!(
+            "PostgreSQL statements per cluster session: {} (most executed first; mean ms)",
+            num(&statements["per_session"])
+        );
+        for s in statements["top"].as_array().into_iter().flatten() {
+            println!(
+                "  {:>6} {:>7}  {}",
+                num(&s["per_session"]),
+                num(&s["mean_ms"]),
+                s["query"].as_str().unwrap_or("")
+            );
+        }
+    }
     for key in ["cluster", "single"] {
         let n = r[key]["bursts_not_settled"].as_u64().unwrap_or(0);
         if n > 0 {

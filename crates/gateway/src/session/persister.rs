@@ -111,10 +111,11 @@ pub(super) fn spawn(
         epoch: cluster.fence(&session_id),
         cluster,
     });
-    // One write at a time for one of several gateways. PostgreSQL runs
-    // pipelined writes on as many pooled connections, in no set order: a
-    // later batch could commit (raising `last_seq` and `runner_seq`) while
-    // an earlier one failed, and if this gateway then steps down or dies
+    // One write at a time for one of several gateways. The PostgreSQL
+    // store commits in order, but after a batch failed on a broken
+    // connection the next runs on a new one: a later write could commit
+    // (raising `last_seq` and `runner_seq`) while an earlier one failed,
+    // and if this gateway then steps down or dies
     // before redoing it, the new owner starts past a hole and drops the
     // runner's resent frames for it as already stored: lost for good.
     // Batches still form: what queues meanwhile goes out together next.

@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             usage_counts_open_and_closed_tasks_per_user,
             usage_is_clipped_to_the_window,
             concurrent_writes_succeed_or_fail_alone,
+            writes_handed_over_together_commit_in_order,
             text_roundtrips_unchanged,
             a_lease_is_claimed_renewed_by_its_holder_and_taken_over_after_expiry,
             fenced_writes_need_the_current_lease,
@@ -818,6 +819,48 @@ pub async fn concurrent_writes_succeed_or_fail_alone(s: S) {
         .map(|i| format!("c{i}"))
         .collect();
     assert_eq!(ids, expected);
+}
+
+/// A store that says it orders writes commits writes handed over
+/// together, without waiting for one before the next, in that order: a
+/// session's row, its first message, its task binding and events acked
+/// under that task, for many sessions at once.
+pub async fn writes_handed_over_together_commit_in_order(s: S) {
+    if !s.orders_writes() {
+        return;
+    }
+    let mut handles = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let id = format!("s{i}");
+            let record = session(&id, "alice", 1_000 + i);
+            let first = message(&id, "c1", Some("m1"), "hi");
+            let batch = events(1..=3);
+            // Each future hands its write over when first polled; join
+            // polls them in this order.
+            let (created, inserted, bound, written) = tokio::join!(
+                s.create_session(&record),
+                s.insert_message(&first),
+                s.set_session_task(&id, Some("t1"), None),
+                s.write_session(&id, SessionWrite::events(&batch).with_ack("t1", 3)),
+            );
+            created.unwrap_or_else(|e| panic!("{id} created: {e}"));
+            assert!(inserted.unwrap_or_else(|e| panic!("{id} message: {e}")));
+            bound.unwrap_or_else(|e| panic!("{id} bound: {e}"));
+            written.unwrap_or_else(|e| panic!("{id} written: {e}"));
+            id
+        }));
+    }
+    for h in handles {
+        let id = h.await.unwrap();
+        let got = get(&s, &id).await;
+        assert_eq!(got.task_id.as_deref(), Some("t1"), "{id}");
+        // The ack counted: the binding committed before the events.
+        assert_eq!((got.last_seq, got.runner_seq), (3, 3), "{id}");
+        assert_eq!(seqs(&s, &id).await, vec![1, 2, 3]);
+        assert_eq!(s.list_messages(&id, "c1").await.unwrap().len(), 1);
+    }
 }
 
 /// Text comes back byte for byte: quotes, SQL metacharacters, non-ASCII,

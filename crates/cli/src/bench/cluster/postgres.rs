@@ -72,6 +72,8 @@ impl Postgres {
                 // synchronous=NORMAL: commits do not wait for the disk),
                 // unlike the tests' fsync=off.
                 .args(["-c", "synchronous_commit=off", "-c", "max_connections=300"])
+                // Counts every statement (bench/cluster/statements.rs).
+                .args(["-c", "shared_preload_libraries=pg_stat_statements"])
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone()?)
                 .stderr(log_file);

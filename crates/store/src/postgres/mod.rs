@@ -1,9 +1,13 @@
 //! PostgreSQL implementation of [`Store`] (the `postgres` feature), for
 //! several gateways sharing one database. A plain mirror of the SQLite store:
 //! the same tables and encodings (migrations-postgres/), the same contracts
-//! (checked by the conformance suite in tests/conformance). Every operation
-//! that writes more than one row is one statement, so it is atomic without a
-//! transaction round trip.
+//! (checked by the conformance suite in tests/conformance). Session writes
+//! go through one writer that commits them in groups ([`writer`]); reads,
+//! leases, the registry and tokens use the pool, one statement each (every
+//! operation that changes more than one row is one statement, so it is
+//! atomic without a transaction round trip).
+
+mod writer;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,16 +18,18 @@ use time::OffsetDateTime;
 
 use crate::sqlite::{
     ConversationRow, GatewayRow, MessageRow, SESSION_COLUMNS, SessionRow, TOKEN_COLUMNS, TokenRow,
-    epoch_from_db, from_ms, lease_lost, now_ms, seq_from_db, seq_to_db, to_ms, ttl_to_ms,
+    epoch_from_db, from_ms, now_ms, seq_from_db, seq_to_db, to_ms, ttl_to_ms,
 };
 use crate::{
     ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, Result, SessionRecord,
     SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord, UsageSummary, token,
 };
+use writer::{OwnedFence, PgWriter, Write, Written};
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
 
-/// Connections one gateway keeps to the server.
+/// Connections one gateway keeps to the server for reads and for what
+/// the writer does not carry (the writer has one more of its own).
 const POOL_SIZE: u32 = 16;
 
 /// How long an operation waits for a free connection before failing.
@@ -33,6 +39,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    writer: PgWriter,
 }
 
 impl PgStore {
@@ -45,7 +52,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(from_sqlx)?;
         MIGRATOR
@@ -53,12 +60,28 @@ impl PgStore {
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;
         tracing::debug!("postgres store opened");
-        Ok(Self { pool })
+        let writer = PgWriter::start(options);
+        Ok(Self { pool, writer })
     }
 
     /// Close every connection; further calls fail.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
+    }
+
+    /// Hand `write` to the writer (now: calls are written in call order)
+    /// and wait for its commit.
+    fn write(
+        &self,
+        write: Write,
+        fence: Option<Fence<'_>>,
+    ) -> impl std::future::Future<Output = Result<Written>> + Send + 'static {
+        let fence = fence.map(|f| OwnedFence {
+            gateway_id: f.gateway_id.to_string(),
+            epoch: f.epoch,
+        });
+        self.writer.write(write, fence)
     }
 }
 
@@ -74,21 +97,6 @@ const DB_NOW_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::BI
 /// again (freed) before it could read the holder.
 const CLAIM_ATTEMPTS: usize = 5;
 
-/// The fence's epoch as stored, or `LeaseLost` (an epoch beyond the stored
-/// range was never granted).
-fn fence_epoch(session_id: &str, fence: &Fence<'_>) -> Result<i64> {
-    i64::try_from(fence.epoch).map_err(|_| lease_lost(session_id, fence.epoch))
-}
-
-/// A fenced statement's answer: written, or refused because the lease moved.
-fn fenced_outcome(held: bool, session_id: &str, fence: &Fence<'_>) -> Result<()> {
-    if held {
-        Ok(())
-    } else {
-        Err(lease_lost(session_id, fence.epoch))
-    }
-}
-
 /// The driver's error as a [`StoreError`] that names no driver type.
 fn from_sqlx(e: sqlx::Error) -> StoreError {
     StoreError::from(e)
@@ -96,6 +104,11 @@ fn from_sqlx(e: sqlx::Error) -> StoreError {
 
 #[async_trait]
 impl Store for PgStore {
+    /// Session writes all go through the one writer, first in, first out.
+    fn orders_writes(&self) -> bool {
+        true
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -197,23 +210,20 @@ impl Store for PgStore {
     }
 
     async fn create_session(&self, session: &SessionRecord) -> Result<()> {
-        // Like the SQLite store: a session starts unbound (`task_id` and
-        // `runner_seq` are set by `set_session_task` and `write_session`).
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        self.write(
+            Write::CreateSession {
+                id: session.id.clone(),
+                user_id: session.user_id.clone(),
+                state: session.state.as_str(),
+                created_at: to_ms(session.created_at),
+                updated_at: to_ms(session.updated_at),
+                last_seq: seq_to_db(session.last_seq)?,
+                trace_id: session.trace_id.clone(),
+                agent: session.agent.clone(),
+            },
+            None,
         )
-        .bind(&session.id)
-        .bind(&session.user_id)
-        .bind(session.state.as_str())
-        .bind(to_ms(session.created_at))
-        .bind(to_ms(session.updated_at))
-        .bind(seq_to_db(session.last_seq)?)
-        .bind(&session.trace_id)
-        .bind(&session.agent)
-        .execute(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
+        .await?;
         Ok(())
     }
 
@@ -250,22 +260,16 @@ impl Store for PgStore {
         title: Option<&str>,
         resume_handle: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO conversations AS c (id, session_id, title, resume_handle, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $5) \
-             ON CONFLICT (session_id, id) DO UPDATE SET \
-                 title = COALESCE(excluded.title, c.title), \
-                 resume_handle = COALESCE(excluded.resume_handle, c.resume_handle), \
-                 updated_at = excluded.updated_at",
+        self.write(
+            Write::UpsertConversation {
+                session_id: session_id.to_string(),
+                conversation_id: conversation_id.to_string(),
+                title: title.map(str::to_string),
+                resume_handle: resume_handle.map(str::to_string),
+            },
+            None,
         )
-        .bind(conversation_id)
-        .bind(session_id)
-        .bind(title)
-        .bind(resume_handle)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
+        .await?;
         Ok(())
     }
 
@@ -298,29 +302,20 @@ impl Store for PgStore {
     }
 
     async fn insert_message(&self, message: &MessageRecord) -> Result<bool> {
-        // One statement: the conversation (created if missing) and its
-        // message together; the conversation's foreign key refuses both for
-        // a session that does not exist.
-        let done = sqlx::query(
-            "WITH conversation AS ( \
-                 INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
-                 VALUES ($2, $1, NULL, NULL, $7, $7) \
-                 ON CONFLICT (session_id, id) DO UPDATE SET updated_at = excluded.updated_at) \
-             INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (session_id, client_msg_id) DO NOTHING",
-        )
-        .bind(&message.session_id)
-        .bind(&message.conversation_id)
-        .bind(&message.client_msg_id)
-        .bind(message.role.as_str())
-        .bind(&message.content)
-        .bind(to_ms(message.created_at))
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
-        Ok(done.rows_affected() > 0)
+        let written = self
+            .write(
+                Write::InsertMessage {
+                    session_id: message.session_id.clone(),
+                    conversation_id: message.conversation_id.clone(),
+                    client_msg_id: message.client_msg_id.clone(),
+                    role: message.role.as_str(),
+                    content: message.content.clone(),
+                    created_at: to_ms(message.created_at),
+                },
+                None,
+            )
+            .await?;
+        Ok(matches!(written, Written::Inserted(true)))
     }
 
     async fn list_messages(
@@ -348,37 +343,14 @@ impl Store for PgStore {
         task_id: Option<&str>,
         fence: Option<Fence<'_>>,
     ) -> Result<()> {
-        if let Some(fence) = fence {
-            // As `write_session`'s fenced statement: the lease row locked
-            // FOR SHARE, the update only if it still matches.
-            let held: bool = sqlx::query_scalar(
-                "WITH lease AS MATERIALIZED ( \
-                     SELECT 1 FROM session_leases \
-                     WHERE session_id = $3 AND owner = $4 AND epoch = $5 FOR SHARE), \
-                 bound AS ( \
-                     UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 \
-                     WHERE id = $3 AND EXISTS (SELECT 1 FROM lease)) \
-                 SELECT EXISTS (SELECT 1 FROM lease)",
-            )
-            .bind(task_id)
-            .bind(now_ms())
-            .bind(session_id)
-            .bind(fence.gateway_id)
-            .bind(fence_epoch(session_id, &fence)?)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(from_sqlx)?;
-            return fenced_outcome(held, session_id, &fence);
-        }
-        sqlx::query(
-            "UPDATE sessions SET task_id = $1, runner_seq = 0, updated_at = $2 WHERE id = $3",
+        self.write(
+            Write::SetTask {
+                session_id: session_id.to_string(),
+                task_id: task_id.map(str::to_string),
+            },
+            fence,
         )
-        .bind(task_id)
-        .bind(now_ms())
-        .bind(session_id)
-        .execute(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
+        .await?;
         Ok(())
     }
 
@@ -398,104 +370,47 @@ impl Store for PgStore {
             .iter()
             .map(|e| seq_to_db(e.seq))
             .collect::<Result<Vec<_>>>()?;
-        let jsons: Vec<&str> = write.events.iter().map(|e| e.json.as_str()).collect();
-        let (ack_task, ack_seq) = match write.runner_ack {
-            Some((task, seq)) => (Some(task), Some(seq_to_db(seq)?)),
-            None => (None, None),
+        let jsons = write.events.iter().map(|e| e.json.clone()).collect();
+        let ack = match write.runner_ack {
+            Some((task, seq)) => Some((task.to_string(), seq_to_db(seq)?)),
+            None => None,
         };
-        if let Some(fence) = write.fence {
-            // Several gateways: the same statement, guarded by the lease.
-            // The lease row is locked FOR SHARE before anything is written,
-            // so a takeover (whose claim locks the row FOR UPDATE) either
-            // waits for this write to commit, or commits first and this
-            // statement, re-reading the row, finds the epoch raised and
-            // writes nothing. Expiry is not checked: fencing is by epoch.
-            let held: bool = sqlx::query_scalar(
-                "WITH lease AS MATERIALIZED ( \
-                     SELECT 1 FROM session_leases \
-                     WHERE session_id = $1 AND owner = $9 AND epoch = $10 FOR SHARE), \
-                 appended AS ( \
-                     INSERT INTO session_events (session_id, seq, json, created_at) \
-                     SELECT $1, e.seq, e.json, $7 FROM UNNEST($2::BIGINT[], $3::TEXT[]) AS e (seq, json) \
-                     WHERE EXISTS (SELECT 1 FROM lease) \
-                     ON CONFLICT (session_id, seq) DO NOTHING), \
-                 updated AS ( \
-                     UPDATE sessions SET \
-                         last_seq = GREATEST(last_seq, COALESCE($4::BIGINT, last_seq)), \
-                         runner_seq = CASE WHEN $5::BIGINT IS NOT NULL AND task_id IS NOT DISTINCT FROM $6::TEXT \
-                             THEN GREATEST(runner_seq, $5::BIGINT) ELSE runner_seq END, \
-                         state = COALESCE($8::TEXT, state), \
-                         updated_at = CASE WHEN $8::TEXT IS NULL THEN updated_at ELSE $7 END \
-                     WHERE id = $1 AND EXISTS (SELECT 1 FROM lease)) \
-                 SELECT EXISTS (SELECT 1 FROM lease)",
-            )
-            .bind(session_id)
-            .bind(&seqs)
-            .bind(&jsons)
-            .bind(max_seq)
-            .bind(ack_seq)
-            .bind(ack_task)
-            .bind(now_ms())
-            .bind(write.state.map(SessionState::as_str))
-            .bind(fence.gateway_id)
-            .bind(fence_epoch(session_id, &fence)?)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(from_sqlx)?;
-            return fenced_outcome(held, session_id, &fence);
-        }
-        // One statement: the events and the session's counters and state
-        // together. A seq already stored (or repeated in the batch) keeps
-        // its first payload.
-        sqlx::query(
-            "WITH appended AS ( \
-                 INSERT INTO session_events (session_id, seq, json, created_at) \
-                 SELECT $1, e.seq, e.json, $7 FROM UNNEST($2::BIGINT[], $3::TEXT[]) AS e (seq, json) \
-                 ON CONFLICT (session_id, seq) DO NOTHING) \
-             UPDATE sessions SET \
-                 last_seq = GREATEST(last_seq, COALESCE($4::BIGINT, last_seq)), \
-                 runner_seq = CASE WHEN $5::BIGINT IS NOT NULL AND task_id IS NOT DISTINCT FROM $6::TEXT \
-                     THEN GREATEST(runner_seq, $5::BIGINT) ELSE runner_seq END, \
-                 state = COALESCE($8::TEXT, state), \
-                 updated_at = CASE WHEN $8::TEXT IS NULL THEN updated_at ELSE $7 END \
-             WHERE id = $1",
+        self.write(
+            Write::Session {
+                session_id: session_id.to_string(),
+                seqs,
+                jsons,
+                max_seq,
+                ack,
+                state: write.state.map(SessionState::as_str),
+            },
+            write.fence,
         )
-        .bind(session_id)
-        .bind(&seqs)
-        .bind(&jsons)
-        .bind(max_seq)
-        .bind(ack_seq)
-        .bind(ack_task)
-        .bind(now_ms())
-        .bind(write.state.map(SessionState::as_str))
-        .execute(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
+        .await?;
         Ok(())
     }
 
     async fn usage_start(&self, task_id: &str, session_id: &str, user_id: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO usage (task_id, session_id, user_id, started_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (task_id) DO NOTHING",
+        self.write(
+            Write::UsageStart {
+                task_id: task_id.to_string(),
+                session_id: session_id.to_string(),
+                user_id: user_id.to_string(),
+            },
+            None,
         )
-        .bind(task_id)
-        .bind(session_id)
-        .bind(user_id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
+        .await?;
         Ok(())
     }
 
     async fn usage_end(&self, task_id: &str) -> Result<()> {
-        sqlx::query("UPDATE usage SET ended_at = $1 WHERE task_id = $2 AND ended_at IS NULL")
-            .bind(now_ms())
-            .bind(task_id)
-            .execute(&self.pool)
-            .await
-            .map_err(from_sqlx)?;
+        self.write(
+            Write::UsageEnd {
+                task_id: task_id.to_string(),
+            },
+            None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -586,10 +501,13 @@ impl Store for PgStore {
     async fn remove_gateway(&self, gateway_id: &str) -> Result<()> {
         // One statement: the registration and its leases together. A freed
         // lease keeps its epoch (the next claim raises it).
+        // Its leases locked in `session_id` order, as a renewal does.
         let sql = format!(
             "WITH gone AS (DELETE FROM gateways WHERE id = $1) \
-             UPDATE session_leases SET owner = NULL, expires_at = LEAST(expires_at, {DB_NOW_MS}) \
-             WHERE owner = $1"
+             UPDATE session_leases AS l SET owner = NULL, expires_at = LEAST(l.expires_at, {DB_NOW_MS}) \
+             FROM (SELECT session_id FROM session_leases WHERE owner = $1 \
+                   ORDER BY session_id FOR UPDATE) AS mine \
+             WHERE l.session_id = mine.session_id AND l.owner = $1"
         );
         sqlx::query(&sql)
             .bind(gateway_id)
@@ -687,11 +605,16 @@ impl Store for PgStore {
 
     async fn renew_leases(&self, gateway_id: &str, ttl: Duration) -> Result<Vec<(String, u64)>> {
         // A lease a takeover changed meanwhile is re-read before it is
-        // updated (READ COMMITTED), and no longer matches `owner`.
+        // updated (READ COMMITTED), and no longer matches `owner`. The rows
+        // are locked in `session_id` order first, the order the writer
+        // locks them for fenced writes: a renewal and a batch wait for each
+        // other but never deadlock.
         let sql = format!(
             "UPDATE session_leases AS l SET expires_at = clock.ms + $2 \
-             FROM (SELECT {DB_NOW_MS} AS ms) AS clock \
-             WHERE l.owner = $1 AND l.expires_at > clock.ms \
+             FROM (SELECT {DB_NOW_MS} AS ms) AS clock, \
+                  (SELECT session_id FROM session_leases WHERE owner = $1 \
+                   ORDER BY session_id FOR UPDATE) AS mine \
+             WHERE l.session_id = mine.session_id AND l.owner = $1 AND l.expires_at > clock.ms \
              RETURNING l.session_id, l.epoch"
         );
         let rows: Vec<(String, i64)> = sqlx::query_as(&sql)

@@ -1,0 +1,1014 @@
+//! Group commit for the PostgreSQL store.
+//!
+//! Every session write (a session's row, its messages, conversations, task
+//! binding, events and state, usage rows) goes to one writer task with a
+//! connection of its own. It takes whatever is queued, folds writes of one
+//! kind into one statement (arrays unnested server-side), and runs the
+//! batch in one transaction; callers hear back only after the commit.
+//! Before, each write was its own statement and transaction on a pooled
+//! connection: ~15 round trips and commits per new session, and a burst of
+//! new sessions spent more CPU in PostgreSQL and in the driver than in the
+//! rest of the gateway.
+//!
+//! Order: writes of one session (or one usage row) run in the order they
+//! were handed over (a session's row before its first message, a task's
+//! binding before the events acknowledged under it); writes of different
+//! sessions may share a statement. The store therefore orders writes like
+//! the SQLite store's writer does.
+//!
+//! Fences: the lease rows of every fenced write in the batch are locked
+//! `FOR SHARE` first, in one statement and in `session_id` order (a lease
+//! renewal locks its rows in the same order, so the two cannot deadlock).
+//! A write whose lease no longer names its gateway and epoch is answered
+//! `LeaseLost` and left out; the others run under locks a takeover must
+//! wait for until the batch commits.
+//!
+//! Failure: a batch that fails (a constraint, say) is rolled back and its
+//! writes run again one at a time, each in its own transaction, so one
+//! bad write fails alone. Once a write of a session has failed, the later
+//! writes of that session in the same batch fail too without running: a
+//! later write stored past a failed one would leave a hole.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::sqlite::{lease_lost, now_ms};
+use crate::{Result, StoreError};
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The writer connection's settings. `lock_timeout`: how long a batch
+/// waits for a row lock (a lease a takeover is changing) before it fails
+/// and its writes are retried by their callers, so one slow lock cannot
+/// hold every session's writes for long. Generic plans: the writer's
+/// statements are the same few, keyed by primary keys, and a custom plan
+/// per execution (PostgreSQL's default for a prepared statement's first
+/// executions, and for good whenever it guesses one cheaper) was planning
+/// work on every batch.
+const CONNECTION_SETTINGS: [(&str, &str); 2] = [
+    ("lock_timeout", "5s"),
+    ("plan_cache_mode", "force_generic_plan"),
+];
+
+/// A batch not answered within this long (a database unreachable without
+/// the connection failing, a lock held past `lock_timeout`) is given up:
+/// its callers hear `Unavailable` and the connection is replaced. Its
+/// outcome is unknown, which callers of idempotent writes can retry.
+const BATCH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// After the writer's connection failed, how long before it reconnects.
+const RECONNECT_DELAY: Duration = Duration::from_millis(100);
+
+/// A fence as a queued write keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct OwnedFence {
+    pub gateway_id: String,
+    pub epoch: u64,
+}
+
+/// One write, with its arguments in stored form.
+pub(crate) enum Write {
+    CreateSession {
+        id: String,
+        user_id: String,
+        state: &'static str,
+        created_at: i64,
+        updated_at: i64,
+        last_seq: i64,
+        trace_id: String,
+        agent: String,
+    },
+    /// A message and (if new) its conversation; answers whether the
+    /// message was new.
+    InsertMessage {
+        session_id: String,
+        conversation_id: String,
+        client_msg_id: Option<String>,
+        role: &'static str,
+        content: String,
+        created_at: i64,
+    },
+    UpsertConversation {
+        session_id: String,
+        conversation_id: String,
+        title: Option<String>,
+        resume_handle: Option<String>,
+    },
+    SetTask {
+        session_id: String,
+        task_id: Option<String>,
+    },
+    /// Events (seq, json) and the session's counters and state.
+    Session {
+        session_id: String,
+        seqs: Vec<i64>,
+        jsons: Vec<String>,
+        max_seq: Option<i64>,
+        ack: Option<(String, i64)>,
+        state: Option<&'static str>,
+    },
+    UsageStart {
+        task_id: String,
+        session_id: String,
+        user_id: String,
+    },
+    UsageEnd {
+        task_id: String,
+    },
+}
+
+/// Writes of one kind share a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    CreateSession,
+    InsertMessage,
+    UpsertConversation,
+    SetTask,
+    Session,
+    UsageStart,
+    UsageEnd,
+}
+
+impl Write {
+    fn kind(&self) -> Kind {
+        match self {
+            Write::CreateSession { .. } => Kind::CreateSession,
+            Write::InsertMessage { .. } => Kind::InsertMessage,
+            Write::UpsertConversation { .. } => Kind::UpsertConversation,
+            Write::SetTask { .. } => Kind::SetTask,
+            Write::Session { .. } => Kind::Session,
+            Write::UsageStart { .. } => Kind::UsageStart,
+            Write::UsageEnd { .. } => Kind::UsageEnd,
+        }
+    }
+
+    /// What orders this write against others: its session, or for a usage
+    /// row's end (which names no session) its task.
+    fn order_key(&self) -> (&'static str, &str) {
+        match self {
+            Write::CreateSession { id, .. } => ("session", id),
+            Write::InsertMessage { session_id, .. }
+            | Write::UpsertConversation { session_id, .. }
+            | Write::SetTask { session_id, .. }
+            | Write::Session { session_id, .. } => ("session", session_id),
+            Write::UsageStart { task_id, .. } | Write::UsageEnd { task_id } => ("usage", task_id),
+        }
+    }
+
+    fn session_id(&self) -> Option<&str> {
+        match self.order_key() {
+            ("session", id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// How a write went, for its caller.
+#[derive(Debug)]
+pub(crate) enum Written {
+    Done,
+    /// `InsertMessage`: whether the message was new.
+    Inserted(bool),
+}
+
+struct Queued {
+    write: Write,
+    fence: Option<OwnedFence>,
+    reply: oneshot::Sender<Result<Written>>,
+}
+
+enum Message {
+    Write(Queued),
+    /// Write what came before, close the connection, answer, stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle the store writes through.
+#[derive(Debug, Clone)]
+pub(crate) struct PgWriter {
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+impl PgWriter {
+    /// Start the writer task on a connection of its own (made from
+    /// `options`, re-made after a failure).
+    pub(crate) fn start(options: PgConnectOptions) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(options, rx));
+        PgWriter { tx }
+    }
+
+    /// Queue `write` (at once: the order of calls is the order of writes)
+    /// and wait for the commit of its batch.
+    pub(crate) fn write(
+        &self,
+        write: Write,
+        fence: Option<OwnedFence>,
+    ) -> impl std::future::Future<Output = Result<Written>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.tx.send(Message::Write(Queued {
+            write,
+            fence,
+            reply,
+        }));
+        async move {
+            let not_run = || {
+                StoreError::Unavailable(
+                    "the database did not answer the write in time, or the store is closed".into(),
+                )
+            };
+            sent.map_err(|_| not_run())?;
+            answer.await.map_err(|_| not_run())?
+        }
+    }
+
+    /// Stop the writer once what is queued is written; later writes fail.
+    pub(crate) async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.tx.send(Message::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+async fn run(options: PgConnectOptions, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut conn: Option<PgConnection> = None;
+    let mut messages = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut close = None;
+    while close.is_none() && rx.recv_many(&mut messages, MAX_BATCH).await > 0 {
+        for m in messages.drain(..) {
+            match m {
+                Message::Write(q) if close.is_none() => batch.push(q),
+                Message::Write(q) => {
+                    let _ = q.reply.send(Err(StoreError::Unavailable(
+                        "the database writer has stopped".into(),
+                    )));
+                }
+                Message::Close(done) => close = Some(done),
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if conn.is_none() {
+            conn = connect(&options).await;
+        }
+        let Some(c) = conn.as_mut() else {
+            for q in batch.drain(..) {
+                let _ = q.reply.send(Err(StoreError::Unavailable(
+                    "the database writer cannot connect".into(),
+                )));
+            }
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        };
+        let broken =
+            tokio::time::timeout(BATCH_DEADLINE, commit_batch(c, std::mem::take(&mut batch)))
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::warn!("postgres writer: a batch got no answer in time; reconnecting");
+                    true
+                });
+        if broken {
+            conn = None;
+            tokio::time::sleep(RECONNECT_DELAY).await;
+        }
+    }
+    rx.close();
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+    if let Some(done) = close {
+        let _ = done.send(());
+    }
+}
+
+async fn connect(options: &PgConnectOptions) -> Option<PgConnection> {
+    let options = options.clone().options(CONNECTION_SETTINGS);
+    match tokio::time::timeout(BATCH_DEADLINE, PgConnection::connect_with(&options)).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "postgres writer: cannot connect");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("postgres writer: no answer to a connection attempt in time");
+            None
+        }
+    }
+}
+
+/// Run `batch` in one transaction and answer every caller; if that fails,
+/// run each write alone. Returns whether the connection is broken.
+async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>) -> bool {
+    match run_batch(conn, &batch).await {
+        Ok(results) => {
+            for (q, result) in batch.into_iter().zip(results) {
+                let _ = q.reply.send(result);
+            }
+            false
+        }
+        Err(e) if batch.len() == 1 || is_broken(&e) => {
+            let broken = is_broken(&e);
+            for q in batch {
+                let _ = q.reply.send(Err(e.clone()));
+            }
+            broken
+        }
+        Err(_) => {
+            // One at a time: the bad write fails alone.
+            let mut failed: HashSet<(&'static str, String)> = HashSet::new();
+            let mut broken = false;
+            for q in batch {
+                let (scope, key) = q.write.order_key();
+                let key = (scope, key.to_string());
+                if broken || failed.contains(&key) {
+                    let _ = q.reply.send(Err(StoreError::Write(
+                        "an earlier write of this session in the same batch failed".into(),
+                    )));
+                    continue;
+                }
+                let one = [q];
+                match run_batch(conn, &one).await {
+                    Ok(mut results) => {
+                        let [q] = one;
+                        let _ = q.reply.send(results.remove(0));
+                    }
+                    Err(e) => {
+                        broken = is_broken(&e);
+                        failed.insert(key);
+                        let [q] = one;
+                        let _ = q.reply.send(Err(e));
+                    }
+                }
+            }
+            broken
+        }
+    }
+}
+
+/// Errors after which the connection is not used again.
+fn is_broken(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_))
+}
+
+/// Run the batch: per write its result (a refused fence is a result, not
+/// an error), or the error that rolled everything back. A batch that is
+/// one statement (the common case: a burst's writes of one kind) runs as
+/// that statement alone, its fences checked inside it; anything else in
+/// one transaction, fences checked first.
+async fn run_batch(conn: &mut PgConnection, batch: &[Queued]) -> Result<Vec<Result<Written>>> {
+    let everything = vec![true; batch.len()];
+    let planned = groups(batch, &everything);
+    if let [group] = planned.as_slice()
+        && let Some(fences) = statement_fences(batch, group)
+    {
+        let writes: Vec<&Write> = group.members.iter().map(|&i| &batch[i].write).collect();
+        let outcome = run_group(conn, group.kind, &writes, fences.as_deref()).await?;
+        let held: Option<HashSet<&str>> = outcome
+            .held
+            .as_ref()
+            .map(|h| h.iter().map(String::as_str).collect());
+        let ran: Vec<bool> = batch
+            .iter()
+            .map(|q| match (&held, q.write.session_id()) {
+                (Some(held), Some(session)) => held.contains(session),
+                _ => true,
+            })
+            .collect();
+        return Ok(answers(batch, &ran, &outcome.inserted));
+    }
+    run_in_transaction(conn, batch).await
+}
+
+/// The fences a one-statement batch checks inside its statement: `Some(None)`
+/// none (no write is fenced), `Some(Some(..))` every write's (all fenced, of
+/// a kind whose statement checks them); `None`: it needs a transaction.
+fn statement_fences<'a>(batch: &'a [Queued], group: &Group) -> Option<Option<Vec<&'a OwnedFence>>> {
+    let fences: Vec<&OwnedFence> = group
+        .members
+        .iter()
+        .filter_map(|&i| batch[i].fence.as_ref())
+        .collect();
+    if fences.is_empty() {
+        return Some(None);
+    }
+    let checks_fences = matches!(group.kind, Kind::Session | Kind::SetTask);
+    (checks_fences && fences.len() == group.members.len()).then_some(Some(fences))
+}
+
+/// Each write's answer once its batch committed.
+fn answers(batch: &[Queued], ran: &[bool], inserted: &[String]) -> Vec<Result<Written>> {
+    batch
+        .iter()
+        .zip(ran)
+        .map(|(q, ran)| {
+            if !ran {
+                let epoch = q.fence.as_ref().map_or(0, |f| f.epoch);
+                let session = q.write.session_id().unwrap_or_default();
+                return Err(lease_lost(session, epoch));
+            }
+            Ok(match &q.write {
+                Write::InsertMessage { session_id, .. } => {
+                    Written::Inserted(inserted.iter().any(|s| s == session_id))
+                }
+                _ => Written::Done,
+            })
+        })
+        .collect()
+}
+
+/// The batch's statements in one transaction, the lease rows of its
+/// fenced writes locked first (see the module's notes).
+async fn run_in_transaction(
+    conn: &mut PgConnection,
+    batch: &[Queued],
+) -> Result<Vec<Result<Written>>> {
+    let mut tx = conn.begin().await?;
+    let held = lock_leases(&mut tx, batch).await?;
+    let runs: Vec<bool> = batch
+        .iter()
+        .map(|q| {
+            q.fence
+                .as_ref()
+                .is_none_or(|f| held.contains(&key_of(&q.write, f)))
+        })
+        .collect();
+    let mut inserted = Vec::new();
+    for group in groups(batch, &runs) {
+        let writes: Vec<&Write> = group.members.iter().map(|&i| &batch[i].write).collect();
+        inserted.extend(
+            run_group(&mut tx, group.kind, &writes, None)
+                .await?
+                .inserted,
+        );
+    }
+    tx.commit().await?;
+    Ok(answers(batch, &runs, &inserted))
+}
+
+type LeaseKey = (String, String, i64);
+
+fn key_of(write: &Write, fence: &OwnedFence) -> LeaseKey {
+    (
+        write.session_id().unwrap_or_default().to_string(),
+        fence.gateway_id.clone(),
+        i64::try_from(fence.epoch).unwrap_or(-1),
+    )
+}
+
+/// Lock the lease rows that still match the batch's fences, in
+/// `session_id` order; returns those that matched.
+async fn lock_leases(conn: &mut PgConnection, batch: &[Queued]) -> Result<HashSet<LeaseKey>> {
+    let mut wanted: Vec<LeaseKey> = batch
+        .iter()
+        .filter_map(|q| q.fence.as_ref().map(|f| key_of(&q.write, f)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashSet::new());
+    }
+    wanted.sort();
+    wanted.dedup();
+    let (sessions, owners, epochs) = unzip3(wanted);
+    let rows: Vec<LeaseKey> = sqlx::query_as(
+        "SELECT l.session_id, l.owner, l.epoch FROM session_leases l \
+         JOIN UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS f (session_id, owner, epoch) \
+           ON l.session_id = f.session_id AND l.owner = f.owner AND l.epoch = f.epoch \
+         ORDER BY l.session_id FOR SHARE OF l",
+    )
+    .bind(sessions)
+    .bind(owners)
+    .bind(epochs)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+fn unzip3<A, B, C>(v: Vec<(A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let mut out = (
+        Vec::with_capacity(v.len()),
+        Vec::with_capacity(v.len()),
+        Vec::with_capacity(v.len()),
+    );
+    for (a, b, c) in v {
+        out.0.push(a);
+        out.1.push(b);
+        out.2.push(c);
+    }
+    out
+}
+
+/// Writes of one kind that run as one statement.
+#[derive(Debug, PartialEq, Eq)]
+struct Group {
+    kind: Kind,
+    members: Vec<usize>,
+}
+
+/// The batch's writes (those that `run`) as statements in order: each
+/// write joins the first group of its kind after the last group holding
+/// a write with its order key, so one key's writes keep their order and
+/// never share a statement.
+fn groups(batch: &[Queued], run: &[bool]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut last: HashMap<(&'static str, &str), usize> = HashMap::new();
+    for (i, q) in batch.iter().enumerate() {
+        if !run[i] {
+            continue;
+        }
+        let kind = q.write.kind();
+        let key = q.write.order_key();
+        let from = last.get(&key).map_or(0, |g| g + 1);
+        let at = match (from..groups.len()).find(|&g| groups[g].kind == kind) {
+            Some(g) => g,
+            None => {
+                groups.push(Group {
+                    kind,
+                    members: Vec::new(),
+                });
+                groups.len() - 1
+            }
+        };
+        groups[at].members.push(i);
+        last.insert(key, at);
+    }
+    groups
+}
+
+/// What one statement reports.
+#[derive(Default)]
+struct Outcome {
+    /// `InsertMessage`: the sessions whose message was new.
+    inserted: Vec<String>,
+    /// With fences: the sessions whose lease held (only they were written).
+    held: Option<Vec<String>>,
+}
+
+/// The lease rows that still match the fences (sessions `$s`, owners
+/// `$o`, epochs `$e`), locked `FOR SHARE` in `session_id` order until the
+/// statement ends: a takeover waits for it, or it sees the takeover.
+macro_rules! lease_cte {
+    ($s:literal, $o:literal, $e:literal) => {
+        concat!(
+            "lease AS MATERIALIZED ( \
+                 SELECT l.session_id FROM session_leases l \
+                 JOIN UNNEST(",
+            $s,
+            "::TEXT[], ",
+            $o,
+            "::TEXT[], ",
+            $e,
+            "::BIGINT[]) AS f (session_id, owner, epoch) \
+                   ON l.session_id = f.session_id AND l.owner = f.owner AND l.epoch = f.epoch \
+                 ORDER BY l.session_id FOR SHARE OF l)"
+        )
+    };
+}
+
+/// The events and each session's counters and state. A seq already stored
+/// (or repeated in a write) keeps its first payload; `last_seq` and
+/// `runner_seq` only rise, and `runner_seq` only for the task the session
+/// is bound to. `$filter` limits both to some sessions.
+macro_rules! session_write {
+    ($filter:literal) => {
+        concat!(
+            "appended AS ( \
+                 INSERT INTO session_events (session_id, seq, json, created_at) \
+                 SELECT e.session_id, e.seq, e.json, $9 \
+                 FROM UNNEST($6::TEXT[], $7::BIGINT[], $8::TEXT[]) AS e (session_id, seq, json) \
+                 WHERE TRUE ", $filter, " \
+                 ON CONFLICT (session_id, seq) DO NOTHING), \
+             updated AS ( \
+                 UPDATE sessions s SET \
+                     last_seq = GREATEST(s.last_seq, COALESCE(w.max_seq, s.last_seq)), \
+                     runner_seq = CASE WHEN w.ack_seq IS NOT NULL AND s.task_id IS NOT DISTINCT FROM w.ack_task \
+                         THEN GREATEST(s.runner_seq, w.ack_seq) ELSE s.runner_seq END, \
+                     state = COALESCE(w.state, s.state), \
+                     updated_at = CASE WHEN w.state IS NULL THEN s.updated_at ELSE $9 END \
+                 FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[]) \
+                     AS w (session_id, max_seq, ack_seq, ack_task, state) \
+                 WHERE s.id = w.session_id ", $filter, ")"
+        )
+    };
+}
+
+/// Bind sessions (`$1`) to tasks (`$2`), at time `$3`.
+macro_rules! set_task {
+    ($filter:literal) => {
+        concat!(
+            "bound AS ( \
+                 UPDATE sessions s SET task_id = t.task_id, runner_seq = 0, updated_at = $3 \
+                 FROM UNNEST($1::TEXT[], $2::TEXT[]) AS t (session_id, task_id) \
+                 WHERE s.id = t.session_id ",
+            $filter,
+            ")"
+        )
+    };
+}
+
+const SESSION_WRITE: &str = concat!(
+    "WITH ",
+    session_write!(""),
+    " SELECT NULL::TEXT WHERE FALSE"
+);
+const SESSION_WRITE_FENCED: &str = concat!(
+    "WITH ",
+    lease_cte!("$1", "$10", "$11"),
+    ", ",
+    session_write!("AND session_id IN (SELECT session_id FROM lease)"),
+    " SELECT session_id FROM lease"
+);
+const SET_TASK: &str = concat!("WITH ", set_task!(""), " SELECT NULL::TEXT WHERE FALSE");
+const SET_TASK_FENCED: &str = concat!(
+    "WITH ",
+    lease_cte!("$1", "$4", "$5"),
+    ", ",
+    set_task!("AND t.session_id IN (SELECT session_id FROM lease)"),
+    " SELECT session_id FROM lease"
+);
+
+/// The fences' owners and epochs, in the order of the writes.
+fn fence_columns(fences: &[&OwnedFence]) -> (Vec<String>, Vec<i64>) {
+    fences
+        .iter()
+        .map(|f| (f.gateway_id.clone(), i64::try_from(f.epoch).unwrap_or(-1)))
+        .unzip()
+}
+
+/// One statement for `writes` (all of `kind`, no two with one order key);
+/// with `fences` (one per write), only the writes whose lease holds run.
+async fn run_group(
+    conn: &mut PgConnection,
+    kind: Kind,
+    writes: &[&Write],
+    fences: Option<&[&OwnedFence]>,
+) -> Result<Outcome> {
+    let now = now_ms();
+    match kind {
+        Kind::CreateSession => {
+            let mut cols: (
+                Vec<&str>,
+                Vec<&str>,
+                Vec<&str>,
+                Vec<i64>,
+                Vec<i64>,
+                Vec<i64>,
+                Vec<&str>,
+                Vec<&str>,
+            ) = Default::default();
+            for w in writes {
+                if let Write::CreateSession {
+                    id,
+                    user_id,
+                    state,
+                    created_at,
+                    updated_at,
+                    last_seq,
+                    trace_id,
+                    agent,
+                } = w
+                {
+                    cols.0.push(id);
+                    cols.1.push(user_id);
+                    cols.2.push(state);
+                    cols.3.push(*created_at);
+                    cols.4.push(*updated_at);
+                    cols.5.push(*last_seq);
+                    cols.6.push(trace_id);
+                    cols.7.push(agent);
+                }
+            }
+            // A session starts unbound (`task_id` and `runner_seq` are set
+            // by a task binding and session writes).
+            sqlx::query(
+                "INSERT INTO sessions (id, user_id, state, created_at, updated_at, last_seq, trace_id, agent) \
+                 SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], \
+                                      $6::BIGINT[], $7::TEXT[], $8::TEXT[])",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+            .bind(cols.5)
+            .bind(cols.6)
+            .bind(cols.7)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::default())
+        }
+        Kind::InsertMessage => {
+            let mut cols: (
+                Vec<&str>,
+                Vec<&str>,
+                Vec<Option<&str>>,
+                Vec<&str>,
+                Vec<&str>,
+                Vec<i64>,
+            ) = Default::default();
+            for w in writes {
+                if let Write::InsertMessage {
+                    session_id,
+                    conversation_id,
+                    client_msg_id,
+                    role,
+                    content,
+                    created_at,
+                } = w
+                {
+                    cols.0.push(session_id);
+                    cols.1.push(conversation_id);
+                    cols.2.push(client_msg_id.as_deref());
+                    cols.3.push(role);
+                    cols.4.push(content);
+                    cols.5.push(*created_at);
+                }
+            }
+            // The conversations (created if missing) and their messages
+            // together; a conversation's foreign key refuses a session that
+            // does not exist.
+            let new: Vec<String> = sqlx::query_scalar(
+                "WITH m AS ( \
+                     SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[]) \
+                         WITH ORDINALITY AS m (session_id, conversation_id, client_msg_id, role, content, created_at, n)), \
+                 conversation AS ( \
+                     INSERT INTO conversations (id, session_id, title, resume_handle, created_at, updated_at) \
+                     SELECT DISTINCT conversation_id, session_id, NULL::TEXT, NULL::TEXT, $7::BIGINT, $7::BIGINT FROM m \
+                     ON CONFLICT (session_id, id) DO UPDATE SET updated_at = excluded.updated_at) \
+                 INSERT INTO messages (session_id, conversation_id, client_msg_id, role, content, created_at) \
+                 SELECT session_id, conversation_id, client_msg_id, role, content, created_at FROM m ORDER BY n \
+                 ON CONFLICT (session_id, client_msg_id) DO NOTHING \
+                 RETURNING session_id",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+            .bind(cols.5)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(Outcome {
+                inserted: new,
+                held: None,
+            })
+        }
+        Kind::UpsertConversation => {
+            let mut cols: (Vec<&str>, Vec<&str>, Vec<Option<&str>>, Vec<Option<&str>>) =
+                Default::default();
+            for w in writes {
+                if let Write::UpsertConversation {
+                    session_id,
+                    conversation_id,
+                    title,
+                    resume_handle,
+                } = w
+                {
+                    cols.0.push(session_id);
+                    cols.1.push(conversation_id);
+                    cols.2.push(title.as_deref());
+                    cols.3.push(resume_handle.as_deref());
+                }
+            }
+            sqlx::query(
+                "INSERT INTO conversations AS c (id, session_id, title, resume_handle, created_at, updated_at) \
+                 SELECT u.id, u.session_id, u.title, u.resume_handle, $5, $5 \
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[]) AS u (session_id, id, title, resume_handle) \
+                 ON CONFLICT (session_id, id) DO UPDATE SET \
+                     title = COALESCE(excluded.title, c.title), \
+                     resume_handle = COALESCE(excluded.resume_handle, c.resume_handle), \
+                     updated_at = excluded.updated_at",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::default())
+        }
+        Kind::SetTask => {
+            let mut cols: (Vec<&str>, Vec<Option<&str>>) = Default::default();
+            for w in writes {
+                if let Write::SetTask {
+                    session_id,
+                    task_id,
+                } = w
+                {
+                    cols.0.push(session_id);
+                    cols.1.push(task_id.as_deref());
+                }
+            }
+            let query = sqlx::query_scalar::<_, String>(if fences.is_some() {
+                SET_TASK_FENCED
+            } else {
+                SET_TASK
+            })
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(now);
+            run_fenced(conn, query, fences).await
+        }
+        Kind::Session => {
+            let mut per: (
+                Vec<&str>,
+                Vec<Option<i64>>,
+                Vec<Option<i64>>,
+                Vec<Option<&str>>,
+                Vec<Option<&str>>,
+            ) = Default::default();
+            let mut events: (Vec<&str>, Vec<i64>, Vec<&str>) = Default::default();
+            for w in writes {
+                if let Write::Session {
+                    session_id,
+                    seqs,
+                    jsons,
+                    max_seq,
+                    ack,
+                    state,
+                } = w
+                {
+                    per.0.push(session_id);
+                    per.1.push(*max_seq);
+                    per.2.push(ack.as_ref().map(|(_, seq)| *seq));
+                    per.3.push(ack.as_ref().map(|(task, _)| task.as_str()));
+                    per.4.push(*state);
+                    for (seq, json) in seqs.iter().zip(jsons) {
+                        events.0.push(session_id);
+                        events.1.push(*seq);
+                        events.2.push(json);
+                    }
+                }
+            }
+            let query = sqlx::query_scalar::<_, String>(if fences.is_some() {
+                SESSION_WRITE_FENCED
+            } else {
+                SESSION_WRITE
+            })
+            .bind(per.0)
+            .bind(per.1)
+            .bind(per.2)
+            .bind(per.3)
+            .bind(per.4)
+            .bind(events.0)
+            .bind(events.1)
+            .bind(events.2)
+            .bind(now);
+            run_fenced(conn, query, fences).await
+        }
+        Kind::UsageStart => {
+            let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+            for w in writes {
+                if let Write::UsageStart {
+                    task_id,
+                    session_id,
+                    user_id,
+                } = w
+                {
+                    cols.0.push(task_id);
+                    cols.1.push(session_id);
+                    cols.2.push(user_id);
+                }
+            }
+            sqlx::query(
+                "INSERT INTO usage (task_id, session_id, user_id, started_at) \
+                 SELECT u.task_id, u.session_id, u.user_id, $4 \
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS u (task_id, session_id, user_id) \
+                 ON CONFLICT (task_id) DO NOTHING",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::default())
+        }
+        Kind::UsageEnd => {
+            let tasks: Vec<&str> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    Write::UsageEnd { task_id } => Some(task_id.as_str()),
+                    _ => None,
+                })
+                .collect();
+            sqlx::query(
+                "UPDATE usage SET ended_at = $1 WHERE task_id = ANY($2::TEXT[]) AND ended_at IS NULL",
+            )
+            .bind(now)
+            .bind(tasks)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::default())
+        }
+    }
+}
+
+/// Run a statement whose fenced form returns the sessions whose lease
+/// held (its owners and epochs bound last).
+async fn run_fenced<'q>(
+    conn: &mut PgConnection,
+    query: sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>,
+    fences: Option<&[&OwnedFence]>,
+) -> Result<Outcome> {
+    let Some(fences) = fences else {
+        query.fetch_all(&mut *conn).await?;
+        return Ok(Outcome::default());
+    };
+    let (owners, epochs) = fence_columns(fences);
+    let held = query
+        .bind(owners)
+        .bind(epochs)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Outcome {
+        inserted: Vec::new(),
+        held: Some(held),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(write: Write) -> Queued {
+        Queued {
+            write,
+            fence: None,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn session(id: &str) -> Write {
+        Write::Session {
+            session_id: id.into(),
+            seqs: vec![1],
+            jsons: vec!["{}".into()],
+            max_seq: Some(1),
+            ack: None,
+            state: None,
+        }
+    }
+
+    fn bind(id: &str) -> Write {
+        Write::SetTask {
+            session_id: id.into(),
+            task_id: Some("t".into()),
+        }
+    }
+
+    fn members(groups: &[Group]) -> Vec<(Kind, Vec<usize>)> {
+        groups.iter().map(|g| (g.kind, g.members.clone())).collect()
+    }
+
+    #[test]
+    fn writes_of_different_sessions_share_statements_and_one_sessions_keep_their_order() {
+        let batch: Vec<Queued> = [
+            session("a"),
+            bind("b"),
+            session("b"),
+            session("c"),
+            session("a"),
+            bind("a"),
+            Write::UsageEnd {
+                task_id: "t".into(),
+            },
+        ]
+        .into_iter()
+        .map(queued)
+        .collect();
+        let all = vec![true; batch.len()];
+        assert_eq!(
+            members(&groups(&batch, &all)),
+            vec![
+                // a, then c (b's write waits for b's binding).
+                (Kind::Session, vec![0, 3]),
+                (Kind::SetTask, vec![1]),
+                // b after its binding, a's second write after its first.
+                (Kind::Session, vec![2, 4]),
+                (Kind::SetTask, vec![5]),
+                (Kind::UsageEnd, vec![6]),
+            ]
+        );
+        // Writes left out (refused fences) take no place.
+        let mut some = all.clone();
+        some[0] = false;
+        assert_eq!(
+            members(&groups(&batch, &some)),
+            vec![
+                (Kind::SetTask, vec![1]),
+                (Kind::Session, vec![2, 3, 4]),
+                (Kind::SetTask, vec![5]),
+                (Kind::UsageEnd, vec![6]),
+            ]
+        );
+    }
+}
