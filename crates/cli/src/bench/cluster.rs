@@ -12,8 +12,10 @@
 //! `--concurrency` new sessions at once, each sending one message, timed
 //! from the message to the first agent event (the plain bench's
 //! measurement), and each gateway's CPU during the burst divided by the
-//! sessions it started. The sessions are stopped after each burst and
-//! every pool is full again before the next.
+//! sessions it started. The sessions are stopped after each burst, and
+//! before the next every pool of both setups is full again with nothing
+//! launching (a burst measured while the other setup refills would share
+//! the machine with those launches).
 //!
 //! The target (cluster p50 and p99 within 1.5x of the single gateway's) is
 //! reported, not enforced: the exit status is non-zero only on errors.
@@ -263,7 +265,6 @@ struct Member {
 
 /// One setup: where its clients connect and what it is made of.
 struct Setup {
-    name: &'static str,
     url: String,
     token: String,
     members: Vec<Member>,
@@ -278,9 +279,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(name: &'static str, url: String, token: String) -> Setup {
+    fn new(url: String, token: String) -> Setup {
         Setup {
-            name,
             url,
             token,
             members: Vec::new(),
@@ -325,13 +325,10 @@ impl Setup {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Let the machine settle after the refill.
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// One burst: samples, and each process's CPU and sessions during it.
     async fn burst(&mut self, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        self.settle().await;
         let claims_before = self.claims().await;
         let cpu_before: Vec<Option<u64>> = self.members.iter().map(|m| cpu_ns(m.pid)).collect();
         let helpers_before: Vec<HashMap<u32, u64>> =
@@ -436,6 +433,16 @@ impl Setup {
             "per_burst_warm_first_event_ms": self.per_burst,
         })
     }
+}
+
+/// Wait until both setups are at rest (pools full, nothing launching, no
+/// task left): a burst measured while the other setup refills its pool
+/// would share the machine with those launches.
+async fn quiet(cluster: &mut Setup, single: &mut Setup) {
+    cluster.settle().await;
+    single.settle().await;
+    // Let the machine settle after the refill.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 fn round2(x: f64) -> f64 {
@@ -543,7 +550,6 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
     .context("BENCH_GATEWAY_FAILED: the single gateway did not start")?;
 
     let mut cluster = Setup::new(
-        "cluster",
         format!("ws://127.0.0.1:{lb_port}/ws"),
         rig.gateways[0].token.clone(),
     );
@@ -556,17 +562,23 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
     if let Some(pg) = &rig.postgres {
         cluster.helpers.push(("postgres", pg.pid()));
     }
-    let mut alone = Setup::new("single", single.url.clone(), single.token.clone());
+    let mut alone = Setup::new(single.url.clone(), single.token.clone());
     alone.member("single".into(), &single);
     rig.single = Some(single);
 
     progress("filling the warm pools");
     for round in 1..=args.warmup_rounds {
-        for setup in [&mut cluster, &mut alone] {
+        for key in ["cluster", "single"] {
             progress(&format!(
-                "warm-up {round}/{}: {n} new sessions on the {} (not counted)",
-                args.warmup_rounds, setup.name
+                "warm-up {round}/{}: {n} new sessions on the {key} (not counted)",
+                args.warmup_rounds
             ));
+            quiet(&mut cluster, &mut alone).await;
+            let setup = if key == "cluster" {
+                &mut cluster
+            } else {
+                &mut alone
+            };
             setup.burst(n, timeout).await?;
         }
     }
@@ -580,11 +592,17 @@ async fn measure(args: &ClusterArgs, rig: &mut Rig) -> anyhow::Result<Value> {
     alone.reset();
     let counting = statements::reset(&database_url).await.is_some();
     for round in 1..=args.rounds {
-        for setup in [&mut cluster, &mut alone] {
+        for key in ["cluster", "single"] {
             progress(&format!(
-                "round {round}/{}: {n} new sessions on the {}",
-                args.rounds, setup.name
+                "round {round}/{}: {n} new sessions on the {key}",
+                args.rounds
             ));
+            quiet(&mut cluster, &mut alone).await;
+            let setup = if key == "cluster" {
+                &mut cluster
+            } else {
+                &mut alone
+            };
             setup.burst(n, timeout).await?;
         }
     }

@@ -2,32 +2,33 @@
 //!
 //! Every session write (a session's row, its messages, conversations, task
 //! binding, events and state, usage rows) goes to one writer task with a
-//! connection of its own. It takes whatever is queued, folds writes of one
-//! kind into one statement (arrays unnested server-side), and runs the
-//! batch in one transaction; callers hear back only after the commit.
-//! Before, each write was its own statement and transaction on a pooled
-//! connection: ~15 round trips and commits per new session, and a burst of
-//! new sessions spent more CPU in PostgreSQL and in the driver than in the
-//! rest of the gateway.
+//! connection of its own. It takes whatever is queued and folds writes of
+//! one kind into one statement (arrays unnested server-side); each
+//! statement commits alone, and its writes are answered once it has.
+//! Before, each write was its own statement on a pooled connection: ~15
+//! round trips per new session, and a burst of new sessions spent more CPU
+//! in PostgreSQL and in the driver than in the rest of the gateway.
 //!
 //! Order: writes of one session (or one usage row) run in the order they
 //! were handed over (a session's row before its first message, a task's
-//! binding before the events acknowledged under it); writes of different
-//! sessions may share a statement. The store therefore orders writes like
-//! the SQLite store's writer does.
+//! binding before the events acknowledged under it) and never share a
+//! statement; writes of different sessions may. The store therefore orders
+//! writes like the SQLite store's writer does. A batch is not one
+//! transaction: every write is atomic alone, and a transaction around the
+//! batch would cost two round trips (BEGIN, COMMIT) on the writes' path.
 //!
-//! Fences: the lease rows of every fenced write in the batch are locked
-//! `FOR SHARE` first, in one statement and in `session_id` order (a lease
-//! renewal locks its rows in the same order, so the two cannot deadlock).
-//! A write whose lease no longer names its gateway and epoch is answered
-//! `LeaseLost` and left out; the others run under locks a takeover must
-//! wait for until the batch commits.
+//! Fences: a fenced statement locks the lease rows of its writes `FOR
+//! SHARE`, in `session_id` order (a lease renewal locks its rows in the
+//! same order, so the two cannot deadlock), and writes only the sessions
+//! whose lease still names its gateway and epoch; the others are answered
+//! `LeaseLost`. A takeover waits for the statement, or the statement sees
+//! the takeover.
 //!
-//! Failure: a batch that fails (a constraint, say) is rolled back and its
-//! writes run again one at a time, each in its own transaction, so one
-//! bad write fails alone. Once a write of a session has failed, the later
-//! writes of that session in the same batch fail too without running: a
-//! later write stored past a failed one would leave a hole.
+//! Failure: a statement that fails (a constraint, say) runs again one
+//! write at a time, so one bad write fails alone. Once a write of a
+//! session has failed, that session's later writes in the batch fail
+//! without running: a later write stored past a failed one would leave a
+//! hole.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -304,53 +305,71 @@ async fn connect(options: &PgConnectOptions) -> Option<PgConnection> {
     }
 }
 
-/// Run `batch` in one transaction and answer every caller; if that fails,
-/// run each write alone. Returns whether the connection is broken.
+/// Run `batch` statement by statement, each committing alone, and answer
+/// each write once its statement committed. Returns whether the
+/// connection is broken.
 async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>) -> bool {
-    match run_batch(conn, &batch).await {
-        Ok(results) => {
-            for (q, result) in batch.into_iter().zip(results) {
-                let _ = q.reply.send(result);
-            }
-            false
-        }
-        Err(e) if batch.len() == 1 || is_broken(&e) => {
-            let broken = is_broken(&e);
-            for q in batch {
+    let planned = groups(&batch);
+    let mut slots: Vec<Option<Queued>> = batch.into_iter().map(Some).collect();
+    let mut failed: HashSet<(&'static str, String)> = HashSet::new();
+    let mut broken: Option<StoreError> = None;
+    for group in planned {
+        let mut run = Vec::with_capacity(group.members.len());
+        for q in group.members.iter().filter_map(|&i| slots[i].take()) {
+            if let Some(e) = &broken {
                 let _ = q.reply.send(Err(e.clone()));
+            } else if failed.contains(&key_of(&q)) {
+                let _ = q.reply.send(Err(StoreError::Write(
+                    "an earlier write of this session failed; this one was not run".into(),
+                )));
+            } else {
+                run.push(q);
             }
-            broken
         }
-        Err(_) => {
-            // One at a time: the bad write fails alone.
-            let mut failed: HashSet<(&'static str, String)> = HashSet::new();
-            let mut broken = false;
-            for q in batch {
-                let (scope, key) = q.write.order_key();
-                let key = (scope, key.to_string());
-                if broken || failed.contains(&key) {
-                    let _ = q.reply.send(Err(StoreError::Write(
-                        "an earlier write of this session in the same batch failed".into(),
-                    )));
-                    continue;
-                }
-                let one = [q];
-                match run_batch(conn, &one).await {
-                    Ok(mut results) => {
-                        let [q] = one;
-                        let _ = q.reply.send(results.remove(0));
-                    }
-                    Err(e) => {
-                        broken = is_broken(&e);
-                        failed.insert(key);
-                        let [q] = one;
-                        let _ = q.reply.send(Err(e));
-                    }
+        if run.is_empty() {
+            continue;
+        }
+        match run_statement(conn, &group, &run).await {
+            Ok(results) => {
+                for (q, result) in run.into_iter().zip(results) {
+                    let _ = q.reply.send(result);
                 }
             }
-            broken
+            Err(e) if run.len() == 1 || is_broken(&e) => {
+                if is_broken(&e) {
+                    broken = Some(e.clone());
+                }
+                for q in run {
+                    failed.insert(key_of(&q));
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+            }
+            Err(_) => {
+                // One at a time: the bad write fails alone.
+                for q in run {
+                    let result = match &broken {
+                        Some(e) => Err(e.clone()),
+                        None => run_statement(conn, &group, std::slice::from_ref(&q))
+                            .await
+                            .and_then(|mut results| results.remove(0)),
+                    };
+                    if let Err(e) = &result {
+                        if is_broken(e) {
+                            broken = Some(e.clone());
+                        }
+                        failed.insert(key_of(&q));
+                    }
+                    let _ = q.reply.send(result);
+                }
+            }
         }
     }
+    broken.is_some()
+}
+
+fn key_of(q: &Queued) -> (&'static str, String) {
+    let (scope, key) = q.write.order_key();
+    (scope, key.to_string())
 }
 
 /// Errors after which the connection is not used again.
@@ -358,178 +377,65 @@ fn is_broken(e: &StoreError) -> bool {
     matches!(e, StoreError::Unavailable(_))
 }
 
-/// Run the batch: per write its result (a refused fence is a result, not
-/// an error), or the error that rolled everything back. A batch that is
-/// one statement (the common case: a burst's writes of one kind) runs as
-/// that statement alone, its fences checked inside it; anything else in
-/// one transaction, fences checked first.
-async fn run_batch(conn: &mut PgConnection, batch: &[Queued]) -> Result<Vec<Result<Written>>> {
-    let everything = vec![true; batch.len()];
-    let planned = groups(batch, &everything);
-    if let [group] = planned.as_slice()
-        && let Some(fences) = statement_fences(batch, group)
-    {
-        let writes: Vec<&Write> = group.members.iter().map(|&i| &batch[i].write).collect();
-        let outcome = run_group(conn, group.kind, &writes, fences.as_deref()).await?;
-        let held: Option<HashSet<&str>> = outcome
-            .held
-            .as_ref()
-            .map(|h| h.iter().map(String::as_str).collect());
-        let ran: Vec<bool> = batch
-            .iter()
-            .map(|q| match (&held, q.write.session_id()) {
-                (Some(held), Some(session)) => held.contains(session),
-                _ => true,
-            })
-            .collect();
-        return Ok(answers(batch, &ran, &outcome.inserted));
-    }
-    run_in_transaction(conn, batch).await
-}
-
-/// The fences a one-statement batch checks inside its statement: `Some(None)`
-/// none (no write is fenced), `Some(Some(..))` every write's (all fenced, of
-/// a kind whose statement checks them); `None`: it needs a transaction.
-fn statement_fences<'a>(batch: &'a [Queued], group: &Group) -> Option<Option<Vec<&'a OwnedFence>>> {
-    let fences: Vec<&OwnedFence> = group
-        .members
+/// `writes` (of `group`'s kind) as one statement: per write its result (a
+/// refused fence is a result, not an error), or the statement's error.
+async fn run_statement(
+    conn: &mut PgConnection,
+    group: &Group,
+    writes: &[Queued],
+) -> Result<Vec<Result<Written>>> {
+    let statement: Vec<&Write> = writes.iter().map(|q| &q.write).collect();
+    let fences: Option<Vec<&OwnedFence>> = group
+        .fenced
+        .then(|| writes.iter().filter_map(|q| q.fence.as_ref()).collect());
+    let outcome = run_group(conn, group.kind, &statement, fences.as_deref()).await?;
+    Ok(writes
         .iter()
-        .filter_map(|&i| batch[i].fence.as_ref())
-        .collect();
-    if fences.is_empty() {
-        return Some(None);
-    }
-    let checks_fences = matches!(group.kind, Kind::Session | Kind::SetTask);
-    (checks_fences && fences.len() == group.members.len()).then_some(Some(fences))
-}
-
-/// Each write's answer once its batch committed.
-fn answers(batch: &[Queued], ran: &[bool], inserted: &[String]) -> Vec<Result<Written>> {
-    batch
-        .iter()
-        .zip(ran)
-        .map(|(q, ran)| {
-            if !ran {
-                let epoch = q.fence.as_ref().map_or(0, |f| f.epoch);
-                let session = q.write.session_id().unwrap_or_default();
-                return Err(lease_lost(session, epoch));
+        .map(|q| {
+            let session = q.write.session_id().unwrap_or_default();
+            if let (Some(held), Some(fence)) = (&outcome.held, &q.fence)
+                && !held.iter().any(|h| h == session)
+            {
+                return Err(lease_lost(session, fence.epoch));
             }
             Ok(match &q.write {
-                Write::InsertMessage { session_id, .. } => {
-                    Written::Inserted(inserted.iter().any(|s| s == session_id))
+                Write::InsertMessage { .. } => {
+                    Written::Inserted(outcome.inserted.iter().any(|s| s == session))
                 }
                 _ => Written::Done,
             })
         })
-        .collect()
-}
-
-/// The batch's statements in one transaction, the lease rows of its
-/// fenced writes locked first (see the module's notes).
-async fn run_in_transaction(
-    conn: &mut PgConnection,
-    batch: &[Queued],
-) -> Result<Vec<Result<Written>>> {
-    let mut tx = conn.begin().await?;
-    let held = lock_leases(&mut tx, batch).await?;
-    let runs: Vec<bool> = batch
-        .iter()
-        .map(|q| {
-            q.fence
-                .as_ref()
-                .is_none_or(|f| held.contains(&key_of(&q.write, f)))
-        })
-        .collect();
-    let mut inserted = Vec::new();
-    for group in groups(batch, &runs) {
-        let writes: Vec<&Write> = group.members.iter().map(|&i| &batch[i].write).collect();
-        inserted.extend(
-            run_group(&mut tx, group.kind, &writes, None)
-                .await?
-                .inserted,
-        );
-    }
-    tx.commit().await?;
-    Ok(answers(batch, &runs, &inserted))
-}
-
-type LeaseKey = (String, String, i64);
-
-fn key_of(write: &Write, fence: &OwnedFence) -> LeaseKey {
-    (
-        write.session_id().unwrap_or_default().to_string(),
-        fence.gateway_id.clone(),
-        i64::try_from(fence.epoch).unwrap_or(-1),
-    )
-}
-
-/// Lock the lease rows that still match the batch's fences, in
-/// `session_id` order; returns those that matched.
-async fn lock_leases(conn: &mut PgConnection, batch: &[Queued]) -> Result<HashSet<LeaseKey>> {
-    let mut wanted: Vec<LeaseKey> = batch
-        .iter()
-        .filter_map(|q| q.fence.as_ref().map(|f| key_of(&q.write, f)))
-        .collect();
-    if wanted.is_empty() {
-        return Ok(HashSet::new());
-    }
-    wanted.sort();
-    wanted.dedup();
-    let (sessions, owners, epochs) = unzip3(wanted);
-    let rows: Vec<LeaseKey> = sqlx::query_as(
-        "SELECT l.session_id, l.owner, l.epoch FROM session_leases l \
-         JOIN UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS f (session_id, owner, epoch) \
-           ON l.session_id = f.session_id AND l.owner = f.owner AND l.epoch = f.epoch \
-         ORDER BY l.session_id FOR SHARE OF l",
-    )
-    .bind(sessions)
-    .bind(owners)
-    .bind(epochs)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
-fn unzip3<A, B, C>(v: Vec<(A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
-    let mut out = (
-        Vec::with_capacity(v.len()),
-        Vec::with_capacity(v.len()),
-        Vec::with_capacity(v.len()),
-    );
-    for (a, b, c) in v {
-        out.0.push(a);
-        out.1.push(b);
-        out.2.push(c);
-    }
-    out
+        .collect())
 }
 
 /// Writes of one kind that run as one statement.
 #[derive(Debug, PartialEq, Eq)]
 struct Group {
     kind: Kind,
+    /// Its writes carry fences (checked in the statement), or none does.
+    fenced: bool,
     members: Vec<usize>,
 }
 
-/// The batch's writes (those that `run`) as statements in order: each
-/// write joins the first group of its kind after the last group holding
-/// a write with its order key, so one key's writes keep their order and
-/// never share a statement.
-fn groups(batch: &[Queued], run: &[bool]) -> Vec<Group> {
+/// The batch's writes as statements in order: each write joins the first
+/// group of its kind (and fencing) after the last group holding a write
+/// with its order key, so one key's writes keep their order and never
+/// share a statement.
+fn groups(batch: &[Queued]) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let mut last: HashMap<(&'static str, &str), usize> = HashMap::new();
     for (i, q) in batch.iter().enumerate() {
-        if !run[i] {
-            continue;
-        }
-        let kind = q.write.kind();
+        let (kind, fenced) = (q.write.kind(), q.fence.is_some());
         let key = q.write.order_key();
         let from = last.get(&key).map_or(0, |g| g + 1);
-        let at = match (from..groups.len()).find(|&g| groups[g].kind == kind) {
+        let at = match (from..groups.len())
+            .find(|&g| groups[g].kind == kind && groups[g].fenced == fenced)
+        {
             Some(g) => g,
             None => {
                 groups.push(Group {
                     kind,
+                    fenced,
                     members: Vec::new(),
                 });
                 groups.len() - 1
@@ -965,8 +871,11 @@ mod tests {
         }
     }
 
-    fn members(groups: &[Group]) -> Vec<(Kind, Vec<usize>)> {
-        groups.iter().map(|g| (g.kind, g.members.clone())).collect()
+    fn members(groups: &[Group]) -> Vec<(Kind, bool, Vec<usize>)> {
+        groups
+            .iter()
+            .map(|g| (g.kind, g.fenced, g.members.clone()))
+            .collect()
     }
 
     #[test]
@@ -985,29 +894,35 @@ mod tests {
         .into_iter()
         .map(queued)
         .collect();
-        let all = vec![true; batch.len()];
         assert_eq!(
-            members(&groups(&batch, &all)),
+            members(&groups(&batch)),
             vec![
                 // a, then c (b's write waits for b's binding).
-                (Kind::Session, vec![0, 3]),
-                (Kind::SetTask, vec![1]),
+                (Kind::Session, false, vec![0, 3]),
+                (Kind::SetTask, false, vec![1]),
                 // b after its binding, a's second write after its first.
-                (Kind::Session, vec![2, 4]),
-                (Kind::SetTask, vec![5]),
-                (Kind::UsageEnd, vec![6]),
+                (Kind::Session, false, vec![2, 4]),
+                (Kind::SetTask, false, vec![5]),
+                (Kind::UsageEnd, false, vec![6]),
             ]
         );
-        // Writes left out (refused fences) take no place.
-        let mut some = all.clone();
-        some[0] = false;
+    }
+
+    #[test]
+    fn fenced_and_unfenced_writes_do_not_share_a_statement() {
+        let mut batch: Vec<Queued> = [session("a"), session("b"), session("c")]
+            .into_iter()
+            .map(queued)
+            .collect();
+        batch[1].fence = Some(OwnedFence {
+            gateway_id: "gw".into(),
+            epoch: 1,
+        });
         assert_eq!(
-            members(&groups(&batch, &some)),
+            members(&groups(&batch)),
             vec![
-                (Kind::SetTask, vec![1]),
-                (Kind::Session, vec![2, 3, 4]),
-                (Kind::SetTask, vec![5]),
-                (Kind::UsageEnd, vec![6]),
+                (Kind::Session, false, vec![0, 2]),
+                (Kind::Session, true, vec![1]),
             ]
         );
     }
