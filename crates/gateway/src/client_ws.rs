@@ -177,13 +177,38 @@ fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Respons
 
 async fn connection(
     shared: Arc<Shared>,
-    mut identity: Identity,
+    identity: Identity,
+    session_id: Option<String>,
+    last_seq: Option<u64>,
+    socket: WebSocket,
+    via: Via,
+) {
+    let conn_id = shared.next_id();
+    // Finding the session (creating it, waiting for an owner, relaying
+    // elsewhere) takes futures several KiB large that are over before the
+    // client goes idle: boxed, they are not part of every connection's task
+    // for its whole life.
+    let found = Box::pin(find_session(
+        &shared, &identity, session_id, last_seq, socket, via, conn_id,
+    ))
+    .await;
+    if let Some((socket, attached)) = found {
+        serve(shared, identity, socket, attached, conn_id).await;
+    }
+}
+
+/// Attach the connection to its session: the socket and the attachment,
+/// or `None` when the connection was refused, closed or relayed (and is
+/// over).
+async fn find_session(
+    shared: &Arc<Shared>,
+    identity: &Identity,
     session_id: Option<String>,
     last_seq: Option<u64>,
     mut socket: WebSocket,
     via: Via,
-) {
-    let conn_id = shared.next_id();
+    conn_id: u64,
+) -> Option<(WebSocket, Attached)> {
     // One of several gateways: a session another one runs is relayed there;
     // one whose owner does not answer is taken over once its lease expires.
     let give_up = tokio::time::Instant::now()
@@ -193,7 +218,7 @@ async fn connection(
             .map(|c| c.cfg.lease_ttl + std::time::Duration::from_secs(2))
             .unwrap_or_default();
     let attached = loop {
-        match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await {
+        match attach(shared, identity, session_id.as_deref(), conn_id, last_seq).await {
             Ok(Attachment::Here(a)) => break Ok(a),
             Err(e) => break Err(e),
             Ok(Attachment::Elsewhere(owner)) => {
@@ -204,16 +229,16 @@ async fn connection(
                             "this gateway does not run the session; reconnect",
                         ))
                         .await;
-                    return;
+                    return None;
                 }
                 if let Some(url) = owner_url(&owner) {
                     let cluster = shared.cluster.as_ref().expect("only a cluster relays");
-                    let grant = cluster.relay_signer().grant(&identity, &sid);
+                    let grant = cluster.relay_signer().grant(identity, &sid);
                     match crate::cluster::relay::open(&url, &sid, last_seq, &grant).await {
                         Ok(link) => {
                             tracing::info!(event = "relay_open", sessionId = %sid, owner = %url, "client relayed to the session's gateway");
                             crate::cluster::relay::pipe(socket, link).await;
-                            return;
+                            return None;
                         }
                         Err(e) => {
                             tracing::warn!(event = "relay_failed", sessionId = %sid, owner = %url, error = %e, "the session's gateway did not answer; waiting for its lease to expire");
@@ -252,17 +277,30 @@ async fn connection(
                     reason: Utf8Bytes::from(message.chars().take(100).collect::<String>()),
                 })))
                 .await;
-            return;
+            return None;
         }
     };
-    let (handle, mut frames, mut rx, lagging) = attached;
+    Some((socket, attached))
+}
+
+/// Relay frames between an attached client and its session until either ends.
+async fn serve(
+    shared: Arc<Shared>,
+    mut identity: Identity,
+    socket: WebSocket,
+    attached: Attached,
+    conn_id: u64,
+) {
+    let (handle, frames, mut rx, lagging) = attached;
     crate::metrics::clients(1.0);
     tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
     let (mut sink, mut stream) = socket.split();
     let mut reason = String::from("client closed");
     // Highest stream seq written to this client (for catch-up).
     let mut sent_seq = 0;
-    for (seq, json) in frames.drain(..) {
+    // Consumed, not drained: an emptied Vec would keep its buffer for the
+    // connection's life.
+    for (seq, json) in frames {
         sent_seq = seq.unwrap_or(sent_seq);
         if sink
             .send(Message::Text(Utf8Bytes::from(&*json)))
@@ -284,7 +322,8 @@ async fn connection(
         let expires = identity.expires_at;
         tokio::select! {
             _ = lagging.notify.notified() => {
-                if !catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq).await {
+                // Boxed: rare, and its future would otherwise size every idle connection's task.
+                if !Box::pin(catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq)).await {
                     reason = "send failed during catch-up".into();
                     break;
                 }
@@ -339,7 +378,8 @@ async fn connection(
                         Ok(frame) if let Some(why) = frame.oversized_field() => {
                             reply(ServerEvent::error(ErrorCode::BadFrame, format!("{why}; this frame was not accepted")))
                         }
-                        Ok(ClientFrame::UpdateToken { token }) => match shared.auth.authenticate(shared.store.as_ref(), Some(&token)).await {
+                        // Boxed like catch-up: a rare frame with a large future.
+                        Ok(ClientFrame::UpdateToken { token }) => match Box::pin(shared.auth.authenticate(shared.store.as_ref(), Some(&token))).await {
                             Ok(new) if new.user_id == identity.user_id => {
                                 identity = new;
                                 reply(ServerEvent::Agent(aishell_protocol::AgentEvent::Info { message: "token updated".into() }))
