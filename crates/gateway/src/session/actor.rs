@@ -24,6 +24,7 @@ use super::machine::{self, Effect, Input, Log, Machine, RunnerHello, WarmClaim};
 use super::output::{self, Admit};
 use super::persister::{self, PersistItem, Usage};
 use super::replay::ReplayBuffer;
+use super::{Inbox, Mailbox};
 use crate::Shared;
 use crate::auth::validate_conversation_id;
 use crate::lifecycle::{lifecycle, ms};
@@ -108,12 +109,12 @@ pub enum SessionCmd {
     StepDown,
 }
 
-pub fn spawn(
+pub(super) fn spawn(
     shared: Arc<Shared>,
     record: SessionRecord,
     fresh: bool,
-    self_tx: mpsc::Sender<SessionCmd>,
-    rx: mpsc::Receiver<SessionCmd>,
+    self_tx: Mailbox,
+    rx: Inbox,
 ) {
     let persist_tx = persister::spawn(
         shared.store.clone(),
@@ -176,7 +177,7 @@ struct SessionActor {
     user_id: String,
     trace_id: String,
     machine: Machine,
-    self_tx: mpsc::Sender<SessionCmd>,
+    self_tx: Mailbox,
     persist_tx: mpsc::UnboundedSender<PersistItem>,
     /// The session's stream and its clients.
     delivery: Delivery,
@@ -204,7 +205,7 @@ struct SessionActor {
 }
 
 impl SessionActor {
-    async fn run(mut self, mut rx: mpsc::Receiver<SessionCmd>) {
+    async fn run(mut self, mut rx: Inbox) {
         loop {
             self.sync_state();
             let deadline = self.next_deadline();
@@ -229,11 +230,11 @@ impl SessionActor {
                 }
             };
             let Some(cmd) = cmd else { break };
-            if let SessionCmd::StepDown = cmd {
+            if let SessionCmd::StepDown = *cmd {
                 self.step_down();
                 break;
             }
-            self.handle(cmd).await;
+            self.handle(*cmd).await;
             if self.should_evict() && rx.is_empty() {
                 break;
             }

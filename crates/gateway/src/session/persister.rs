@@ -29,6 +29,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
+use super::Mailbox;
 use super::actor::SessionCmd;
 
 /// Work for the persister, applied strictly in order.
@@ -100,7 +101,7 @@ pub(super) fn spawn(
     cluster: Option<Arc<crate::cluster::Cluster>>,
     session_id: String,
     bound_task: Option<String>,
-    tx: mpsc::Sender<SessionCmd>,
+    tx: Mailbox,
 ) -> mpsc::UnboundedSender<PersistItem> {
     // The actor starts right after its lease was claimed: this is its epoch.
     // A persister outlives its actor while it retries writes; if this
@@ -230,16 +231,16 @@ impl Gathered {
 }
 
 /// Tell the actor what a stored write allows; false if the actor has gone.
-async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
+async fn report(tx: &Mailbox, unit: Unit) -> bool {
     match unit {
         Unit::Session { events, ack, .. } => match events.last() {
-            Some(last) => tx
-                .send(SessionCmd::Persisted {
+            Some(last) => {
+                tx.send(SessionCmd::Persisted {
                     seq: last.seq,
                     runner_seq: ack,
                 })
                 .await
-                .is_ok(),
+            }
             None => true,
         },
         Unit::Bind(_) | Unit::Usage(_) => true,
@@ -513,7 +514,13 @@ mod tests {
             calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
-        let persist = spawn(flaky.clone(), None, "s1".into(), Some("t-old".into()), tx);
+        let persist = spawn(
+            flaky.clone(),
+            None,
+            "s1".into(),
+            Some("t-old".into()),
+            Mailbox(tx),
+        );
         // One item per round, so each is its own pipelined write.
         let items = [
             event(1),
@@ -533,7 +540,7 @@ mod tests {
                 .await
                 .expect("every seq is reported")
                 .expect("persister alive");
-            if let SessionCmd::Persisted { seq, runner_seq } = cmd {
+            if let SessionCmd::Persisted { seq, runner_seq } = *cmd {
                 heard.push((seq, runner_seq));
             }
         }
@@ -589,7 +596,7 @@ mod tests {
             calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
-        let persist = spawn(store.clone(), None, "s1".into(), None, tx);
+        let persist = spawn(store.clone(), None, "s1".into(), None, Mailbox(tx));
         let start = |t: &str| {
             PersistItem::Usage(Usage::Start {
                 task_id: t.into(),
@@ -611,7 +618,7 @@ mod tests {
                 .await
                 .expect("every seq is reported")
                 .expect("persister alive");
-            if let SessionCmd::Persisted { seq: 3, .. } = cmd {
+            if let SessionCmd::Persisted { seq: 3, .. } = *cmd {
                 break;
             }
         }
