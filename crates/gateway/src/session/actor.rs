@@ -234,7 +234,10 @@ impl SessionActor {
                 self.step_down();
                 break;
             }
-            self.handle(*cmd).await;
+            // Boxed: handling a command awaits futures several KiB large
+            // (store reads, attach with replay), and inline they would size
+            // the actor's task, an idle session's too, for its whole life.
+            Box::pin(self.handle(*cmd)).await;
             if self.should_evict() && rx.is_empty() {
                 break;
             }
