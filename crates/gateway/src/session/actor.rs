@@ -22,7 +22,7 @@ use super::delivery::{AckBatcher, AttachReply, CatchUpBatch, Delivery};
 use super::machine::turns::QueuedMessage;
 use super::machine::{self, Effect, Input, Log, Machine, RunnerHello, WarmClaim};
 use super::output::{self, Admit};
-use super::persister::{self, PersistItem, Usage};
+use super::persister::{PersistItem, Persister, Usage};
 use super::replay::ReplayBuffer;
 use super::{Inbox, Mailbox};
 use crate::Shared;
@@ -116,7 +116,7 @@ pub(super) fn spawn(
     self_tx: Mailbox,
     rx: Inbox,
 ) {
-    let persist_tx = persister::spawn(
+    let persister = Persister::new(
         shared.store.clone(),
         shared.cluster.clone(),
         record.id.clone(),
@@ -152,7 +152,7 @@ pub(super) fn spawn(
         user_id: record.user_id,
         trace_id: record.trace_id,
         self_tx,
-        persist_tx,
+        persister,
         runner: None,
         offered_runner: None,
         watching: None,
@@ -178,7 +178,8 @@ struct SessionActor {
     trace_id: String,
     machine: Machine,
     self_tx: Mailbox,
-    persist_tx: mpsc::UnboundedSender<PersistItem>,
+    /// Ordered writes; started by the first one.
+    persister: Persister,
     /// The session's stream and its clients.
     delivery: Delivery,
     /// A session whose client has sent nothing yet is only reserved: it is
@@ -374,17 +375,16 @@ impl SessionActor {
                 self.shared.tasks.lock().expect("task map").remove(&task_id);
             }
             Effect::BindTask(task_id) => {
-                let _ = self.persist_tx.send(PersistItem::BindTask(task_id));
+                self.persister.send(PersistItem::BindTask(task_id));
             }
             Effect::UsageStart { task_id } => {
-                let _ = self.persist_tx.send(PersistItem::Usage(Usage::Start {
+                self.persister.send(PersistItem::Usage(Usage::Start {
                     task_id,
                     user_id: self.user_id.clone(),
                 }));
             }
             Effect::UsageEnd { task_id } => {
-                let _ = self
-                    .persist_tx
+                self.persister
                     .send(PersistItem::Usage(Usage::End { task_id }));
             }
             Effect::StopTask { task_id } => self.stop_in_background(task_id),
@@ -1211,7 +1211,7 @@ impl SessionActor {
             // A reserved session is stored with its state when it is stored.
             if self.reserved.is_none() {
                 // In order with the events, in the same write when they meet.
-                let _ = self.persist_tx.send(PersistItem::State(state));
+                self.persister.send(PersistItem::State(state));
             }
         }
     }
@@ -1236,8 +1236,7 @@ impl SessionActor {
             seq,
             json: json.to_string(),
         };
-        let _ = self
-            .persist_tx
+        self.persister
             .send(PersistItem::Event { event, runner_seq });
     }
 
