@@ -111,9 +111,17 @@ pub async fn handler(
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| async move {
-            connection(shared, identity, session_id, last_seq, socket, Via::Client).await;
-            drop(slot);
+        .on_upgrade(move |socket| {
+            spawn_connection(
+                shared,
+                identity,
+                session_id,
+                last_seq,
+                socket,
+                Via::Client,
+                Some(slot),
+            );
+            std::future::ready(())
         })
 }
 
@@ -151,14 +159,16 @@ pub async fn relayed(
         .max_frame_size(hard_cap)
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            connection(
+            spawn_connection(
                 shared,
                 identity,
                 Some(session_id),
                 last_seq,
                 socket,
                 Via::Relay,
-            )
+                None,
+            );
+            std::future::ready(())
         })
 }
 
@@ -175,13 +185,36 @@ fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     (status, axum::Json(body)).into_response()
 }
 
-async fn connection(
+/// Run a client connection in a task of its own, not in axum's upgrade
+/// task, which would keep its own state (the socket as it was built, its
+/// configuration, our callback) beside ours for the connection's whole
+/// life. The socket is split here, outside any future, so that no future
+/// keeps a copy of it (several hundred bytes each): its halves share one
+/// allocation.
+fn spawn_connection(
     shared: Arc<Shared>,
     identity: Identity,
     session_id: Option<String>,
     last_seq: Option<u64>,
     socket: WebSocket,
     via: Via,
+    slot: Option<ConnectionSlot>,
+) {
+    let socket = socket.split();
+    tokio::spawn(connection(
+        shared, identity, session_id, last_seq, socket, via, slot,
+    ));
+}
+
+/// `_slot`: the user's connection count, held until the connection ends.
+async fn connection(
+    shared: Arc<Shared>,
+    identity: Identity,
+    session_id: Option<String>,
+    last_seq: Option<u64>,
+    socket: Socket,
+    via: Via,
+    _slot: Option<ConnectionSlot>,
 ) {
     let conn_id = shared.next_id();
     // Finding the session (creating it, waiting for an owner, relaying
@@ -205,10 +238,10 @@ async fn find_session(
     identity: &Identity,
     session_id: Option<String>,
     last_seq: Option<u64>,
-    mut socket: WebSocket,
+    mut socket: Socket,
     via: Via,
     conn_id: u64,
-) -> Option<(WebSocket, Attached)> {
+) -> Option<(Socket, Attached)> {
     // One of several gateways: a session another one runs is relayed there;
     // one whose owner does not answer is taken over once its lease expires.
     let give_up = tokio::time::Instant::now()
@@ -225,6 +258,7 @@ async fn find_session(
                 let sid = session_id.clone().unwrap_or_default();
                 if via == Via::Relay {
                     let _ = socket
+                        .0
                         .send(crate::cluster::relay::moved(
                             "this gateway does not run the session; reconnect",
                         ))
@@ -270,8 +304,9 @@ async fn find_session(
                 ephemeral: true,
                 event: ServerEvent::error(code, message.clone()),
             };
-            let _ = socket.send(Message::Text(frame.to_json().into())).await;
+            let _ = socket.0.send(Message::Text(frame.to_json().into())).await;
             let _ = socket
+                .0
                 .send(Message::Close(Some(CloseFrame {
                     code: close,
                     reason: Utf8Bytes::from(message.chars().take(100).collect::<String>()),
@@ -287,14 +322,14 @@ async fn find_session(
 async fn serve(
     shared: Arc<Shared>,
     mut identity: Identity,
-    socket: WebSocket,
+    socket: Socket,
     attached: Attached,
     conn_id: u64,
 ) {
     let (handle, frames, mut rx, lagging) = attached;
     crate::metrics::clients(1.0);
     tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
-    let (mut sink, mut stream) = socket.split();
+    let (mut sink, mut stream) = socket;
     let mut reason = String::from("client closed");
     // Highest stream seq written to this client (for catch-up).
     let mut sent_seq = 0;
@@ -451,6 +486,8 @@ type Attached = (
 );
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+/// A client's socket, split once as the connection starts.
+pub(crate) type Socket = (Sink, futures_util::stream::SplitStream<WebSocket>);
 
 /// The client fell behind: write what is queued, then pull missed events
 /// from the session in batches until it reaches the live stream again.

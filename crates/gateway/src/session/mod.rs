@@ -43,9 +43,12 @@ pub(crate) struct Mailbox(mpsc::Sender<Box<SessionCmd>>);
 type Inbox = mpsc::Receiver<Box<SessionCmd>>;
 
 impl Mailbox {
-    /// Send a command; false if the actor has gone.
-    pub async fn send(&self, cmd: SessionCmd) -> bool {
-        self.0.send(Box::new(cmd)).await.is_ok()
+    /// Send a command; false if the actor has gone. Boxed before the
+    /// future is made: awaiting it, a connection's task does not hold the
+    /// command inline.
+    pub fn send(&self, cmd: SessionCmd) -> impl Future<Output = bool> + Send + '_ {
+        let cmd = Box::new(cmd);
+        async move { self.0.send(cmd).await.is_ok() }
     }
 
     fn same_channel(&self, other: &Mailbox) -> bool {
@@ -63,8 +66,8 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// Send a command; false if the actor has gone (the caller re-opens).
-    pub async fn send(&self, cmd: SessionCmd) -> bool {
-        self.tx.send(cmd).await
+    pub fn send(&self, cmd: SessionCmd) -> impl Future<Output = bool> + Send + '_ {
+        self.tx.send(cmd)
     }
 
     /// Send a command that carries a reply channel and await the answer.
