@@ -137,7 +137,10 @@ pub(super) fn spawn(
         record.task_id.clone().map(|t| (t, record.runner_seq)),
         Instant::now(),
     );
-    let actor = SessionActor {
+    // Boxed: an async fn keeps its arguments twice (as given and as bound
+    // in its body), and the actor is over a KiB, held for the session's
+    // whole life; boxed, the task holds two pointers to one copy.
+    let actor = Box::new(SessionActor {
         delivery: Delivery::new(
             shared.store.clone(),
             record.id.clone(),
@@ -161,7 +164,7 @@ pub(super) fn spawn(
         acks: AckBatcher::default(),
         last_state: None,
         held_stderr: Default::default(),
-    };
+    });
     tokio::spawn(actor.run(rx));
 }
 
@@ -206,7 +209,7 @@ struct SessionActor {
 }
 
 impl SessionActor {
-    async fn run(mut self, mut rx: Inbox) {
+    async fn run(mut self: Box<Self>, mut rx: Inbox) {
         loop {
             self.sync_state();
             let deadline = self.next_deadline();
