@@ -2,6 +2,8 @@
 //! upgrade, attaches to a session actor, then relays frames both ways.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use aishell_protocol::{ClientFrame, ErrorCode, ServerEvent, ServerFrame};
@@ -206,27 +208,38 @@ fn spawn_connection(
     ));
 }
 
-/// `_slot`: the user's connection count, held until the connection ends.
-async fn connection(
+/// `slot`: the user's connection count, held until the connection ends.
+///
+/// This and [`serve`] return async blocks, not async fns: an async fn keeps
+/// its arguments twice (as given and as bound in its body), and these
+/// futures last as long as the connection.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn connection(
     shared: Arc<Shared>,
     identity: Identity,
     session_id: Option<String>,
     last_seq: Option<u64>,
     socket: Socket,
     via: Via,
-    _slot: Option<ConnectionSlot>,
-) {
-    let conn_id = shared.next_id();
-    // Finding the session (creating it, waiting for an owner, relaying
-    // elsewhere) takes futures several KiB large that are over before the
-    // client goes idle: boxed, they are not part of every connection's task
-    // for its whole life.
-    let found = Box::pin(find_session(
-        &shared, &identity, session_id, last_seq, socket, via, conn_id,
-    ))
-    .await;
-    if let Some((socket, attached)) = found {
-        serve(shared, identity, socket, attached, conn_id).await;
+    slot: Option<ConnectionSlot>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let conn_id = shared.next_id();
+        // Finding the session (creating it, waiting for an owner, relaying
+        // elsewhere) takes futures several KiB large that are over before
+        // the client goes idle: boxed, they are not part of every
+        // connection's task for its whole life.
+        let found = Box::pin(find_session(
+            &shared, &identity, session_id, last_seq, socket, via, conn_id,
+        ))
+        .await;
+        if let Some((socket, attached)) = found {
+            serve(shared, identity, socket, attached, conn_id).await;
+        }
+        drop(slot);
     }
 }
 
@@ -319,156 +332,162 @@ async fn find_session(
 }
 
 /// Relay frames between an attached client and its session until either ends.
-async fn serve(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn serve(
     shared: Arc<Shared>,
     mut identity: Identity,
     socket: Socket,
     attached: Attached,
     conn_id: u64,
-) {
-    let (handle, frames, mut rx, lagging) = attached;
-    crate::metrics::clients(1.0);
-    tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
-    let (mut sink, mut stream) = socket;
-    let mut reason = String::from("client closed");
-    // Highest stream seq written to this client (for catch-up).
-    let mut sent_seq = 0;
-    // Consumed, not drained: an emptied Vec would keep its buffer for the
-    // connection's life.
-    for (seq, json) in frames {
-        sent_seq = seq.unwrap_or(sent_seq);
-        if sink
-            .send(Message::Text(Utf8Bytes::from(&*json)))
-            .await
-            .is_err()
-        {
-            handle
-                .send(SessionCmd::Detach {
-                    conn_id,
-                    reason: "send failed during replay".into(),
-                })
-                .await;
-            return;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let (handle, frames, mut rx, lagging) = attached;
+        crate::metrics::clients(1.0);
+        tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
+        let (mut sink, mut stream) = socket;
+        let mut reason = String::from("client closed");
+        // Highest stream seq written to this client (for catch-up).
+        let mut sent_seq = 0;
+        // Consumed, not drained: an emptied Vec would keep its buffer for the
+        // connection's life.
+        for (seq, json) in frames {
+            sent_seq = seq.unwrap_or(sent_seq);
+            if sink
+                .send(Message::Text(Utf8Bytes::from(&*json)))
+                .await
+                .is_err()
+            {
+                handle
+                    .send(SessionCmd::Detach {
+                        conn_id,
+                        reason: "send failed during replay".into(),
+                    })
+                    .await;
+                return;
+            }
         }
-    }
-    let max = shared.cfg.max_frame_bytes;
-    let mut bucket = TokenBucket::new(shared.cfg.messages_per_second);
-    loop {
-        let expires = identity.expires_at;
-        tokio::select! {
-            _ = lagging.notify.notified() => {
-                // Boxed: rare, and its future would otherwise size every idle connection's task.
-                if !Box::pin(catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq)).await {
-                    reason = "send failed during catch-up".into();
-                    break;
-                }
-            }
-            _ = sleep_until_system(expires) => {
-                // The credential lapsed without an `update_token`.
-                let frame = ServerFrame { seq: 0, session_id: handle.id.clone(), ephemeral: true, event: ServerEvent::error(ErrorCode::Unauthorized, "your token expired; reconnect with a new one") };
-                let _ = sink.send(Message::Text(frame.to_json().into())).await;
-                let _ = sink.send(close(CLOSE_UNAUTHORIZED, "token expired")).await;
-                reason = "token expired".into();
-                break;
-            }
-            incoming = stream.next() => {
-                let msg = match incoming {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        reason = format!("socket error: {e}");
-                        if e.to_string().to_lowercase().contains("space limit") || e.to_string().contains("too long") {
-                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
-                            reason = "frame too large".into();
-                        }
+        let max = shared.cfg.max_frame_bytes;
+        let mut bucket = TokenBucket::new(shared.cfg.messages_per_second);
+        loop {
+            let expires = identity.expires_at;
+            tokio::select! {
+                _ = lagging.notify.notified() => {
+                    // Boxed: rare, and its future would otherwise size every idle connection's task.
+                    if !Box::pin(catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq)).await {
+                        reason = "send failed during catch-up".into();
                         break;
                     }
-                    None => break,
-                };
-                let text = match msg {
-                    Message::Text(t) => t,
-                    Message::Binary(b) if b.len() > max => {
-                        let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                }
+                _ = sleep_until_system(expires) => {
+                    // The credential lapsed without an `update_token`.
+                    let frame = ServerFrame { seq: 0, session_id: handle.id.clone(), ephemeral: true, event: ServerEvent::error(ErrorCode::Unauthorized, "your token expired; reconnect with a new one") };
+                    let _ = sink.send(Message::Text(frame.to_json().into())).await;
+                    let _ = sink.send(close(CLOSE_UNAUTHORIZED, "token expired")).await;
+                    reason = "token expired".into();
+                    break;
+                }
+                incoming = stream.next() => {
+                    let msg = match incoming {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            reason = format!("socket error: {e}");
+                            if e.to_string().to_lowercase().contains("space limit") || e.to_string().contains("too long") {
+                                let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                                reason = "frame too large".into();
+                            }
+                            break;
+                        }
+                        None => break,
+                    };
+                    let text = match msg {
+                        Message::Text(t) => t,
+                        Message::Binary(b) if b.len() > max => {
+                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                            reason = "frame too large".into();
+                            break;
+                        }
+                        Message::Binary(_) => {
+                            let event = ServerEvent::error(ErrorCode::BadFrame, "binary frames are not supported; send JSON text frames");
+                            handle.send(SessionCmd::Reply { conn_id, event }).await;
+                            continue;
+                        }
+                        Message::Close(_) => break,
+                        Message::Ping(_) | Message::Pong(_) => continue,
+                    };
+                    if text.len() > max {
+                        let _ = sink.send(close(CLOSE_TOO_BIG, &format!("frame of {} bytes exceeds the {max}-byte limit", text.len()))).await;
                         reason = "frame too large".into();
                         break;
                     }
-                    Message::Binary(_) => {
-                        let event = ServerEvent::error(ErrorCode::BadFrame, "binary frames are not supported; send JSON text frames");
-                        handle.send(SessionCmd::Reply { conn_id, event }).await;
-                        continue;
-                    }
-                    Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                };
-                if text.len() > max {
-                    let _ = sink.send(close(CLOSE_TOO_BIG, &format!("frame of {} bytes exceeds the {max}-byte limit", text.len()))).await;
-                    reason = "frame too large".into();
-                    break;
-                }
-                let reply = |event| SessionCmd::Reply { conn_id, event };
-                let cmd = if !bucket.take() {
-                    let message = format!("too many frames: at most {} per second; this one was not accepted, send it again", shared.cfg.messages_per_second);
-                    reply(ServerEvent::error(ErrorCode::Overloaded, message))
-                } else {
-                    match ClientFrame::decode(&text) {
-                        Ok(frame) if let Some(why) = frame.oversized_field() => {
-                            reply(ServerEvent::error(ErrorCode::BadFrame, format!("{why}; this frame was not accepted")))
-                        }
-                        // Boxed like catch-up: a rare frame with a large future.
-                        Ok(ClientFrame::UpdateToken { token }) => match Box::pin(shared.auth.authenticate(shared.store.as_ref(), Some(&token))).await {
-                            Ok(new) if new.user_id == identity.user_id => {
-                                identity = new;
-                                reply(ServerEvent::Agent(aishell_protocol::AgentEvent::Info { message: "token updated".into() }))
+                    let reply = |event| SessionCmd::Reply { conn_id, event };
+                    let cmd = if !bucket.take() {
+                        let message = format!("too many frames: at most {} per second; this one was not accepted, send it again", shared.cfg.messages_per_second);
+                        reply(ServerEvent::error(ErrorCode::Overloaded, message))
+                    } else {
+                        match ClientFrame::decode(&text) {
+                            Ok(frame) if let Some(why) = frame.oversized_field() => {
+                                reply(ServerEvent::error(ErrorCode::BadFrame, format!("{why}; this frame was not accepted")))
                             }
-                            Ok(_) => reply(ServerEvent::error(ErrorCode::Forbidden, "update_token: the new token belongs to another user")),
-                            Err(e) => reply(ServerEvent::error(ErrorCode::Unauthorized, format!("update_token: {e}"))),
-                        },
-                        Ok(frame) => SessionCmd::Client { conn_id, frame },
-                        Err(e) => reply(ServerEvent::error(ErrorCode::BadFrame, e.to_string())),
-                    }
-                };
-                if !handle.send(cmd).await {
-                    reason = "session ended".into();
-                    break;
-                }
-            }
-            out = rx.recv() => match out {
-                Some(first) => {
-                    // Frames already queued behind it leave in the same
-                    // write (a session's start-up events usually come as a
-                    // batch): one syscall and one wake-up of the client.
-                    let (mut next, mut sent, mut closing) = (Some(first), Ok(()), None);
-                    while let Some(out) = next.take() {
-                        match out {
-                            Outbound::Frame(seq, json) => {
-                                sent_seq = seq.unwrap_or(sent_seq);
-                                sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
-                                if sent.is_ok() {
-                                    next = rx.try_recv().ok();
+                            // Boxed like catch-up: a rare frame with a large future.
+                            Ok(ClientFrame::UpdateToken { token }) => match Box::pin(shared.auth.authenticate(shared.store.as_ref(), Some(&token))).await {
+                                Ok(new) if new.user_id == identity.user_id => {
+                                    identity = new;
+                                    reply(ServerEvent::Agent(aishell_protocol::AgentEvent::Info { message: "token updated".into() }))
                                 }
-                            }
-                            Outbound::Close(code, why) => closing = Some((code, why)),
+                                Ok(_) => reply(ServerEvent::error(ErrorCode::Forbidden, "update_token: the new token belongs to another user")),
+                                Err(e) => reply(ServerEvent::error(ErrorCode::Unauthorized, format!("update_token: {e}"))),
+                            },
+                            Ok(frame) => SessionCmd::Client { conn_id, frame },
+                            Err(e) => reply(ServerEvent::error(ErrorCode::BadFrame, e.to_string())),
                         }
-                    }
-                    if sent.is_err() || sink.flush().await.is_err() {
-                        reason = "send failed".into();
-                        break;
-                    }
-                    if let Some((code, why)) = closing {
-                        let _ = sink.send(close(code, &why)).await;
-                        reason = why;
+                    };
+                    if !handle.send(cmd).await {
+                        reason = "session ended".into();
                         break;
                     }
                 }
-                None => {
-                    let _ = sink.send(close(CLOSE_TOO_SLOW, "client too slow; reconnect with last_seq")).await;
-                    reason = "client too slow".into();
-                    break;
+                out = rx.recv() => match out {
+                    Some(first) => {
+                        // Frames already queued behind it leave in the same
+                        // write (a session's start-up events usually come as a
+                        // batch): one syscall and one wake-up of the client.
+                        let (mut next, mut sent, mut closing) = (Some(first), Ok(()), None);
+                        while let Some(out) = next.take() {
+                            match out {
+                                Outbound::Frame(seq, json) => {
+                                    sent_seq = seq.map_or(sent_seq, NonZeroU64::get);
+                                    sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
+                                    if sent.is_ok() {
+                                        next = rx.try_recv().ok();
+                                    }
+                                }
+                                Outbound::Close(close) => closing = Some(*close),
+                            }
+                        }
+                        if sent.is_err() || sink.flush().await.is_err() {
+                            reason = "send failed".into();
+                            break;
+                        }
+                        if let Some((code, why)) = closing {
+                            let _ = sink.send(close(code, &why)).await;
+                            reason = why;
+                            break;
+                        }
+                    }
+                    None => {
+                        let _ = sink.send(close(CLOSE_TOO_SLOW, "client too slow; reconnect with last_seq")).await;
+                        reason = "client too slow".into();
+                        break;
+                    }
                 }
             }
         }
+        handle.send(SessionCmd::Detach { conn_id, reason }).await;
+        crate::metrics::clients(-1.0);
     }
-    handle.send(SessionCmd::Detach { conn_id, reason }).await;
-    crate::metrics::clients(-1.0);
 }
 
 fn close(code: u16, reason: &str) -> Message {
@@ -504,7 +523,7 @@ async fn catch_up(
     }
     while let Ok(out) = rx.try_recv() {
         if let Outbound::Frame(seq, json) = out {
-            *sent_seq = seq.unwrap_or(*sent_seq);
+            *sent_seq = seq.map_or(*sent_seq, NonZeroU64::get);
             if sink
                 .send(Message::Text(Utf8Bytes::from(&*json)))
                 .await
