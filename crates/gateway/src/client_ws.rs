@@ -34,9 +34,9 @@ const STORE_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(3)
 /// A client connection's WebSocket read buffer, allocated at the upgrade
 /// and held for the connection's life, idle or not. Client frames are a few
 /// hundred bytes; a larger one gets its whole length reserved when its
-/// header arrives and is read in 2 KiB steps. Smaller than the other ends'
+/// header arrives and is read in 1 KiB steps. Smaller than the other ends'
 /// `WS_READ_BUFFER_BYTES` because idle clients are many.
-const CLIENT_READ_BUFFER_BYTES: usize = 2 * 1024;
+const CLIENT_READ_BUFFER_BYTES: usize = 1024;
 
 pub async fn handler(
     State(shared): State<Arc<Shared>>,
