@@ -2,6 +2,8 @@
 //! upgrade, attaches to a session actor, then relays frames both ways.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use aishell_protocol::{ClientFrame, ErrorCode, ServerEvent, ServerFrame};
@@ -32,9 +34,9 @@ const STORE_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(3)
 /// A client connection's WebSocket read buffer, allocated at the upgrade
 /// and held for the connection's life, idle or not. Client frames are a few
 /// hundred bytes; a larger one gets its whole length reserved when its
-/// header arrives and is read in 2 KiB steps. Smaller than the other ends'
+/// header arrives and is read in 1 KiB steps. Smaller than the other ends'
 /// `WS_READ_BUFFER_BYTES` because idle clients are many.
-const CLIENT_READ_BUFFER_BYTES: usize = 2 * 1024;
+const CLIENT_READ_BUFFER_BYTES: usize = 1024;
 
 pub async fn handler(
     State(shared): State<Arc<Shared>>,
@@ -111,9 +113,17 @@ pub async fn handler(
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| async move {
-            connection(shared, identity, session_id, last_seq, socket, Via::Client).await;
-            drop(slot);
+        .on_upgrade(move |socket| {
+            spawn_connection(
+                shared,
+                identity,
+                session_id,
+                last_seq,
+                socket,
+                Via::Client,
+                Some(slot),
+            );
+            std::future::ready(())
         })
 }
 
@@ -151,14 +161,16 @@ pub async fn relayed(
         .max_frame_size(hard_cap)
         .read_buffer_size(CLIENT_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            connection(
+            spawn_connection(
                 shared,
                 identity,
                 Some(session_id),
                 last_seq,
                 socket,
                 Via::Relay,
-            )
+                None,
+            );
+            std::future::ready(())
         })
 }
 
@@ -175,15 +187,74 @@ fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     (status, axum::Json(body)).into_response()
 }
 
-async fn connection(
+/// Run a client connection in a task of its own, not in axum's upgrade
+/// task, which would keep its own state (the socket as it was built, its
+/// configuration, our callback) beside ours for the connection's whole
+/// life. The socket is split here, outside any future, so that no future
+/// keeps a copy of it (several hundred bytes each): its halves share one
+/// allocation.
+fn spawn_connection(
     shared: Arc<Shared>,
-    mut identity: Identity,
+    identity: Identity,
     session_id: Option<String>,
     last_seq: Option<u64>,
-    mut socket: WebSocket,
+    socket: WebSocket,
     via: Via,
+    slot: Option<ConnectionSlot>,
 ) {
-    let conn_id = shared.next_id();
+    let socket = socket.split();
+    tokio::spawn(connection(
+        shared, identity, session_id, last_seq, socket, via, slot,
+    ));
+}
+
+/// `slot`: the user's connection count, held until the connection ends.
+///
+/// This and [`serve`] return async blocks, not async fns: an async fn keeps
+/// its arguments twice (as given and as bound in its body), and these
+/// futures last as long as the connection.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn connection(
+    shared: Arc<Shared>,
+    identity: Identity,
+    session_id: Option<String>,
+    last_seq: Option<u64>,
+    socket: Socket,
+    via: Via,
+    slot: Option<ConnectionSlot>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let conn_id = shared.next_id();
+        // Finding the session (creating it, waiting for an owner, relaying
+        // elsewhere) takes futures several KiB large that are over before
+        // the client goes idle: boxed, they are not part of every
+        // connection's task for its whole life.
+        let found = Box::pin(find_session(
+            &shared, &identity, session_id, last_seq, socket, via, conn_id,
+        ))
+        .await;
+        if let Some((socket, attached)) = found {
+            serve(shared, identity, socket, attached, conn_id).await;
+        }
+        drop(slot);
+    }
+}
+
+/// Attach the connection to its session: the socket and the attachment,
+/// or `None` when the connection was refused, closed or relayed (and is
+/// over).
+async fn find_session(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    session_id: Option<String>,
+    last_seq: Option<u64>,
+    mut socket: Socket,
+    via: Via,
+    conn_id: u64,
+) -> Option<(Socket, Attached)> {
     // One of several gateways: a session another one runs is relayed there;
     // one whose owner does not answer is taken over once its lease expires.
     let give_up = tokio::time::Instant::now()
@@ -193,27 +264,28 @@ async fn connection(
             .map(|c| c.cfg.lease_ttl + std::time::Duration::from_secs(2))
             .unwrap_or_default();
     let attached = loop {
-        match attach(&shared, &identity, session_id.as_deref(), conn_id, last_seq).await {
+        match attach(shared, identity, session_id.as_deref(), conn_id, last_seq).await {
             Ok(Attachment::Here(a)) => break Ok(a),
             Err(e) => break Err(e),
             Ok(Attachment::Elsewhere(owner)) => {
                 let sid = session_id.clone().unwrap_or_default();
                 if via == Via::Relay {
                     let _ = socket
+                        .0
                         .send(crate::cluster::relay::moved(
                             "this gateway does not run the session; reconnect",
                         ))
                         .await;
-                    return;
+                    return None;
                 }
                 if let Some(url) = owner_url(&owner) {
                     let cluster = shared.cluster.as_ref().expect("only a cluster relays");
-                    let grant = cluster.relay_signer().grant(&identity, &sid);
+                    let grant = cluster.relay_signer().grant(identity, &sid);
                     match crate::cluster::relay::open(&url, &sid, last_seq, &grant).await {
                         Ok(link) => {
                             tracing::info!(event = "relay_open", sessionId = %sid, owner = %url, "client relayed to the session's gateway");
                             crate::cluster::relay::pipe(socket, link).await;
-                            return;
+                            return None;
                         }
                         Err(e) => {
                             tracing::warn!(event = "relay_failed", sessionId = %sid, owner = %url, error = %e, "the session's gateway did not answer; waiting for its lease to expire");
@@ -245,155 +317,177 @@ async fn connection(
                 ephemeral: true,
                 event: ServerEvent::error(code, message.clone()),
             };
-            let _ = socket.send(Message::Text(frame.to_json().into())).await;
+            let _ = socket.0.send(Message::Text(frame.to_json().into())).await;
             let _ = socket
+                .0
                 .send(Message::Close(Some(CloseFrame {
                     code: close,
                     reason: Utf8Bytes::from(message.chars().take(100).collect::<String>()),
                 })))
                 .await;
-            return;
+            return None;
         }
     };
-    let (handle, mut frames, mut rx, lagging) = attached;
-    crate::metrics::clients(1.0);
-    tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
-    let (mut sink, mut stream) = socket.split();
-    let mut reason = String::from("client closed");
-    // Highest stream seq written to this client (for catch-up).
-    let mut sent_seq = 0;
-    for (seq, json) in frames.drain(..) {
-        sent_seq = seq.unwrap_or(sent_seq);
-        if sink
-            .send(Message::Text(Utf8Bytes::from(&*json)))
-            .await
-            .is_err()
-        {
-            handle
-                .send(SessionCmd::Detach {
-                    conn_id,
-                    reason: "send failed during replay".into(),
-                })
-                .await;
-            return;
+    Some((socket, attached))
+}
+
+/// Relay frames between an attached client and its session until either ends.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn serve(
+    shared: Arc<Shared>,
+    mut identity: Identity,
+    socket: Socket,
+    attached: Attached,
+    conn_id: u64,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let (handle, frames, mut rx, lagging) = attached;
+        crate::metrics::clients(1.0);
+        tracing::info!(event = "ws_connect", sessionId = %handle.id, userId = %identity.user_id, connId = conn_id, "client connected");
+        let (mut sink, mut stream) = socket;
+        let mut reason = String::from("client closed");
+        // Highest stream seq written to this client (for catch-up).
+        let mut sent_seq = 0;
+        // Consumed, not drained: an emptied Vec would keep its buffer for the
+        // connection's life.
+        for (seq, json) in frames {
+            sent_seq = seq.unwrap_or(sent_seq);
+            if sink
+                .send(Message::Text(Utf8Bytes::from(&*json)))
+                .await
+                .is_err()
+            {
+                handle
+                    .send(SessionCmd::Detach {
+                        conn_id,
+                        reason: "send failed during replay".into(),
+                    })
+                    .await;
+                return;
+            }
         }
-    }
-    let max = shared.cfg.max_frame_bytes;
-    let mut bucket = TokenBucket::new(shared.cfg.messages_per_second);
-    loop {
-        let expires = identity.expires_at;
-        tokio::select! {
-            _ = lagging.notify.notified() => {
-                if !catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq).await {
-                    reason = "send failed during catch-up".into();
-                    break;
-                }
-            }
-            _ = sleep_until_system(expires) => {
-                // The credential lapsed without an `update_token`.
-                let frame = ServerFrame { seq: 0, session_id: handle.id.clone(), ephemeral: true, event: ServerEvent::error(ErrorCode::Unauthorized, "your token expired; reconnect with a new one") };
-                let _ = sink.send(Message::Text(frame.to_json().into())).await;
-                let _ = sink.send(close(CLOSE_UNAUTHORIZED, "token expired")).await;
-                reason = "token expired".into();
-                break;
-            }
-            incoming = stream.next() => {
-                let msg = match incoming {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        reason = format!("socket error: {e}");
-                        if e.to_string().to_lowercase().contains("space limit") || e.to_string().contains("too long") {
-                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
-                            reason = "frame too large".into();
-                        }
+        let max = shared.cfg.max_frame_bytes;
+        let mut bucket = TokenBucket::new(shared.cfg.messages_per_second);
+        loop {
+            let expires = identity.expires_at;
+            tokio::select! {
+                _ = lagging.notify.notified() => {
+                    // Boxed: rare, and its future would otherwise size every idle connection's task.
+                    if !Box::pin(catch_up(&handle, conn_id, &lagging, &mut rx, &mut sink, &mut sent_seq)).await {
+                        reason = "send failed during catch-up".into();
                         break;
                     }
-                    None => break,
-                };
-                let text = match msg {
-                    Message::Text(t) => t,
-                    Message::Binary(b) if b.len() > max => {
-                        let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                }
+                _ = sleep_until_system(expires) => {
+                    // The credential lapsed without an `update_token`.
+                    let frame = ServerFrame { seq: 0, session_id: handle.id.clone(), ephemeral: true, event: ServerEvent::error(ErrorCode::Unauthorized, "your token expired; reconnect with a new one") };
+                    let _ = sink.send(Message::Text(frame.to_json().into())).await;
+                    let _ = sink.send(close(CLOSE_UNAUTHORIZED, "token expired")).await;
+                    reason = "token expired".into();
+                    break;
+                }
+                incoming = stream.next() => {
+                    let msg = match incoming {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            reason = format!("socket error: {e}");
+                            if e.to_string().to_lowercase().contains("space limit") || e.to_string().contains("too long") {
+                                let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                                reason = "frame too large".into();
+                            }
+                            break;
+                        }
+                        None => break,
+                    };
+                    let text = match msg {
+                        Message::Text(t) => t,
+                        Message::Binary(b) if b.len() > max => {
+                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large")).await;
+                            reason = "frame too large".into();
+                            break;
+                        }
+                        Message::Binary(_) => {
+                            let event = ServerEvent::error(ErrorCode::BadFrame, "binary frames are not supported; send JSON text frames");
+                            handle.send(SessionCmd::Reply { conn_id, event }).await;
+                            continue;
+                        }
+                        Message::Close(_) => break,
+                        Message::Ping(_) | Message::Pong(_) => continue,
+                    };
+                    if text.len() > max {
+                        let _ = sink.send(close(CLOSE_TOO_BIG, &format!("frame of {} bytes exceeds the {max}-byte limit", text.len()))).await;
                         reason = "frame too large".into();
                         break;
                     }
-                    Message::Binary(_) => {
-                        let event = ServerEvent::error(ErrorCode::BadFrame, "binary frames are not supported; send JSON text frames");
-                        handle.send(SessionCmd::Reply { conn_id, event }).await;
-                        continue;
-                    }
-                    Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                };
-                if text.len() > max {
-                    let _ = sink.send(close(CLOSE_TOO_BIG, &format!("frame of {} bytes exceeds the {max}-byte limit", text.len()))).await;
-                    reason = "frame too large".into();
-                    break;
-                }
-                let reply = |event| SessionCmd::Reply { conn_id, event };
-                let cmd = if !bucket.take() {
-                    let message = format!("too many frames: at most {} per second; this one was not accepted, send it again", shared.cfg.messages_per_second);
-                    reply(ServerEvent::error(ErrorCode::Overloaded, message))
-                } else {
-                    match ClientFrame::decode(&text) {
-                        Ok(frame) if let Some(why) = frame.oversized_field() => {
-                            reply(ServerEvent::error(ErrorCode::BadFrame, format!("{why}; this frame was not accepted")))
-                        }
-                        Ok(ClientFrame::UpdateToken { token }) => match shared.auth.authenticate(shared.store.as_ref(), Some(&token)).await {
-                            Ok(new) if new.user_id == identity.user_id => {
-                                identity = new;
-                                reply(ServerEvent::Agent(aishell_protocol::AgentEvent::Info { message: "token updated".into() }))
+                    let reply = |event| SessionCmd::Reply { conn_id, event };
+                    let cmd = if !bucket.take() {
+                        let message = format!("too many frames: at most {} per second; this one was not accepted, send it again", shared.cfg.messages_per_second);
+                        reply(ServerEvent::error(ErrorCode::Overloaded, message))
+                    } else {
+                        match ClientFrame::decode(&text) {
+                            Ok(frame) if let Some(why) = frame.oversized_field() => {
+                                reply(ServerEvent::error(ErrorCode::BadFrame, format!("{why}; this frame was not accepted")))
                             }
-                            Ok(_) => reply(ServerEvent::error(ErrorCode::Forbidden, "update_token: the new token belongs to another user")),
-                            Err(e) => reply(ServerEvent::error(ErrorCode::Unauthorized, format!("update_token: {e}"))),
-                        },
-                        Ok(frame) => SessionCmd::Client { conn_id, frame },
-                        Err(e) => reply(ServerEvent::error(ErrorCode::BadFrame, e.to_string())),
-                    }
-                };
-                if !handle.send(cmd).await {
-                    reason = "session ended".into();
-                    break;
-                }
-            }
-            out = rx.recv() => match out {
-                Some(first) => {
-                    // Frames already queued behind it leave in the same
-                    // write (a session's start-up events usually come as a
-                    // batch): one syscall and one wake-up of the client.
-                    let (mut next, mut sent, mut closing) = (Some(first), Ok(()), None);
-                    while let Some(out) = next.take() {
-                        match out {
-                            Outbound::Frame(seq, json) => {
-                                sent_seq = seq.unwrap_or(sent_seq);
-                                sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
-                                if sent.is_ok() {
-                                    next = rx.try_recv().ok();
+                            // Boxed like catch-up: a rare frame with a large future.
+                            Ok(ClientFrame::UpdateToken { token }) => match Box::pin(shared.auth.authenticate(shared.store.as_ref(), Some(&token))).await {
+                                Ok(new) if new.user_id == identity.user_id => {
+                                    identity = new;
+                                    reply(ServerEvent::Agent(aishell_protocol::AgentEvent::Info { message: "token updated".into() }))
                                 }
-                            }
-                            Outbound::Close(code, why) => closing = Some((code, why)),
+                                Ok(_) => reply(ServerEvent::error(ErrorCode::Forbidden, "update_token: the new token belongs to another user")),
+                                Err(e) => reply(ServerEvent::error(ErrorCode::Unauthorized, format!("update_token: {e}"))),
+                            },
+                            Ok(frame) => SessionCmd::Client { conn_id, frame },
+                            Err(e) => reply(ServerEvent::error(ErrorCode::BadFrame, e.to_string())),
                         }
-                    }
-                    if sent.is_err() || sink.flush().await.is_err() {
-                        reason = "send failed".into();
-                        break;
-                    }
-                    if let Some((code, why)) = closing {
-                        let _ = sink.send(close(code, &why)).await;
-                        reason = why;
+                    };
+                    if !handle.send(cmd).await {
+                        reason = "session ended".into();
                         break;
                     }
                 }
-                None => {
-                    let _ = sink.send(close(CLOSE_TOO_SLOW, "client too slow; reconnect with last_seq")).await;
-                    reason = "client too slow".into();
-                    break;
+                out = rx.recv() => match out {
+                    Some(first) => {
+                        // Frames already queued behind it leave in the same
+                        // write (a session's start-up events usually come as a
+                        // batch): one syscall and one wake-up of the client.
+                        let (mut next, mut sent, mut closing) = (Some(first), Ok(()), None);
+                        while let Some(out) = next.take() {
+                            match out {
+                                Outbound::Frame(seq, json) => {
+                                    sent_seq = seq.map_or(sent_seq, NonZeroU64::get);
+                                    sent = sink.feed(Message::Text(Utf8Bytes::from(&*json))).await;
+                                    if sent.is_ok() {
+                                        next = rx.try_recv().ok();
+                                    }
+                                }
+                                Outbound::Close(close) => closing = Some(*close),
+                            }
+                        }
+                        if sent.is_err() || sink.flush().await.is_err() {
+                            reason = "send failed".into();
+                            break;
+                        }
+                        if let Some((code, why)) = closing {
+                            let _ = sink.send(close(code, &why)).await;
+                            reason = why;
+                            break;
+                        }
+                    }
+                    None => {
+                        let _ = sink.send(close(CLOSE_TOO_SLOW, "client too slow; reconnect with last_seq")).await;
+                        reason = "client too slow".into();
+                        break;
+                    }
                 }
             }
         }
+        handle.send(SessionCmd::Detach { conn_id, reason }).await;
+        crate::metrics::clients(-1.0);
     }
-    handle.send(SessionCmd::Detach { conn_id, reason }).await;
-    crate::metrics::clients(-1.0);
 }
 
 fn close(code: u16, reason: &str) -> Message {
@@ -411,6 +505,8 @@ type Attached = (
 );
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+/// A client's socket, split once as the connection starts.
+pub(crate) type Socket = (Sink, futures_util::stream::SplitStream<WebSocket>);
 
 /// The client fell behind: write what is queued, then pull missed events
 /// from the session in batches until it reaches the live stream again.
@@ -427,7 +523,7 @@ async fn catch_up(
     }
     while let Ok(out) = rx.try_recv() {
         if let Outbound::Frame(seq, json) = out {
-            *sent_seq = seq.unwrap_or(*sent_seq);
+            *sent_seq = seq.map_or(*sent_seq, NonZeroU64::get);
             if sink
                 .send(Message::Text(Utf8Bytes::from(&*json)))
                 .await

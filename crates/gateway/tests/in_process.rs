@@ -259,6 +259,22 @@ async fn an_orphan_reaped_after_a_restart_closes_its_usage_row() {
     gw.shutdown().await;
 }
 
+/// The client socket's read buffer is small (idle clients are many): a
+/// frame many times its size still arrives whole, and so does the next.
+#[tokio::test]
+async fn a_client_frame_larger_than_the_read_buffer_arrives_whole() {
+    let gw = TestGateway::start().await;
+    let mut c = gw.connect().await;
+    let big: String = (0..40_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    c.message("m1", &big).await;
+    assert_eq!(text_of(&c.turn().await), big);
+    c.message("m2", "small").await;
+    assert_eq!(text_of(&c.turn().await), "small");
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_duplicate_message_id_is_not_run_twice() {
     let gw = TestGateway::start().await;

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use futures_util::{SinkExt, StreamExt};
@@ -144,8 +144,8 @@ pub async fn open(
 /// Pipe frames both ways until either side closes. A close from the owner
 /// is passed on as it is; when the owner's socket fails, the client is told
 /// to reconnect ([`CLOSE_MOVED`]).
-pub async fn pipe(client: WebSocket, owner: OwnerSocket) {
-    let (mut client_tx, mut client_rx) = client.split();
+pub async fn pipe(client: crate::client_ws::Socket, owner: OwnerSocket) {
+    let (mut client_tx, mut client_rx) = client;
     let (mut owner_tx, mut owner_rx) = owner.split();
     loop {
         tokio::select! {

@@ -22,8 +22,9 @@ use super::delivery::{AckBatcher, AttachReply, CatchUpBatch, Delivery};
 use super::machine::turns::QueuedMessage;
 use super::machine::{self, Effect, Input, Log, Machine, RunnerHello, WarmClaim};
 use super::output::{self, Admit};
-use super::persister::{self, PersistItem, Usage};
+use super::persister::{PersistItem, Persister, Usage};
 use super::replay::ReplayBuffer;
+use super::{Inbox, Mailbox};
 use crate::Shared;
 use crate::auth::validate_conversation_id;
 use crate::lifecycle::{lifecycle, ms};
@@ -108,14 +109,14 @@ pub enum SessionCmd {
     StepDown,
 }
 
-pub fn spawn(
+pub(super) fn spawn(
     shared: Arc<Shared>,
     record: SessionRecord,
     fresh: bool,
-    self_tx: mpsc::Sender<SessionCmd>,
-    rx: mpsc::Receiver<SessionCmd>,
+    self_tx: Mailbox,
+    rx: Inbox,
 ) {
-    let persist_tx = persister::spawn(
+    let persister = Persister::new(
         shared.store.clone(),
         shared.cluster.clone(),
         record.id.clone(),
@@ -136,7 +137,10 @@ pub fn spawn(
         record.task_id.clone().map(|t| (t, record.runner_seq)),
         Instant::now(),
     );
-    let actor = SessionActor {
+    // Boxed: an async fn keeps its arguments twice (as given and as bound
+    // in its body), and the actor is over a KiB, held for the session's
+    // whole life; boxed, the task holds two pointers to one copy.
+    let actor = Box::new(SessionActor {
         delivery: Delivery::new(
             shared.store.clone(),
             record.id.clone(),
@@ -151,7 +155,7 @@ pub fn spawn(
         user_id: record.user_id,
         trace_id: record.trace_id,
         self_tx,
-        persist_tx,
+        persister,
         runner: None,
         offered_runner: None,
         watching: None,
@@ -160,7 +164,7 @@ pub fn spawn(
         acks: AckBatcher::default(),
         last_state: None,
         held_stderr: Default::default(),
-    };
+    });
     tokio::spawn(actor.run(rx));
 }
 
@@ -176,8 +180,9 @@ struct SessionActor {
     user_id: String,
     trace_id: String,
     machine: Machine,
-    self_tx: mpsc::Sender<SessionCmd>,
-    persist_tx: mpsc::UnboundedSender<PersistItem>,
+    self_tx: Mailbox,
+    /// Ordered writes; started by the first one.
+    persister: Persister,
     /// The session's stream and its clients.
     delivery: Delivery,
     /// A session whose client has sent nothing yet is only reserved: it is
@@ -204,7 +209,7 @@ struct SessionActor {
 }
 
 impl SessionActor {
-    async fn run(mut self, mut rx: mpsc::Receiver<SessionCmd>) {
+    async fn run(mut self: Box<Self>, mut rx: Inbox) {
         loop {
             self.sync_state();
             let deadline = self.next_deadline();
@@ -229,11 +234,14 @@ impl SessionActor {
                 }
             };
             let Some(cmd) = cmd else { break };
-            if let SessionCmd::StepDown = cmd {
+            if let SessionCmd::StepDown = *cmd {
                 self.step_down();
                 break;
             }
-            self.handle(cmd).await;
+            // Boxed: handling a command awaits futures several KiB large
+            // (store reads, attach with replay), and inline they would size
+            // the actor's task, an idle session's too, for its whole life.
+            Box::pin(self.handle(*cmd)).await;
             if self.should_evict() && rx.is_empty() {
                 break;
             }
@@ -370,17 +378,16 @@ impl SessionActor {
                 self.shared.tasks.lock().expect("task map").remove(&task_id);
             }
             Effect::BindTask(task_id) => {
-                let _ = self.persist_tx.send(PersistItem::BindTask(task_id));
+                self.persister.send(PersistItem::BindTask(task_id));
             }
             Effect::UsageStart { task_id } => {
-                let _ = self.persist_tx.send(PersistItem::Usage(Usage::Start {
+                self.persister.send(PersistItem::Usage(Usage::Start {
                     task_id,
                     user_id: self.user_id.clone(),
                 }));
             }
             Effect::UsageEnd { task_id } => {
-                let _ = self
-                    .persist_tx
+                self.persister
                     .send(PersistItem::Usage(Usage::End { task_id }));
             }
             Effect::StopTask { task_id } => self.stop_in_background(task_id),
@@ -1207,7 +1214,7 @@ impl SessionActor {
             // A reserved session is stored with its state when it is stored.
             if self.reserved.is_none() {
                 // In order with the events, in the same write when they meet.
-                let _ = self.persist_tx.send(PersistItem::State(state));
+                self.persister.send(PersistItem::State(state));
             }
         }
     }
@@ -1232,8 +1239,7 @@ impl SessionActor {
             seq,
             json: json.to_string(),
         };
-        let _ = self
-            .persist_tx
+        self.persister
             .send(PersistItem::Event { event, runner_seq });
     }
 

@@ -4,6 +4,7 @@
 //! acknowledgements to the runner. The rules are ARCHITECTURE.md's "Replay
 //! and durability".
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -29,13 +30,18 @@ const ACK_DELAY: Duration = Duration::from_millis(200);
 /// Stored batches after which an ack goes out at once (long answers).
 const ACK_EVERY: u32 = 64;
 
-/// What a connection handler receives for its client.
+/// What a connection handler receives for its client. Kept to 24 bytes:
+/// a client's queue allocates its first 32 slots when it is created, and
+/// every idle client has one.
 pub enum Outbound {
-    /// A frame; `seq` is set for stream events (not for ephemeral answers).
-    Frame(Option<u64>, Arc<str>),
+    /// A frame; `seq` is set for stream events (not for ephemeral answers),
+    /// which are numbered from 1.
+    Frame(Option<NonZeroU64>, Arc<str>),
     /// Close the client socket with this code and reason.
-    Close(u16, String),
+    Close(Box<(u16, String)>),
 }
+
+const _: () = assert!(std::mem::size_of::<Outbound>() <= 24);
 
 pub struct AttachReply {
     /// The `session` frame, then every missed event, in order.
@@ -182,7 +188,7 @@ impl Delivery {
             // A full queue: dropping it closes the connection all the same.
             let _ = client
                 .tx
-                .try_send(Outbound::Close(code, reason.to_string()));
+                .try_send(Outbound::Close(Box::new((code, reason.to_string()))));
         }
     }
 
@@ -252,7 +258,7 @@ impl Delivery {
         self.delivered_seq = seq;
         for c in self.clients.iter().filter(|c| !c.is_lagging()) {
             let sent = frames.iter().all(|(s, json)| {
-                c.tx.try_send(Outbound::Frame(Some(*s), json.clone()))
+                c.tx.try_send(Outbound::Frame(NonZeroU64::new(*s), json.clone()))
                     .is_ok()
             });
             if !sent {

@@ -32,18 +32,42 @@ pub enum Found {
     Elsewhere(crate::cluster::Owner),
 }
 
+/// The sending end of a session actor's mailbox. Commands travel boxed:
+/// tokio's bounded channel allocates its first 32 slots when it is created,
+/// and at a `SessionCmd`'s size that was 4.5 KB for every live session, an
+/// idle one included; a boxed slot is 8 bytes.
+#[derive(Clone)]
+pub(crate) struct Mailbox(mpsc::Sender<Box<SessionCmd>>);
+
+/// The receiving end, the actor's.
+type Inbox = mpsc::Receiver<Box<SessionCmd>>;
+
+impl Mailbox {
+    /// Send a command; false if the actor has gone. Boxed before the
+    /// future is made: awaiting it, a connection's task does not hold the
+    /// command inline.
+    pub fn send(&self, cmd: SessionCmd) -> impl Future<Output = bool> + Send + '_ {
+        let cmd = Box::new(cmd);
+        async move { self.0.send(cmd).await.is_ok() }
+    }
+
+    fn same_channel(&self, other: &Mailbox) -> bool {
+        self.0.same_channel(&other.0)
+    }
+}
+
 /// A way to talk to one live session actor.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub id: String,
     pub user_id: String,
-    tx: mpsc::Sender<SessionCmd>,
+    tx: Mailbox,
 }
 
 impl SessionHandle {
     /// Send a command; false if the actor has gone (the caller re-opens).
-    pub async fn send(&self, cmd: SessionCmd) -> bool {
-        self.tx.send(cmd).await.is_ok()
+    pub fn send(&self, cmd: SessionCmd) -> impl Future<Output = bool> + Send + '_ {
+        self.tx.send(cmd)
     }
 
     /// Send a command that carries a reply channel and await the answer.
@@ -165,7 +189,7 @@ impl SessionManager {
         let handle = SessionHandle {
             id: record.id.clone(),
             user_id: record.user_id.clone(),
-            tx,
+            tx: Mailbox(tx),
         };
         live.insert(record.id.clone(), handle.clone());
         drop(live);
@@ -176,7 +200,7 @@ impl SessionManager {
 
     /// Called by an actor as it exits; only removes the entry if it is still
     /// that actor's (a newer actor for the same id may have replaced it).
-    fn remove(&self, id: &str, tx: &mpsc::Sender<SessionCmd>) {
+    fn remove(&self, id: &str, tx: &Mailbox) {
         let mut live = self.live.lock().expect("session registry");
         if live.get(id).is_some_and(|h| h.tx.same_channel(tx)) {
             live.remove(id);

@@ -29,6 +29,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
+use super::Mailbox;
 use super::actor::SessionCmd;
 
 /// Work for the persister, applied strictly in order.
@@ -95,22 +96,78 @@ struct Lease {
     epoch: Option<u64>,
 }
 
-pub(super) fn spawn(
+/// A session's persister. Its task, queue and buffers are created by the
+/// first item: a session that writes nothing (a reserved one whose client
+/// says nothing) holds none of them.
+pub(super) struct Persister {
+    tx: Option<mpsc::UnboundedSender<PersistItem>>,
+    start: Option<Start>,
+}
+
+/// What starting the persister takes.
+struct Start {
     store: Arc<dyn Store>,
-    cluster: Option<Arc<crate::cluster::Cluster>>,
+    cluster: Cluster,
     session_id: String,
     bound_task: Option<String>,
-    tx: mpsc::Sender<SessionCmd>,
-) -> mpsc::UnboundedSender<PersistItem> {
-    // The actor starts right after its lease was claimed: this is its epoch.
-    // A persister outlives its actor while it retries writes; if this
-    // gateway claims the session again meanwhile (a new actor, a new
-    // epoch), the old writes must be refused, not stored under the new
-    // epoch over the new actor's numbering.
-    let cluster = cluster.map(|cluster| Lease {
-        epoch: cluster.fence(&session_id),
+    tx: Mailbox,
+}
+
+impl Persister {
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+        session_id: String,
+        bound_task: Option<String>,
+        tx: Mailbox,
+    ) -> Self {
+        // The actor starts right after its lease was claimed: this is its
+        // epoch, read now and not when the first write comes. A persister
+        // outlives its actor while it retries writes; if this gateway
+        // claims the session again meanwhile (a new actor, a new epoch),
+        // the old writes must be refused, not stored under the new epoch
+        // over the new actor's numbering.
+        let cluster = cluster.map(|cluster| Lease {
+            epoch: cluster.fence(&session_id),
+            cluster,
+        });
+        Persister {
+            tx: None,
+            start: Some(Start {
+                store,
+                cluster,
+                session_id,
+                bound_task,
+                tx,
+            }),
+        }
+    }
+
+    /// Queue a write, after every one queued before it.
+    pub(super) fn send(&mut self, item: PersistItem) {
+        if let Some(start) = self.start.take() {
+            self.tx = Some(spawn(start));
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(item);
+        }
+    }
+
+    /// Whether any write was queued.
+    #[cfg(test)]
+    fn started(&self) -> bool {
+        self.tx.is_some()
+    }
+}
+
+fn spawn(start: Start) -> mpsc::UnboundedSender<PersistItem> {
+    let Start {
+        store,
         cluster,
-    });
+        session_id,
+        bound_task,
+        tx,
+    } = start;
     // One write at a time for one of several gateways. The PostgreSQL
     // store commits in order, but after a batch failed on a broken
     // connection the next runs on a new one: a later write could commit
@@ -231,16 +288,16 @@ impl Gathered {
 }
 
 /// Tell the actor what a stored write allows; false if the actor has gone.
-async fn report(tx: &mpsc::Sender<SessionCmd>, unit: Unit) -> bool {
+async fn report(tx: &Mailbox, unit: Unit) -> bool {
     match unit {
         Unit::Session { events, ack, .. } => match events.last() {
-            Some(last) => tx
-                .send(SessionCmd::Persisted {
+            Some(last) => {
+                tx.send(SessionCmd::Persisted {
                     seq: last.seq,
                     runner_seq: ack,
                 })
                 .await
-                .is_ok(),
+            }
             None => true,
         },
         Unit::Bind(_) | Unit::Usage(_) => true,
@@ -514,7 +571,13 @@ mod tests {
             calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
-        let persist = spawn(flaky.clone(), None, "s1".into(), Some("t-old".into()), tx);
+        let mut persist = Persister::new(
+            flaky.clone(),
+            None,
+            "s1".into(),
+            Some("t-old".into()),
+            Mailbox(tx),
+        );
         // One item per round, so each is its own pipelined write.
         let items = [
             event(1),
@@ -525,7 +588,7 @@ mod tests {
             event(4),
         ];
         for item in items {
-            persist.send(item).unwrap();
+            persist.send(item);
             tokio::task::yield_now().await;
         }
         let mut heard = Vec::new();
@@ -534,7 +597,7 @@ mod tests {
                 .await
                 .expect("every seq is reported")
                 .expect("persister alive");
-            if let SessionCmd::Persisted { seq, runner_seq } = cmd {
+            if let SessionCmd::Persisted { seq, runner_seq } = *cmd {
                 heard.push((seq, runner_seq));
             }
         }
@@ -573,6 +636,28 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3, 4]);
     }
 
+    /// A session that writes nothing holds no persister task or queue;
+    /// the first item starts them, and it is stored.
+    #[tokio::test]
+    async fn the_persister_starts_with_the_first_write() {
+        let inner = aishell_store::open("sqlite::memory:").await.unwrap();
+        inner
+            .create_session(&SessionRecord::new("s1", "u", "t", "echo"))
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut persist = Persister::new(inner.clone(), None, "s1".into(), None, Mailbox(tx));
+        assert!(!persist.started(), "nothing written, nothing started");
+        persist.send(event(1));
+        assert!(persist.started());
+        let cmd = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the write is reported")
+            .expect("persister alive");
+        assert!(matches!(*cmd, SessionCmd::Persisted { seq: 1, .. }));
+        assert_eq!(inner.get_session("s1").await.unwrap().unwrap().last_seq, 1);
+    }
+
     /// Usage rows are written in the session's order, behind the events
     /// before them: a task's end can never reach the store before its
     /// start (it did when each was a separate spawned write, leaving the
@@ -590,7 +675,7 @@ mod tests {
             calls: Mutex::default(),
         });
         let (tx, mut rx) = mpsc::channel(64);
-        let persist = spawn(store.clone(), None, "s1".into(), None, tx);
+        let mut persist = Persister::new(store.clone(), None, "s1".into(), None, Mailbox(tx));
         let start = |t: &str| {
             PersistItem::Usage(Usage::Start {
                 task_id: t.into(),
@@ -600,19 +685,19 @@ mod tests {
         let end = |t: &str| PersistItem::Usage(Usage::End { task_id: t.into() });
         // One round: everything queued at once.
         for item in [event(1), start("t1"), end("t1"), start("t2"), event(2)] {
-            persist.send(item).unwrap();
+            persist.send(item);
         }
         tokio::task::yield_now().await;
         // Another round behind it.
         for item in [end("t2"), event(3)] {
-            persist.send(item).unwrap();
+            persist.send(item);
         }
         loop {
             let cmd = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
                 .expect("every seq is reported")
                 .expect("persister alive");
-            if let SessionCmd::Persisted { seq: 3, .. } = cmd {
+            if let SessionCmd::Persisted { seq: 3, .. } = *cmd {
                 break;
             }
         }
