@@ -547,6 +547,43 @@ fn fence_columns(fences: &[&OwnedFence]) -> (Vec<String>, Vec<i64>) {
         .unzip()
 }
 
+/// A statement's arguments, one array per column (`UNNEST`ed together).
+/// Sessions: id, user, state, created, updated, last seq, trace, agent.
+type SessionRowColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+);
+/// Messages: session, conversation, client id, role, content, created.
+type MessageColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<Option<&'a str>>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+);
+/// Conversations: session, id, title, resume handle.
+type ConversationColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<Option<&'a str>>,
+    Vec<Option<&'a str>>,
+);
+/// Session writes: session, max seq, ack seq, ack task, state.
+type SessionWriteColumns<'a> = (
+    Vec<&'a str>,
+    Vec<Option<i64>>,
+    Vec<Option<i64>>,
+    Vec<Option<&'a str>>,
+    Vec<Option<&'static str>>,
+);
+
 /// One statement for `writes` (all of `kind`, no two with one order key);
 /// with `fences` (one per write), only the writes whose lease holds run.
 async fn run_group(
@@ -558,16 +595,7 @@ async fn run_group(
     let now = now_ms();
     match kind {
         Kind::CreateSession => {
-            let mut cols: (
-                Vec<&str>,
-                Vec<&str>,
-                Vec<&str>,
-                Vec<i64>,
-                Vec<i64>,
-                Vec<i64>,
-                Vec<&str>,
-                Vec<&str>,
-            ) = Default::default();
+            let mut cols: SessionRowColumns = Default::default();
             for w in writes {
                 if let Write::CreateSession {
                     id,
@@ -610,14 +638,7 @@ async fn run_group(
             Ok(Outcome::default())
         }
         Kind::InsertMessage => {
-            let mut cols: (
-                Vec<&str>,
-                Vec<&str>,
-                Vec<Option<&str>>,
-                Vec<&str>,
-                Vec<&str>,
-                Vec<i64>,
-            ) = Default::default();
+            let mut cols: MessageColumns = Default::default();
             for w in writes {
                 if let Write::InsertMessage {
                     session_id,
@@ -667,8 +688,7 @@ async fn run_group(
             })
         }
         Kind::UpsertConversation => {
-            let mut cols: (Vec<&str>, Vec<&str>, Vec<Option<&str>>, Vec<Option<&str>>) =
-                Default::default();
+            let mut cols: ConversationColumns = Default::default();
             for w in writes {
                 if let Write::UpsertConversation {
                     session_id,
@@ -724,13 +744,7 @@ async fn run_group(
             run_fenced(conn, query, fences).await
         }
         Kind::Session => {
-            let mut per: (
-                Vec<&str>,
-                Vec<Option<i64>>,
-                Vec<Option<i64>>,
-                Vec<Option<&str>>,
-                Vec<Option<&str>>,
-            ) = Default::default();
+            let mut per: SessionWriteColumns = Default::default();
             let mut events: (Vec<&str>, Vec<i64>, Vec<&str>) = Default::default();
             for w in writes {
                 if let Write::Session {
