@@ -143,6 +143,25 @@ pub struct SessionWrite<'a> {
 pub struct Fence<'a> {
     pub gateway_id: &'a str,
     pub epoch: u64,
+    /// The writer's number for this write among its writes of the session
+    /// under this fence: rising by one per write, the same when a write is
+    /// tried again; 0 when unnumbered. The PostgreSQL store refuses a
+    /// numbered write past one that failed until that one is stored, so
+    /// writes may be handed over without waiting and a failure still
+    /// leaves no later write stored past a hole. (The SQLite store, never
+    /// one of several gateways', ignores it.)
+    pub ordinal: u64,
+}
+
+impl<'a> Fence<'a> {
+    /// An unnumbered fence.
+    pub fn new(gateway_id: &'a str, epoch: u64) -> Self {
+        Fence {
+            gateway_id,
+            epoch,
+            ordinal: 0,
+        }
+    }
 }
 
 /// The answer to [`Store::claim_lease`].

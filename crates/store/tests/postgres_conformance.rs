@@ -314,10 +314,7 @@ async fn a_takeover_fences_out_the_old_holders_writes() {
                     seq,
                     json: format!(r#"{{"old":{seq}}}"#),
                 }];
-                let write = SessionWrite::events(&event).fenced(Some(Fence {
-                    gateway_id: "gw-a",
-                    epoch: 1,
-                }));
+                let write = SessionWrite::events(&event).fenced(Some(Fence::new("gw-a", 1)));
                 let result = a.write_session("s1", write).await;
                 let ok = match result {
                     Ok(()) => true,
@@ -410,10 +407,7 @@ async fn a_takeover_fences_out_the_old_holders_writes() {
     }];
     b.write_session(
         "s1",
-        SessionWrite::events(&event).fenced(Some(Fence {
-            gateway_id: "gw-b",
-            epoch,
-        })),
+        SessionWrite::events(&event).fenced(Some(Fence::new("gw-b", epoch))),
     )
     .await
     .unwrap();
@@ -440,12 +434,7 @@ async fn a_fenced_write_waits_for_a_takeover_in_progress() {
             .unwrap(),
         LeaseClaim::Acquired { epoch: 1 }
     );
-    let fence = || {
-        Some(Fence {
-            gateway_id: "gw-a",
-            epoch: 1,
-        })
-    };
+    let fence = || Some(Fence::new("gw-a", 1));
     let write = |seq: u64| {
         let s = s.clone();
         tokio::spawn(async move {
@@ -669,4 +658,66 @@ async fn a_stalled_database_fails_writes_in_time_and_the_writer_recovers() {
     let got = s.get_session("s1").await.unwrap().unwrap();
     assert_eq!(got.last_seq, 2);
     s.close().await;
+}
+
+/// Numbered writes of one session (a persister that hands writes over
+/// without waiting): once one failed, a later one is refused, nothing of
+/// it stored, until the failed one is stored when tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numbered_write_past_a_failed_one_waits_for_it() {
+    let (s, _db) = fresh().await;
+    s.create_session(&SessionRecord::new("s1", "alice", "trace", "echo"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.claim_lease("s1", "gw-a", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseClaim::Acquired { epoch: 1 }
+    );
+    let numbered = |ordinal| {
+        Some(Fence {
+            ordinal,
+            ..Fence::new("gw-a", 1)
+        })
+    };
+    // Write 1 fails: PostgreSQL text cannot hold a NUL.
+    let bad = [StoredEvent {
+        seq: 1,
+        json: "{\"text\":\"a\u{0}b\"}".into(),
+    }];
+    let first = s
+        .write_session("s1", SessionWrite::events(&bad).fenced(numbered(1)))
+        .await;
+    assert!(matches!(first, Err(StoreError::Backend(_))), "{first:?}");
+    // Write 2, in a later batch: refused, nothing stored.
+    let second = events(2..=2);
+    let refused = s
+        .write_session("s1", SessionWrite::events(&second).fenced(numbered(2)))
+        .await;
+    assert!(matches!(refused, Err(StoreError::Write(_))), "{refused:?}");
+    assert_eq!(s.get_session("s1").await.unwrap().unwrap().last_seq, 0);
+    assert!(s.events_after("s1", 0, 10).await.unwrap().is_empty());
+    // Unnumbered writes are not held back.
+    s.set_session_task("s1", Some("t"), Some(Fence::new("gw-a", 1)))
+        .await
+        .unwrap();
+    // Write 1 tried again (here with text PostgreSQL takes), then write 2.
+    s.write_session(
+        "s1",
+        SessionWrite::events(&events(1..=1)).fenced(numbered(1)),
+    )
+    .await
+    .unwrap();
+    s.write_session("s1", SessionWrite::events(&second).fenced(numbered(2)))
+        .await
+        .unwrap();
+    let stored: Vec<u64> = s
+        .events_after("s1", 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(stored, vec![1, 2]);
 }

@@ -156,10 +156,7 @@ impl Cluster {
     }
 
     pub fn fence_of<'a>(&'a self, epoch: u64) -> Fence<'a> {
-        Fence {
-            gateway_id: self.id(),
-            epoch,
-        }
+        Fence::new(self.id(), epoch)
     }
 
     /// The session's actor left memory: give its lease up so any gateway

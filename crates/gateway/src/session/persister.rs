@@ -82,7 +82,13 @@ enum Outcome {
     LeaseLost,
 }
 
-type Write = BoxFuture<'static, (Unit, Outcome)>;
+/// A write with its number among the session's writes: one of several
+/// gateways hands it to the store with that number (the same when tried
+/// again), and the store holds a numbered write back while an earlier one
+/// is not stored.
+type Numbered = (u64, Unit);
+
+type Write = BoxFuture<'static, (Numbered, Outcome)>;
 
 /// Session writes of one of several gateways carry its lease's fence: the
 /// epoch the session's actor was started under, and no other.
@@ -168,30 +174,26 @@ fn spawn(start: Start) -> mpsc::UnboundedSender<PersistItem> {
         bound_task,
         tx,
     } = start;
-    // One write at a time for one of several gateways. The PostgreSQL
-    // store commits in order, but after a batch failed on a broken
-    // connection the next runs on a new one: a later write could commit
-    // (raising `last_seq` and `runner_seq`) while an earlier one failed,
-    // and if this gateway then steps down or dies
-    // before redoing it, the new owner starts past a hole and drops the
-    // runner's resent frames for it as already stored: lost for good.
-    // Batches still form: what queues meanwhile goes out together next.
-    let max_in_flight = if cluster.is_some() { 1 } else { usize::MAX };
+    // Writes are numbered. One of several gateways must never have a later
+    // write stored past an earlier one that failed (raising `last_seq` and
+    // `runner_seq` past a hole): if it then stepped down or died before
+    // redoing it, the new owner would drop the runner's resent frames for
+    // the hole as already stored, lost for good. Its store (PostgreSQL)
+    // refuses a numbered write past a failed one until that one is stored.
     let (persist_tx, mut rx) = mpsc::unbounded_channel::<PersistItem>();
     tokio::spawn(async move {
         let session_id: Arc<str> = session_id.into();
         // The task the store will have bound once the queued writes ran.
         let mut task = bound_task;
         let mut in_flight: FuturesOrdered<Write> = FuturesOrdered::new();
-        // Formed, not yet handed to the store (only while one is in flight).
-        let mut queued: std::collections::VecDeque<Unit> = Default::default();
+        // Formed, not yet handed to the store.
+        let mut queued: std::collections::VecDeque<Numbered> = Default::default();
+        let mut ordinal = 0u64;
         let mut items = Vec::with_capacity(64);
         let mut open = true;
         while open || !in_flight.is_empty() || !queued.is_empty() {
-            while in_flight.len() < max_in_flight
-                && let Some(unit) = queued.pop_front()
-            {
-                in_flight.push_back(write_once(&store, &cluster, &session_id, unit));
+            while let Some(numbered) = queued.pop_front() {
+                in_flight.push_back(write_once(&store, &cluster, &session_id, numbered));
             }
             tokio::select! {
                 // Report completions first: they are what clients wait for.
@@ -204,18 +206,18 @@ fn spawn(start: Start) -> mpsc::UnboundedSender<PersistItem> {
                         while let Some((unit, _)) = in_flight.next().await {
                             done.push(unit);
                         }
-                        for unit in &done {
+                        for numbered in &done {
                             if lost {
                                 break;
                             }
-                            lost = !write_until_stored(store.as_ref(), &cluster, &session_id, unit).await;
+                            lost = !write_until_stored(store.as_ref(), &cluster, &session_id, numbered).await;
                         }
                     }
                     if lost {
                         let _ = tx.send(SessionCmd::StepDown).await;
                         return;
                     }
-                    for unit in done {
+                    for (_, unit) in done {
                         if !report(&tx, unit).await {
                             return;
                         }
@@ -226,7 +228,10 @@ fn spawn(start: Start) -> mpsc::UnboundedSender<PersistItem> {
                         open = false;
                         continue;
                     }
-                    queued.extend(units(items.drain(..), &mut task));
+                    queued.extend(units(items.drain(..), &mut task).into_iter().map(|unit| {
+                        ordinal += 1;
+                        (ordinal, unit)
+                    }));
                 }
             }
         }
@@ -304,13 +309,21 @@ async fn report(tx: &Mailbox, unit: Unit) -> bool {
     }
 }
 
-async fn try_write(store: &dyn Store, cluster: &Cluster, session_id: &str, unit: &Unit) -> Outcome {
+async fn try_write(
+    store: &dyn Store,
+    cluster: &Cluster,
+    session_id: &str,
+    (ordinal, unit): &Numbered,
+) -> Outcome {
     let fence = match cluster {
         Some(lease) => match lease
             .epoch
             .filter(|e| lease.cluster.fence(session_id) == Some(*e))
         {
-            Some(epoch) => Some(lease.cluster.fence_of(epoch)),
+            Some(epoch) => Some(aishell_store::Fence {
+                ordinal: *ordinal,
+                ..lease.cluster.fence_of(epoch)
+            }),
             None => return Outcome::LeaseLost,
         },
         None => None,
@@ -355,12 +368,12 @@ fn write_once(
     store: &Arc<dyn Store>,
     cluster: &Cluster,
     session_id: &Arc<str>,
-    unit: Unit,
+    numbered: Numbered,
 ) -> Write {
     let (store, cluster, session_id) = (store.clone(), cluster.clone(), session_id.clone());
     Box::pin(async move {
-        let outcome = try_write(store.as_ref(), &cluster, &session_id, &unit).await;
-        (unit, outcome)
+        let outcome = try_write(store.as_ref(), &cluster, &session_id, &numbered).await;
+        (numbered, outcome)
     })
 }
 
@@ -370,11 +383,11 @@ async fn write_until_stored(
     store: &dyn Store,
     cluster: &Cluster,
     session_id: &str,
-    unit: &Unit,
+    numbered: &Numbered,
 ) -> bool {
     let mut delay = Duration::from_millis(50);
     loop {
-        match try_write(store, cluster, session_id, unit).await {
+        match try_write(store, cluster, session_id, numbered).await {
             Outcome::Stored => return true,
             Outcome::LeaseLost => return false,
             Outcome::Failed => {}

@@ -80,6 +80,7 @@ impl PgStore {
         let fence = fence.map(|f| OwnedFence {
             gateway_id: f.gateway_id.to_string(),
             epoch: f.epoch,
+            ordinal: f.ordinal,
         });
         self.writer.write(write, fence)
     }

@@ -70,6 +70,65 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 pub(crate) struct OwnedFence {
     pub gateway_id: String,
     pub epoch: u64,
+    /// The write's number among its session's writes under this fence (0:
+    /// unnumbered); see [`crate::Fence::ordinal`].
+    pub ordinal: u64,
+}
+
+/// A session's numbered writes under one fence: `(session, gateway, epoch)`.
+type Numbering = (String, String, u64);
+
+/// For each numbering, the lowest-numbered write that failed and has not
+/// been stored since: later writes wait for it (refused until then).
+#[derive(Default)]
+struct Failed(HashMap<Numbering, u64>);
+
+/// Failures remembered at most: a session whose writer went away without
+/// trying again leaves its entry behind.
+const MAX_FAILED: usize = 100_000;
+
+impl Failed {
+    fn numbering(q: &Queued) -> Option<(Numbering, u64)> {
+        let fence = q.fence.as_ref().filter(|f| f.ordinal > 0)?;
+        let session = q.write.session_id()?.to_string();
+        Some((
+            (session, fence.gateway_id.clone(), fence.epoch),
+            fence.ordinal,
+        ))
+    }
+
+    /// Whether `q` must wait for an earlier write that failed.
+    fn blocks(&self, q: &Queued) -> bool {
+        Self::numbering(q)
+            .is_some_and(|(key, ordinal)| self.0.get(&key).is_some_and(|&m| ordinal > m))
+    }
+
+    /// Note how `q` went.
+    fn record(&mut self, q: &Queued, result: &Result<Written>) {
+        let Some((key, ordinal)) = Self::numbering(q) else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                if self.0.get(&key) == Some(&ordinal) {
+                    self.0.remove(&key);
+                }
+            }
+            // Refused by the fence: so is everything after it.
+            Err(StoreError::LeaseLost { .. }) => {}
+            Err(_) => {
+                if self.0.len() >= MAX_FAILED {
+                    tracing::warn!(
+                        "postgres writer: forgetting {} failed sessions",
+                        self.0.len()
+                    );
+                    self.0.clear();
+                }
+                let lowest = self.0.entry(key).or_insert(ordinal);
+                *lowest = (*lowest).min(ordinal);
+            }
+        }
+    }
 }
 
 /// One write, with its arguments in stored form.
@@ -242,6 +301,7 @@ async fn run(options: PgConnectOptions, mut rx: mpsc::UnboundedReceiver<Message>
     let mut messages = Vec::with_capacity(MAX_BATCH);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut close = None;
+    let mut failed = Failed::default();
     while close.is_none() && rx.recv_many(&mut messages, MAX_BATCH).await > 0 {
         for m in messages.drain(..) {
             match m {
@@ -269,13 +329,15 @@ async fn run(options: PgConnectOptions, mut rx: mpsc::UnboundedReceiver<Message>
             tokio::time::sleep(RECONNECT_DELAY).await;
             continue;
         };
-        let broken =
-            tokio::time::timeout(BATCH_DEADLINE, commit_batch(c, std::mem::take(&mut batch)))
-                .await
-                .unwrap_or_else(|_| {
-                    tracing::warn!("postgres writer: a batch got no answer in time; reconnecting");
-                    true
-                });
+        let broken = tokio::time::timeout(
+            BATCH_DEADLINE,
+            commit_batch(c, std::mem::take(&mut batch), &mut failed),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!("postgres writer: a batch got no answer in time; reconnecting");
+            true
+        });
         if broken {
             conn = None;
             tokio::time::sleep(RECONNECT_DELAY).await;
@@ -308,19 +370,26 @@ async fn connect(options: &PgConnectOptions) -> Option<PgConnection> {
 /// Run `batch` statement by statement, each committing alone, and answer
 /// each write once its statement committed. Returns whether the
 /// connection is broken.
-async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>) -> bool {
+async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>, numbered: &mut Failed) -> bool {
     let planned = groups(&batch);
     let mut slots: Vec<Option<Queued>> = batch.into_iter().map(Some).collect();
     let mut failed: HashSet<(&'static str, String)> = HashSet::new();
     let mut broken: Option<StoreError> = None;
+    let answer = |numbered: &mut Failed, q: Queued, result: Result<Written>| {
+        numbered.record(&q, &result);
+        let _ = q.reply.send(result);
+    };
     for group in planned {
         let mut run = Vec::with_capacity(group.members.len());
         for q in group.members.iter().filter_map(|&i| slots[i].take()) {
             if let Some(e) = &broken {
-                let _ = q.reply.send(Err(e.clone()));
-            } else if failed.contains(&key_of(&q)) {
+                let error = e.clone();
+                answer(numbered, q, Err(error));
+            } else if failed.contains(&key_of(&q)) || numbered.blocks(&q) {
+                // Not recorded: it waits for the earlier one, which it
+                // follows when tried again.
                 let _ = q.reply.send(Err(StoreError::Write(
-                    "an earlier write of this session failed; this one was not run".into(),
+                    "an earlier write of this session failed; this one waits for it".into(),
                 )));
             } else {
                 run.push(q);
@@ -332,7 +401,7 @@ async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>) -> bool {
         match run_statement(conn, &group, &run).await {
             Ok(results) => {
                 for (q, result) in run.into_iter().zip(results) {
-                    let _ = q.reply.send(result);
+                    answer(numbered, q, result);
                 }
             }
             Err(e) if run.len() == 1 || is_broken(&e) => {
@@ -341,7 +410,7 @@ async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>) -> bool {
                 }
                 for q in run {
                     failed.insert(key_of(&q));
-                    let _ = q.reply.send(Err(e.clone()));
+                    answer(numbered, q, Err(e.clone()));
                 }
             }
             Err(_) => {
@@ -359,7 +428,7 @@ async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>) -> bool {
                         }
                         failed.insert(key_of(&q));
                     }
-                    let _ = q.reply.send(result);
+                    answer(numbered, q, result);
                 }
             }
         }
@@ -931,6 +1000,7 @@ mod tests {
         batch[1].fence = Some(OwnedFence {
             gateway_id: "gw".into(),
             epoch: 1,
+            ordinal: 0,
         });
         assert_eq!(
             members(&groups(&batch)),

@@ -920,7 +920,7 @@ fn held_by(gateway_id: &str, internal_url: Option<&str>, epoch: u64) -> LeaseCla
 }
 
 fn fence(gateway_id: &str, epoch: u64) -> Option<Fence<'_>> {
-    Some(Fence { gateway_id, epoch })
+    Some(Fence::new(gateway_id, epoch))
 }
 
 fn assert_lease_lost(result: aishell_store::Result<()>, session: &str, epoch: u64) {
