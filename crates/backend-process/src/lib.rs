@@ -376,6 +376,10 @@ async fn reap(
         Ok(status) => os::describe_exit(status),
         Err(e) => (None, format!("could not wait for the process: {e}")),
     };
+    // The task is its process group: whatever the runner left in it goes
+    // with it. A runner killed while it started a sandbox left bubblewrap's
+    // sandbox init waiting forever for a parent that was gone.
+    let _ = os::signal_group(pid, Signal::SIGKILL);
     tracing::info!(
         event = "task_exit",
         taskId = %task_id,

@@ -324,6 +324,38 @@ async fn kill_from_outside_is_noticed_with_the_signal() {
     }
 }
 
+/// A runner that dies on its own takes what it left in its process group
+/// with it: nothing of a task outlives the task.
+#[tokio::test]
+async fn a_runner_that_exits_takes_its_group_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The shell leaves a sleep behind in its group, then exits.
+    let script = r#"sleep 30 & echo $! > "$OUT"; sleep 0.3; exit 3"#;
+    let b = ProcessBackend::new(config(dir.path(), script, SECOND)).unwrap();
+    let mut cleanup = Cleanup::default();
+    let out = dir.path().join("left.pid");
+    let id = unique_id("leftover");
+    launch_tracked(
+        &b,
+        spec(&id, &[("OUT", out.to_str().unwrap())]),
+        &mut cleanup,
+    )
+    .await;
+    let lines = read_lines(&out, 1, 2 * SECOND).await;
+    let left: i32 = lines[0].parse().expect("pid left behind");
+    cleanup.track(left, &id);
+    assert!(!pid_dead(left));
+    let st = wait_status(&b, &id, 2 * SECOND, |s| !s.is_alive()).await;
+    assert!(
+        matches!(st, TaskStatus::Exited { code: Some(3), .. }),
+        "{st:?}"
+    );
+    assert!(
+        wait_until_dead(left, SECOND).await,
+        "the runner's leftover outlived it"
+    );
+}
+
 #[tokio::test]
 async fn stop_escalates_to_sigkill_and_kills_the_whole_group() {
     let dir = tempfile::tempdir().unwrap();
