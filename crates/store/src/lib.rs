@@ -164,6 +164,24 @@ impl<'a> Fence<'a> {
     }
 }
 
+/// A [`Fence`] as a store keeps it past the call (a queued write).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct OwnedFence {
+    pub gateway_id: String,
+    pub epoch: u64,
+    pub ordinal: u64,
+}
+
+impl OwnedFence {
+    pub(crate) fn of(fence: Option<Fence<'_>>) -> Option<Self> {
+        fence.map(|f| OwnedFence {
+            gateway_id: f.gateway_id.to_string(),
+            epoch: f.epoch,
+            ordinal: f.ordinal,
+        })
+    }
+}
+
 /// The answer to [`Store::claim_lease`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseClaim {

@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 
 use crate::group_commit::{WriteQueue, WriterConnection};
 use crate::{
-    ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, Result, SessionRecord,
-    SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord, token,
+    ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, OwnedFence, Result,
+    SessionRecord, SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord, token,
 };
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -201,20 +201,7 @@ pub(crate) fn lease_lost(session_id: &str, epoch: u64) -> StoreError {
     }
 }
 
-/// A fence as the writer's closure keeps it (owned: it outlives the call).
-struct OwnedFence {
-    gateway_id: String,
-    epoch: u64,
-}
-
 impl OwnedFence {
-    fn of(fence: Option<Fence<'_>>) -> Option<Self> {
-        fence.map(|f| OwnedFence {
-            gateway_id: f.gateway_id.to_string(),
-            epoch: f.epoch,
-        })
-    }
-
     /// `LeaseLost` unless the lease row still names this gateway at this
     /// epoch. Expiry is not checked: a lease that ran out but was not taken
     /// over is still this gateway's (a takeover raises the epoch). Runs in

@@ -21,10 +21,11 @@ use crate::sqlite::{
     epoch_from_db, from_ms, now_ms, seq_from_db, seq_to_db, to_ms, ttl_to_ms,
 };
 use crate::{
-    ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, Result, SessionRecord,
-    SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord, UsageSummary, token,
+    ConversationRecord, Fence, GatewayRecord, LeaseClaim, MessageRecord, OwnedFence, Result,
+    SessionRecord, SessionState, SessionWrite, Store, StoreError, StoredEvent, TokenRecord,
+    UsageSummary, token,
 };
-use writer::{OwnedFence, PgWriter, Write, Written};
+use writer::{PgWriter, Write, Written};
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
 
@@ -77,12 +78,7 @@ impl PgStore {
         write: Write,
         fence: Option<Fence<'_>>,
     ) -> impl std::future::Future<Output = Result<Written>> + Send + 'static {
-        let fence = fence.map(|f| OwnedFence {
-            gateway_id: f.gateway_id.to_string(),
-            epoch: f.epoch,
-            ordinal: f.ordinal,
-        });
-        self.writer.write(write, fence)
+        self.writer.write(write, OwnedFence::of(fence))
     }
 }
 

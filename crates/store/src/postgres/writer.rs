@@ -38,7 +38,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sqlite::{lease_lost, now_ms};
-use crate::{Result, StoreError};
+use crate::{OwnedFence, Result, StoreError};
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -64,16 +64,6 @@ const BATCH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// After the writer's connection failed, how long before it reconnects.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
-
-/// A fence as a queued write keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct OwnedFence {
-    pub gateway_id: String,
-    pub epoch: u64,
-    /// The write's number among its session's writes under this fence (0:
-    /// unnumbered); see [`crate::Fence::ordinal`].
-    pub ordinal: u64,
-}
 
 /// A session's numbered writes under one fence: `(session, gateway, epoch)`.
 type Numbering = (String, String, u64);
@@ -208,22 +198,41 @@ impl Write {
     }
 
     /// What orders this write against others: its session, or for a usage
-    /// row's end (which names no session) its task.
-    fn order_key(&self) -> (&'static str, &str) {
+    /// row (whose end names no session) its task.
+    fn order_key(&self) -> OrderKey<&str> {
         match self {
-            Write::CreateSession { id, .. } => ("session", id),
+            Write::CreateSession { id, .. } => OrderKey::Session(id),
             Write::InsertMessage { session_id, .. }
             | Write::UpsertConversation { session_id, .. }
             | Write::SetTask { session_id, .. }
-            | Write::Session { session_id, .. } => ("session", session_id),
-            Write::UsageStart { task_id, .. } | Write::UsageEnd { task_id } => ("usage", task_id),
+            | Write::Session { session_id, .. } => OrderKey::Session(session_id),
+            Write::UsageStart { task_id, .. } | Write::UsageEnd { task_id } => {
+                OrderKey::UsageRow(task_id)
+            }
         }
     }
 
     fn session_id(&self) -> Option<&str> {
         match self.order_key() {
-            ("session", id) => Some(id),
-            _ => None,
+            OrderKey::Session(id) => Some(id),
+            OrderKey::UsageRow(_) => None,
+        }
+    }
+}
+
+/// Writes with one key run in the order they were handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum OrderKey<T> {
+    Session(T),
+    /// A usage row, by its task.
+    UsageRow(T),
+}
+
+impl OrderKey<&str> {
+    fn owned(self) -> OrderKey<String> {
+        match self {
+            OrderKey::Session(id) => OrderKey::Session(id.to_string()),
+            OrderKey::UsageRow(id) => OrderKey::UsageRow(id.to_string()),
         }
     }
 }
@@ -373,7 +382,7 @@ async fn connect(options: &PgConnectOptions) -> Option<PgConnection> {
 async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>, numbered: &mut Failed) -> bool {
     let planned = groups(&batch);
     let mut slots: Vec<Option<Queued>> = batch.into_iter().map(Some).collect();
-    let mut failed: HashSet<(&'static str, String)> = HashSet::new();
+    let mut failed: HashSet<OrderKey<String>> = HashSet::new();
     let mut broken: Option<StoreError> = None;
     let answer = |numbered: &mut Failed, q: Queued, result: Result<Written>| {
         numbered.record(&q, &result);
@@ -436,9 +445,8 @@ async fn commit_batch(conn: &mut PgConnection, batch: Vec<Queued>, numbered: &mu
     broken.is_some()
 }
 
-fn key_of(q: &Queued) -> (&'static str, String) {
-    let (scope, key) = q.write.order_key();
-    (scope, key.to_string())
+fn key_of(q: &Queued) -> OrderKey<String> {
+    q.write.order_key().owned()
 }
 
 /// Errors after which the connection is not used again.
@@ -458,19 +466,23 @@ async fn run_statement(
         .fenced
         .then(|| writes.iter().filter_map(|q| q.fence.as_ref()).collect());
     let outcome = run_group(conn, group.kind, &statement, fences.as_deref()).await?;
+    // Sets: a statement carries up to a whole batch of sessions.
+    let held: Option<HashSet<&str>> = outcome
+        .held
+        .as_ref()
+        .map(|h| h.iter().map(String::as_str).collect());
+    let inserted: HashSet<&str> = outcome.inserted.iter().map(String::as_str).collect();
     Ok(writes
         .iter()
         .map(|q| {
             let session = q.write.session_id().unwrap_or_default();
-            if let (Some(held), Some(fence)) = (&outcome.held, &q.fence)
-                && !held.iter().any(|h| h == session)
+            if let (Some(held), Some(fence)) = (&held, &q.fence)
+                && !held.contains(session)
             {
                 return Err(lease_lost(session, fence.epoch));
             }
             Ok(match &q.write {
-                Write::InsertMessage { .. } => {
-                    Written::Inserted(outcome.inserted.iter().any(|s| s == session))
-                }
+                Write::InsertMessage { .. } => Written::Inserted(inserted.contains(session)),
                 _ => Written::Done,
             })
         })
@@ -492,7 +504,7 @@ struct Group {
 /// share a statement.
 fn groups(batch: &[Queued]) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
-    let mut last: HashMap<(&'static str, &str), usize> = HashMap::new();
+    let mut last: HashMap<OrderKey<&str>, usize> = HashMap::new();
     for (i, q) in batch.iter().enumerate() {
         let (kind, fenced) = (q.write.kind(), q.fence.is_some());
         let key = q.write.order_key();
