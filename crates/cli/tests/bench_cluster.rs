@@ -90,6 +90,21 @@ fn bench_cluster_measures_both_setups_and_stops_everything_it_started() {
         );
     }
     assert_eq!(report["cluster"]["gateways"].as_array().unwrap().len(), 2);
+    // The throwaway server counts the gateways' statements: a session makes
+    // several (its lease claim and its fenced writes among them).
+    let statements = &report["cluster"]["postgres_statements"];
+    assert!(
+        statements["per_session"].as_f64().unwrap_or(0.0) >= 2.0,
+        "{statements:#}"
+    );
+    assert!(
+        statements["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["query"].as_str().unwrap().contains("session_leases")),
+        "{statements:#}"
+    );
     assert!(report["ratio"]["p50"].as_f64().unwrap() > 0.0);
     assert!(report["target"]["met"].is_boolean());
     assert!(report["first_error"].is_null(), "{report:#}");

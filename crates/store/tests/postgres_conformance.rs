@@ -721,3 +721,22 @@ async fn a_numbered_write_past_a_failed_one_waits_for_it() {
         .collect();
     assert_eq!(stored, vec![1, 2]);
 }
+
+/// Once closed, the store's writes fail at once instead of waiting on a
+/// writer that is gone.
+#[tokio::test]
+async fn a_write_after_close_fails_at_once() {
+    let db = TestDatabase::create().await;
+    let s = PgStore::open(&db.url).await.unwrap();
+    s.create_session(&SessionRecord::new("s1", "alice", "trace", "echo"))
+        .await
+        .unwrap();
+    s.close().await;
+    let late = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.write_session("s1", SessionWrite::events(&events(1..=1))),
+    )
+    .await
+    .expect("answered at once");
+    assert!(matches!(late, Err(StoreError::Unavailable(_))), "{late:?}");
+}
