@@ -88,13 +88,18 @@ impl Failed {
     }
 
     /// Whether `q` must wait for an earlier write that failed.
+    /// (Nothing failed, the common case: no key is built.)
     fn blocks(&self, q: &Queued) -> bool {
-        Self::numbering(q)
-            .is_some_and(|(key, ordinal)| self.0.get(&key).is_some_and(|&m| ordinal > m))
+        !self.0.is_empty()
+            && Self::numbering(q)
+                .is_some_and(|(key, ordinal)| self.0.get(&key).is_some_and(|&m| ordinal > m))
     }
 
     /// Note how `q` went.
     fn record(&mut self, q: &Queued, result: &Result<Written>) {
+        if result.is_ok() && self.0.is_empty() {
+            return;
+        }
         let Some((key, ordinal)) = Self::numbering(q) else {
             return;
         };
